@@ -1,0 +1,368 @@
+//! `backup` and `continue`: take a snapshot, or finish an interrupted one.
+//!
+//! The order of a run is what makes it crash-safe (DESIGN rule 5): lock the
+//! destination; connect and handshake *before* creating anything, so an
+//! unreachable source leaves no empty folder behind; write everything into
+//! `NAME.<stamp>.incomplete`; flush it to disk; rename it to its final name;
+//! only then remove the interrupted runs it supersedes. A failure at any
+//! point leaves the `.incomplete` for `continue`.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use chrono::Utc;
+
+use crate::config::{Job, SourceSpec};
+use crate::exit::Code;
+use crate::meta::Privileges;
+use crate::plan::Policy;
+use crate::protocol::msg::{Hello, Role, SessionOptions};
+use crate::protocol::{SOFTWARE, spawn_reader, spawn_writer};
+use crate::report::{Events, Problem, ProblemKind, Stats};
+use crate::safefs::{Dir, Shown};
+use crate::sink::{Sink, SinkConfig};
+use crate::store::{Snapshot, Store};
+use crate::transport::Connection;
+use crate::{info, lock, usage, warn};
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Finish the latest `.incomplete` instead of starting a new snapshot.
+    pub resume: bool,
+    pub dry_run: bool,
+}
+
+/// What a run produced, for reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub code: Code,
+    pub snapshot: Option<String>,
+    pub stats: Stats,
+    pub problems: Vec<Problem>,
+    pub seconds: f64,
+}
+
+/// Problems kept in memory for reports; all are counted and logged.
+const PROBLEMS_KEPT: usize = 1000;
+
+/// The desktop's view of a running sink: log as it goes, keep problems.
+pub struct DesktopEvents {
+    dry_run: bool,
+    pub problems: Vec<Problem>,
+    pub unreadable: u64,
+    pub serious: u64,
+    pub live: u64,
+}
+
+impl DesktopEvents {
+    pub fn new(dry_run: bool) -> DesktopEvents {
+        DesktopEvents { dry_run, problems: Vec::new(), unreadable: 0, serious: 0, live: 0 }
+    }
+
+    /// The exit code these problems call for.
+    pub fn code(&self) -> Code {
+        if self.serious > 0 {
+            Code::Partial
+        } else if self.live > 0 {
+            Code::Vanished
+        } else {
+            Code::Ok
+        }
+    }
+}
+
+impl Events for DesktopEvents {
+    fn action(&mut self, verb: &str, path: &[u8]) {
+        if self.dry_run {
+            println!("{verb:<8} {}", if path.is_empty() { ".".to_string() } else { Shown(path).to_string() });
+        } else {
+            crate::trace!("{verb:<8} {}", Shown(path));
+        }
+    }
+
+    fn problem(&mut self, problem: Problem) {
+        warn!("{problem}");
+        if problem.kind.is_live_change() {
+            self.live += 1;
+        } else {
+            self.serious += 1;
+        }
+        if problem.kind == ProblemKind::Unreadable {
+            self.unreadable += 1;
+        }
+        if self.problems.len() < PROBLEMS_KEPT {
+            self.problems.push(problem);
+        }
+    }
+
+    fn note(&mut self, text: &str) {
+        info!("{text}");
+    }
+}
+
+/// Runs `backup` or `continue` for `job`.
+pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
+    let started = Instant::now();
+    let source =
+        job.source.clone().ok_or_else(|| usage!("no source: give --source SRC, or set `source` in the job"))?;
+    if let SourceSpec::Local(p) = &source {
+        let md = std::fs::metadata(p).with_context(|| format!("the source {} cannot be read", p.display()))?;
+        if !md.is_dir() {
+            return Err(anyhow!("the source {} is not a directory", p.display()));
+        }
+    }
+    let privs = Privileges::current();
+    if !privs.root {
+        warn!("not running as root: owners, trusted.* and security.* attributes of the source are not kept");
+    }
+
+    let store = if opts.dry_run && !job.backups_folder.exists() {
+        None
+    } else if opts.dry_run {
+        Some(Store::open(&job.backups_folder, &job.name)?)
+    } else {
+        Some(Store::open_or_create(&job.backups_folder, &job.name)?)
+    };
+    let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    let _lock = match (&store, opts.dry_run) {
+        (Some(store), false) => {
+            Some(lock::acquire(&store.meta_dir()?, if opts.resume { "continue" } else { "backup" }, &folder_shown)?)
+        }
+        _ => None,
+    };
+    if let (Some(store), false) = (&store, opts.dry_run) {
+        store.empty_trash()?;
+    }
+    let snapshots = match &store {
+        Some(s) => s.snapshots()?,
+        None => Vec::new(),
+    };
+    let plan = plan_run(&snapshots, opts.resume, &folder_shown)?;
+
+    // Connect before creating anything.
+    let (conn, path) = match &source {
+        SourceSpec::Local(p) => (Connection::local(p, Role::Source)?, p.clone()),
+        SourceSpec::Remote { .. } => {
+            return Err(anyhow!("SSH sources are not supported yet: {source}"));
+        }
+    };
+    let hello = Hello {
+        role: Role::Source,
+        path: path.as_os_str().as_encoded_bytes().to_vec(),
+        options: SessionOptions { compress: job.compress, excludes: job.excludes.clone(), ..SessionOptions::default() },
+        version: SOFTWARE.to_string(),
+    };
+    let session = conn.handshake(&hello)?;
+
+    let open = |s: &Snapshot| -> Result<Dir> { store.as_ref().expect("snapshots come from a store").open_snapshot(s) };
+    let bases = plan.bases.iter().map(open).collect::<Result<Vec<_>>>()?;
+    let (target, dest, fresh) = match (&plan.resume, &store) {
+        (Some(s), _) => (s.clone(), Some(open(s)?), false),
+        (None, Some(store)) if !opts.dry_run => {
+            let t = store.new_stamp(Utc::now())?;
+            let (s, d) = store.create_incomplete(t)?;
+            (s, Some(d), true)
+        }
+        (None, _) => {
+            let t = Utc::now();
+            (Snapshot { folder: crate::store::folder_name(&job.name, t, false), time: t, complete: false }, None, true)
+        }
+    };
+    if !opts.dry_run {
+        info!(
+            "{} {} from {source} into {}",
+            if opts.resume { "continuing" } else { "writing" },
+            target.folder,
+            job.backups_folder.display()
+        );
+    }
+
+    let mut events = DesktopEvents::new(opts.dry_run);
+    let cfg = SinkConfig {
+        dest: dest.clone(),
+        fresh,
+        bases,
+        policy: Policy::Snapshot,
+        delete: true,
+        dry_run: opts.dry_run,
+        devices: job.devices,
+        delta: matches!(source, SourceSpec::Remote { .. }),
+        privs,
+        compress: job.compress,
+    };
+    let crate::transport::Session { reader, writer, conn: mut handle, .. } = session;
+    let (incoming, wire_bytes, reader_thread) = spawn_reader(reader, 64);
+    let (out, writer_thread) = spawn_writer(writer, None);
+    let result = Sink::new(cfg, out, &mut events).run(&incoming);
+    let written = writer_thread.join().expect("writer thread");
+    drop(incoming);
+    let resumable =
+        if opts.dry_run { String::new() } else { format!("; {} stays for `rbackup --continue`", target.folder) };
+    let mut stats = match result {
+        Ok(stats) => stats,
+        Err(e) => {
+            let detail = handle.finish_after_error();
+            let _ = reader_thread.join();
+            return Err(e.context(format!("backup from {source} failed{resumable}{detail}")));
+        }
+    };
+    written.with_context(|| format!("sending to {}", handle.peer))?;
+    let _ = reader_thread.join();
+    handle.finish()?;
+    stats.wire_bytes_received = wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+
+    let snapshot = match (&store, &dest) {
+        (Some(store), Some(dest)) if !opts.dry_run => {
+            let done = store.commit(&target, dest)?;
+            for old in snapshots.iter().filter(|s| !s.complete && s.time < done.time) {
+                info!("removing {}, superseded by {}", old.folder, done.folder);
+                store.delete(old).with_context(|| format!("removing the superseded {}", old.folder))?;
+            }
+            Some(done.folder)
+        }
+        _ => None,
+    };
+    if events.unreadable > 0 {
+        warn!(
+            "{} entries could not be read at the source. On an ACL setup, a chmod may have shrunk the ACL \
+             mask, or files were moved in without the default ACL: check with `getfacl`, fix with \
+             `setfacl -Rm u:USER:rX DIR` and `setfacl -Rdm u:USER:rX DIR`, or use the capability setup \
+             (docs/setup.md)",
+            events.unreadable
+        );
+    }
+    Ok(RunReport {
+        code: events.code(),
+        snapshot,
+        stats,
+        problems: std::mem::take(&mut events.problems),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Which snapshot to write and what to link from.
+struct RunPlan {
+    /// `continue`: the `.incomplete` to finish.
+    resume: Option<Snapshot>,
+    /// Trees to link from, best first.
+    bases: Vec<Snapshot>,
+}
+
+fn plan_run(snapshots: &[Snapshot], resume: bool, folder: &str) -> Result<RunPlan> {
+    let latest_complete = snapshots.iter().rfind(|s| s.complete);
+    if resume {
+        let inc = snapshots
+            .iter()
+            .rfind(|s| !s.complete)
+            .ok_or_else(|| anyhow!("nothing to continue: there is no {folder}.incomplete"))?;
+        let base = snapshots.iter().rfind(|s| s.complete && s.time < inc.time).or(latest_complete);
+        return Ok(RunPlan { resume: Some(inc.clone()), bases: base.into_iter().cloned().collect() });
+    }
+    // An interrupted run newer than the last snapshot holds files already
+    // fetched: link from it first.
+    let mut bases = Vec::new();
+    if let Some(inc) = snapshots.iter().rfind(|s| !s.complete)
+        && latest_complete.is_none_or(|c| inc.time > c.time)
+    {
+        bases.push(inc.clone());
+    }
+    bases.extend(latest_complete.cloned());
+    Ok(RunPlan { resume: None, bases })
+}
+
+/// Prints the end-of-run summary.
+pub fn print_summary(report: &RunReport, dry_run: bool) {
+    let s = &report.stats;
+    let what = match (&report.snapshot, dry_run) {
+        (_, true) => "dry run".to_string(),
+        (Some(name), false) => format!("snapshot {name}"),
+        (None, false) => "run".to_string(),
+    };
+    info!("{what}: {} in {:.1} s", report.code.word(), report.seconds);
+    info!(
+        "  entries {} (directories {}, files {}, symlinks {}, special {})",
+        s.entries, s.directories, s.files, s.symlinks, s.specials
+    );
+    info!(
+        "  linked {}, copied locally {}, fetched whole {}, fetched as delta {}, kept {}, removed {}",
+        s.linked, s.copied_locally, s.fetched_whole, s.fetched_delta, s.kept, s.removed
+    );
+    info!(
+        "  data fetched {}, written {}, received on the wire {}",
+        human_bytes(s.bytes_fetched),
+        human_bytes(s.bytes_written),
+        human_bytes(s.wire_bytes_received)
+    );
+    if s.warnings > 0 {
+        info!("  warnings {}", s.warnings);
+    }
+}
+
+/// `1234567` → `1.2 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::parse_folder_name;
+
+    fn snaps(names: &[&str]) -> Vec<Snapshot> {
+        let mut v: Vec<Snapshot> = names
+            .iter()
+            .map(|n| {
+                let (time, complete) = parse_folder_name("s", n).unwrap();
+                Snapshot { folder: (*n).to_string(), time, complete }
+            })
+            .collect();
+        v.sort_by_key(|s| s.time);
+        v
+    }
+
+    #[test]
+    fn backup_links_from_a_newer_interrupted_run_first() {
+        let s = snaps(&["s.01-01-20_00-00-00", "s.02-01-20_00-00-00.incomplete"]);
+        let p = plan_run(&s, false, "x").unwrap();
+        let names: Vec<_> = p.bases.iter().map(|b| b.folder.as_str()).collect();
+        assert_eq!(names, ["s.02-01-20_00-00-00.incomplete", "s.01-01-20_00-00-00"]);
+    }
+
+    #[test]
+    fn backup_ignores_an_older_interrupted_run() {
+        let s = snaps(&["s.01-01-20_00-00-00.incomplete", "s.02-01-20_00-00-00"]);
+        let p = plan_run(&s, false, "x").unwrap();
+        assert_eq!(p.bases.len(), 1);
+        assert!(p.bases[0].complete);
+    }
+
+    #[test]
+    fn continue_picks_the_latest_incomplete_by_time_not_by_name() {
+        // "31-12-19" sorts after "01-01-20" as a string.
+        let s = snaps(&["s.31-12-19_00-00-00.incomplete", "s.01-01-20_00-00-00.incomplete", "s.30-12-19_00-00-00"]);
+        let p = plan_run(&s, true, "x").unwrap();
+        assert_eq!(p.resume.unwrap().folder, "s.01-01-20_00-00-00.incomplete");
+        assert_eq!(p.bases[0].folder, "s.30-12-19_00-00-00");
+    }
+
+    #[test]
+    fn continue_without_incomplete_is_an_error() {
+        let s = snaps(&["s.01-01-20_00-00-00"]);
+        assert!(plan_run(&s, true, "x").is_err());
+    }
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(20 << 20), "20.0 MiB");
+    }
+}

@@ -1,0 +1,129 @@
+//! The command line, as clap sees it. Nothing here but parsing: `main` turns
+//! it into a [`crate::config::Job`] and the commands never see clap.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  # Snapshot a local folder into /backups/docs.DD-MM-YY_HH-MM-SS
+  rbackup --backup --source /srv/docs --backups-folder /backups --name docs
+
+  # Run the job `server` of /etc/rbackup/rbackup.toml (a pull over SSH)
+  rbackup -j server --backup
+
+  # Finish a run that was interrupted, keeping its timestamp
+  rbackup -j server --continue
+
+  # What would the next run link, copy and fetch?
+  rbackup -j server backup --dry-run
+
+  # The job's snapshots, oldest first
+  rbackup -j server --list
+
+Every command is also a long flag: `rbackup --backup` is `rbackup backup`.
+Exit codes: 0 ok, 1 failed, 2 usage or config error, 23 partial (some
+files could not be read), 24 files changed or vanished during the run,
+75 another run holds the lock. See docs/exit-codes.md.";
+
+/// Pull-snapshot backups over SSH: every snapshot a full browsable tree,
+/// unchanged files hardlinked to the previous one.
+#[derive(Parser, Debug)]
+#[command(name = "rbackup", version, after_help = EXAMPLES, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file [default: /etc/rbackup/rbackup.toml, if it exists]
+    #[arg(short = 'c', long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The job of the configuration file to use
+    #[arg(short = 'j', long, global = true, value_name = "NAME")]
+    pub job: Option<String>,
+
+    /// More output: -v debug lines, -vv every action
+    #[arg(short = 'v', long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Only warnings and errors
+    #[arg(short = 'q', long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Take a new snapshot
+    #[command(long_flag = "backup")]
+    Backup(RunArgs),
+
+    /// Finish the latest interrupted snapshot (NAME.<stamp>.incomplete), keeping its stamp
+    #[command(long_flag = "continue")]
+    Continue(RunArgs),
+
+    /// List the job's snapshots, oldest first
+    #[command(long_flag = "list")]
+    List(StoreArgs),
+
+    /// Run the agent on stdin/stdout (started by the desktop over SSH, usually as a
+    /// forced command: restrict,command="rbackup serve --read-only --root /srv/content")
+    #[command(long_flag = "serve")]
+    Serve(ServeArgs),
+}
+
+/// Where the snapshots are.
+#[derive(Args, Debug, Default, Clone)]
+pub struct StoreArgs {
+    /// Folder holding the snapshot folders
+    #[arg(long, value_name = "DIR")]
+    pub backups_folder: Option<PathBuf>,
+
+    /// Prefix of the snapshot folders, e.g. "server" for server.07-10-19_13-32-58
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+/// Options of `backup` and `continue`; they override the config file.
+#[derive(Args, Debug, Default, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// What to back up: `/abs/path` (local) or `[user@]host:/abs/path` (over SSH)
+    #[arg(long, value_name = "SRC")]
+    pub source: Option<String>,
+
+    /// Leave out matching paths (gitignore syntax, relative to the source root;
+    /// repeatable, added to the job's list)
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+
+    /// Print what would be linked, copied, fetched and removed; write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Also back up device nodes (needs root on the desktop)
+    #[arg(long)]
+    pub devices: bool,
+
+    /// Append the log to this file, with timestamps
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// Options of the agent.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Only send data; refuse to write anything (the default)
+    #[arg(long, conflicts_with = "write")]
+    pub read_only: bool,
+
+    /// Only receive data (restores); refuse to send
+    #[arg(long)]
+    pub write: bool,
+
+    /// Serve only this directory and what is beneath it
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+}

@@ -1,0 +1,280 @@
+//! Configuration: the TOML file's jobs, overridden by the command line, resolved
+//! into the [`Job`] the commands run. The core never sees clap or TOML.
+//!
+//! Unknown keys and wrong types are errors that name the file, line and key:
+//! a typo in a backup config must not silently back up the wrong thing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::usage;
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/rbackup/rbackup.toml";
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub job: BTreeMap<String, JobConfig>,
+}
+
+/// One `[job.NAME]` table; every key optional, the command line may fill in.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// `/abs/path` or `[user@]host:/abs/path`.
+    pub source: Option<String>,
+    pub backups_folder: Option<PathBuf>,
+    /// Folder prefix of the snapshots; defaults to the job's name.
+    pub name: Option<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    pub log_file: Option<PathBuf>,
+    /// Keep device nodes.
+    pub devices: Option<bool>,
+    /// zstd on the wire.
+    pub compress: Option<bool>,
+    /// The rbackup binary on the server (like rsync's `--rsync-path`).
+    pub remote_bin: Option<String>,
+    /// A job-specific ssh config file (`ssh -F`).
+    pub ssh_config: Option<PathBuf>,
+}
+
+/// Where the data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    Local(PathBuf),
+    Remote { user: Option<String>, host: String, path: PathBuf },
+}
+
+impl SourceSpec {
+    /// Parses `/abs/path` or `[user@]host:/abs/path`.
+    pub fn parse(s: &str) -> Result<SourceSpec> {
+        let bad = || usage!("invalid source {s:?}: expected /absolute/path or [user@]host:/absolute/path");
+        if s.starts_with('/') {
+            return Ok(SourceSpec::Local(PathBuf::from(s)));
+        }
+        let (user, rest) = match s.split_once('@') {
+            Some((u, r)) if !u.is_empty() && !u.contains(':') => (Some(u.to_string()), r),
+            Some(_) => return Err(bad()),
+            None => (None, s),
+        };
+        let (host, path) = if let Some(r) = rest.strip_prefix('[') {
+            let (h, p) = r.split_once("]:").ok_or_else(bad)?;
+            (h, p)
+        } else {
+            rest.split_once(':').ok_or_else(bad)?
+        };
+        if host.is_empty() || host.starts_with('-') || !path.starts_with('/') {
+            return Err(bad());
+        }
+        Ok(SourceSpec::Remote { user, host: host.to_string(), path: PathBuf::from(path) })
+    }
+}
+
+impl std::fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceSpec::Local(p) => write!(f, "{}", p.display()),
+            SourceSpec::Remote { user: Some(u), host, path } => write!(f, "{u}@{host}:{}", path.display()),
+            SourceSpec::Remote { user: None, host, path } => write!(f, "{host}:{}", path.display()),
+        }
+    }
+}
+
+/// A job ready to run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The job's name in the config (or the snapshot name without one).
+    pub job: String,
+    pub source: Option<SourceSpec>,
+    pub backups_folder: PathBuf,
+    pub name: String,
+    pub excludes: Vec<String>,
+    pub log_file: Option<PathBuf>,
+    pub devices: bool,
+    pub compress: bool,
+    pub remote_bin: String,
+    pub ssh_config: Option<PathBuf>,
+}
+
+/// Values from the command line, which win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub source: Option<String>,
+    pub backups_folder: Option<PathBuf>,
+    pub name: Option<String>,
+    pub excludes: Vec<String>,
+    pub log_file: Option<PathBuf>,
+    pub devices: bool,
+    pub compress: bool,
+    pub remote_bin: Option<String>,
+    pub ssh_config: Option<PathBuf>,
+}
+
+/// Reads and checks a config file.
+pub fn load(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    parse(&text).map_err(|e| usage!("config file {}: {e}", path.display()))
+}
+
+/// Parses config text.
+pub fn parse(text: &str) -> Result<FileConfig, toml::de::Error> {
+    toml::from_str(text)
+}
+
+/// The config file to use: `--config` (must exist), else the default if it
+/// exists, else none.
+pub fn find(explicit: Option<&Path>) -> Result<Option<(PathBuf, FileConfig)>> {
+    match explicit {
+        Some(p) => Ok(Some((p.to_path_buf(), load(p)?))),
+        None => {
+            let p = Path::new(DEFAULT_CONFIG);
+            if p.exists() { Ok(Some((p.to_path_buf(), load(p)?))) } else { Ok(None) }
+        }
+    }
+}
+
+/// Picks the job and applies the command line over it.
+pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Overrides) -> Result<Job> {
+    let (job_name, base) = match (file, job) {
+        (Some((path, cfg)), Some(j)) => {
+            let base = cfg.job.get(j).cloned().ok_or_else(|| {
+                let known: Vec<&str> = cfg.job.keys().map(String::as_str).collect();
+                usage!("no job {j:?} in {} (jobs: {})", path.display(), list_or_none(&known))
+            })?;
+            (j.to_string(), base)
+        }
+        (Some((path, cfg)), None) => match cfg.job.len() {
+            0 => (String::new(), JobConfig::default()),
+            1 => {
+                let (k, v) = cfg.job.iter().next().expect("one job");
+                (k.clone(), v.clone())
+            }
+            _ if cli.source.is_some() && cli.backups_folder.is_some() && cli.name.is_some() => {
+                (String::new(), JobConfig::default())
+            }
+            _ => {
+                let known: Vec<&str> = cfg.job.keys().map(String::as_str).collect();
+                return Err(usage!(
+                    "{} has several jobs ({}): choose one with --job NAME",
+                    path.display(),
+                    known.join(", ")
+                ));
+            }
+        },
+        (None, Some(j)) => {
+            return Err(usage!(
+                "--job {j:?} given but there is no config file (looked for {DEFAULT_CONFIG}; use --config FILE)"
+            ));
+        }
+        (None, None) => (String::new(), JobConfig::default()),
+    };
+    let name = cli
+        .name
+        .clone()
+        .or(base.name.clone())
+        .or_else(|| (!job_name.is_empty()).then(|| job_name.clone()))
+        .ok_or_else(|| usage!("no snapshot name: give --name NAME (or a job in the config file)"))?;
+    crate::store::check_name(&name)?;
+    let backups_folder = cli
+        .backups_folder
+        .clone()
+        .or(base.backups_folder.clone())
+        .ok_or_else(|| usage!("no backups folder: give --backups-folder DIR (or backups_folder in the job)"))?;
+    if !backups_folder.is_absolute() {
+        return Err(usage!("the backups folder must be an absolute path, not {}", backups_folder.display()));
+    }
+    let source = cli.source.clone().or(base.source.clone()).map(|s| SourceSpec::parse(&s)).transpose()?;
+    let mut excludes = base.exclude.clone();
+    excludes.extend(cli.excludes.iter().cloned());
+    Ok(Job {
+        job: if job_name.is_empty() { name.clone() } else { job_name },
+        source,
+        backups_folder,
+        name,
+        excludes,
+        log_file: cli.log_file.clone().or(base.log_file.clone()),
+        devices: cli.devices || base.devices.unwrap_or(false),
+        compress: cli.compress || base.compress.unwrap_or(false),
+        remote_bin: cli.remote_bin.clone().or(base.remote_bin.clone()).unwrap_or_else(|| "rbackup".into()),
+        ssh_config: cli.ssh_config.clone().or(base.ssh_config.clone()),
+    })
+}
+
+fn list_or_none(items: &[&str]) -> String {
+    if items.is_empty() { "none".into() } else { items.join(", ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!(SourceSpec::parse("/srv").unwrap(), SourceSpec::Local("/srv".into()));
+        assert_eq!(
+            SourceSpec::parse("bk@server:/srv/content").unwrap(),
+            SourceSpec::Remote { user: Some("bk".into()), host: "server".into(), path: "/srv/content".into() }
+        );
+        assert_eq!(
+            SourceSpec::parse("server:/srv").unwrap(),
+            SourceSpec::Remote { user: None, host: "server".into(), path: "/srv".into() }
+        );
+        assert_eq!(
+            SourceSpec::parse("[::1]:/srv").unwrap(),
+            SourceSpec::Remote { user: None, host: "::1".into(), path: "/srv".into() }
+        );
+        for bad in ["relative/path", "server:relative", "@server:/x", "-oProxyCommand=x:/y", "server", ""] {
+            assert!(SourceSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = parse("[job.a]\nsource = \"/x\"\nbackup_folder = \"/b\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("backup_folder"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let err = parse("[job.a]\ncompress = \"yes\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("compress") || err.contains("bool"), "{err}");
+    }
+
+    #[test]
+    fn command_line_overrides_the_job() {
+        let cfg = parse("[job.web]\nsource = \"/srv\"\nbackups_folder = \"/b\"\nexclude = [\"*.tmp\"]\n").unwrap();
+        let file = (PathBuf::from("/etc/x.toml"), cfg);
+        let cli =
+            Overrides { backups_folder: Some("/other".into()), excludes: vec!["/cache".into()], ..Default::default() };
+        let job = resolve(Some(&file), None, &cli).unwrap();
+        assert_eq!(job.name, "web");
+        assert_eq!(job.backups_folder, PathBuf::from("/other"));
+        assert_eq!(job.excludes, vec!["*.tmp".to_string(), "/cache".to_string()]);
+        assert_eq!(job.source, Some(SourceSpec::Local("/srv".into())));
+    }
+
+    #[test]
+    fn several_jobs_need_a_choice() {
+        let cfg = parse("[job.a]\n[job.b]\n").unwrap();
+        let file = (PathBuf::from("/etc/x.toml"), cfg);
+        let err = resolve(Some(&file), None, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("--job"), "{err}");
+        let err = resolve(Some(&file), Some("c"), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("a, b"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let cli = Overrides { backups_folder: Some("/b".into()), name: Some("../x".into()), ..Default::default() };
+        assert!(resolve(None, None, &cli).is_err());
+    }
+}

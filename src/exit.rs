@@ -1,0 +1,117 @@
+//! Exit codes, defined once (documented in `docs/exit-codes.md`).
+//!
+//! Error policy: a command returns `Ok(code)` when it ran to its end — the
+//! code says whether some entries had problems — and `Err` when it could not.
+//! Errors that deserve their own code are typed ([`UsageError`],
+//! [`LockedError`]); everything else is a plain error chain and exits 1.
+
+use std::process::ExitCode;
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    /// Everything done.
+    Ok,
+    /// Done, but files changed or vanished while the run read them (normal on
+    /// a live server; rsync's 24).
+    Vanished,
+    /// Done, but some entries could not be read or fully written (rsync's 23).
+    Partial,
+    /// `verify` found differences.
+    Mismatch,
+    /// The run failed; a snapshot in progress stays `.incomplete`.
+    Error,
+    /// Bad command line or configuration; nothing was done.
+    Usage,
+    /// Another run holds the destination's lock; nothing was done.
+    Locked,
+}
+
+impl Code {
+    /// The process exit status.
+    pub fn status(self) -> u8 {
+        match self {
+            Code::Ok => 0,
+            Code::Error => 1,
+            Code::Usage => 2,
+            Code::Mismatch => 3,
+            Code::Partial => 23,
+            Code::Vanished => 24,
+            Code::Locked => 75,
+        }
+    }
+
+    /// One word for reports and mail subjects.
+    pub fn word(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Vanished => "OK (files changed during the run)",
+            Code::Partial => "PARTIAL",
+            Code::Mismatch => "MISMATCH",
+            Code::Error => "FAILED",
+            Code::Usage => "FAILED (configuration)",
+            Code::Locked => "SKIPPED (locked)",
+        }
+    }
+}
+
+impl From<Code> for ExitCode {
+    fn from(c: Code) -> ExitCode {
+        ExitCode::from(c.status())
+    }
+}
+
+/// A bad command line or configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Another process holds the lock.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LockedError(pub String);
+
+/// The exit code for an error that ended a command.
+pub fn code_of(err: &anyhow::Error) -> Code {
+    for cause in err.chain() {
+        if cause.is::<UsageError>() {
+            return Code::Usage;
+        }
+        if cause.is::<LockedError>() {
+            return Code::Locked;
+        }
+    }
+    Code::Error
+}
+
+/// Shorthand for returning a usage error.
+#[macro_export]
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        anyhow::Error::new($crate::exit::UsageError(format!($($arg)*)))
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_errors_map_to_their_codes_through_context() {
+        use anyhow::Context;
+        let e: anyhow::Result<()> = Err(anyhow::Error::new(LockedError("held".into())));
+        assert_eq!(code_of(&e.context("running backup").unwrap_err()), Code::Locked);
+        assert_eq!(code_of(&usage!("bad {}", 1)), Code::Usage);
+        assert_eq!(code_of(&anyhow::anyhow!("x")), Code::Error);
+    }
+
+    #[test]
+    fn codes_are_distinct() {
+        let all = [Code::Ok, Code::Vanished, Code::Partial, Code::Mismatch, Code::Error, Code::Usage, Code::Locked];
+        let mut seen: Vec<u8> = all.iter().map(|c| c.status()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), all.len());
+    }
+}

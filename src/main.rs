@@ -1,0 +1,69 @@
+//! Parse, run, map the outcome to an exit code. Nothing else.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use rbackup::cli::{Cli, Command, RunArgs, StoreArgs};
+use rbackup::config::{self, Job, Overrides};
+use rbackup::exit::{Code, code_of};
+use rbackup::{backup, error, list, log, serve, store};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    log::set_verbosity(cli.verbose, cli.quiet);
+    match run(&cli) {
+        Ok(code) => code.into(),
+        Err(e) => {
+            error!("{e:#}");
+            code_of(&e).into()
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<Code> {
+    match &cli.command {
+        Command::Serve(args) => {
+            log::set_tag("agent");
+            serve::run(args)?;
+            Ok(Code::Ok)
+        }
+        Command::Backup(args) | Command::Continue(args) => {
+            let job = job(cli, &run_overrides(args))?;
+            if let Some(path) = &job.log_file {
+                log::open_file(path)
+                    .map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
+            }
+            log::set_tag(&job.job);
+            let opts =
+                backup::RunOptions { resume: matches!(cli.command, Command::Continue(_)), dry_run: args.dry_run };
+            let report = backup::run(&job, &opts)?;
+            backup::print_summary(&report, opts.dry_run);
+            Ok(report.code)
+        }
+        Command::List(args) => {
+            let job = job(cli, &store_overrides(args))?;
+            list::run(&store::Store::open(&job.backups_folder, &job.name)?)?;
+            Ok(Code::Ok)
+        }
+    }
+}
+
+fn job(cli: &Cli, overrides: &Overrides) -> anyhow::Result<Job> {
+    let file = config::find(cli.config.as_deref())?;
+    config::resolve(file.as_ref(), cli.job.as_deref(), overrides)
+}
+
+fn store_overrides(args: &StoreArgs) -> Overrides {
+    Overrides { backups_folder: args.backups_folder.clone(), name: args.name.clone(), ..Overrides::default() }
+}
+
+fn run_overrides(args: &RunArgs) -> Overrides {
+    Overrides {
+        source: args.source.clone(),
+        excludes: args.exclude.clone(),
+        log_file: args.log_file.clone(),
+        devices: args.devices,
+        ..store_overrides(&args.store)
+    }
+}

@@ -1,0 +1,32 @@
+//! The one place with `unsafe`: memory-mapping a basis file for delta work.
+//!
+//! `fast_rsync` needs the whole basis as a slice. A map is only ever made of a
+//! file inside a snapshot or an interrupted snapshot, which rbackup never
+//! writes to after creating it (DESIGN rule 1), and which lives in a backups
+//! folder only root can enter. The remaining risk is another root process
+//! truncating that file while it is mapped, which would raise SIGBUS; a live
+//! server file is never mapped (restores read their basis into memory).
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+
+/// A read-only map of a whole file.
+pub struct Mapped(memmap2::Mmap);
+
+impl Mapped {
+    /// Maps `file`, which must be a regular file of a snapshot.
+    pub fn new(file: &File) -> io::Result<Mapped> {
+        // SAFETY: the file belongs to a snapshot, which is immutable (see the
+        // module doc); the map is read-only and private to this process.
+        let map = unsafe { memmap2::MmapOptions::new().map(file)? };
+        Ok(Mapped(map))
+    }
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}

@@ -1,0 +1,355 @@
+//! Metadata: read it from a tree, compare it, apply it exactly.
+//!
+//! What is kept (DESIGN rule 4): numeric owner and group, all mode bits
+//! (setuid, setgid, sticky), mtime with nanoseconds, and every extended
+//! attribute, POSIX ACLs included as their raw `system.posix_acl_*` values so
+//! that the mask is never recomputed. Applying follows the order that keeps
+//! each step from undoing the one before: chown (which clears setuid and
+//! `security.capability`), chmod, xattrs, ACLs, times.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{AtFlags, Mode, Stat, Timespec, Timestamps, UTIME_OMIT};
+use serde::{Deserialize, Serialize};
+
+use xattr::FileExt;
+
+use crate::safefs::{Dir, libc_errno};
+
+/// The part of `st_mode` rbackup keeps besides the file type.
+pub const MODE_BITS: u32 = 0o7777;
+
+/// One extended attribute, name and value as raw bytes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Xattr {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// The metadata of one entry, as sent on the wire and applied to disk.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// Permission bits including setuid, setgid and sticky (`0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    /// Sorted by name; ACLs are here as `system.posix_acl_access` / `_default`.
+    pub xattrs: Vec<Xattr>,
+}
+
+/// The ACL attributes; applied after the other attributes.
+pub const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+pub const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+
+fn is_acl(name: &[u8]) -> bool {
+    name == ACL_ACCESS || name == ACL_DEFAULT
+}
+
+/// Namespaces rbackup copies and manages. Anything else (e.g. an `NFSv4` ACL
+/// surfaced as `system.nfs4_acl`) is left alone on both sides.
+pub fn is_managed_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.") || name.starts_with(b"trusted.") || name.starts_with(b"security.") || is_acl(name)
+}
+
+/// Largest xattr value Linux stores.
+pub const XATTR_VALUE_MAX: usize = 65536;
+
+/// What the running process can preserve on the side that writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Privileges {
+    /// Running as root: owners, `trusted.*` and `security.*` can be set.
+    pub root: bool,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Privileges {
+    pub fn current() -> Privileges {
+        let uid = rustix::process::geteuid().as_raw();
+        Privileges { root: uid == 0, uid, gid: rustix::process::getegid().as_raw() }
+    }
+
+    /// The metadata this process can actually store for an entry that has
+    /// `meta` at its source. Comparisons use this, so that a non-root run
+    /// doesn't see every file as changed because it can't chown.
+    pub fn storable(&self, meta: &Meta) -> Meta {
+        if self.root {
+            return meta.clone();
+        }
+        Meta {
+            uid: self.uid,
+            gid: self.gid,
+            xattrs: meta
+                .xattrs
+                .iter()
+                .filter(|x| !x.name.starts_with(b"trusted.") && !x.name.starts_with(b"security."))
+                .cloned()
+                .collect(),
+            // Without root, chown can't run, and the kernel drops setuid/setgid
+            // on files we write for other owners anyway.
+            ..meta.clone()
+        }
+    }
+}
+
+/// Metadata from an `lstat` result plus xattrs.
+pub fn from_stat(st: &Stat, xattrs: Vec<Xattr>) -> Meta {
+    Meta {
+        mode: st.st_mode & MODE_BITS,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec as u32,
+        xattrs,
+    }
+}
+
+/// True when the stat fields of `st` equal those in `meta` (xattrs aside).
+pub fn stat_matches(st: &Stat, meta: &Meta) -> bool {
+    st.st_mode & MODE_BITS == meta.mode
+        && st.st_uid == meta.uid
+        && st.st_gid == meta.gid
+        && st.st_mtime == meta.mtime
+        && st.st_mtime_nsec as u32 == meta.mtime_nsec
+}
+
+/// Where xattrs are read and written: an open file or directory (by
+/// descriptor, so the call can't land anywhere else), or an entry named in
+/// its directory through procfs, for symlinks and special files that can't be
+/// opened. Path calls never follow the last component.
+enum Xattrs<'a> {
+    File(&'a std::fs::File),
+    Dir(&'a Dir),
+    Path(std::path::PathBuf),
+}
+
+impl Xattrs<'_> {
+    fn list(&self) -> io::Result<xattr::XAttrs> {
+        match self {
+            Xattrs::File(f) => f.list_xattr(),
+            Xattrs::Dir(d) => d.list_xattr(),
+            Xattrs::Path(p) => xattr::list(p),
+        }
+    }
+
+    fn get(&self, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            Xattrs::File(f) => f.get_xattr(name),
+            Xattrs::Dir(d) => d.get_xattr(name),
+            Xattrs::Path(p) => xattr::get(p, name),
+        }
+    }
+
+    fn set(&self, name: &OsStr, value: &[u8]) -> io::Result<()> {
+        match self {
+            Xattrs::File(f) => f.set_xattr(name, value),
+            Xattrs::Dir(d) => d.set_xattr(name, value),
+            Xattrs::Path(p) => xattr::set(p, name, value),
+        }
+    }
+
+    fn remove(&self, name: &OsStr) -> io::Result<()> {
+        match self {
+            Xattrs::File(f) => f.remove_xattr(name),
+            Xattrs::Dir(d) => d.remove_xattr(name),
+            Xattrs::Path(p) => xattr::remove(p, name),
+        }
+    }
+
+    /// The managed xattrs, sorted by name. A filesystem without xattr
+    /// support has none.
+    fn read(&self) -> io::Result<Vec<Xattr>> {
+        let names = match self.list() {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc_errno::EOPNOTSUPP) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for name in names {
+            let bytes = name.as_bytes();
+            if !is_managed_xattr(bytes) {
+                continue;
+            }
+            match self.get(&name) {
+                Ok(Some(value)) => out.push(Xattr { name: bytes.to_vec(), value }),
+                Ok(None) => {}
+                Err(e) if e.raw_os_error() == Some(libc_errno::ENODATA) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Reads the managed xattrs of `name` in `dir`, sorted by name, without
+/// following a symlink.
+pub fn read_xattrs(dir: &Dir, name: &[u8]) -> io::Result<Vec<Xattr>> {
+    Xattrs::Path(dir.proc_path(name)).read()
+}
+
+/// Reads the managed xattrs of a directory through its handle.
+pub fn read_dir_xattrs(dir: &Dir) -> io::Result<Vec<Xattr>> {
+    Xattrs::Dir(dir).read()
+}
+
+/// Reads the managed xattrs of an open file.
+pub fn read_file_xattrs(file: &std::fs::File) -> io::Result<Vec<Xattr>> {
+    Xattrs::File(file).read()
+}
+
+/// How an entry's metadata is applied: through an open file descriptor
+/// (regular files and directories) or by name in its directory (symlinks,
+/// FIFOs, device nodes, which can't be opened safely).
+pub enum Target<'a> {
+    Fd(&'a std::fs::File),
+    Dir(&'a Dir),
+    At { dir: &'a Dir, name: &'a [u8], symlink: bool },
+}
+
+/// One thing that could not be applied; the entry is still written.
+#[derive(Debug)]
+pub struct ApplyProblem {
+    pub what: String,
+    pub error: io::Error,
+}
+
+/// Applies `meta` in the DESIGN order. Returns what could not be applied
+/// (e.g. a `trusted.*` attribute on a filesystem that refuses it); the caller
+/// reports those as warnings. Fails only if the entry itself is gone.
+pub fn apply(target: &Target<'_>, meta: &Meta, privs: Privileges) -> io::Result<Vec<ApplyProblem>> {
+    let mut problems = Vec::new();
+    let mut note = |what: String, error: io::Error| problems.push(ApplyProblem { what, error });
+
+    // chown: only root can give a file away; a non-root run keeps its own ids.
+    if privs.root {
+        let uid = Some(rustix::fs::Uid::from_raw(meta.uid));
+        let gid = Some(rustix::fs::Gid::from_raw(meta.gid));
+        let res = match target {
+            Target::Fd(f) => rustix::fs::fchown(f, uid, gid),
+            Target::Dir(d) => rustix::fs::fchown(d, uid, gid),
+            Target::At { dir, name, .. } => rustix::fs::chownat(dir, *name, uid, gid, AtFlags::SYMLINK_NOFOLLOW),
+        };
+        if let Err(e) = res {
+            note(format!("owner {}:{}", meta.uid, meta.gid), e.into());
+        }
+    }
+
+    // chmod: symlinks have no mode of their own on Linux.
+    let mode = Mode::from_raw_mode(meta.mode);
+    let res = match target {
+        Target::Fd(f) => rustix::fs::fchmod(f, mode).map_err(io::Error::from),
+        Target::Dir(d) => rustix::fs::fchmod(d, mode).map_err(io::Error::from),
+        Target::At { symlink: true, .. } => Ok(()),
+        // A FIFO or device node we just created in a directory only we write to.
+        Target::At { dir, name, symlink: false } => {
+            rustix::fs::chmodat(dir, *name, mode, AtFlags::empty()).map_err(io::Error::from)
+        }
+    };
+    if let Err(e) = res {
+        note(format!("mode {:o}", meta.mode), e);
+    }
+
+    apply_xattrs(target, meta, privs, &mut note);
+
+    // Times last: everything above may have touched ctime but not mtime, and
+    // nothing may follow that changes mtime.
+    let times = Timestamps {
+        last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
+        last_modification: Timespec { tv_sec: meta.mtime, tv_nsec: i64::from(meta.mtime_nsec) },
+    };
+    let res = match target {
+        Target::Fd(f) => rustix::fs::futimens(f, &times),
+        Target::Dir(d) => rustix::fs::futimens(d, &times),
+        Target::At { dir, name, .. } => rustix::fs::utimensat(dir, *name, &times, AtFlags::SYMLINK_NOFOLLOW),
+    };
+    if let Err(e) = res {
+        note("modification time".to_string(), e.into());
+    }
+    Ok(problems)
+}
+
+fn apply_xattrs(target: &Target<'_>, meta: &Meta, privs: Privileges, note: &mut impl FnMut(String, io::Error)) {
+    let handle = match target {
+        Target::Fd(f) => Xattrs::File(f),
+        Target::Dir(d) => Xattrs::Dir(d),
+        Target::At { dir, name, .. } => Xattrs::Path(dir.proc_path(name)),
+    };
+    // What is there already: inherited default ACLs in a new file, or the old
+    // attributes of an entry fixed in place.
+    let existing = match handle.read() {
+        Ok(x) => x,
+        Err(e) => {
+            note("extended attributes (listing)".to_string(), e);
+            return;
+        }
+    };
+    let wanted = privs.storable(meta).xattrs;
+    for old in &existing {
+        if !wanted.iter().any(|w| w.name == old.name)
+            && let Err(e) = handle.remove(OsStr::from_bytes(&old.name))
+            && e.raw_os_error() != Some(libc_errno::ENODATA)
+        {
+            note(format!("removing xattr {}", String::from_utf8_lossy(&old.name)), e);
+        }
+    }
+    // Plain attributes first, ACLs after (DESIGN rule 4).
+    let ordered = wanted.iter().filter(|x| !is_acl(&x.name)).chain(wanted.iter().filter(|x| is_acl(&x.name)));
+    for x in ordered {
+        if existing.iter().any(|e| e == x) {
+            continue;
+        }
+        if let Err(e) = handle.set(OsStr::from_bytes(&x.name), &x.value) {
+            note(format!("xattr {}", String::from_utf8_lossy(&x.name)), e);
+        }
+    }
+}
+
+/// True if `name` in `dir` carries exactly the xattrs in `meta`.
+pub fn xattrs_match(dir: &Dir, name: &[u8], wanted: &[Xattr]) -> io::Result<bool> {
+    Ok(read_xattrs(dir, name)? == wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_root_keeps_user_xattrs_and_acls_only() {
+        let privs = Privileges { root: false, uid: 1000, gid: 1000 };
+        let meta = Meta {
+            mode: 0o4755,
+            uid: 0,
+            gid: 0,
+            mtime: 1,
+            mtime_nsec: 2,
+            xattrs: vec![
+                Xattr { name: b"security.capability".to_vec(), value: vec![1] },
+                Xattr { name: ACL_ACCESS.to_vec(), value: vec![2] },
+                Xattr { name: b"trusted.x".to_vec(), value: vec![3] },
+                Xattr { name: b"user.y".to_vec(), value: vec![4] },
+            ],
+        };
+        let s = privs.storable(&meta);
+        assert_eq!((s.uid, s.gid), (1000, 1000));
+        let names: Vec<_> = s.xattrs.iter().map(|x| x.name.clone()).collect();
+        assert_eq!(names, vec![ACL_ACCESS.to_vec(), b"user.y".to_vec()]);
+        let root = Privileges { root: true, uid: 0, gid: 0 };
+        assert_eq!(root.storable(&meta), meta);
+    }
+
+    #[test]
+    fn managed_namespaces() {
+        assert!(is_managed_xattr(b"user.a"));
+        assert!(is_managed_xattr(b"trusted.a"));
+        assert!(is_managed_xattr(b"security.selinux"));
+        assert!(is_managed_xattr(ACL_DEFAULT));
+        assert!(!is_managed_xattr(b"system.nfs4_acl"));
+    }
+}

@@ -1,0 +1,272 @@
+//! Length-prefixed frames with a hard size limit, optionally zstd-compressed.
+//!
+//! ```text
+//! u32 LE length (of what follows) | u8 kind | payload
+//! kind 1: a postcard message
+//! kind 2: file data:   u64 LE offset | bytes
+//! kind 3: a delta window: u32 LE length of the window it rebuilds | librsync delta
+//! kind | 0x80: the payload is one zstd frame (decompressed size also bounded)
+//! ```
+//! A peer can't make us allocate more than [`MAX_FRAME`] per frame, whatever
+//! it sends: the length is checked before reading, and decompression is
+//! bounded by the same limit.
+
+use std::io::{self, Read, Write};
+
+use serde::Serialize;
+
+/// Largest frame, before and after decompression.
+pub const MAX_FRAME: usize = 8 << 20;
+
+/// Largest chunk of file data one frame carries.
+pub const CHUNK: usize = 256 << 10;
+
+const KIND_MSG: u8 = 1;
+const KIND_DATA: u8 = 2;
+const KIND_DELTA: u8 = 3;
+const COMPRESSED: u8 = 0x80;
+
+/// Payloads shorter than this are never worth compressing.
+const COMPRESS_MIN: usize = 512;
+
+/// Errors reading frames: all of them end the session.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("the connection was closed in the middle of a frame")]
+    Truncated,
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("frame of unknown kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    #[error("compressed frame could not be decompressed within {MAX_FRAME} bytes: {0}")]
+    Decompress(io::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// One frame, decoded.
+#[derive(Debug)]
+pub enum Frame {
+    Msg(Vec<u8>),
+    Data { offset: u64, data: Vec<u8> },
+    Delta { out_len: u32, delta: Vec<u8> },
+}
+
+/// Turns messages and data into frame bytes. One per producing thread, so
+/// compression runs in parallel with I/O.
+pub struct Encoder {
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl Encoder {
+    pub fn new(compress: bool) -> Encoder {
+        let compressor = compress.then(|| zstd::bulk::Compressor::new(3).expect("zstd level 3 is valid"));
+        Encoder { compressor }
+    }
+
+    /// A message frame.
+    pub fn msg<T: Serialize>(&mut self, msg: &T) -> Vec<u8> {
+        let body = postcard::to_stdvec(msg).expect("messages always serialize");
+        self.frame(KIND_MSG, &[], &body)
+    }
+
+    /// A file data frame.
+    pub fn data(&mut self, offset: u64, data: &[u8]) -> Vec<u8> {
+        self.frame(KIND_DATA, &offset.to_le_bytes(), data)
+    }
+
+    /// A delta window frame.
+    pub fn delta(&mut self, out_len: u32, delta: &[u8]) -> Vec<u8> {
+        self.frame(KIND_DELTA, &out_len.to_le_bytes(), delta)
+    }
+
+    fn frame(&mut self, kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
+        let plain_len = head.len() + body.len();
+        if let Some(c) = self.compressor.as_mut()
+            && plain_len >= COMPRESS_MIN
+        {
+            let mut plain = Vec::with_capacity(plain_len);
+            plain.extend_from_slice(head);
+            plain.extend_from_slice(body);
+            if let Ok(z) = c.compress(&plain)
+                && z.len() < plain_len
+            {
+                return assemble(kind | COMPRESSED, &[], &z);
+            }
+        }
+        assemble(kind, head, body)
+    }
+}
+
+fn assemble(kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
+    let len = 1 + head.len() + body.len();
+    assert!(len <= MAX_FRAME, "frame of {len} bytes exceeds the limit");
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(head);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Reads frames from a peer, counting the bytes that crossed the wire.
+pub struct FrameReader<R> {
+    inner: R,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    /// Bytes read from the peer so far (frames as sent, compressed or not).
+    pub wire_bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R) -> FrameReader<R> {
+        FrameReader { inner, decompressor: zstd::bulk::Decompressor::new().expect("zstd decompressor"), wire_bytes: 0 }
+    }
+
+    /// The next frame; `None` if the peer closed the stream between frames.
+    pub fn read(&mut self) -> Result<Option<Frame>, FrameError> {
+        let mut len = [0u8; 4];
+        match read_full(&mut self.inner, &mut len)? {
+            0 => return Ok(None),
+            4 => {}
+            _ => return Err(FrameError::Truncated),
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if len == 0 {
+            return Err(FrameError::Malformed("empty frame"));
+        }
+        let mut buf = vec![0u8; len];
+        if read_full(&mut self.inner, &mut buf)? != len {
+            return Err(FrameError::Truncated);
+        }
+        self.wire_bytes += 4 + len as u64;
+        let kind = buf[0];
+        let mut payload = buf.split_off(1);
+        if kind & COMPRESSED != 0 {
+            payload = self.decompressor.decompress(&payload, MAX_FRAME).map_err(FrameError::Decompress)?;
+        }
+        match kind & !COMPRESSED {
+            KIND_MSG => Ok(Some(Frame::Msg(payload))),
+            KIND_DATA => {
+                if payload.len() < 8 {
+                    return Err(FrameError::Malformed("data frame without offset"));
+                }
+                let data = payload.split_off(8);
+                let offset = u64::from_le_bytes(payload.try_into().expect("8 bytes"));
+                Ok(Some(Frame::Data { offset, data }))
+            }
+            KIND_DELTA => {
+                if payload.len() < 4 {
+                    return Err(FrameError::Malformed("delta frame without length"));
+                }
+                let delta = payload.split_off(4);
+                let out_len = u32::from_le_bytes(payload.try_into().expect("4 bytes"));
+                Ok(Some(Frame::Delta { out_len, delta }))
+            }
+            other => Err(FrameError::UnknownKind(other)),
+        }
+    }
+}
+
+/// Reads until `buf` is full or EOF; returns how much was read.
+pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Writes frames handed over by producer threads, flushing whenever no more
+/// are waiting, so that small messages never sit in a buffer while the peer
+/// waits for them.
+pub fn pump_frames(rx: &std::sync::mpsc::Receiver<Vec<u8>>, out: impl Write) -> io::Result<()> {
+    let mut out = io::BufWriter::with_capacity(256 << 10, out);
+    while let Ok(frame) = rx.recv() {
+        out.write_all(&frame)?;
+        while let Ok(frame) = rx.try_recv() {
+            out.write_all(&frame)?;
+        }
+        out.flush()?;
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(compress: bool) {
+        let mut enc = Encoder::new(compress);
+        let mut wire = Vec::new();
+        wire.extend(enc.msg(&(1u32, "hello".to_string())));
+        wire.extend(enc.data(77, &vec![7u8; 100_000]));
+        wire.extend(enc.delta(5, b"abc"));
+        let mut r = FrameReader::new(&wire[..]);
+        match r.read().unwrap().unwrap() {
+            Frame::Msg(m) => assert_eq!(postcard::from_bytes::<(u32, String)>(&m).unwrap(), (1, "hello".into())),
+            f => panic!("{f:?}"),
+        }
+        match r.read().unwrap().unwrap() {
+            Frame::Data { offset, data } => {
+                assert_eq!(offset, 77);
+                assert_eq!(data, vec![7u8; 100_000]);
+            }
+            f => panic!("{f:?}"),
+        }
+        match r.read().unwrap().unwrap() {
+            Frame::Delta { out_len, delta } => {
+                assert_eq!((out_len, delta.as_slice()), (5, &b"abc"[..]));
+            }
+            f => panic!("{f:?}"),
+        }
+        assert!(r.read().unwrap().is_none());
+        assert_eq!(r.wire_bytes, wire.len() as u64);
+        if compress {
+            assert!(wire.len() < 10_000, "compressed stream is {} bytes", wire.len());
+        }
+    }
+
+    #[test]
+    fn frames_roundtrip_plain() {
+        roundtrip(false);
+    }
+
+    #[test]
+    fn frames_roundtrip_compressed() {
+        roundtrip(true);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocation() {
+        let wire = (u32::MAX).to_le_bytes();
+        assert!(matches!(FrameReader::new(&wire[..]).read(), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error() {
+        let mut wire = Encoder::new(false).msg(&5u8);
+        wire.pop();
+        assert!(matches!(FrameReader::new(&wire[..]).read(), Err(FrameError::Truncated)));
+        assert!(matches!(FrameReader::new(&[1u8, 0][..]).read(), Err(FrameError::Truncated)));
+    }
+
+    #[test]
+    fn zip_bomb_is_bounded() {
+        // 64 MiB of zeros compresses to a few KiB; decompression must stop at MAX_FRAME.
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
+        let mut wire = ((bomb.len() + 1) as u32).to_le_bytes().to_vec();
+        wire.push(KIND_DATA | COMPRESSED);
+        wire.extend(bomb);
+        assert!(matches!(FrameReader::new(&wire[..]).read(), Err(FrameError::Decompress(_))));
+    }
+}

@@ -1,0 +1,370 @@
+//! The messages both sides exchange, and the checks every received one passes
+//! before anything acts on it (DESIGN rule 2: the peer is hostile).
+//!
+//! Roles: the *source* walks a tree and serves file data; the *sink* plans
+//! against what it already has and writes. In a backup the agent on the server
+//! is the source; in a restore it is the sink.
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{Meta, XATTR_VALUE_MAX, is_managed_xattr};
+use crate::safefs::{NameError, check_name};
+
+/// What the desktop asks of the agent.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The agent reads and sends (backup).
+    Source,
+    /// The agent receives and writes (restore).
+    Sink,
+}
+
+/// First message of the desktop, after the preambles.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Hello {
+    pub role: Role,
+    /// The absolute path on the agent's side to serve or write.
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    pub options: SessionOptions,
+    /// The desktop's rbackup version, for messages.
+    pub version: String,
+}
+
+/// Options of one session, set by the desktop.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// zstd on the wire in both directions.
+    pub compress: bool,
+    /// Gitignore-style patterns, relative to the served root (source role).
+    pub excludes: Vec<String>,
+    /// Only these relative paths (and the directories leading to them) are
+    /// listed; empty means everything (source role).
+    pub only: Vec<Vec<u8>>,
+    /// Sink role: create device nodes.
+    pub devices: bool,
+    /// Sink role: remove what the destination has and the source doesn't.
+    pub delete: bool,
+    /// Sink role: report what would happen, change nothing.
+    pub dry_run: bool,
+}
+
+/// The agent's answer to [`Hello`].
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum Reply {
+    Welcome {
+        /// The root actually served, as the agent resolved it.
+        #[serde(with = "serde_bytes")]
+        root: Vec<u8>,
+        version: String,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// The kind of a special file.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialKind {
+    Fifo,
+    Char,
+    Block,
+}
+
+/// Why the source left something out of its listing.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// It disappeared between reading the directory and looking at it.
+    Vanished,
+    /// The source could not look at it (e.g. permission denied).
+    Unreadable(String),
+    /// A socket: nothing to back up.
+    Socket,
+}
+
+/// Hardlink membership: entries with the same `id` are one inode at the source.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub id: u64,
+    /// Links the inode has at the source (some may be outside the tree).
+    pub nlink: u32,
+}
+
+/// One item of the listing, in depth-first order, names sorted bytewise
+/// within a directory. A `Dir` opens a directory; its children follow until
+/// the matching `End`. The first entry is the root `Dir` with an empty name.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Dir {
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        meta: Meta,
+        /// Set if the directory could not be listed; no children follow.
+        unreadable: Option<String>,
+        /// Only some children are listed (a restore of chosen paths): the sink
+        /// must not remove what is not listed.
+        partial: bool,
+    },
+    End,
+    File {
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        meta: Meta,
+        size: u64,
+        /// Allocated less than its size: fetch it by data extents.
+        sparse: bool,
+        link: Option<Link>,
+    },
+    Symlink {
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        meta: Meta,
+        #[serde(with = "serde_bytes")]
+        target: Vec<u8>,
+    },
+    Special {
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        meta: Meta,
+        kind: SpecialKind,
+        rdev: u64,
+    },
+    Skipped {
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        reason: SkipReason,
+    },
+}
+
+impl Entry {
+    /// The entry's name; `None` for `End`.
+    pub fn name(&self) -> Option<&[u8]> {
+        match self {
+            Entry::Dir { name, .. }
+            | Entry::File { name, .. }
+            | Entry::Symlink { name, .. }
+            | Entry::Special { name, .. }
+            | Entry::Skipped { name, .. } => Some(name),
+            Entry::End => None,
+        }
+    }
+}
+
+/// How reading a file went at the source.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ReadStatus {
+    Complete,
+    /// The file changed while it was read (size or mtime moved): what arrived
+    /// is kept, with a warning, and the next run fetches it again.
+    Changed,
+}
+
+/// Why the source could not send a requested file.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    Vanished,
+    /// Permission denied: the backup user can't read it.
+    Unreadable(String),
+    /// It is no longer a regular file, or another error.
+    Other(String),
+}
+
+/// Source to sink.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum SourceMsg {
+    Entries(Vec<Entry>),
+    ListingDone,
+    /// Data of fetch `id` follows (data or delta frames), then `FileEnd`.
+    FileBegin {
+        id: u64,
+        size: u64,
+    },
+    FileEnd {
+        id: u64,
+        status: ReadStatus,
+        /// BLAKE3 of the whole file as read, sent for delta transfers.
+        hash: Option<[u8; 32]>,
+    },
+    FileFailed {
+        id: u64,
+        error: ReadError,
+    },
+    /// The source hit an error it can't go on from.
+    Fatal(String),
+}
+
+/// Sink to source.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum SinkMsg {
+    /// The source may send this many more listing entries.
+    Credit(u32),
+    Fetch(Fetch),
+    /// A line for the desktop's log (the agent as sink reports through this).
+    Log {
+        warning: bool,
+        text: String,
+    },
+    /// The sink is done; nothing more will be asked.
+    Finish {
+        summary: Vec<(String, u64)>,
+    },
+    /// The sink hit an error it can't go on from.
+    Fatal(String),
+}
+
+/// A request for one file's data.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Fetch {
+    pub id: u64,
+    /// `/`-separated path relative to the served root.
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    /// An rsync signature of the sink's basis: answer with delta windows.
+    #[serde(with = "serde_bytes")]
+    pub signature: Option<Vec<u8>>,
+}
+
+/// What is wrong with a received entry.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("bad name {name:?}: {err}")]
+    Name { name: String, err: NameError },
+    #[error("mode {0:o} has bits beyond 07777")]
+    Mode(u32),
+    #[error("bad extended attribute {0:?}")]
+    Xattr(String),
+    #[error("bad symlink target: {0}")]
+    Target(&'static str),
+    #[error("nanoseconds {0} out of range")]
+    Nanos(u32),
+    #[error("size {0} out of range")]
+    Size(u64),
+    #[error("hardlink count {0} is below 2")]
+    Nlink(u32),
+}
+
+const XATTRS_MAX_TOTAL: usize = 4 << 20;
+
+fn check_meta(meta: &Meta) -> Result<(), EntryError> {
+    if meta.mode & !crate::meta::MODE_BITS != 0 {
+        return Err(EntryError::Mode(meta.mode));
+    }
+    if meta.mtime_nsec >= 1_000_000_000 {
+        return Err(EntryError::Nanos(meta.mtime_nsec));
+    }
+    let mut total = 0;
+    let mut prev: Option<&[u8]> = None;
+    for x in &meta.xattrs {
+        let shown = || String::from_utf8_lossy(&x.name).into_owned();
+        if x.name.is_empty() || x.name.len() > 255 || x.name.contains(&0) || !is_managed_xattr(&x.name) {
+            return Err(EntryError::Xattr(shown()));
+        }
+        if x.value.len() > XATTR_VALUE_MAX {
+            return Err(EntryError::Xattr(shown()));
+        }
+        // Sorted and unique, so comparisons with what is on disk are exact.
+        if prev.is_some_and(|p| p >= x.name.as_slice()) {
+            return Err(EntryError::Xattr(shown()));
+        }
+        prev = Some(&x.name);
+        total += x.name.len() + x.value.len();
+    }
+    if total > XATTRS_MAX_TOTAL {
+        return Err(EntryError::Xattr("(total size)".into()));
+    }
+    Ok(())
+}
+
+/// Largest symlink target Linux stores.
+pub const TARGET_MAX: usize = 4095;
+
+impl Entry {
+    /// Checks everything the sink relies on. The root `Dir` (empty name) is
+    /// checked by the caller, which knows whether it is first.
+    pub fn validate(&self, is_root: bool) -> Result<(), EntryError> {
+        if let Some(name) = self.name()
+            && !(is_root && name.is_empty())
+        {
+            check_name(name)
+                .map_err(|err| EntryError::Name { name: String::from_utf8_lossy(name).into_owned(), err })?;
+        }
+        match self {
+            Entry::Dir { meta, .. } | Entry::Special { meta, .. } => check_meta(meta),
+            Entry::File { meta, size, link, .. } => {
+                check_meta(meta)?;
+                if *size > i64::MAX as u64 {
+                    return Err(EntryError::Size(*size));
+                }
+                if let Some(l) = link
+                    && l.nlink < 2
+                {
+                    return Err(EntryError::Nlink(l.nlink));
+                }
+                Ok(())
+            }
+            Entry::Symlink { meta, target, .. } => {
+                check_meta(meta)?;
+                if target.is_empty() {
+                    return Err(EntryError::Target("empty"));
+                }
+                if target.len() > TARGET_MAX {
+                    return Err(EntryError::Target("longer than 4095 bytes"));
+                }
+                if target.contains(&0) {
+                    return Err(EntryError::Target("contains NUL"));
+                }
+                Ok(())
+            }
+            Entry::Skipped { .. } | Entry::End => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::Xattr;
+
+    fn meta() -> Meta {
+        Meta { mode: 0o644, ..Meta::default() }
+    }
+
+    #[test]
+    fn valid_entries_pass() {
+        let e = Entry::File { name: b"a\xff".to_vec(), meta: meta(), size: 3, sparse: false, link: None };
+        e.validate(false).unwrap();
+        let root = Entry::Dir { name: vec![], meta: meta(), unreadable: None, partial: false };
+        root.validate(true).unwrap();
+        assert!(root.validate(false).is_err());
+    }
+
+    #[test]
+    fn hostile_entries_fail() {
+        for name in [&b""[..], b".", b"..", b"a/b", b"/etc", b"a\0"] {
+            let e = Entry::File { name: name.to_vec(), meta: meta(), size: 0, sparse: false, link: None };
+            assert!(e.validate(false).is_err(), "{name:?}");
+        }
+        let mut m = meta();
+        m.mode = 0o170_644;
+        assert!(
+            Entry::Special { name: b"x".to_vec(), meta: m, kind: SpecialKind::Fifo, rdev: 0 }.validate(false).is_err()
+        );
+        let mut m = meta();
+        m.xattrs = vec![Xattr { name: b"system.evil".to_vec(), value: vec![] }];
+        assert!(Entry::Dir { name: b"d".to_vec(), meta: m, unreadable: None, partial: false }.validate(false).is_err());
+        let mut m = meta();
+        m.xattrs =
+            vec![Xattr { name: b"user.b".to_vec(), value: vec![] }, Xattr { name: b"user.a".to_vec(), value: vec![] }];
+        assert!(Entry::Dir { name: b"d".to_vec(), meta: m, unreadable: None, partial: false }.validate(false).is_err());
+        let s = Entry::Symlink { name: b"l".to_vec(), meta: meta(), target: b"a\0b".to_vec() };
+        assert!(s.validate(false).is_err());
+        let f = Entry::File {
+            name: b"f".to_vec(),
+            meta: meta(),
+            size: 1,
+            sparse: false,
+            link: Some(Link { id: 1, nlink: 1 }),
+        };
+        assert!(f.validate(false).is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! What a run did and what went wrong with single entries: the counters of
+//! the end-of-run summary and the per-path problems that make a run partial.
+//!
+//! Policy (ripgrep's): a problem with one entry never stops the run, but it
+//! always reaches the exit code — see [`crate::exit`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::safefs::Shown;
+
+/// Kinds of per-entry problems, from the most to the least serious.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// The source could not read it (permission denied): not in the snapshot.
+    Unreadable,
+    /// Written, but some metadata could not be applied.
+    Metadata,
+    /// Something else failed for this entry.
+    Failed,
+    /// It disappeared while the run went on.
+    Vanished,
+    /// It changed while it was read: stored as read, fetched again next run.
+    Changed,
+}
+
+impl ProblemKind {
+    /// Vanished and changed files are normal on a live server (rsync's 24);
+    /// the others mean something the admin should fix (rsync's 23).
+    pub fn is_live_change(self) -> bool {
+        matches!(self, ProblemKind::Vanished | ProblemKind::Changed)
+    }
+}
+
+/// One problem with one entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    /// Relative to the root of the run, escaped for display.
+    pub path: String,
+    pub detail: String,
+}
+
+impl Problem {
+    pub fn new(kind: ProblemKind, path: &[u8], detail: impl Into<String>) -> Problem {
+        let path = if path.is_empty() { ".".to_string() } else { Shown(path).to_string() };
+        Problem { kind, path, detail: detail.into() }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.kind {
+            ProblemKind::Unreadable => "cannot read",
+            ProblemKind::Metadata => "metadata not kept for",
+            ProblemKind::Failed => "failed",
+            ProblemKind::Vanished => "vanished",
+            ProblemKind::Changed => "changed while read",
+        };
+        write!(f, "{what}: {}: {}", self.path, self.detail)
+    }
+}
+
+/// Counters of one run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Stats {
+    /// Entries in the source listing, directories included.
+    pub entries: u64,
+    pub directories: u64,
+    pub files: u64,
+    pub symlinks: u64,
+    pub specials: u64,
+    /// Already in place (a resumed snapshot, or unchanged at a restore target).
+    pub kept: u64,
+    /// Hardlinked to the previous snapshot.
+    pub linked: u64,
+    /// Unchanged content with changed metadata: copied locally.
+    pub copied_locally: u64,
+    /// Metadata fixed in place (restore only).
+    pub metadata_fixed: u64,
+    pub fetched_whole: u64,
+    pub fetched_delta: u64,
+    /// Delta results that failed the BLAKE3 check and were fetched whole.
+    pub delta_retries: u64,
+    /// Hardlinks within the tree recreated.
+    pub hardlinks: u64,
+    /// Entries removed because the source no longer has them.
+    pub removed: u64,
+    pub devices_skipped: u64,
+    pub sockets_skipped: u64,
+    pub warnings: u64,
+    /// Bytes of file data written.
+    pub bytes_written: u64,
+    /// Bytes of file data received (whole files, and what deltas rebuilt).
+    pub bytes_fetched: u64,
+    /// Bytes received on the wire, compressed or not.
+    pub wire_bytes_received: u64,
+}
+
+impl Stats {
+    /// The counters as name/value pairs (for the wire and for reports).
+    pub fn pairs(&self) -> Vec<(String, u64)> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(map)) => {
+                map.into_iter().filter_map(|(k, v)| v.as_u64().map(|v| (k, v))).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Rebuilds counters from [`Stats::pairs`]; a peer's unknown names are
+    /// ignored and missing ones are zero.
+    pub fn from_pairs(pairs: &[(String, u64)]) -> Stats {
+        let map: serde_json::Map<String, serde_json::Value> =
+            pairs.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect();
+        serde_json::from_value(serde_json::Value::Object(map)).unwrap_or_default()
+    }
+}
+
+/// Where the sink reports as it goes: the desktop logs directly; an agent
+/// acting as sink forwards to the desktop.
+pub trait Events {
+    /// A planned or performed action on `path` (printed in dry runs, logged
+    /// at debug level otherwise).
+    fn action(&mut self, verb: &str, path: &[u8]);
+    /// A problem with one entry.
+    fn problem(&mut self, problem: Problem);
+    /// A note for the log (e.g. "not root: owners are not kept").
+    fn note(&mut self, text: &str);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_roundtrip_through_pairs() {
+        let s = Stats { entries: 3, linked: 2, wire_bytes_received: 99, ..Stats::default() };
+        assert_eq!(Stats::from_pairs(&s.pairs()), s);
+    }
+}

@@ -1,0 +1,421 @@
+//! Directory handles and name checks: the only way rbackup touches a tree.
+//!
+//! Every path is walked one directory handle at a time with `*at` calls, so that
+//! no symlink is ever followed below a root, and paths longer than `PATH_MAX`
+//! work. Where the kernel only offers a path-based call (extended attributes of
+//! a symlink or FIFO), the path goes through `/proc/self/fd/N/NAME`, which names
+//! the already-opened directory and so cannot be redirected.
+//!
+//! Names that come from a peer are checked by [`check_name`] before they reach
+//! any syscall.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
+
+/// Longest single name Linux accepts (`NAME_MAX`).
+pub const NAME_MAX: usize = 255;
+
+/// Why a name from a peer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("empty name")]
+    Empty,
+    #[error("name is `.` or `..`")]
+    Dots,
+    #[error("name contains `/`")]
+    Slash,
+    #[error("name contains a NUL byte")]
+    Nul,
+    #[error("name longer than {NAME_MAX} bytes")]
+    TooLong,
+}
+
+/// Checks that `name` is one path component that can't climb or be split.
+pub fn check_name(name: &[u8]) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name == b"." || name == b".." {
+        return Err(NameError::Dots);
+    }
+    if name.len() > NAME_MAX {
+        return Err(NameError::TooLong);
+    }
+    if name.contains(&b'/') {
+        return Err(NameError::Slash);
+    }
+    if name.contains(&0) {
+        return Err(NameError::Nul);
+    }
+    Ok(())
+}
+
+/// A relative path as raw bytes, printed with non-UTF-8 bytes escaped.
+pub struct Shown<'a>(pub &'a [u8]);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                if c.is_control() {
+                    write!(f, "{}", c.escape_default())?;
+                } else {
+                    write!(f, "{c}")?;
+                }
+            }
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Joins a relative directory path and a name with `/`.
+pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(dir.len() + 1 + name.len());
+    out.extend_from_slice(dir);
+    if !dir.is_empty() {
+        out.push(b'/');
+    }
+    out.extend_from_slice(name);
+    out
+}
+
+fn cstr(name: &[u8]) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))
+}
+
+/// An open directory. Cheap to clone; closed when the last clone drops.
+#[derive(Clone, Debug)]
+pub struct Dir {
+    fd: Arc<OwnedFd>,
+}
+
+impl AsFd for Dir {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl std::os::fd::AsRawFd for Dir {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Extended attributes of the directory itself, through its descriptor.
+impl xattr::FileExt for Dir {}
+
+const DIR_FLAGS: OFlags =
+    OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC).union(OFlags::NOFOLLOW).union(OFlags::NOCTTY);
+
+impl Dir {
+    /// Opens a directory named by an administrator (a root given on the command
+    /// line or in the config): symlinks in this path are the admin's choice.
+    pub fn open_path(path: &Path) -> io::Result<Dir> {
+        let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        Ok(Dir { fd: Arc::new(fd) })
+    }
+
+    /// Opens the child directory `name`, refusing a symlink.
+    pub fn open_dir(&self, name: &[u8]) -> io::Result<Dir> {
+        let fd = rustix::fs::openat(self, name, DIR_FLAGS, Mode::empty())?;
+        Ok(Dir { fd: Arc::new(fd) })
+    }
+
+    /// Opens the child directory `name` if it exists and is a directory.
+    pub fn try_open_dir(&self, name: &[u8]) -> io::Result<Option<Dir>> {
+        match self.open_dir(name) {
+            Ok(d) => Ok(Some(d)),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc_errno::ENOENT | libc_errno::ENOTDIR | libc_errno::ELOOP)) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the child directory `name` (mode 0700 until its metadata is set)
+    /// and opens it.
+    pub fn create_dir(&self, name: &[u8]) -> io::Result<Dir> {
+        rustix::fs::mkdirat(self, name, Mode::from_raw_mode(0o700))?;
+        self.open_dir(name)
+    }
+
+    /// Opens the regular file `name` for reading, refusing symlinks, and without
+    /// blocking on a FIFO that replaced it.
+    pub fn open_file(&self, name: &[u8]) -> io::Result<std::fs::File> {
+        let fd = rustix::fs::openat(
+            self,
+            name,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+        )?;
+        Ok(std::fs::File::from(fd))
+    }
+
+    /// `lstat` of a child.
+    pub fn stat(&self, name: &[u8]) -> io::Result<Stat> {
+        Ok(rustix::fs::statat(self, name, AtFlags::SYMLINK_NOFOLLOW)?)
+    }
+
+    /// `lstat` of a child, `None` if it does not exist.
+    pub fn try_stat(&self, name: &[u8]) -> io::Result<Option<Stat>> {
+        match rustix::fs::statat(self, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `fstat` of this directory.
+    pub fn stat_self(&self) -> io::Result<Stat> {
+        Ok(rustix::fs::fstat(self)?)
+    }
+
+    /// Reads the symlink `name` as raw bytes.
+    pub fn read_link(&self, name: &[u8]) -> io::Result<Vec<u8>> {
+        let target = rustix::fs::readlinkat(self, name, Vec::new())?;
+        Ok(target.into_bytes())
+    }
+
+    /// A path naming `name` in this directory through procfs, for the few calls
+    /// that only take paths. It stays short whatever the depth of the tree.
+    pub fn proc_path(&self, name: &[u8]) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        let mut p = format!("/proc/self/fd/{}/", self.fd.as_raw_fd()).into_bytes();
+        p.extend_from_slice(name);
+        PathBuf::from(OsStr::from_bytes(&p))
+    }
+
+    /// Names in this directory, without `.` and `..`, sorted bytewise.
+    pub fn names(&self) -> io::Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        let dup = rustix::io::dup(self)?;
+        let dir = rustix::fs::Dir::new(dup)?;
+        for entry in dir {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                out.push(name.to_vec());
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Renames `from` to `to` within this directory, replacing `to`.
+    pub fn rename(&self, from: &[u8], to: &[u8]) -> io::Result<()> {
+        rustix::fs::renameat(self, from, self, to)?;
+        Ok(())
+    }
+
+    /// Renames `from` to `to` within this directory, failing if `to` exists.
+    pub fn rename_noreplace(&self, from: &[u8], to_dir: &Dir, to: &[u8]) -> io::Result<()> {
+        rustix::fs::renameat_with(self, from, to_dir, to, rustix::fs::RenameFlags::NOREPLACE)?;
+        Ok(())
+    }
+
+    /// Removes the non-directory `name`.
+    pub fn unlink(&self, name: &[u8]) -> io::Result<()> {
+        rustix::fs::unlinkat(self, name, AtFlags::empty())?;
+        Ok(())
+    }
+
+    /// Removes `name` whatever it is; a directory with everything beneath it.
+    /// Nothing is followed: a symlink is removed, never entered.
+    pub fn remove_all(&self, name: &[u8]) -> io::Result<()> {
+        match rustix::fs::unlinkat(self, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let child = match self.open_dir(name) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc_errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        child.clear()?;
+        drop(child);
+        match rustix::fs::unlinkat(self, name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes everything in this directory, depth first, with an explicit
+    /// stack so that a deep tree can't overflow ours.
+    pub fn clear(&self) -> io::Result<()> {
+        let mut stack: Vec<(Dir, Vec<Vec<u8>>)> = vec![(self.clone(), self.names()?)];
+        while let Some((dir, mut names)) = stack.pop() {
+            let Some(name) = names.pop() else {
+                continue;
+            };
+            match rustix::fs::unlinkat(&dir, name.as_slice(), AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => stack.push((dir, names)),
+                Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) => {
+                    let child = dir.open_dir(&name)?;
+                    let child_names = child.names()?;
+                    if child_names.is_empty() {
+                        drop(child);
+                        rustix::fs::unlinkat(&dir, name.as_slice(), AtFlags::REMOVEDIR)?;
+                        stack.push((dir, names));
+                    } else {
+                        // Revisit this name once its contents are gone.
+                        names.push(name);
+                        stack.push((dir, names));
+                        stack.push((child, child_names));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `rel` (a `/`-separated relative path) beneath this directory
+    /// without following any symlink and without leaving it, in steps short
+    /// enough for `PATH_MAX`. `last` are the open flags for the final component.
+    pub fn resolve(&self, rel: &[u8], last: OFlags) -> io::Result<OwnedFd> {
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        let mut rest = rel;
+        let mut current: Option<OwnedFd> = None;
+        loop {
+            // Cut the path into pieces that each fit in PATH_MAX, at a `/`.
+            let (piece, tail, is_last) = if rest.len() < 4000 {
+                (rest, &rest[rest.len()..], true)
+            } else {
+                let cut = rest[..4000]
+                    .iter()
+                    .rposition(|&b| b == b'/')
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path component too long"))?;
+                (&rest[..cut], &rest[cut + 1..], false)
+            };
+            let flags = if is_last { last } else { DIR_FLAGS };
+            let piece = if piece.is_empty() { &b"."[..] } else { piece };
+            let fd = match &current {
+                None => rustix::fs::openat2(self, piece, flags | OFlags::CLOEXEC, Mode::empty(), resolve)?,
+                Some(dir) => rustix::fs::openat2(dir, piece, flags | OFlags::CLOEXEC, Mode::empty(), resolve)?,
+            };
+            if is_last {
+                return Ok(fd);
+            }
+            current = Some(fd);
+            rest = tail;
+        }
+    }
+
+    /// Opens the directory `rel` beneath this one (see [`Dir::resolve`]).
+    pub fn resolve_dir(&self, rel: &[u8]) -> io::Result<Dir> {
+        let fd = self.resolve(rel, DIR_FLAGS)?;
+        Ok(Dir { fd: Arc::new(fd) })
+    }
+
+    /// Flushes the whole filesystem this directory lives on.
+    pub fn syncfs(&self) -> io::Result<()> {
+        rustix::fs::syncfs(self)?;
+        Ok(())
+    }
+
+    /// `fsync` of this directory (its entries).
+    pub fn fsync(&self) -> io::Result<()> {
+        rustix::fs::fsync(self)?;
+        Ok(())
+    }
+}
+
+/// The few errno values this crate matches on, as raw numbers for
+/// `io::Error::raw_os_error`.
+pub mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EACCES: i32 = 13;
+    pub const EEXIST: i32 = 17;
+    pub const ENOTDIR: i32 = 20;
+    pub const EISDIR: i32 = 21;
+    pub const EMLINK: i32 = 31;
+    pub const ELOOP: i32 = 40;
+    pub const ENODATA: i32 = 61;
+    pub const EOPNOTSUPP: i32 = 95;
+    pub const EXDEV: i32 = 18;
+    pub const EPERM: i32 = 1;
+    pub const ENOSPC: i32 = 28;
+}
+
+/// The type of a stat result.
+pub fn file_type(st: &Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}
+
+/// Converts a `CStr` name from the kernel into bytes.
+pub fn cstr_bytes(name: &CStr) -> &[u8] {
+    name.to_bytes()
+}
+
+/// Creates a random name for a temporary file that no source name will match
+/// by accident: `.rbk~` and 16 hex digits.
+pub fn temp_name() -> Vec<u8> {
+    let mut bytes = [0u8; 8];
+    // getrandom only fails before the kernel's pool is ready at early boot;
+    // fall back to time and pid, which still makes collisions negligible.
+    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        bytes = (t ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
+    }
+    let mut out = b".rbk~".to_vec();
+    for b in bytes {
+        out.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    out
+}
+
+/// Makes a `CString` of a name already checked by [`check_name`].
+pub fn name_cstring(name: &[u8]) -> io::Result<CString> {
+    cstr(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_names_are_refused() {
+        assert_eq!(check_name(b""), Err(NameError::Empty));
+        assert_eq!(check_name(b"."), Err(NameError::Dots));
+        assert_eq!(check_name(b".."), Err(NameError::Dots));
+        assert_eq!(check_name(b"a/b"), Err(NameError::Slash));
+        assert_eq!(check_name(b"/"), Err(NameError::Slash));
+        assert_eq!(check_name(b"a\0b"), Err(NameError::Nul));
+        assert_eq!(check_name(&[b'x'; 256]), Err(NameError::TooLong));
+        assert!(check_name(b"...").is_ok());
+        assert!(check_name(b"\xff\xfe name\n").is_ok());
+        assert!(check_name(&[b'x'; 255]).is_ok());
+    }
+
+    #[test]
+    fn shown_escapes_bytes_and_controls() {
+        assert_eq!(Shown(b"a\xffb\nc").to_string(), "a\\xffb\\nc");
+    }
+
+    #[test]
+    fn join_handles_root() {
+        assert_eq!(join(b"", b"a"), b"a");
+        assert_eq!(join(b"a/b", b"c"), b"a/b/c");
+    }
+
+    #[test]
+    fn temp_names_differ_and_are_valid() {
+        let a = temp_name();
+        let b = temp_name();
+        assert_ne!(a, b);
+        assert!(check_name(&a).is_ok());
+    }
+}

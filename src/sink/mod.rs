@@ -1,0 +1,886 @@
+//! The sink side of a session: take the source's listing, compare each entry
+//! with what the destination and the bases hold, and write through
+//! [`crate::writer`]. The desktop runs this for a backup; the agent runs it
+//! for a restore.
+//!
+//! The listing arrives depth first. Each open directory has a node that lives
+//! until its listing has ended *and* every fetch inside it has been written;
+//! then whatever the source no longer has is removed (when the policy says
+//! so) and the directory gets its metadata — after its children, so their
+//! creation can't disturb its mtime. Fetches are pipelined: requests go out
+//! as soon as the plan says so, data comes back in request order, and the
+//! listing keeps flowing as long as fewer than [`WINDOW`] fetches are waiting.
+//! Memory is flat in the number of files: per open directory, the names seen
+//! (only where extra entries must be found), and the pending fetches.
+
+mod receive;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::Receiver;
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustix::fs::{FileType, Stat};
+
+use crate::meta::{self, Meta, Privileges, Target};
+use crate::plan::{self, FileAction, Origin, Policy, Similarity};
+use crate::protocol::frame::{Encoder, Frame};
+use crate::protocol::msg::{Entry, Fetch, Link, SinkMsg, SkipReason, SourceMsg, SpecialKind};
+use crate::protocol::{Incoming, Outbox, ProtocolError, decode};
+use crate::report::{Events, Problem, ProblemKind, Stats};
+use crate::safefs::{Dir, Shown, file_type, join};
+use crate::writer::{self, Linked, TempEntry};
+
+/// Most fetches waiting for data before the listing is held back.
+pub const WINDOW: usize = 512;
+/// Most bytes of signatures the source holds at once; more delta requests
+/// wait until answers come back.
+const SIGNATURE_BUDGET: usize = 64 << 20;
+/// Listing entries the source may send before it hears from us.
+const INITIAL_CREDIT: u32 = 4096;
+/// Credit is returned in steps of at least this many entries.
+const CREDIT_STEP: u32 = 1024;
+
+/// How a sink writes.
+pub struct SinkConfig {
+    /// The root written to: a snapshot folder, or a restore target. `None`
+    /// only in a dry run of a snapshot that doesn't exist yet.
+    pub dest: Option<Dir>,
+    /// `dest` was created empty for this run (nothing to compare or remove).
+    pub fresh: bool,
+    /// Trees to link or copy unchanged files from, best first.
+    pub bases: Vec<Dir>,
+    pub policy: Policy,
+    /// Remove entries of existing directories that the source doesn't list.
+    pub delete: bool,
+    pub dry_run: bool,
+    /// Create device nodes (otherwise counted and skipped).
+    pub devices: bool,
+    /// Ask for deltas of changed files that have a basis.
+    pub delta: bool,
+    pub privs: Privileges,
+    pub compress: bool,
+}
+
+struct DirNode {
+    /// `None` only in a dry run, for a directory that doesn't exist yet.
+    dest: Option<Dir>,
+    rel: Vec<u8>,
+    meta: Meta,
+    parent: Option<usize>,
+    /// Unwritten fetches and unfinished subdirectories.
+    pending: usize,
+    ended: bool,
+    /// The directory existed before this run: compare, and maybe clean up.
+    existed: bool,
+    /// Not every child is listed: never remove unlisted names.
+    partial: bool,
+    /// Names listed, kept only where extra entries must be removed.
+    seen: Vec<Vec<u8>>,
+    last: Option<Vec<u8>>,
+    /// The same directory in each basis, while its listing runs.
+    bases: Vec<Option<Dir>>,
+}
+
+/// A regular file whose data was asked for.
+struct Pending {
+    id: u64,
+    dir: usize,
+    name: Vec<u8>,
+    meta: Meta,
+    size: u64,
+    basis: Option<receive::Basis>,
+    /// Bytes of the signature sent with the request.
+    sig_len: usize,
+    group: Option<u64>,
+    /// Later members of its hardlink group: (directory node, name).
+    waiters: Vec<(usize, Vec<u8>)>,
+}
+
+/// State of a hardlink group whose first member was seen.
+enum Group {
+    /// Written at this path (relative to the destination root).
+    Done { rel: Vec<u8>, left: u32 },
+    /// The first member's data is still on its way.
+    Waiting { left: u32 },
+}
+
+/// The sink engine. See the module doc.
+pub struct Sink<'e> {
+    cfg: SinkConfig,
+    events: &'e mut dyn Events,
+    dirs: Vec<Option<DirNode>>,
+    free: Vec<usize>,
+    stack: Vec<usize>,
+    /// Requests sent, in the order the source answers them.
+    pending: VecDeque<Pending>,
+    /// Delta requests waiting for the signature budget.
+    deferred: VecDeque<Pending>,
+    /// Bytes of signatures the source holds for requests not yet answered.
+    sig_outstanding: usize,
+    receiving: Option<receive::Receiving>,
+    groups: HashMap<u64, Group>,
+    next_id: u64,
+    out: Outbox,
+    enc: Encoder,
+    granted: u64,
+    received: u64,
+    unreported: u32,
+    saw_root: bool,
+    root_done: bool,
+    listing_done: bool,
+    warned_devices: bool,
+    stats: Stats,
+}
+
+fn violation(what: impl Into<String>) -> anyhow::Error {
+    anyhow!(ProtocolError::Unexpected(what.into()))
+}
+
+impl<'e> Sink<'e> {
+    pub fn new(cfg: SinkConfig, out: Outbox, events: &'e mut dyn Events) -> Sink<'e> {
+        let enc = Encoder::new(cfg.compress);
+        Sink {
+            cfg,
+            events,
+            dirs: Vec::new(),
+            free: Vec::new(),
+            stack: Vec::new(),
+            pending: VecDeque::new(),
+            deferred: VecDeque::new(),
+            sig_outstanding: 0,
+            receiving: None,
+            groups: HashMap::new(),
+            next_id: 0,
+            out,
+            enc,
+            granted: 0,
+            received: 0,
+            unreported: 0,
+            saw_root: false,
+            root_done: false,
+            listing_done: false,
+            warned_devices: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Runs the session to its end: the listing done, every fetch written,
+    /// every directory finished. Returns the counters.
+    pub fn run(mut self, incoming: &Receiver<Incoming>) -> Result<Stats> {
+        self.send(&SinkMsg::Credit(INITIAL_CREDIT))?;
+        self.granted = u64::from(INITIAL_CREDIT);
+        while !(self.listing_done
+            && self.root_done
+            && self.pending.is_empty()
+            && self.deferred.is_empty()
+            && self.receiving.is_none())
+        {
+            let frame = incoming.recv().map_err(|_| ProtocolError::Closed)??;
+            match frame {
+                Frame::Msg(body) => self.on_message(decode::<SourceMsg>(&body)?)?,
+                Frame::Data { offset, data } => self.on_data(offset, &data)?,
+                Frame::Delta { out_len, delta } => self.on_delta(out_len, &delta)?,
+            }
+        }
+        let summary = self.stats.pairs();
+        self.send(&SinkMsg::Finish { summary })?;
+        Ok(self.stats)
+    }
+
+    fn on_message(&mut self, msg: SourceMsg) -> Result<()> {
+        match msg {
+            SourceMsg::Entries(batch) => {
+                let n = batch.len() as u32;
+                for entry in batch {
+                    self.on_entry(entry)?;
+                }
+                self.received += u64::from(n);
+                self.unreported += n;
+                self.maybe_grant()
+            }
+            SourceMsg::ListingDone => {
+                if !self.saw_root || !self.stack.is_empty() {
+                    return Err(violation("the listing ended inside a directory"));
+                }
+                self.listing_done = true;
+                Ok(())
+            }
+            SourceMsg::FileBegin { id, size } => self.on_begin(id, size),
+            SourceMsg::FileEnd { id, status, hash } => self.on_end(id, &status, hash),
+            SourceMsg::FileFailed { id, error } => self.on_failed(id, &error),
+            SourceMsg::Fatal(msg) => bail!("the sending side failed: {msg}"),
+        }
+    }
+
+    fn send(&mut self, msg: &SinkMsg) -> Result<()> {
+        let frame = self.enc.msg(msg);
+        Ok(self.out.send(frame)?)
+    }
+
+    /// Returns listing credit unless too many fetches are waiting.
+    fn maybe_grant(&mut self) -> Result<()> {
+        if self.unreported == 0 || self.pending.len() + self.deferred.len() >= WINDOW {
+            return Ok(());
+        }
+        if self.unreported >= CREDIT_STEP || self.received >= self.granted {
+            let n = self.unreported;
+            self.send(&SinkMsg::Credit(n))?;
+            self.granted += u64::from(n);
+            self.unreported = 0;
+        }
+        Ok(())
+    }
+
+    fn node(&self, i: usize) -> &DirNode {
+        self.dirs[i].as_ref().expect("live directory node")
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut DirNode {
+        self.dirs[i].as_mut().expect("live directory node")
+    }
+
+    fn problem(&mut self, kind: ProblemKind, path: &[u8], detail: impl Into<String>) {
+        self.stats.warnings += 1;
+        self.events.problem(Problem::new(kind, path, detail));
+    }
+
+    fn apply_problems(&mut self, path: &[u8], problems: Vec<meta::ApplyProblem>) {
+        for p in problems {
+            self.problem(ProblemKind::Metadata, path, format!("{}: {}", p.what, p.error));
+        }
+    }
+
+    fn on_entry(&mut self, entry: Entry) -> Result<()> {
+        let is_root = !self.saw_root;
+        if self.saw_root && self.stack.is_empty() {
+            return Err(violation("entries after the end of the root directory"));
+        }
+        entry.validate(is_root).map_err(|e| violation(format!("bad entry: {e}")))?;
+        if is_root && !matches!(&entry, Entry::Dir { name, .. } if name.is_empty()) {
+            return Err(violation("the listing must start with the root directory"));
+        }
+        if !matches!(entry, Entry::End) {
+            self.stats.entries += 1;
+        }
+        match entry {
+            Entry::Dir { name, meta, unreadable, partial } => self.on_dir(&name, meta, unreadable, partial),
+            Entry::End => self.on_end_dir(),
+            Entry::File { name, meta, size, sparse, link } => self.on_file(name, meta, size, sparse, link),
+            Entry::Symlink { name, meta, target } => self.on_symlink(&name, &meta, &target),
+            Entry::Special { name, meta, kind, rdev } => self.on_special(&name, &meta, kind, rdev),
+            Entry::Skipped { name, reason } => self.on_skipped(&name, reason),
+        }
+    }
+
+    /// Checks order and uniqueness of `name` in the current directory and
+    /// records it. Returns the directory's node index and the entry's path.
+    fn enter_name(&mut self, name: &[u8]) -> Result<(usize, Vec<u8>)> {
+        let d = *self.stack.last().expect("inside a directory");
+        let delete = self.cfg.delete;
+        let node = self.node_mut(d);
+        if node.last.as_deref().is_some_and(|last| name <= last) {
+            let (dir, name) = (Shown(&node.rel).to_string(), Shown(name).to_string());
+            return Err(violation(format!("entry {name:?} in directory {dir:?} is out of order or listed twice")));
+        }
+        node.last = Some(name.to_vec());
+        if node.existed && delete && !node.partial {
+            node.seen.push(name.to_vec());
+        }
+        let rel = join(&node.rel, name);
+        Ok((d, rel))
+    }
+
+    fn on_dir(&mut self, name: &[u8], meta: Meta, unreadable: Option<String>, partial: bool) -> Result<()> {
+        self.stats.directories += 1;
+        let partial = partial || unreadable.is_some();
+        let node = if self.stack.is_empty() {
+            self.saw_root = true;
+            DirNode {
+                dest: self.cfg.dest.clone(),
+                rel: Vec::new(),
+                meta,
+                parent: None,
+                pending: 0,
+                ended: false,
+                existed: !self.cfg.fresh,
+                partial,
+                seen: Vec::new(),
+                last: None,
+                bases: self.cfg.bases.iter().cloned().map(Some).collect(),
+            }
+        } else {
+            let (parent, rel) = self.enter_name(name)?;
+            let (dest, existed) = self.open_child_dir(parent, name, &rel)?;
+            let bases = self
+                .node(parent)
+                .bases
+                .iter()
+                .map(|b| b.as_ref().and_then(|b| b.try_open_dir(name).ok().flatten()))
+                .collect();
+            self.node_mut(parent).pending += 1;
+            DirNode {
+                dest,
+                rel,
+                meta,
+                parent: Some(parent),
+                pending: 0,
+                ended: false,
+                existed,
+                partial,
+                seen: Vec::new(),
+                last: None,
+                bases,
+            }
+        };
+        if let Some(err) = unreadable {
+            self.problem(ProblemKind::Unreadable, &node.rel, format!("directory not listed: {err}"));
+        }
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.dirs[i] = Some(node);
+                i
+            }
+            None => {
+                self.dirs.push(Some(node));
+                self.dirs.len() - 1
+            }
+        };
+        self.stack.push(idx);
+        Ok(())
+    }
+
+    /// Opens or creates the destination directory `name`; returns it (absent
+    /// in a dry run when it would be created) and whether it already existed.
+    fn open_child_dir(&mut self, parent: usize, name: &[u8], rel: &[u8]) -> Result<(Option<Dir>, bool)> {
+        let node = self.node(parent);
+        let Some(pdest) = node.dest.clone() else {
+            return Ok((None, false));
+        };
+        if node.existed
+            && let Some(st) = pdest.try_stat(name).with_context(|| format!("looking at {}", Shown(rel)))?
+        {
+            if file_type(&st) == FileType::Directory {
+                let d = pdest.open_dir(name).with_context(|| format!("opening directory {}", Shown(rel)))?;
+                return Ok((Some(d), true));
+            }
+            self.events.action("remove", rel);
+            if !self.cfg.dry_run {
+                pdest.remove_all(name).with_context(|| format!("removing {}", Shown(rel)))?;
+            }
+        }
+        self.events.action("mkdir", rel);
+        if self.cfg.dry_run {
+            return Ok((None, false));
+        }
+        let d = pdest.create_dir(name).with_context(|| format!("creating directory {}", Shown(rel)))?;
+        Ok((Some(d), false))
+    }
+
+    fn on_end_dir(&mut self) -> Result<()> {
+        let idx = self.stack.pop().ok_or_else(|| violation("end of a directory that was never opened"))?;
+        let node = self.node_mut(idx);
+        node.ended = true;
+        node.bases.clear();
+        self.maybe_finish_dir(idx)
+    }
+
+    /// Finishes directory `idx` and then its parents, as far as each has no
+    /// pending work: removes extra entries, then applies its metadata.
+    fn maybe_finish_dir(&mut self, mut idx: usize) -> Result<()> {
+        loop {
+            let node = self.node(idx);
+            if !node.ended || node.pending > 0 {
+                return Ok(());
+            }
+            let node = self.dirs[idx].take().expect("live directory node");
+            self.free.push(idx);
+            if let Some(dest) = &node.dest {
+                if node.existed && self.cfg.delete && !node.partial {
+                    self.remove_extras(dest, &node)?;
+                }
+                if !self.cfg.dry_run {
+                    let problems = meta::apply(&Target::Dir(dest), &node.meta, self.cfg.privs)
+                        .with_context(|| format!("setting metadata of directory {}", Shown(&node.rel)))?;
+                    self.apply_problems(&node.rel, problems);
+                }
+            }
+            match node.parent {
+                Some(p) => {
+                    self.node_mut(p).pending -= 1;
+                    idx = p;
+                }
+                None => {
+                    self.root_done = true;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn remove_extras(&mut self, dest: &Dir, node: &DirNode) -> Result<()> {
+        let names = dest.names().with_context(|| format!("listing {}", Shown(&node.rel)))?;
+        for name in names {
+            if node.seen.binary_search(&name).is_ok() {
+                continue;
+            }
+            let rel = join(&node.rel, &name);
+            self.events.action("remove", &rel);
+            self.stats.removed += 1;
+            if !self.cfg.dry_run {
+                dest.remove_all(&name).with_context(|| format!("removing {}", Shown(&rel)))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_skipped(&mut self, name: &[u8], reason: SkipReason) -> Result<()> {
+        let (_, rel) = self.enter_name(name)?;
+        match reason {
+            SkipReason::Vanished => self.problem(ProblemKind::Vanished, &rel, "disappeared during the run"),
+            SkipReason::Unreadable(e) => self.problem(ProblemKind::Unreadable, &rel, e),
+            SkipReason::Socket => self.stats.sockets_skipped += 1,
+        }
+        Ok(())
+    }
+
+    fn dest_of(&self, d: usize) -> Option<Dir> {
+        self.node(d).dest.clone()
+    }
+
+    fn on_file(&mut self, name: Vec<u8>, meta: Meta, size: u64, sparse: bool, link: Option<Link>) -> Result<()> {
+        let (d, rel) = self.enter_name(&name)?;
+        self.stats.files += 1;
+        let want = self.cfg.privs.storable(&meta);
+        if let Some(link) = link
+            && self.join_group(d, &name, &rel, link)?
+        {
+            return Ok(());
+        }
+        let node = self.node(d);
+        let dest_sim = match (&node.dest, node.existed) {
+            (Some(dest), true) => {
+                compare_file(dest, &name, size, &want).with_context(|| format!("looking at {}", Shown(&rel)))?
+            }
+            _ => Similarity::Missing,
+        };
+        let base_sims: Vec<Similarity> = node
+            .bases
+            .iter()
+            .map(|b| {
+                b.as_ref()
+                    .map_or(Similarity::Missing, |b| compare_file(b, &name, size, &want).unwrap_or(Similarity::Missing))
+            })
+            .collect();
+        let delta = self.cfg.delta && !sparse && size >= plan::DELTA_MIN_SIZE;
+        let action = plan::file(dest_sim, &base_sims, self.cfg.policy, delta);
+        if dest_sim == Similarity::OtherType {
+            self.clear_dir_for_file(d, &name, &rel)?;
+        }
+        let done = match action {
+            FileAction::Keep => {
+                self.stats.kept += 1;
+                true
+            }
+            FileAction::FixMeta => {
+                self.fix_meta_in_place(d, &name, &rel, &meta)?;
+                true
+            }
+            FileAction::Link(i) => {
+                self.link_from_basis(d, i, &name, &rel, &meta, size, dest_sim)?;
+                true
+            }
+            FileAction::Copy(origin) => {
+                self.copy_local(d, origin, &name, &rel, &meta, size)?;
+                true
+            }
+            FileAction::Fetch { delta_base } => {
+                self.fetch(d, name, &rel, meta, size, delta_base, link.map(|l| l.id))?;
+                // In a dry run nothing is pending: later links just print.
+                self.cfg.dry_run
+            }
+        };
+        if let Some(link) = link {
+            let left = link.nlink - 1;
+            let group = if done { Group::Done { rel, left } } else { Group::Waiting { left } };
+            self.groups.insert(link.id, group);
+        }
+        Ok(())
+    }
+
+    /// A directory sits where a non-directory must go: remove it first, since
+    /// a rename can't replace it.
+    fn clear_dir_for_file(&mut self, d: usize, name: &[u8], rel: &[u8]) -> Result<()> {
+        let Some(dest) = self.dest_of(d) else {
+            return Ok(());
+        };
+        let is_dir = dest.try_stat(name)?.is_some_and(|st| file_type(&st) == FileType::Directory);
+        if is_dir {
+            self.events.action("remove", rel);
+            if !self.cfg.dry_run {
+                dest.remove_all(name).with_context(|| format!("removing {}", Shown(rel)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A later member of a hardlink group. Returns false for the first member,
+    /// which the caller handles like any file.
+    fn join_group(&mut self, d: usize, name: &[u8], rel: &[u8], link: Link) -> Result<bool> {
+        let Some(group) = self.groups.get_mut(&link.id) else {
+            return Ok(false);
+        };
+        self.stats.hardlinks += 1;
+        let left = match group {
+            Group::Done { left, .. } | Group::Waiting { left } => {
+                *left = left.saturating_sub(1);
+                *left
+            }
+        };
+        match self.groups.get(&link.id) {
+            Some(Group::Done { rel: first, .. }) => {
+                let first = first.clone();
+                self.link_member(&first, d, name, rel)?;
+            }
+            _ => {
+                let waiter = (d, name.to_vec());
+                let p = self
+                    .pending
+                    .iter_mut()
+                    .chain(self.deferred.iter_mut())
+                    .chain(self.receiving.as_mut().map(|r| &mut r.pending))
+                    .find(|p| p.group == Some(link.id))
+                    .ok_or_else(|| anyhow!("hardlink group {} lost its first member", link.id))?;
+                p.waiters.push(waiter);
+                self.node_mut(d).pending += 1;
+            }
+        }
+        if left == 0 {
+            self.groups.remove(&link.id);
+        }
+        Ok(true)
+    }
+
+    /// Links `name` in directory node `d` to the already written `first`.
+    fn link_member(&mut self, first: &[u8], d: usize, name: &[u8], rel: &[u8]) -> Result<()> {
+        self.events.action("hardlink", rel);
+        let Some(dest) = self.dest_of(d) else {
+            return Ok(());
+        };
+        if self.cfg.dry_run {
+            return Ok(());
+        }
+        let (first_dir, first_name) = split_parent(first);
+        let root = self.cfg.dest.as_ref().expect("writing outside a dry run");
+        let src_dir =
+            root.resolve_dir(first_dir).with_context(|| format!("opening the directory of {}", Shown(first)))?;
+        let existing = dest.try_stat(name)?;
+        if let Some(st) = &existing {
+            let src = src_dir.stat(first_name)?;
+            if st.st_ino == src.st_ino && st.st_dev == src.st_dev {
+                self.stats.kept += 1;
+                return Ok(());
+            }
+            if file_type(st) == FileType::Directory {
+                dest.remove_all(name)?;
+            }
+        }
+        match writer::link(&src_dir, first_name, &dest, name, existing.is_some())
+            .with_context(|| format!("hardlinking {} to {}", Shown(rel), Shown(first)))?
+        {
+            Linked::Done => Ok(()),
+            Linked::TooManyLinks => {
+                let src = src_dir.open_file(first_name)?;
+                let meta = meta::from_stat(&src_dir.stat(first_name)?, meta::read_xattrs(&src_dir, first_name)?);
+                let size = src.metadata()?.len();
+                self.copy_file_into(&dest, &src, name, rel, &meta, size)
+            }
+        }
+    }
+
+    fn fix_meta_in_place(&mut self, d: usize, name: &[u8], rel: &[u8], meta: &Meta) -> Result<()> {
+        self.events.action("meta", rel);
+        self.stats.metadata_fixed += 1;
+        let Some(dest) = self.dest_of(d) else {
+            return Ok(());
+        };
+        if self.cfg.dry_run {
+            return Ok(());
+        }
+        let file = dest.open_file(name).with_context(|| format!("opening {}", Shown(rel)))?;
+        let problems = meta::apply(&Target::Fd(&file), meta, self.cfg.privs)?;
+        self.apply_problems(rel, problems);
+        Ok(())
+    }
+
+    /// Hardlinks the file from basis `i`, or copies it if the inode is full.
+    #[allow(clippy::too_many_arguments)]
+    fn link_from_basis(
+        &mut self,
+        d: usize,
+        i: usize,
+        name: &[u8],
+        rel: &[u8],
+        meta: &Meta,
+        size: u64,
+        dest_sim: Similarity,
+    ) -> Result<()> {
+        self.events.action("link", rel);
+        self.stats.linked += 1;
+        let Some(dest) = self.dest_of(d) else {
+            return Ok(());
+        };
+        if self.cfg.dry_run {
+            return Ok(());
+        }
+        let base = self.node(d).bases[i].clone().expect("the basis the plan chose");
+        let replace = dest_sim != Similarity::Missing;
+        match writer::link(&base, name, &dest, name, replace).with_context(|| format!("hardlinking {}", Shown(rel)))? {
+            Linked::Done => {}
+            Linked::TooManyLinks => {
+                // The inode has the most links the filesystem allows: copy it.
+                self.stats.linked -= 1;
+                let src = base.open_file(name)?;
+                self.copy_file_into(&dest, &src, name, rel, meta, size)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_local(&mut self, d: usize, origin: Origin, name: &[u8], rel: &[u8], meta: &Meta, size: u64) -> Result<()> {
+        self.events.action("copy", rel);
+        let Some(dest) = self.dest_of(d) else {
+            self.stats.copied_locally += 1;
+            return Ok(());
+        };
+        if self.cfg.dry_run {
+            self.stats.copied_locally += 1;
+            return Ok(());
+        }
+        let src_dir = match origin {
+            Origin::Dest => dest.clone(),
+            Origin::Basis(i) => self.node(d).bases[i].clone().expect("the basis the plan chose"),
+        };
+        let src = src_dir.open_file(name).with_context(|| format!("opening the basis of {}", Shown(rel)))?;
+        self.copy_file_into(&dest, &src, name, rel, meta, size)
+    }
+
+    fn copy_file_into(
+        &mut self,
+        dest: &Dir,
+        src: &std::fs::File,
+        name: &[u8],
+        rel: &[u8],
+        meta: &Meta,
+        size: u64,
+    ) -> Result<()> {
+        let mut temp = TempEntry::file(dest).with_context(|| format!("creating a file for {}", Shown(rel)))?;
+        writer::copy_contents(src, temp.file_mut(), size).with_context(|| format!("copying {}", Shown(rel)))?;
+        let problems = temp.commit(name, meta, self.cfg.privs).with_context(|| format!("writing {}", Shown(rel)))?;
+        self.stats.copied_locally += 1;
+        self.stats.bytes_written += size;
+        self.apply_problems(rel, problems);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fetch(
+        &mut self,
+        d: usize,
+        name: Vec<u8>,
+        rel: &[u8],
+        meta: Meta,
+        size: u64,
+        delta_base: Option<Origin>,
+        group: Option<u64>,
+    ) -> Result<()> {
+        self.events.action(if delta_base.is_some() { "delta" } else { "fetch" }, rel);
+        if self.cfg.dry_run {
+            if delta_base.is_some() {
+                self.stats.fetched_delta += 1;
+            } else {
+                self.stats.fetched_whole += 1;
+            }
+            return Ok(());
+        }
+        let basis_dir = delta_base.map(|origin| match origin {
+            Origin::Dest => self.dest_of(d).expect("an existing destination"),
+            Origin::Basis(i) => self.node(d).bases[i].clone().expect("the basis the plan chose"),
+        });
+        let basis = basis_dir.and_then(|dir| receive::open_basis(&dir, &name, self.cfg.policy));
+        let delta = basis.is_some();
+        let p = Pending { id: 0, dir: d, name, meta, size, basis, sig_len: 0, group, waiters: Vec::new() };
+        self.node_mut(d).pending += 1;
+        if delta && (self.sig_outstanding >= SIGNATURE_BUDGET || !self.deferred.is_empty()) {
+            // Signatures already on their way are enough; this one waits.
+            self.deferred.push_back(p);
+            return Ok(());
+        }
+        self.send_fetch(p)
+    }
+
+    /// Computes the signature (for a delta) and sends the request.
+    fn send_fetch(&mut self, mut p: Pending) -> Result<()> {
+        p.id = self.next_id;
+        self.next_id += 1;
+        let signature = p.basis.as_ref().and_then(receive::Basis::signature);
+        if signature.is_none() {
+            p.basis = None;
+        }
+        p.sig_len = signature.as_ref().map_or(0, Vec::len);
+        self.sig_outstanding += p.sig_len;
+        let path = join(&self.node(p.dir).rel, &p.name);
+        self.send(&SinkMsg::Fetch(Fetch { id: p.id, path, signature }))?;
+        self.pending.push_back(p);
+        Ok(())
+    }
+
+    /// Sends deferred delta requests while the signature budget allows.
+    fn send_deferred(&mut self) -> Result<()> {
+        while self.sig_outstanding < SIGNATURE_BUDGET
+            && let Some(p) = self.deferred.pop_front()
+        {
+            self.send_fetch(p)?;
+        }
+        Ok(())
+    }
+
+    fn on_symlink(&mut self, name: &[u8], meta: &Meta, target: &[u8]) -> Result<()> {
+        let (d, rel) = self.enter_name(name)?;
+        self.stats.symlinks += 1;
+        let want = self.cfg.privs.storable(meta);
+        let existing = self.existing(d, name, &rel)?;
+        if let Some(dest) = self.dest_of(d)
+            && let Some(st) = &existing
+            && file_type(st) == FileType::Symlink
+            && dest.read_link(name).is_ok_and(|t| t == target)
+        {
+            if same_meta(&dest, name, st, &want)? {
+                self.stats.kept += 1;
+                return Ok(());
+            }
+            if self.cfg.policy == Policy::Restore {
+                return self.fix_meta_at(&dest, name, &rel, meta, true);
+            }
+        }
+        self.create_at(d, name, &rel, meta, existing.as_ref(), |dir| TempEntry::symlink(dir, target))
+    }
+
+    fn on_special(&mut self, name: &[u8], meta: &Meta, kind: SpecialKind, rdev: u64) -> Result<()> {
+        let (d, rel) = self.enter_name(name)?;
+        if kind != SpecialKind::Fifo && !self.cfg.devices {
+            self.stats.devices_skipped += 1;
+            if !self.warned_devices {
+                self.warned_devices = true;
+                self.events.note("device nodes are skipped (first: see --devices to keep them)");
+            }
+            return Ok(());
+        }
+        self.stats.specials += 1;
+        let want = self.cfg.privs.storable(meta);
+        let existing = self.existing(d, name, &rel)?;
+        let wanted_type = match kind {
+            SpecialKind::Fifo => FileType::Fifo,
+            SpecialKind::Char => FileType::CharacterDevice,
+            SpecialKind::Block => FileType::BlockDevice,
+        };
+        if let Some(dest) = self.dest_of(d)
+            && let Some(st) = &existing
+            && file_type(st) == wanted_type
+            && (kind == SpecialKind::Fifo || st.st_rdev == rdev)
+        {
+            if same_meta(&dest, name, st, &want)? {
+                self.stats.kept += 1;
+                return Ok(());
+            }
+            if self.cfg.policy == Policy::Restore {
+                return self.fix_meta_at(&dest, name, &rel, meta, false);
+            }
+        }
+        self.create_at(d, name, &rel, meta, existing.as_ref(), |dir| TempEntry::special(dir, kind, rdev))
+    }
+
+    /// The destination's current entry `name`, if the directory existed.
+    fn existing(&self, d: usize, name: &[u8], rel: &[u8]) -> Result<Option<Stat>> {
+        let node = self.node(d);
+        match (&node.dest, node.existed) {
+            (Some(dest), true) => dest.try_stat(name).with_context(|| format!("looking at {}", Shown(rel))),
+            _ => Ok(None),
+        }
+    }
+
+    fn fix_meta_at(&mut self, dest: &Dir, name: &[u8], rel: &[u8], meta: &Meta, symlink: bool) -> Result<()> {
+        self.events.action("meta", rel);
+        self.stats.metadata_fixed += 1;
+        if self.cfg.dry_run {
+            return Ok(());
+        }
+        let problems = meta::apply(&Target::At { dir: dest, name, symlink }, meta, self.cfg.privs)?;
+        self.apply_problems(rel, problems);
+        Ok(())
+    }
+
+    /// Creates a symlink or special file under a temporary name and renames
+    /// it over whatever is there.
+    fn create_at(
+        &mut self,
+        d: usize,
+        name: &[u8],
+        rel: &[u8],
+        meta: &Meta,
+        existing: Option<&Stat>,
+        make: impl FnOnce(&Dir) -> std::io::Result<TempEntry>,
+    ) -> Result<()> {
+        self.events.action("create", rel);
+        let Some(dest) = self.dest_of(d) else {
+            return Ok(());
+        };
+        if self.cfg.dry_run {
+            return Ok(());
+        }
+        if existing.is_some_and(|st| file_type(st) == FileType::Directory) {
+            dest.remove_all(name).with_context(|| format!("removing {}", Shown(rel)))?;
+        }
+        let temp = make(&dest).with_context(|| format!("creating {}", Shown(rel)))?;
+        let problems = temp.commit(name, meta, self.cfg.privs).with_context(|| format!("writing {}", Shown(rel)))?;
+        self.apply_problems(rel, problems);
+        Ok(())
+    }
+}
+
+/// Splits `a/b/c` into (`a/b`, `c`).
+fn split_parent(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&b""[..], rel),
+    }
+}
+
+/// Compares an existing entry with an incoming regular file.
+fn compare_file(dir: &Dir, name: &[u8], size: u64, want: &Meta) -> std::io::Result<Similarity> {
+    let Some(st) = dir.try_stat(name)? else {
+        return Ok(Similarity::Missing);
+    };
+    if file_type(&st) != FileType::RegularFile {
+        return Ok(Similarity::OtherType);
+    }
+    if st.st_size as u64 != size || st.st_mtime != want.mtime || st.st_mtime_nsec as u32 != want.mtime_nsec {
+        return Ok(Similarity::ContentDiffers);
+    }
+    if same_meta(dir, name, &st, want)? { Ok(Similarity::Same) } else { Ok(Similarity::MetaDiffers) }
+}
+
+/// Mode, owner, mtime and xattrs of an existing entry equal `want`.
+fn same_meta(dir: &Dir, name: &[u8], st: &Stat, want: &Meta) -> std::io::Result<bool> {
+    Ok(meta::stat_matches(st, want) && meta::xattrs_match(dir, name, &want.xattrs)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_parent;
+
+    #[test]
+    fn split_parent_of_paths() {
+        assert_eq!(split_parent(b"a/b/c"), (&b"a/b"[..], &b"c"[..]));
+        assert_eq!(split_parent(b"c"), (&b""[..], &b"c"[..]));
+    }
+}

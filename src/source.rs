@@ -1,0 +1,618 @@
+//! The source side of a session: walk a root and stream its listing, and serve
+//! the file data the sink asks for. The agent runs this for a backup; the
+//! desktop runs it over a snapshot for a restore.
+//!
+//! Three threads besides the caller's: the walker streams the listing as far
+//! as the sink's credit allows; the server answers fetches in order; the
+//! writer puts their frames on the wire. The caller's thread reads the sink's
+//! messages. The walker never follows a symlink: it holds a handle on each
+//! directory and opens children with `O_NOFOLLOW`, so a directory swapped for
+//! a symlink mid-run is reported as changed, never entered. Fetches resolve
+//! their path beneath the root with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex};
+
+use anyhow::{Context, Result, bail};
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use rustix::fs::{FileType, OFlags, SeekFrom};
+
+use crate::meta::{self, Meta};
+use crate::protocol::frame::{CHUNK, Encoder, Frame, FrameReader};
+use crate::protocol::msg::{Entry, Fetch, Link, ReadError, ReadStatus, SinkMsg, SkipReason, SourceMsg, SpecialKind};
+use crate::protocol::{Outbox, ProtocolError, decode, spawn_writer};
+use crate::safefs::{Dir, file_type, join, libc_errno};
+
+/// Size of the windows a delta is computed in (DESIGN: one signature, diffed
+/// window by window, so memory stays flat for any file size).
+pub const DELTA_WINDOW: usize = 1 << 20;
+
+/// What the source lists.
+#[derive(Default)]
+pub struct Selection {
+    excludes: Option<Gitignore>,
+    only: Vec<Vec<u8>>,
+}
+
+impl Selection {
+    /// Gitignore-style `excludes` (relative to the root) and, if not empty,
+    /// `only` these relative paths.
+    pub fn new(excludes: &[String], only: &[Vec<u8>]) -> Result<Selection> {
+        let excludes = if excludes.is_empty() {
+            None
+        } else {
+            let mut b = GitignoreBuilder::new(".");
+            for pattern in excludes {
+                b.add_line(None, pattern).with_context(|| format!("bad exclude pattern {pattern:?}"))?;
+            }
+            Some(b.build().context("building the exclude patterns")?)
+        };
+        let only = only
+            .iter()
+            .map(|p| p.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect::<Vec<_>>().join(&b'/'))
+            .collect();
+        Ok(Selection { excludes, only })
+    }
+
+    fn excluded(&self, rel: &[u8], is_dir: bool) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        self.excludes.as_ref().is_some_and(|g| g.matched(std::ffi::OsStr::from_bytes(rel), is_dir).is_ignore())
+    }
+
+    /// Whether `rel` is listed: `Some(true)` wholly, `Some(false)` only as a
+    /// directory on the way to a chosen path, `None` not at all.
+    fn chosen(&self, rel: &[u8]) -> Option<bool> {
+        if self.only.is_empty() {
+            return Some(true);
+        }
+        let mut on_the_way = false;
+        for p in &self.only {
+            if p.is_empty() || is_within(rel, p) {
+                return Some(true);
+            }
+            if is_within(p, rel) {
+                on_the_way = true;
+            }
+        }
+        on_the_way.then_some(false)
+    }
+}
+
+/// `path` equals `dir` or lies beneath it (everything lies beneath the root, `""`).
+fn is_within(path: &[u8], dir: &[u8]) -> bool {
+    dir.is_empty() || path == dir || (path.len() > dir.len() && path.starts_with(dir) && path[dir.len()] == b'/')
+}
+
+/// How many listing entries the sink still accepts.
+struct Credits {
+    state: Mutex<(u64, bool)>,
+    cv: Condvar,
+}
+
+impl Credits {
+    fn add(&self, n: u32) {
+        let mut s = self.state.lock().expect("credits lock");
+        s.0 += u64::from(n);
+        self.cv.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("credits lock").1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Takes up to `want` credits, waiting for at least one. `None` once closed.
+    fn take(&self, want: u64) -> Option<u64> {
+        let mut s = self.state.lock().expect("credits lock");
+        loop {
+            if s.1 {
+                return None;
+            }
+            if s.0 > 0 {
+                let n = s.0.min(want);
+                s.0 -= n;
+                return Some(n);
+            }
+            s = self.cv.wait(s).expect("credits lock");
+        }
+    }
+}
+
+/// Runs the source side of a session until the sink says it is finished.
+pub fn run<R, W>(root: Dir, selection: Selection, compress: bool, reader: FrameReader<R>, writer: W) -> Result<()>
+where
+    R: Read,
+    W: Write + Send + 'static,
+{
+    let (out, writer_thread) = spawn_writer(writer, Some(64));
+    let credits = Arc::new(Credits { state: Mutex::new((0, false)), cv: Condvar::new() });
+    let (fetch_tx, fetch_rx) = std::sync::mpsc::channel::<Fetch>();
+
+    let walker = {
+        let (out, credits, root) = (out.clone(), credits.clone(), root.clone());
+        std::thread::Builder::new()
+            .name("rbackup-walk".into())
+            .spawn(move || Walker::new(out, credits, selection, compress).run(&root))
+            .expect("spawn walker")
+    };
+    let server = {
+        let out = out.clone();
+        std::thread::Builder::new()
+            .name("rbackup-serve".into())
+            .spawn(move || serve_fetches(&root, &fetch_rx, &out, compress))
+            .expect("spawn server")
+    };
+    drop(out);
+
+    let result = read_sink(reader, &credits, &fetch_tx);
+    credits.close();
+    drop(fetch_tx);
+    let walked = walker.join().expect("walker thread");
+    server.join().expect("server thread");
+    let written = writer_thread.join().expect("writer thread");
+    result?;
+    walked?;
+    written.context("writing to the sink")?;
+    Ok(())
+}
+
+fn read_sink<R: Read>(
+    mut reader: FrameReader<R>,
+    credits: &Credits,
+    fetches: &std::sync::mpsc::Sender<Fetch>,
+) -> Result<()> {
+    loop {
+        let frame = reader.read().map_err(ProtocolError::from)?.ok_or(ProtocolError::Closed)?;
+        let Frame::Msg(body) = frame else {
+            bail!(ProtocolError::Unexpected("the sink sent a data frame".into()));
+        };
+        match decode::<SinkMsg>(&body)? {
+            SinkMsg::Credit(n) => credits.add(n),
+            SinkMsg::Fetch(f) => {
+                if fetches.send(f).is_err() {
+                    bail!("the file server stopped");
+                }
+            }
+            SinkMsg::Log { .. } => {}
+            SinkMsg::Finish { .. } => return Ok(()),
+            SinkMsg::Fatal(msg) => bail!("the receiving side failed: {msg}"),
+        }
+    }
+}
+
+/// Entries per listing frame, and the byte size that also closes a batch.
+const BATCH_ENTRIES: usize = 256;
+const BATCH_BYTES: usize = 1 << 20;
+
+struct Walker {
+    out: Outbox,
+    enc: Encoder,
+    credits: Arc<Credits>,
+    credit: u64,
+    selection: Selection,
+    batch: Vec<Entry>,
+    batch_bytes: usize,
+    /// (dev, ino) of multiply-linked files seen → (group id, links still to see).
+    links: HashMap<(u64, u64), (u64, u32)>,
+    next_link: u64,
+}
+
+/// One directory being walked.
+struct Level {
+    dir: Dir,
+    rel: Vec<u8>,
+    names: std::vec::IntoIter<Vec<u8>>,
+}
+
+impl Walker {
+    fn new(out: Outbox, credits: Arc<Credits>, selection: Selection, compress: bool) -> Walker {
+        Walker {
+            out,
+            enc: Encoder::new(compress),
+            credits,
+            credit: 0,
+            selection,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            links: HashMap::new(),
+            next_link: 0,
+        }
+    }
+
+    fn run(mut self, root: &Dir) -> Result<()> {
+        match self.walk(root) {
+            Ok(()) => Ok(()),
+            // The sink went away; the caller reports why.
+            Err(e) if e.downcast_ref::<Stopped>().is_some() => Ok(()),
+            Err(e) => {
+                let _ = self.out.send(self.enc.msg(&SourceMsg::Fatal(format!("{e:#}"))));
+                Err(e)
+            }
+        }
+    }
+
+    fn walk(&mut self, root: &Dir) -> Result<()> {
+        let st = root.stat_self().context("reading the root directory")?;
+        let xattrs = meta::read_dir_xattrs(root).context("reading the root's extended attributes")?;
+        let names = root.names().context("listing the root directory")?;
+        let partial = !self.selection.only.is_empty() && self.selection.chosen(b"") != Some(true);
+        self.push(Entry::Dir { name: Vec::new(), meta: meta::from_stat(&st, xattrs), unreadable: None, partial })?;
+        let mut stack = vec![Level { dir: root.clone(), rel: Vec::new(), names: names.into_iter() }];
+        while let Some(level) = stack.last_mut() {
+            let Some(name) = level.names.next() else {
+                stack.pop();
+                self.push(Entry::End)?;
+                continue;
+            };
+            let rel = join(&level.rel, &name);
+            let dir = level.dir.clone();
+            if let Some(next) = self.visit(&dir, name, rel)? {
+                stack.push(next);
+            }
+        }
+        self.flush()?;
+        self.send(&SourceMsg::ListingDone)
+    }
+
+    /// Lists one entry; returns the level to descend into for a directory.
+    fn visit(&mut self, dir: &Dir, name: Vec<u8>, rel: Vec<u8>) -> Result<Option<Level>> {
+        let Some(whole) = self.selection.chosen(&rel) else {
+            return Ok(None);
+        };
+        let st = match dir.stat(&name) {
+            Ok(st) => st,
+            Err(e) => {
+                self.push(Entry::Skipped { name, reason: skip_reason(&e) })?;
+                return Ok(None);
+            }
+        };
+        let ft = file_type(&st);
+        if self.selection.excluded(&rel, ft == FileType::Directory) {
+            return Ok(None);
+        }
+        if !whole && ft != FileType::Directory {
+            return Ok(None);
+        }
+        if ft == FileType::Directory {
+            return self.visit_dir(dir, name, rel, whole);
+        }
+        let xattrs = match meta::read_xattrs(dir, &name) {
+            Ok(x) => x,
+            Err(e) => {
+                self.push(Entry::Skipped { name, reason: skip_reason(&e) })?;
+                return Ok(None);
+            }
+        };
+        let meta = meta::from_stat(&st, xattrs);
+        let entry = match ft {
+            FileType::RegularFile => {
+                let size = st.st_size as u64;
+                let link = self.link_of(&st);
+                Entry::File { name, meta, size, sparse: (st.st_blocks as u64) * 512 < size, link }
+            }
+            FileType::Symlink => match dir.read_link(&name) {
+                Ok(target) => Entry::Symlink { name, meta, target },
+                Err(e) => Entry::Skipped { name, reason: skip_reason(&e) },
+            },
+            FileType::Fifo => Entry::Special { name, meta, kind: SpecialKind::Fifo, rdev: 0 },
+            FileType::CharacterDevice => Entry::Special { name, meta, kind: SpecialKind::Char, rdev: st.st_rdev },
+            FileType::BlockDevice => Entry::Special { name, meta, kind: SpecialKind::Block, rdev: st.st_rdev },
+            _ => Entry::Skipped { name, reason: SkipReason::Socket },
+        };
+        self.push(entry)?;
+        Ok(None)
+    }
+
+    fn visit_dir(&mut self, parent: &Dir, name: Vec<u8>, rel: Vec<u8>, whole: bool) -> Result<Option<Level>> {
+        // Open first and describe what was opened, so the metadata and the
+        // children belong to the same directory even if it is being replaced.
+        let child = match parent.open_dir(&name) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc_errno::EACCES) => {
+                return self.unreadable_dir(parent, name, &e);
+            }
+            Err(e) => {
+                // Gone, or swapped for a symlink or file since the stat.
+                self.push(Entry::Skipped { name, reason: skip_reason(&e) })?;
+                return Ok(None);
+            }
+        };
+        let st = child.stat_self()?;
+        let xattrs = match meta::read_dir_xattrs(&child) {
+            Ok(x) => x,
+            Err(e) => {
+                self.push(Entry::Skipped { name, reason: skip_reason(&e) })?;
+                return Ok(None);
+            }
+        };
+        let meta = meta::from_stat(&st, xattrs);
+        let names = match child.names() {
+            Ok(n) => n,
+            Err(e) => {
+                self.push(Entry::Dir { name, meta, unreadable: Some(e.to_string()), partial: false })?;
+                self.push(Entry::End)?;
+                return Ok(None);
+            }
+        };
+        self.push(Entry::Dir { name, meta, unreadable: None, partial: !whole })?;
+        Ok(Some(Level { dir: child, rel, names: names.into_iter() }))
+    }
+
+    fn unreadable_dir(&mut self, parent: &Dir, name: Vec<u8>, err: &io::Error) -> Result<Option<Level>> {
+        let st = match parent.stat(&name) {
+            Ok(st) => st,
+            Err(e) => {
+                self.push(Entry::Skipped { name, reason: skip_reason(&e) })?;
+                return Ok(None);
+            }
+        };
+        let xattrs = meta::read_xattrs(parent, &name).unwrap_or_default();
+        let meta = meta::from_stat(&st, xattrs);
+        self.push(Entry::Dir { name, meta, unreadable: Some(err.to_string()), partial: false })?;
+        self.push(Entry::End)?;
+        Ok(None)
+    }
+
+    fn link_of(&mut self, st: &rustix::fs::Stat) -> Option<Link> {
+        if st.st_nlink < 2 {
+            return None;
+        }
+        let nlink = st.st_nlink as u32;
+        let key = (st.st_dev, st.st_ino);
+        let id = match self.links.get_mut(&key) {
+            Some((id, left)) => {
+                let id = *id;
+                *left -= 1;
+                if *left == 0 {
+                    self.links.remove(&key);
+                }
+                id
+            }
+            None => {
+                self.next_link += 1;
+                self.links.insert(key, (self.next_link, nlink - 1));
+                self.next_link
+            }
+        };
+        Some(Link { id, nlink })
+    }
+
+    fn push(&mut self, entry: Entry) -> Result<()> {
+        if self.credit == 0 {
+            // Out of credit: send what we have, then wait for the sink.
+            self.flush()?;
+            self.credit = self.credits.take(u64::MAX).ok_or(Stopped)?;
+        }
+        self.credit -= 1;
+        self.batch_bytes += entry_size(&entry);
+        self.batch.push(entry);
+        if self.batch.len() >= BATCH_ENTRIES || self.batch_bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        self.send(&SourceMsg::Entries(batch))
+    }
+
+    fn send(&mut self, msg: &SourceMsg) -> Result<()> {
+        self.out.send(self.enc.msg(msg)).map_err(|_| Stopped.into())
+    }
+}
+
+/// The session ended under the walker (the sink went away).
+#[derive(Debug, thiserror::Error)]
+#[error("the session ended")]
+struct Stopped;
+
+fn entry_size(e: &Entry) -> usize {
+    let meta_size = |m: &Meta| 40 + m.xattrs.iter().map(|x| x.name.len() + x.value.len() + 4).sum::<usize>();
+    match e {
+        Entry::Dir { name, meta, .. } | Entry::File { name, meta, .. } | Entry::Special { name, meta, .. } => {
+            name.len() + meta_size(meta)
+        }
+        Entry::Symlink { name, meta, target } => name.len() + target.len() + meta_size(meta),
+        Entry::Skipped { name, .. } => name.len() + 16,
+        Entry::End => 1,
+    }
+}
+
+fn skip_reason(e: &io::Error) -> SkipReason {
+    match e.raw_os_error() {
+        Some(libc_errno::ENOENT | libc_errno::ENOTDIR | libc_errno::ELOOP) => SkipReason::Vanished,
+        _ => SkipReason::Unreadable(e.to_string()),
+    }
+}
+
+fn serve_fetches(root: &Dir, fetches: &Receiver<Fetch>, out: &Outbox, compress: bool) {
+    let mut enc = Encoder::new(compress);
+    let mut buf = vec![0u8; DELTA_WINDOW];
+    for fetch in fetches {
+        match serve_one(root, &fetch, out, &mut enc, &mut buf) {
+            Ok(()) => {}
+            Err(Served::Stopped) => return,
+            Err(Served::Failed(error)) => {
+                if out.send(enc.msg(&SourceMsg::FileFailed { id: fetch.id, error })).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+enum Served {
+    /// The session is over.
+    Stopped,
+    /// This file could not be sent; the session goes on.
+    Failed(ReadError),
+}
+
+fn read_error(e: &io::Error) -> ReadError {
+    match e.raw_os_error() {
+        Some(libc_errno::ENOENT | libc_errno::ENOTDIR) => ReadError::Vanished,
+        Some(libc_errno::EACCES | libc_errno::EPERM) => ReadError::Unreadable(e.to_string()),
+        Some(libc_errno::ELOOP | libc_errno::EXDEV) => {
+            ReadError::Other("its path now goes through a symlink; not followed".into())
+        }
+        _ => ReadError::Other(e.to_string()),
+    }
+}
+
+fn serve_one(root: &Dir, fetch: &Fetch, out: &Outbox, enc: &mut Encoder, buf: &mut [u8]) -> Result<(), Served> {
+    let send = |frame: Vec<u8>| out.send(frame).map_err(|_| Served::Stopped);
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let fd = root.resolve(&fetch.path, flags).map_err(|e| Served::Failed(read_error(&e)))?;
+    let file = File::from(fd);
+    let before = rustix::fs::fstat(&file).map_err(|e| Served::Failed(read_error(&e.into())))?;
+    if file_type(&before) != FileType::RegularFile {
+        return Err(Served::Failed(ReadError::Other("no longer a regular file".into())));
+    }
+    let size = before.st_size as u64;
+    send(enc.msg(&SourceMsg::FileBegin { id: fetch.id, size }))?;
+
+    let (read, hash) = match &fetch.signature {
+        Some(sig) => send_delta(&file, size, sig, enc, out, buf)?,
+        None => (send_whole(&file, size, (before.st_blocks as u64) * 512 < size, enc, out)?, None),
+    };
+    let after = rustix::fs::fstat(&file).map_err(|e| Served::Failed(read_error(&e.into())))?;
+    let mut probe = [0u8; 1];
+    let grew = file.read_at(&mut probe, size).is_ok_and(|n| n > 0);
+    let changed = read != size
+        || grew
+        || after.st_size != before.st_size
+        || after.st_mtime != before.st_mtime
+        || after.st_mtime_nsec != before.st_mtime_nsec;
+    let status = if changed { ReadStatus::Changed } else { ReadStatus::Complete };
+    send(enc.msg(&SourceMsg::FileEnd { id: fetch.id, status, hash }))
+}
+
+/// Sends the file's data extents; returns how many bytes of it could be read
+/// before EOF (less than `size` if it shrank).
+fn send_whole(file: &File, size: u64, sparse: bool, enc: &mut Encoder, out: &Outbox) -> Result<u64, Served> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    while offset < size {
+        let (start, end) = if sparse {
+            match rustix::fs::seek(file, SeekFrom::Data(offset)) {
+                Ok(d) if d < size => (d, rustix::fs::seek(file, SeekFrom::Hole(d)).unwrap_or(size).min(size)),
+                // Only a hole remains.
+                Ok(_) | Err(rustix::io::Errno::NXIO) => return Ok(size),
+                Err(e) => return Err(Served::Failed(read_error(&e.into()))),
+            }
+        } else {
+            (offset, size)
+        };
+        let mut pos = start;
+        while pos < end {
+            let want = ((end - pos) as usize).min(CHUNK);
+            let n = match file.read_at(&mut buf[..want], pos) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Served::Failed(read_error(&e))),
+            };
+            if n == 0 {
+                return Ok(pos);
+            }
+            out.send(enc.data(pos, &buf[..n])).map_err(|_| Served::Stopped)?;
+            pos += n as u64;
+        }
+        offset = end;
+    }
+    Ok(size)
+}
+
+/// Largest signature block the source accepts; anything outside this range
+/// is a malformed request.
+const SIG_BLOCK_RANGE: std::ops::RangeInclusive<u32> = 64..=(1 << 20);
+
+fn send_delta(
+    file: &File,
+    size: u64,
+    signature: &[u8],
+    enc: &mut Encoder,
+    out: &Outbox,
+    buf: &mut [u8],
+) -> Result<(u64, Option<[u8; 32]>), Served> {
+    let bad = || Served::Failed(ReadError::Other("malformed signature in the request".into()));
+    if signature.len() < 12 {
+        return Err(bad());
+    }
+    let block = u32::from_be_bytes(signature[4..8].try_into().expect("4 bytes"));
+    let strong = u32::from_be_bytes(signature[8..12].try_into().expect("4 bytes"));
+    if !SIG_BLOCK_RANGE.contains(&block) || !(1..=16).contains(&strong) {
+        return Err(bad());
+    }
+    let sig = fast_rsync::Signature::deserialize(signature.to_vec()).map_err(|_| bad())?;
+    let index = sig.index();
+    let mut hasher = blake3::Hasher::new();
+    let mut pos = 0u64;
+    let mut delta = Vec::with_capacity(DELTA_WINDOW + 1024);
+    while pos < size {
+        let want = ((size - pos) as usize).min(buf.len());
+        let n = read_fully_at(file, &mut buf[..want], pos).map_err(|e| Served::Failed(read_error(&e)))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        delta.clear();
+        fast_rsync::diff(&index, &buf[..n], &mut delta).map_err(|_| bad())?;
+        out.send(enc.delta(n as u32, &delta)).map_err(|_| Served::Stopped)?;
+        pos += n as u64;
+        if n < want {
+            break;
+        }
+    }
+    Ok((pos, Some(*hasher.finalize().as_bytes())))
+}
+
+fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_of_chosen_paths() {
+        let s = Selection::new(&[], &[b"a/b".to_vec(), b"/c/".to_vec()]).unwrap();
+        assert_eq!(s.chosen(b""), Some(false));
+        assert_eq!(s.chosen(b"a"), Some(false));
+        assert_eq!(s.chosen(b"a/b"), Some(true));
+        assert_eq!(s.chosen(b"a/b/x"), Some(true));
+        assert_eq!(s.chosen(b"a/bx"), None);
+        assert_eq!(s.chosen(b"c"), Some(true));
+        assert_eq!(s.chosen(b"d"), None);
+        assert_eq!(Selection::default().chosen(b"x"), Some(true));
+    }
+
+    #[test]
+    fn excludes_are_gitignore_style_and_relative() {
+        let s = Selection::new(&["/cache/".into(), "*.tmp".into(), "!keep.tmp".into()], &[]).unwrap();
+        assert!(s.excluded(b"cache", true));
+        assert!(!s.excluded(b"cache", false));
+        assert!(!s.excluded(b"sub/cache", true));
+        assert!(s.excluded(b"x/y.tmp", false));
+        assert!(!s.excluded(b"x/keep.tmp", false));
+        assert!(!s.excluded(b"\xff.txt", false));
+    }
+}

@@ -1,0 +1,291 @@
+//! The snapshot store: a backups folder holding `NAME.dd-mm-yy_hh-mm-ss`
+//! snapshots (UTC), `NAME.<stamp>.incomplete` runs in progress, and the
+//! bookkeeping folder `NAME.rbackup` (lock, trash, later manifests).
+//!
+//! Snapshots are ordered by the time parsed from their names, never by string
+//! order (`dd-mm-yy` does not sort). Anything in the backups folder that is not
+//! one of ours is ignored and never touched. A snapshot gets its final name
+//! only after everything in it is on disk; deleting one first moves it into
+//! the trash, so a half-deleted snapshot is never listed as complete.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, NaiveDate, Timelike, Utc};
+
+use crate::safefs::Dir;
+use crate::usage;
+
+const INCOMPLETE: &str = ".incomplete";
+
+/// One snapshot folder, complete or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub folder: String,
+    pub time: DateTime<Utc>,
+    pub complete: bool,
+}
+
+impl Snapshot {
+    /// The stamp part of the name, `dd-mm-yy_hh-mm-ss`.
+    pub fn stamp(&self) -> String {
+        stamp(self.time)
+    }
+}
+
+/// Formats a time as `dd-mm-yy_hh-mm-ss` (UTC).
+pub fn stamp(t: DateTime<Utc>) -> String {
+    t.format("%d-%m-%y_%H-%M-%S").to_string()
+}
+
+/// The folder name of a snapshot of `name` at `t`.
+pub fn folder_name(name: &str, t: DateTime<Utc>, complete: bool) -> String {
+    let mut s = format!("{name}.{}", stamp(t));
+    if !complete {
+        s.push_str(INCOMPLETE);
+    }
+    s
+}
+
+/// Parses a folder name of job `name`: `(time, complete)`, or `None` if it is
+/// not one of this job's snapshots.
+pub fn parse_folder_name(name: &str, folder: &str) -> Option<(DateTime<Utc>, bool)> {
+    let rest = folder.strip_prefix(name)?.strip_prefix('.')?;
+    let (stamp, complete) = match rest.strip_suffix(INCOMPLETE) {
+        Some(s) => (s, false),
+        None => (rest, true),
+    };
+    parse_stamp(stamp).map(|t| (t, complete))
+}
+
+/// Parses `dd-mm-yy_hh-mm-ss` strictly; `yy` is 20yy.
+pub fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
+    let b = s.as_bytes();
+    if b.len() != 17 || b[2] != b'-' || b[5] != b'-' || b[8] != b'_' || b[11] != b'-' || b[14] != b'-' {
+        return None;
+    }
+    let num = |i: usize| -> Option<u32> {
+        let (x, y) = (b[i], b[i + 1]);
+        (x.is_ascii_digit() && y.is_ascii_digit()).then(|| u32::from(x - b'0') * 10 + u32::from(y - b'0'))
+    };
+    let date = NaiveDate::from_ymd_opt(2000 + num(6)? as i32, num(3)?, num(0)?)?;
+    let time = date.and_hms_opt(num(9)?, num(12)?, num(15)?)?;
+    Some(time.and_utc())
+}
+
+/// Checks a job's folder prefix: it names folders, so it must be one plain,
+/// printable component.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+');
+    if name.is_empty() || name.len() > 100 || name.starts_with('.') || name.contains("..") || !name.chars().all(ok_char)
+    {
+        return Err(usage!(
+            "invalid --name {name:?}: use letters, digits and - _ . @ + (not starting with a dot, no `..`, no `/`)"
+        ));
+    }
+    Ok(())
+}
+
+/// The backups folder of one job.
+pub struct Store {
+    pub folder: PathBuf,
+    pub name: String,
+    dir: Dir,
+}
+
+impl Store {
+    /// Opens an existing backups folder.
+    pub fn open(folder: &Path, name: &str) -> Result<Store> {
+        check_name(name)?;
+        let dir =
+            Dir::open_path(folder).with_context(|| format!("cannot open the backups folder {}", folder.display()))?;
+        Ok(Store { folder: folder.to_path_buf(), name: name.to_string(), dir })
+    }
+
+    /// Opens the backups folder, creating it (mode 0700) if missing. Warns if
+    /// others can enter it: snapshots keep other owners' setuid files and
+    /// private data.
+    pub fn open_or_create(folder: &Path, name: &str) -> Result<Store> {
+        check_name(name)?;
+        if !folder.is_absolute() {
+            return Err(usage!("the backups folder must be an absolute path, not {}", folder.display()));
+        }
+        if !folder.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .create(folder)
+                .with_context(|| format!("cannot create the backups folder {}", folder.display()))?;
+            std::fs::set_permissions(folder, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .with_context(|| format!("cannot set the mode of {}", folder.display()))?;
+        }
+        let store = Store::open(folder, name)?;
+        let mode = store.dir.stat_self()?.st_mode & 0o777;
+        if mode & 0o011 != 0 {
+            crate::warn!(
+                "the backups folder {} can be entered by other users (mode {mode:o}); snapshots keep other \
+                 owners' private files and setuid programs: run `chmod 700 {}`",
+                folder.display(),
+                folder.display()
+            );
+        }
+        Ok(store)
+    }
+
+    /// The backups folder itself.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    /// This job's snapshots, oldest first (by the time in their names).
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        for name in self.dir.names().with_context(|| format!("cannot list {}", self.folder.display()))? {
+            let Ok(folder) = String::from_utf8(name) else {
+                continue;
+            };
+            if let Some((time, complete)) = parse_folder_name(&self.name, &folder)
+                && self.dir.try_open_dir(folder.as_bytes())?.is_some()
+            {
+                out.push(Snapshot { folder, time, complete });
+            }
+        }
+        // Same second: the complete one first, it is the older of the two runs.
+        out.sort_by(|a, b| a.time.cmp(&b.time).then(b.complete.cmp(&a.complete)));
+        Ok(out)
+    }
+
+    /// A stamp for a new snapshot at `now` (rounded down to the second),
+    /// moved forward past any folder of this job already using it.
+    pub fn new_stamp(&self, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
+        let taken: Vec<DateTime<Utc>> = self.snapshots()?.iter().map(|s| s.time).collect();
+        let mut t = now.with_nanosecond(0).expect("zero nanoseconds is valid");
+        while taken.contains(&t) {
+            t += chrono::Duration::seconds(1);
+        }
+        if let Some(newest) = taken.iter().max()
+            && *newest > t
+        {
+            crate::warn!(
+                "a snapshot of {} is newer than the clock says it is now; is the clock right?",
+                stamp(*newest)
+            );
+        }
+        Ok(t)
+    }
+
+    /// Creates `NAME.<stamp>.incomplete` (mode 0700 until the snapshot's root
+    /// metadata is applied).
+    pub fn create_incomplete(&self, t: DateTime<Utc>) -> Result<(Snapshot, Dir)> {
+        let folder = folder_name(&self.name, t, false);
+        let dir = self
+            .dir
+            .create_dir(folder.as_bytes())
+            .with_context(|| format!("cannot create {}", self.folder.join(&folder).display()))?;
+        Ok((Snapshot { folder, time: t, complete: false }, dir))
+    }
+
+    /// Opens a snapshot's folder.
+    pub fn open_snapshot(&self, s: &Snapshot) -> Result<Dir> {
+        self.dir
+            .open_dir(s.folder.as_bytes())
+            .with_context(|| format!("cannot open snapshot {}", self.folder.join(&s.folder).display()))
+    }
+
+    /// Makes an `.incomplete` snapshot complete: flushes everything in it to
+    /// disk, then renames it to its final name (never over an existing one).
+    pub fn commit(&self, s: &Snapshot, dir: &Dir) -> Result<Snapshot> {
+        dir.syncfs().context("flushing the snapshot to disk")?;
+        let done = Snapshot { folder: folder_name(&self.name, s.time, true), time: s.time, complete: true };
+        self.dir
+            .rename_noreplace(s.folder.as_bytes(), &self.dir, done.folder.as_bytes())
+            .with_context(|| format!("cannot rename {} to {}", s.folder, done.folder))?;
+        self.dir.fsync().context("flushing the backups folder")?;
+        Ok(done)
+    }
+
+    /// The job's bookkeeping folder `NAME.rbackup`, created 0700 if missing.
+    pub fn meta_dir(&self) -> Result<Dir> {
+        let name = format!("{}.rbackup", self.name);
+        match self.dir.try_open_dir(name.as_bytes())? {
+            Some(d) => Ok(d),
+            None => self
+                .dir
+                .create_dir(name.as_bytes())
+                .with_context(|| format!("cannot create {}", self.folder.join(&name).display())),
+        }
+    }
+
+    /// Deletes a snapshot crash-safely: it is first moved into the trash (a
+    /// name no command takes for a snapshot), then removed.
+    pub fn delete(&self, s: &Snapshot) -> Result<()> {
+        let trash = self.trash()?;
+        self.dir
+            .rename_noreplace(s.folder.as_bytes(), &trash, s.folder.as_bytes())
+            .with_context(|| format!("cannot move {} to the trash", s.folder))?;
+        trash.remove_all(s.folder.as_bytes()).with_context(|| format!("cannot delete {}", s.folder))
+    }
+
+    /// Finishes deletions a killed run left in the trash.
+    pub fn empty_trash(&self) -> Result<()> {
+        let trash = self.trash()?;
+        trash.clear().context("cannot empty the trash")
+    }
+
+    fn trash(&self) -> Result<Dir> {
+        let meta = self.meta_dir()?;
+        match meta.try_open_dir(b"trash")? {
+            Some(d) => Ok(d),
+            None => meta.create_dir(b"trash").context("cannot create the trash folder"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Datelike, TimeZone};
+
+    #[test]
+    fn names_are_utc_day_first() {
+        let t = Utc.with_ymd_and_hms(2019, 10, 7, 13, 32, 58).unwrap();
+        assert_eq!(folder_name("server", t, true), "server.07-10-19_13-32-58");
+        assert_eq!(folder_name("server", t, false), "server.07-10-19_13-32-58.incomplete");
+        assert_eq!(parse_folder_name("server", "server.07-10-19_13-32-58"), Some((t, true)));
+        assert_eq!(parse_folder_name("server", "server.07-10-19_13-32-58.incomplete"), Some((t, false)));
+    }
+
+    #[test]
+    fn foreign_and_malformed_names_are_not_snapshots() {
+        for f in [
+            "server.rbackup",
+            "server2.07-10-19_13-32-58",
+            "server.07-10-19_13-32-58.old",
+            "server.32-10-19_13-32-58",
+            "server.07-13-19_13-32-58",
+            "server.07-10-19_24-00-00",
+            "server.7-10-19_13-32-58",
+            "server.07-10-19 13-32-58",
+            "other.07-10-19_13-32-58",
+        ] {
+            assert_eq!(parse_folder_name("server", f), None, "{f}");
+        }
+    }
+
+    #[test]
+    fn two_digit_years_are_this_century() {
+        let t = parse_stamp("01-01-99_00-00-00").unwrap();
+        assert_eq!(t.year(), 2099);
+        let t = parse_stamp("01-01-70_00-00-00").unwrap();
+        assert_eq!(t.year(), 2070);
+    }
+
+    #[test]
+    fn job_names_that_could_escape_are_refused() {
+        for bad in ["", "a/b", "..", "../x", ".hidden", "a b", "x\n", "a..b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["server", "web-01", "db_main", "host.example.org", "me@host"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+    }
+}

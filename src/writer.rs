@@ -1,0 +1,196 @@
+//! The one door to the destination disk: every entry is created under a
+//! temporary name in its final directory, gets all its metadata there, and
+//! only then is renamed to its real name. A reader — or the next run after a
+//! `kill -9` — sees either the old entry or the complete new one, never a
+//! half-written file under a real name. Temporary entries are removed on drop;
+//! those a crash leaves behind are removed by the next run, which deletes
+//! every name its source did not list.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, SeekFrom};
+
+use crate::meta::{self, ApplyProblem, Meta, Privileges, Target};
+use crate::protocol::msg::SpecialKind;
+use crate::safefs::{Dir, libc_errno, temp_name};
+
+/// An entry being created under a temporary name.
+pub struct TempEntry {
+    dir: Dir,
+    name: Vec<u8>,
+    /// Open for regular files; `None` for symlinks and special files.
+    file: Option<File>,
+    kind: FileType,
+    done: bool,
+}
+
+impl TempEntry {
+    /// Creates an empty regular file, mode 0600 until its metadata is set.
+    pub fn file(dir: &Dir) -> io::Result<TempEntry> {
+        retry_on_collision(|name| {
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
+            Ok(TempEntry {
+                dir: dir.clone(),
+                name: name.to_vec(),
+                file: Some(File::from(fd)),
+                kind: FileType::RegularFile,
+                done: false,
+            })
+        })
+    }
+
+    /// Creates a symlink to `target` (raw bytes, never interpreted).
+    pub fn symlink(dir: &Dir, target: &[u8]) -> io::Result<TempEntry> {
+        retry_on_collision(|name| {
+            rustix::fs::symlinkat(target, dir, name)?;
+            Ok(TempEntry { dir: dir.clone(), name: name.to_vec(), file: None, kind: FileType::Symlink, done: false })
+        })
+    }
+
+    /// Creates a FIFO or device node.
+    pub fn special(dir: &Dir, kind: SpecialKind, rdev: u64) -> io::Result<TempEntry> {
+        let file_type = match kind {
+            SpecialKind::Fifo => FileType::Fifo,
+            SpecialKind::Char => FileType::CharacterDevice,
+            SpecialKind::Block => FileType::BlockDevice,
+        };
+        retry_on_collision(|name| {
+            rustix::fs::mknodat(dir, name, file_type, Mode::from_raw_mode(0o600), rdev)?;
+            Ok(TempEntry { dir: dir.clone(), name: name.to_vec(), file: None, kind: file_type, done: false })
+        })
+    }
+
+    /// The open file (regular files only).
+    pub fn file_mut(&mut self) -> &mut File {
+        self.file.as_mut().expect("a regular temporary file")
+    }
+
+    /// The temporary name, for links made to it before it is committed.
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Applies `meta`, then renames the entry to `final_name`, replacing what
+    /// is there (the caller has removed a directory of that name first).
+    pub fn commit(mut self, final_name: &[u8], meta: &Meta, privs: Privileges) -> io::Result<Vec<ApplyProblem>> {
+        let problems = match &self.file {
+            Some(f) => meta::apply(&Target::Fd(f), meta, privs)?,
+            None => meta::apply(
+                &Target::At { dir: &self.dir, name: &self.name, symlink: self.kind == FileType::Symlink },
+                meta,
+                privs,
+            )?,
+        };
+        self.dir.rename(&self.name, final_name)?;
+        self.done = true;
+        Ok(problems)
+    }
+}
+
+impl Drop for TempEntry {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = rustix::fs::unlinkat(&self.dir, self.name.as_slice(), AtFlags::empty());
+        }
+    }
+}
+
+fn retry_on_collision(mut make: impl FnMut(&[u8]) -> io::Result<TempEntry>) -> io::Result<TempEntry> {
+    let mut tries = 0;
+    loop {
+        match make(&temp_name()) {
+            Err(e) if e.raw_os_error() == Some(libc_errno::EEXIST) && tries < 8 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Result of trying to hardlink.
+pub enum Linked {
+    Done,
+    /// The inode has as many links as the filesystem allows (`EMLINK`).
+    TooManyLinks,
+}
+
+/// Hardlinks `src_name` in `src_dir` as `dst_name` in `dst_dir`, replacing an
+/// existing non-directory `dst_name` atomically when `replace` is set. Never
+/// follows a symlink: a symlink would be linked as itself.
+pub fn link(src_dir: &Dir, src_name: &[u8], dst_dir: &Dir, dst_name: &[u8], replace: bool) -> io::Result<Linked> {
+    let target: Vec<u8> = if replace { temp_name() } else { dst_name.to_vec() };
+    match rustix::fs::linkat(src_dir, src_name, dst_dir, target.as_slice(), AtFlags::empty()) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::MLINK) => return Ok(Linked::TooManyLinks),
+        Err(e) => return Err(e.into()),
+    }
+    if replace && let Err(e) = dst_dir.rename(&target, dst_name) {
+        let _ = dst_dir.unlink(&target);
+        return Err(e);
+    }
+    if replace {
+        // rename(2) does nothing when both names are already the same inode.
+        let _ = rustix::fs::unlinkat(dst_dir, target.as_slice(), AtFlags::empty());
+    }
+    Ok(Linked::Done)
+}
+
+/// Copies `size` bytes of `src` into the empty `dst`: a reflink where the
+/// filesystem shares extents, else a copy that keeps holes as holes.
+pub fn copy_contents(src: &File, dst: &File, size: u64) -> io::Result<()> {
+    if rustix::fs::ioctl_ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut offset = 0u64;
+    while offset < size {
+        let data = match rustix::fs::seek(src, SeekFrom::Data(offset)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = rustix::fs::seek(src, SeekFrom::Hole(data))?.min(size);
+        copy_range(src, dst, data, hole)?;
+        offset = hole;
+    }
+    dst.set_len(size)
+}
+
+fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
+    let mut pos = start;
+    while pos < end {
+        let mut off_in = pos;
+        let mut off_out = pos;
+        let want = (end - pos).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
+            Ok(0) => {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while copied"));
+            }
+            Ok(n) => pos += n as u64,
+            Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
+                return copy_range_by_read(src, dst, pos, end);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_by_read(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = start;
+    while pos < end {
+        let want = ((end - pos) as usize).min(buf.len());
+        let n = src.read_at(&mut buf[..want], pos)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while copied"));
+        }
+        dst.write_all_at(&buf[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
