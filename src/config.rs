@@ -273,6 +273,18 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses() {
+        let cfg = parse(include_str!("../examples/rbackup.toml")).unwrap();
+        assert_eq!(cfg.job.len(), 2);
+        let file = (PathBuf::from("examples/rbackup.toml"), cfg);
+        let job = resolve(Some(&file), Some("server"), &Overrides::default()).unwrap();
+        assert_eq!(job.name, "server");
+        assert!(matches!(job.source, Some(SourceSpec::Remote { .. })));
+        let docs = resolve(Some(&file), Some("documents"), &Overrides::default()).unwrap();
+        assert_eq!(docs.name, "documents");
+    }
+
+    #[test]
     fn bad_names_are_refused() {
         let cli = Overrides { backups_folder: Some("/b".into()), name: Some("../x".into()), ..Default::default() };
         assert!(resolve(None, None, &cli).is_err());

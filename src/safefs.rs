@@ -200,8 +200,11 @@ impl Dir {
     /// Names in this directory, without `.` and `..`, sorted bytewise.
     pub fn names(&self) -> io::Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
+        // A dup shares the file position with our handle: start from the top,
+        // whoever read this directory before.
         let dup = rustix::io::dup(self)?;
-        let dir = rustix::fs::Dir::new(dup)?;
+        let mut dir = rustix::fs::Dir::new(dup)?;
+        dir.rewind();
         for entry in dir {
             let entry = entry?;
             let name = entry.file_name().to_bytes();

@@ -1,0 +1,176 @@
+//! Bad input: a clear message, a non-zero exit, nothing created or removed.
+
+mod common;
+
+use std::ffi::OsStr;
+
+use common::*;
+
+fn args<'a>(list: &'a [&'a str]) -> Vec<&'a OsStr> {
+    list.iter().map(OsStr::new).collect()
+}
+
+#[test]
+fn a_missing_source_is_named_and_nothing_is_created() {
+    require_root();
+    let tmp = scratch();
+    let bk = tmp.path().join("bk");
+    let (code, _, err) = backup(&tmp.path().join("nope"), &bk, "srv", &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nope") && err.contains("cannot be read"), "{err}");
+    assert!(!bk.exists());
+}
+
+#[test]
+fn an_unwritable_backups_folder_is_reported() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"f");
+    sh(&format!("chmod -R a+rX '{}'", src.display()));
+    let locked = tmp.path().join("root-only");
+    std::fs::create_dir(&locked).unwrap();
+    sh(&format!("chmod 755 '{}'", locked.display()));
+    let bk = locked.join("bk");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(bin())
+        .args(["--backup", "--source"])
+        .arg(&src)
+        .arg("--backups-folder")
+        .arg(&bk)
+        .args(["--name", "srv"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&bk.display().to_string()) && err.contains("Permission denied"), "{err}");
+    assert!(!bk.exists());
+}
+
+#[test]
+fn names_that_could_escape_the_backups_folder_are_refused() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("f"), b"f");
+    for name in ["a/b", "..", "../evil", ".hidden"] {
+        let (code, _, err) = backup(&src, &bk, name, &[]);
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(err.contains("--name"), "{err}");
+        assert!(!bk.exists(), "{name}");
+        assert!(!tmp.path().join("evil").exists());
+    }
+}
+
+#[test]
+fn a_config_with_an_unknown_key_names_file_line_and_key() {
+    require_root();
+    let tmp = scratch();
+    let cfg = tmp.path().join("rbackup.toml");
+    let bk = tmp.path().join("bk");
+    std::fs::write(
+        &cfg,
+        format!("[job.a]\nsource = \"/etc\"\nbackups_folder = \"{}\"\nexcludes = [\"x\"]\n", bk.display()),
+    )
+    .unwrap();
+    let (code, _, err) = run(&args(&["-c", cfg.to_str().unwrap(), "--backup"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(cfg.to_str().unwrap()), "{err}");
+    assert!(err.contains("line 4") && err.contains("excludes"), "{err}");
+    assert!(!bk.exists());
+}
+
+#[test]
+fn a_config_with_a_wrong_type_names_file_line_and_key() {
+    require_root();
+    let tmp = scratch();
+    let cfg = tmp.path().join("rbackup.toml");
+    let bk = tmp.path().join("bk");
+    std::fs::write(&cfg, format!("[job.a]\nsource = \"/etc\"\nbackups_folder = \"{}\"\ncompress = 1\n", bk.display()))
+        .unwrap();
+    let (code, _, err) = run(&args(&["-c", cfg.to_str().unwrap(), "--backup"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("line 4") && err.contains("compress"), "{err}");
+    assert!(!bk.exists());
+}
+
+#[test]
+fn an_unknown_job_lists_the_known_ones() {
+    require_root();
+    let tmp = scratch();
+    let cfg = tmp.path().join("rbackup.toml");
+    std::fs::write(&cfg, "[job.web]\n[job.db]\n").unwrap();
+    let (code, _, err) = run(&args(&["-c", cfg.to_str().unwrap(), "-j", "mail", "--backup"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("db, web"), "{err}");
+}
+
+#[test]
+fn a_job_from_the_config_file_runs_and_the_command_line_overrides_it() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"f");
+    let cfg = tmp.path().join("rbackup.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[job.web]\nsource = \"{}\"\nbackups_folder = \"{}\"\n",
+            src.display(),
+            tmp.path().join("bk").display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run(&args(&["-c", cfg.to_str().unwrap(), "--backup"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(complete(&tmp.path().join("bk"), "web").len(), 1);
+    let other = tmp.path().join("other");
+    let (code, _, err) = run(&args(&[
+        "-c",
+        cfg.to_str().unwrap(),
+        "-j",
+        "web",
+        "--backup",
+        "--backups-folder",
+        other.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(complete(&other, "web").len(), 1);
+}
+
+#[test]
+fn continue_without_an_interrupted_run_says_so() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("f"), b"f");
+    assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
+    let before = snapshots(&bk, "srv");
+    let (code, _, err) = run(&[
+        "--continue".as_ref(),
+        "--source".as_ref(),
+        src.as_os_str(),
+        "--backups-folder".as_ref(),
+        bk.as_os_str(),
+        "--name".as_ref(),
+        "srv".as_ref(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nothing to continue"), "{err}");
+    assert_eq!(snapshots(&bk, "srv"), before);
+}
+
+#[test]
+fn every_command_is_also_a_long_flag_and_help_has_examples() {
+    let (code, out, _) = run(&args(&["--help"]));
+    assert_eq!(code, 0);
+    for word in ["backup", "continue", "list", "Examples:", "--continue", "Exit codes"] {
+        assert!(out.contains(word), "--help lacks {word}:\n{out}");
+    }
+    let (code, out, _) = run(&args(&["--backup", "--help"]));
+    assert_eq!(code, 0);
+    for opt in ["--source", "--backups-folder", "--name", "--exclude", "--dry-run"] {
+        assert!(out.contains(opt), "backup --help lacks {opt}:\n{out}");
+    }
+}
