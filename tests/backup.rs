@@ -284,3 +284,34 @@ fn the_log_file_gets_the_same_lines_with_timestamps() {
     }
     assert_eq!(std::fs::metadata(&log).unwrap().mode() & 0o777, 0o600);
 }
+
+#[test]
+fn an_unreadable_file_is_listed_and_the_run_completes_as_partial() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("ok.txt"), b"ok");
+    write(&src.join("private/secret.txt"), b"secret");
+    write(&src.join("closed/inside.txt"), b"x");
+    sh(&format!("chown -R nobody:nogroup '{}' && chmod 777 '{}'", src.display(), tmp.path().display()));
+    sh(&format!("chown root:root '{0}' && chmod 600 '{0}'", src.join("private/secret.txt").display()));
+    sh(&format!("chown root:root '{0}' && chmod 700 '{0}'", src.join("closed").display()));
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(bin())
+        .args(["--backup", "--source"])
+        .arg(&src)
+        .arg("--backups-folder")
+        .arg(&bk)
+        .args(["--name", "srv"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(23), "{err}");
+    assert!(err.contains("cannot read: private/secret.txt"), "{err}");
+    assert!(err.contains("cannot read: closed"), "{err}");
+    assert!(err.contains("setfacl"), "the hint is missing: {err}");
+    let snap = &complete(&bk, "srv")[0];
+    assert_eq!(std::fs::read(snap.join("ok.txt")).unwrap(), b"ok");
+    assert!(!snap.join("private/secret.txt").exists());
+}
