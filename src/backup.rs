@@ -22,7 +22,7 @@ use crate::report::{Events, Problem, ProblemKind, Stats};
 use crate::safefs::{Dir, Shown};
 use crate::sink::{Sink, SinkConfig};
 use crate::store::{Snapshot, Store};
-use crate::transport::Connection;
+use crate::transport::{self, Connection};
 use crate::{info, lock, usage, warn};
 
 /// How to run.
@@ -103,6 +103,17 @@ impl Events for DesktopEvents {
 
 /// Runs `backup` or `continue` for `job`.
 pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
+    run_with(job, opts, |job| transport::connect(job, Role::Source))
+}
+
+/// Runs `backup` or `continue`, reaching the agent through `connect` (which
+/// returns the connection and the path to ask it for). Tests use this to play
+/// a hostile agent.
+pub fn run_with(
+    job: &Job,
+    opts: &RunOptions,
+    connect: impl FnOnce(&Job) -> Result<(Connection, std::path::PathBuf)>,
+) -> Result<RunReport> {
     let started = Instant::now();
     let source =
         job.source.clone().ok_or_else(|| usage!("no source: give --source SRC, or set `source` in the job"))?;
@@ -141,12 +152,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
     let plan = plan_run(&snapshots, opts.resume, &folder_shown)?;
 
     // Connect before creating anything.
-    let (conn, path) = match &source {
-        SourceSpec::Local(p) => (Connection::local(p, Role::Source)?, p.clone()),
-        SourceSpec::Remote { .. } => {
-            return Err(anyhow!("SSH sources are not supported yet: {source}"));
-        }
-    };
+    let (conn, path) = connect(job)?;
     let hello = Hello {
         role: Role::Source,
         path: path.as_os_str().as_encoded_bytes().to_vec(),
@@ -195,18 +201,22 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
     let (incoming, wire_bytes, reader_thread) = spawn_reader(reader, 64);
     let (out, writer_thread) = spawn_writer(writer, None);
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
-    let written = writer_thread.join().expect("writer thread");
-    drop(incoming);
     let resumable =
         if opts.dry_run { String::new() } else { format!("; {} stays for `rbackup --continue`", target.folder) };
     let mut stats = match result {
         Ok(stats) => stats,
         Err(e) => {
-            let detail = handle.finish_after_error();
+            // Stop the agent first: the writer may be blocked on a peer that
+            // no longer reads.
+            let (_, detail) = handle.stop();
+            drop(incoming);
+            let _ = writer_thread.join();
             let _ = reader_thread.join();
             return Err(e.context(format!("backup from {source} failed{resumable}{detail}")));
         }
     };
+    let written = writer_thread.join().expect("writer thread");
+    drop(incoming);
     written.with_context(|| format!("sending to {}", handle.peer))?;
     let _ = reader_thread.join();
     handle.finish()?;
@@ -297,6 +307,22 @@ pub fn print_summary(report: &RunReport, dry_run: bool) {
     if s.warnings > 0 {
         info!("  warnings {}", s.warnings);
     }
+}
+
+/// Writes the summary of a run as JSON (for benchmarks and monitoring).
+pub fn write_stats_json(path: &std::path::Path, job: &Job, report: &RunReport) -> Result<()> {
+    let json = serde_json::json!({
+        "job": job.job,
+        "source": job.source.as_ref().map(ToString::to_string),
+        "snapshot": report.snapshot,
+        "result": report.code,
+        "exit_code": report.code.status(),
+        "seconds": report.seconds,
+        "stats": report.stats,
+        "problems": report.problems,
+    });
+    let text = serde_json::to_string_pretty(&json).expect("JSON of plain data");
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `1234567` → `1.2 MiB`.

@@ -10,7 +10,10 @@ Examples:
   # Snapshot a local folder into /backups/docs.DD-MM-YY_HH-MM-SS
   rbackup --backup --source /srv/docs --backups-folder /backups --name docs
 
-  # Run the job `server` of /etc/rbackup/rbackup.toml (a pull over SSH)
+  # Pull a server's tree over SSH (the server runs `rbackup serve`)
+  rbackup --backup --source backupuser@server:/srv/content --backups-folder /backups --name server
+
+  # Run the job `server` of /etc/rbackup/rbackup.toml
   rbackup -j server --backup
 
   # Finish a run that was interrupted, keeping its timestamp
@@ -110,6 +113,22 @@ pub struct RunArgs {
     /// Append the log to this file, with timestamps
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+
+    /// Compress the data on the wire with zstd (worth it on slow links)
+    #[arg(long)]
+    pub compress: bool,
+
+    /// The rbackup binary on the server, like rsync's --rsync-path [default: rbackup]
+    #[arg(long, value_name = "PATH")]
+    pub remote_bin: Option<String>,
+
+    /// An ssh config file for this job (ssh -F): host, port, identity, `known_hosts`
+    #[arg(long, value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+
+    /// Write the end-of-run summary as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
 }
 
 /// Options of the agent.

@@ -39,6 +39,9 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 backup::RunOptions { resume: matches!(cli.command, Command::Continue(_)), dry_run: args.dry_run };
             let report = backup::run(&job, &opts)?;
             backup::print_summary(&report, opts.dry_run);
+            if let Some(path) = &args.stats_json {
+                backup::write_stats_json(path, &job, &report)?;
+            }
             Ok(report.code)
         }
         Command::List(args) => {
@@ -64,6 +67,9 @@ fn run_overrides(args: &RunArgs) -> Overrides {
         excludes: args.exclude.clone(),
         log_file: args.log_file.clone(),
         devices: args.devices,
+        compress: args.compress,
+        remote_bin: args.remote_bin.clone(),
+        ssh_config: args.ssh_config.clone(),
         ..store_overrides(&args.store)
     }
 }

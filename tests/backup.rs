@@ -1,6 +1,8 @@
 //! Backups of a local source, against the built binary: exact copies, hardlink
 //! dedup, dry runs, excludes, device nodes, non-root runs.
 
+#![allow(clippy::pedantic)] // test code: plain asserts over polish
+
 mod common;
 
 use std::os::unix::fs::MetadataExt;

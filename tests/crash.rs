@@ -2,6 +2,8 @@
 //! equals the source, an interrupted run never shows a partial file under a
 //! real name, and older snapshots never change (DESIGN rules 1 and 5).
 
+#![allow(clippy::pedantic)] // test code: plain asserts over polish
+
 mod common;
 
 use std::ffi::OsStr;

@@ -12,6 +12,8 @@ use std::process::Command;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
+pub mod sshd;
+
 /// Fails loudly unless the test runs as root: these tests create files of
 /// other owners, `trusted.*` xattrs and device nodes. They never skip.
 pub fn require_root() {
