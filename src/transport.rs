@@ -61,7 +61,7 @@ pub enum SshError {
 /// Sorts an ssh failure by what the client printed.
 pub fn classify_ssh_error(host: &str, text: &str) -> SshError {
     let detail = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("@@@")).collect::<Vec<_>>();
-    let detail = detail.join(" / ");
+    let detail = detail.join("\n    ");
     let host = host.to_string();
     if text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || text.contains("Host key for") && text.contains("has changed")
@@ -255,7 +255,7 @@ impl Connection {
                         ssh.remote_bin
                     );
                 }
-                Err(e.context(format!("no session with {}{detail}", handle.peer)))
+                Err(anyhow!("no session with {}: {e:#}{detail}", handle.peer))
             }
         }
     }
@@ -313,10 +313,14 @@ impl Handle {
             }
             Agent::Ssh(ssh) => {
                 if let Some(child) = ssh.child.take() {
-                    let waited = ssh.rt.block_on(tokio::time::timeout(Duration::from_secs(3), child.wait()));
-                    if let Ok(Ok(st)) = waited {
-                        code = st.code();
-                    }
+                    let waited =
+                        ssh.rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), child.wait()).await });
+                    code = match waited {
+                        Ok(Ok(st)) => st.code(),
+                        // The crate turns the shell's 127 into this error.
+                        Ok(Err(openssh::Error::Remote(e))) if e.kind() == std::io::ErrorKind::NotFound => Some(127),
+                        _ => None,
+                    };
                 }
                 if let Some(session) = ssh.session.take().and_then(Arc::into_inner) {
                     let _ = ssh.rt.block_on(session.close());
