@@ -40,7 +40,7 @@ pub enum FrameError {
     UnknownKind(u8),
     #[error("malformed frame: {0}")]
     Malformed(&'static str),
-    #[error("compressed frame could not be decompressed within {MAX_FRAME} bytes: {0}")]
+    #[error("compressed frame could not be decompressed: {0}")]
     Decompress(io::Error),
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -147,7 +147,7 @@ impl<R: Read> FrameReader<R> {
         let kind = buf[0];
         let mut payload = buf.split_off(1);
         if kind & COMPRESSED != 0 {
-            payload = self.decompressor.decompress(&payload, MAX_FRAME).map_err(FrameError::Decompress)?;
+            payload = self.decompress(&payload)?;
         }
         match kind & !COMPRESSED {
             KIND_MSG => Ok(Some(Frame::Msg(payload))),
@@ -169,6 +169,26 @@ impl<R: Read> FrameReader<R> {
             }
             other => Err(FrameError::UnknownKind(other)),
         }
+    }
+}
+
+impl<R> FrameReader<R> {
+    /// Decompresses one zstd frame into exactly the size its header declares,
+    /// which must be present and within the limit: memory is bounded by what
+    /// the frame really holds, and a hostile peer can't make the decoder
+    /// reserve more (no streaming window is ever allocated).
+    fn decompress(&mut self, compressed: &[u8]) -> Result<Vec<u8>, FrameError> {
+        let size = match zstd::zstd_safe::get_frame_content_size(compressed) {
+            Ok(Some(n)) if n <= MAX_FRAME as u64 => n as usize,
+            Ok(Some(n)) => return Err(FrameError::TooLarge(usize::try_from(n).unwrap_or(usize::MAX))),
+            _ => return Err(FrameError::Malformed("compressed frame without a valid content size")),
+        };
+        let mut out = Vec::with_capacity(size);
+        let n = self.decompressor.decompress_to_buffer(compressed, &mut out).map_err(FrameError::Decompress)?;
+        if n != size {
+            return Err(FrameError::Malformed("compressed frame shorter than its declared size"));
+        }
+        Ok(out)
     }
 }
 
@@ -261,12 +281,23 @@ mod tests {
     }
 
     #[test]
-    fn zip_bomb_is_bounded() {
-        // 64 MiB of zeros compresses to a few KiB; decompression must stop at MAX_FRAME.
+    fn zip_bomb_is_refused() {
+        // 64 MiB of zeros compresses to a few KiB; its declared size is over the limit.
         let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
         let mut wire = ((bomb.len() + 1) as u32).to_le_bytes().to_vec();
         wire.push(KIND_DATA | COMPRESSED);
         wire.extend(bomb);
-        assert!(matches!(FrameReader::new(&wire[..]).read(), Err(FrameError::Decompress(_))));
+        assert!(matches!(FrameReader::new(&wire[..]).read(), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn compressed_frame_without_its_size_is_refused() {
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        std::io::Write::write_all(&mut enc, b"some data that streams").unwrap();
+        let z = enc.finish().unwrap();
+        let mut wire = ((z.len() + 1) as u32).to_le_bytes().to_vec();
+        wire.push(KIND_MSG | COMPRESSED);
+        wire.extend(z);
+        assert!(matches!(FrameReader::new(&wire[..]).read(), Err(FrameError::Malformed(_))));
     }
 }

@@ -1,0 +1,433 @@
+//! A hostile agent: a test double that speaks the protocol from the server
+//! side and lies. The real desktop code (backup::run_with) runs against it.
+//! For every lie: nothing is written outside the snapshot folder, nothing is
+//! followed through a symlink, the run ends with a clear error (or the
+//! documented safe outcome), and the `.incomplete` stays resumable by an
+//! honest `continue`.
+
+#![allow(clippy::pedantic)] // test code: plain asserts over polish
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use common::*;
+use rbackup::backup::{self, RunOptions, RunReport};
+use rbackup::config::{Job, SourceSpec};
+use rbackup::meta::Meta;
+use rbackup::protocol::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
+use rbackup::protocol::msg::{Entry, Fetch, Reply, SinkMsg, SourceMsg, SpecialKind};
+use rbackup::protocol::{decode, read_preamble, write_preamble};
+use rbackup::transport::Connection;
+
+/// The agent's side of the pipes.
+struct Agent {
+    input: FrameReader<std::io::PipeReader>,
+    output: std::io::PipeWriter,
+    enc: Encoder,
+}
+
+impl Agent {
+    fn send(&mut self, msg: &SourceMsg) {
+        let _ = self.output.write_all(&self.enc.msg(msg));
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        let _ = self.output.write_all(bytes);
+    }
+
+    fn data(&mut self, offset: u64, bytes: &[u8]) {
+        let frame = self.enc.data(offset, bytes);
+        self.raw(&frame);
+    }
+
+    fn entries(&mut self, entries: Vec<Entry>) {
+        self.send(&SourceMsg::Entries(entries));
+    }
+
+    /// The next fetch the desktop asks for (credits are ignored: a hostile
+    /// agent sends what it likes).
+    fn next_fetch(&mut self) -> Option<Fetch> {
+        loop {
+            let Ok(Some(Frame::Msg(body))) = self.input.read() else { return None };
+            match decode::<SinkMsg>(&body).ok()? {
+                SinkMsg::Fetch(f) => return Some(f),
+                SinkMsg::Finish { .. } | SinkMsg::Fatal(_) => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// Answers the next fetch honestly with `content`.
+    fn serve(&mut self, content: &[u8]) {
+        let f = self.next_fetch().expect("a fetch");
+        self.send(&SourceMsg::FileBegin { id: f.id, size: content.len() as u64 });
+        if !content.is_empty() {
+            self.data(0, content);
+        }
+        self.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+    }
+
+    /// Reads everything the desktop still sends, until it hangs up.
+    fn drain(&mut self) {
+        while let Ok(Some(_)) = self.input.read() {}
+    }
+}
+
+fn meta(mode: u32) -> Meta {
+    Meta { mode, uid: GHOST_UID, gid: GHOST_GID, mtime: 1_600_000_000, mtime_nsec: 5, xattrs: vec![] }
+}
+
+fn dir(name: &[u8]) -> Entry {
+    Entry::Dir { name: name.to_vec(), meta: meta(0o755), unreadable: None, partial: false }
+}
+
+fn file(name: &[u8], size: u64) -> Entry {
+    Entry::File { name: name.to_vec(), meta: meta(0o644), size, sparse: false, link: None }
+}
+
+fn job(bk: &Path) -> Job {
+    Job {
+        job: "hostile".into(),
+        source: Some(SourceSpec::Remote { user: None, host: "hostile".into(), path: "/srv".into() }),
+        backups_folder: bk.to_path_buf(),
+        name: "h".into(),
+        excludes: vec![],
+        log_file: None,
+        devices: false,
+        compress: false,
+        remote_bin: "rbackup".into(),
+        ssh_config: None,
+    }
+}
+
+/// Runs a backup against an agent that follows `script` after the handshake.
+fn run_hostile(bk: &Path, resume: bool, script: impl FnOnce(&mut Agent) + Send + 'static) -> anyhow::Result<RunReport> {
+    let (desk_r, agent_w) = std::io::pipe().unwrap();
+    let (agent_r, desk_w) = std::io::pipe().unwrap();
+    let agent = std::thread::spawn(move || {
+        let mut output = agent_w;
+        let mut input = agent_r;
+        write_preamble(&mut output).unwrap();
+        read_preamble(&mut input, "desktop").unwrap();
+        let mut input = FrameReader::new(input);
+        let _hello = input.read().unwrap();
+        let mut agent = Agent { input, output, enc: Encoder::new(false) };
+        let welcome = agent.enc.msg(&Reply::Welcome { root: b"/srv".to_vec(), version: "hostile".into() });
+        agent.raw(&welcome);
+        script(&mut agent);
+        drop(agent.output);
+        while let Ok(Some(_)) = agent.input.read() {}
+    });
+    let conn = Connection::from_streams(Box::new(desk_r), Box::new(desk_w), "the hostile agent");
+    let result =
+        backup::run_with(&job(bk), &RunOptions { resume, dry_run: false }, |_| Ok((conn, PathBuf::from("/srv"))));
+    agent.join().unwrap();
+    result
+}
+
+/// The scratch area: a backups folder, and canaries outside it.
+struct Area {
+    tmp: tempfile::TempDir,
+}
+
+impl Area {
+    fn new() -> Area {
+        require_root();
+        let tmp = scratch();
+        write(&tmp.path().join("outside/canary.txt"), b"untouched");
+        Area { tmp }
+    }
+
+    fn bk(&self) -> PathBuf {
+        self.tmp.path().join("bk")
+    }
+
+    fn outside(&self) -> PathBuf {
+        self.tmp.path().join("outside")
+    }
+
+    /// Nothing appeared or changed outside the backups folder.
+    fn assert_outside_untouched(&self) {
+        let mut top: Vec<_> = std::fs::read_dir(self.tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        top.sort();
+        let allowed = ["bk", "outside", "src"];
+        assert!(top.iter().all(|n| allowed.contains(&n.to_str().unwrap())), "new entries beside bk: {top:?}");
+        let inside: Vec<_> = std::fs::read_dir(self.outside()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(inside, vec![std::ffi::OsString::from("canary.txt")], "something was written outside");
+        assert_eq!(std::fs::read(self.outside().join("canary.txt")).unwrap(), b"untouched");
+        assert!(!Path::new("/etc/rbackup-hostile").exists());
+    }
+
+    /// The run left a `.incomplete`, and an honest `continue` finishes it.
+    fn assert_resumable(&self) {
+        let snaps = snapshots(&self.bk(), "h");
+        assert!(snaps.iter().any(|(_, c)| !c), "no .incomplete left: {snaps:?}");
+        let src = self.tmp.path().join("src");
+        write(&src.join("good"), b"abc");
+        write(&src.join("more/file"), b"more");
+        let (code, _, err) = run(&[
+            "--continue".as_ref(),
+            "--source".as_ref(),
+            src.as_os_str(),
+            "--backups-folder".as_ref(),
+            self.bk().as_os_str(),
+            "--name".as_ref(),
+            "h".as_ref(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let done = complete(&self.bk(), "h");
+        assert_eq!(done.len(), 1);
+        assert_same_tree(&src, &done[0], &[]);
+    }
+}
+
+/// Lists a valid root with one honest file, then `bad`.
+fn after_a_good_file(bad: Vec<Entry>) -> impl FnOnce(&mut Agent) + Send + 'static {
+    move |a| {
+        a.entries(vec![dir(b""), file(b"good", 3)]);
+        a.serve(b"abc");
+        a.entries(bad);
+    }
+}
+
+fn expect_error(result: anyhow::Result<RunReport>, words: &[&str]) {
+    let err = match result {
+        Ok(r) => panic!("the run succeeded: {r:?}"),
+        Err(e) => format!("{e:#}"),
+    };
+    for w in words {
+        assert!(err.contains(w), "the error lacks {w:?}: {err}");
+    }
+    assert!(err.contains("rbackup --continue"), "{err}");
+}
+
+#[test]
+fn names_that_are_not_one_component_are_refused() {
+    for name in [&b"a/b"[..], b"/etc/rbackup-hostile", b".", b"..", b"", b"a\0b", b"../outside/x"] {
+        let area = Area::new();
+        let result = run_hostile(&area.bk(), false, after_a_good_file(vec![file(name, 1)]));
+        expect_error(result, &["bad name"]);
+        area.assert_outside_untouched();
+        area.assert_resumable();
+    }
+}
+
+#[test]
+fn a_file_beneath_a_symlink_is_refused() {
+    let area = Area::new();
+    let outside = area.outside();
+    let result = run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![
+            dir(b""),
+            Entry::Symlink {
+                name: b"link".to_vec(),
+                meta: meta(0o777),
+                target: outside.as_os_str().as_encoded_bytes().to_vec(),
+            },
+            dir(b"link"),
+            file(b"planted", 1),
+        ]);
+        let _ = a.next_fetch();
+    });
+    expect_error(result, &["out of order or listed twice"]);
+    area.assert_outside_untouched();
+    area.assert_resumable();
+}
+
+#[test]
+fn a_symlink_left_in_an_interrupted_snapshot_is_never_written_through() {
+    let area = Area::new();
+    let outside = area.outside();
+    // First run: the agent lists a symlink to a directory outside, then dies.
+    let result = run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![
+            dir(b""),
+            Entry::Symlink {
+                name: b"d".to_vec(),
+                meta: meta(0o777),
+                target: outside.as_os_str().as_encoded_bytes().to_vec(),
+            },
+        ]);
+    });
+    assert!(result.is_err());
+    // Continue: now `d` is a directory with a file in it.
+    let result = run_hostile(&area.bk(), true, |a| {
+        a.entries(vec![dir(b""), dir(b"d"), file(b"x", 5), Entry::End, Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        a.serve(b"hello");
+        a.drain();
+    });
+    let report = result.unwrap();
+    assert_eq!(report.code, rbackup::exit::Code::Ok);
+    area.assert_outside_untouched();
+    let snap = complete(&area.bk(), "h")[0].clone();
+    assert!(snap.join("d").symlink_metadata().unwrap().is_dir());
+    assert_eq!(std::fs::read(snap.join("d/x")).unwrap(), b"hello");
+}
+
+#[test]
+fn a_directory_then_a_file_of_the_same_name_is_refused() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, after_a_good_file(vec![dir(b"x"), Entry::End, file(b"x", 1)]));
+    expect_error(result, &["out of order or listed twice"]);
+    area.assert_outside_untouched();
+    area.assert_resumable();
+}
+
+#[test]
+fn duplicate_and_unsorted_entries_are_refused() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, after_a_good_file(vec![file(b"z", 1), file(b"z", 1)]));
+    expect_error(result, &["out of order or listed twice"]);
+    area.assert_resumable();
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, after_a_good_file(vec![file(b"a", 1)]));
+    expect_error(result, &["out of order or listed twice"]);
+    area.assert_resumable();
+}
+
+#[test]
+fn more_data_than_announced_is_refused() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"good", 3), file(b"liar", 10), Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        a.serve(b"abc");
+        let f = a.next_fetch().unwrap();
+        a.send(&SourceMsg::FileBegin { id: f.id, size: 10 });
+        a.data(0, &[7u8; 4096]);
+    });
+    expect_error(result, &["beyond the announced 10 bytes"]);
+    area.assert_outside_untouched();
+    let inc = snapshots(&area.bk(), "h").into_iter().find(|(_, c)| !c).unwrap().0;
+    // Partial data never appears under the real name.
+    assert!(!area.bk().join(&inc).join("liar").exists());
+    area.assert_resumable();
+}
+
+#[test]
+fn a_file_that_shrank_is_stored_as_read_with_a_warning() {
+    // Documented outcome: a size other than the listing's is a file that
+    // changed while read: kept as read, warned about, fetched again next run.
+    let area = Area::new();
+    let report = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"shrunk", 10), Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        a.serve(b"12345");
+        a.drain();
+    })
+    .unwrap();
+    assert_eq!(report.code, rbackup::exit::Code::Vanished);
+    assert!(report.problems.iter().any(|p| p.path == "shrunk"), "{:?}", report.problems);
+    let snap = complete(&area.bk(), "h")[0].clone();
+    assert_eq!(std::fs::read(snap.join("shrunk")).unwrap(), b"12345");
+}
+
+#[test]
+fn out_of_order_data_and_unrequested_files_are_refused() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"f", 100), Entry::End]);
+        let f = a.next_fetch().unwrap();
+        a.send(&SourceMsg::FileBegin { id: f.id, size: 100 });
+        a.data(50, &[1u8; 10]);
+        a.data(0, &[1u8; 10]);
+    });
+    expect_error(result, &["out of order"]);
+    area.assert_resumable();
+
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"f", 100)]);
+        a.send(&SourceMsg::FileBegin { id: 999, size: 1 });
+    });
+    expect_error(result, &["file 999"]);
+    area.assert_resumable();
+}
+
+#[test]
+fn an_oversized_frame_is_refused_before_it_is_read() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"good", 3)]);
+        a.serve(b"abc");
+        let mut huge = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+        huge.push(1);
+        a.raw(&huge);
+    });
+    expect_error(result, &["larger than"]);
+    area.assert_outside_untouched();
+    area.assert_resumable();
+}
+
+#[test]
+fn a_truncated_stream_is_a_lost_connection() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"good", 3)]);
+        a.serve(b"abc");
+        let frame = a.enc.msg(&SourceMsg::Entries(vec![file(b"h", 1), file(b"i", 1)]));
+        a.raw(&frame[..frame.len() / 2]);
+    });
+    expect_error(result, &["closed"]);
+    area.assert_resumable();
+}
+
+#[test]
+fn device_nodes_are_skipped_unless_asked_and_setuid_root_files_are_kept_private() {
+    // Documented outcome: without --devices a device node is skipped; a
+    // setuid-root file is stored exactly (it is the server's data) inside the
+    // backups folder, which is 0700 so no other user can reach it.
+    let area = Area::new();
+    let report = run_hostile(&area.bk(), false, |a| {
+        let mut suid = meta(0o4755);
+        suid.uid = 0;
+        suid.gid = 0;
+        a.entries(vec![
+            dir(b""),
+            Entry::Special { name: b"disk".to_vec(), meta: meta(0o660), kind: SpecialKind::Block, rdev: 0x0801 },
+            Entry::File { name: b"suid".to_vec(), meta: suid, size: 2, sparse: false, link: None },
+            Entry::End,
+        ]);
+        a.send(&SourceMsg::ListingDone);
+        a.serve(b"#!");
+        a.drain();
+    })
+    .unwrap();
+    assert_eq!(report.code, rbackup::exit::Code::Ok);
+    assert_eq!(report.stats.devices_skipped, 1);
+    let snap = complete(&area.bk(), "h")[0].clone();
+    assert!(!snap.join("disk").exists());
+    let md = std::fs::metadata(snap.join("suid")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((md.mode() & 0o7777, md.uid()), (0o4755, 0));
+    assert_eq!(std::fs::metadata(area.bk()).unwrap().mode() & 0o777, 0o700);
+}
+
+#[test]
+fn a_version_mismatch_names_both_versions() {
+    require_root();
+    let tmp = scratch();
+    let (desk_r, mut agent_w) = std::io::pipe().unwrap();
+    let (mut agent_r, desk_w) = std::io::pipe().unwrap();
+    let agent = std::thread::spawn(move || {
+        let mut p = b"rbackup\0".to_vec();
+        p.extend_from_slice(&77u32.to_le_bytes());
+        p.push(4);
+        p.extend_from_slice(b"77.0");
+        agent_w.write_all(&p).unwrap();
+        let mut sink = Vec::new();
+        let _ = agent_r.read_to_end(&mut sink);
+    });
+    let conn = Connection::from_streams(Box::new(desk_r), Box::new(desk_w), "the old agent");
+    let result =
+        backup::run_with(&job(&tmp.path().join("bk")), &RunOptions::default(), |_| Ok((conn, PathBuf::from("/srv"))));
+    let err = format!("{:#}", result.unwrap_err());
+    agent.join().unwrap();
+    assert!(err.contains("protocol 77") && err.contains("rbackup 77.0"), "{err}");
+    assert!(err.contains(&format!("rbackup {}", env!("CARGO_PKG_VERSION"))), "{err}");
+    assert!(err.contains("upgrade"), "{err}");
+    assert!(snapshots(&tmp.path().join("bk"), "h").is_empty());
+}
