@@ -291,11 +291,12 @@ pub fn print_summary(report: &RunReport, dry_run: bool) {
     };
     info!("{what}: {} in {:.1} s", report.code.word(), report.seconds);
     info!(
-        "  entries {} (directories {}, files {}, symlinks {}, special {})",
+        "  entries {}: {} directories, {} files, {} symlinks, {} special",
         s.entries, s.directories, s.files, s.symlinks, s.specials
     );
     info!(
-        "  linked {}, copied locally {}, fetched whole {}, fetched as delta {}, kept {}, removed {}",
+        "  unchanged, hardlinked {}; metadata-only changes, copied locally {}; fetched whole {}, as delta {}; \
+         already in place {}; removed {}",
         s.linked, s.copied_locally, s.fetched_whole, s.fetched_delta, s.kept, s.removed
     );
     info!(
@@ -305,7 +306,7 @@ pub fn print_summary(report: &RunReport, dry_run: bool) {
         human_bytes(s.wire_bytes_received)
     );
     if s.warnings > 0 {
-        info!("  warnings {}", s.warnings);
+        info!("  warnings {} (listed above)", s.warnings);
     }
 }
 

@@ -415,6 +415,36 @@ mod tests {
     }
 
     #[test]
+    fn resolve_never_follows_a_symlink_or_leaves_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("dir")).unwrap();
+        std::fs::write(root.join("dir/file"), b"in").unwrap();
+        std::fs::create_dir_all(tmp.path().join("outside")).unwrap();
+        std::fs::write(tmp.path().join("outside/file"), b"out").unwrap();
+        let dir = Dir::open_path(&root).unwrap();
+        let flags = OFlags::RDONLY;
+        assert!(dir.resolve(b"dir/file", flags).is_ok());
+        assert!(dir.resolve(b"../outside/file", flags).is_err());
+        assert!(dir.resolve(b"/etc/passwd", flags).is_err());
+        // A directory swapped for a symlink is not followed.
+        std::fs::rename(root.join("dir"), root.join("old")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), root.join("dir")).unwrap();
+        assert!(dir.resolve(b"dir/file", flags).is_err());
+        assert!(dir.open_dir(b"dir").is_err());
+        // A long path is resolved in pieces.
+        let mut rel = Vec::new();
+        let mut d = dir.clone();
+        for i in 0..20 {
+            let name = format!("{i:02}{}", "x".repeat(250));
+            d = d.create_dir(name.as_bytes()).unwrap();
+            rel = join(&rel, name.as_bytes());
+        }
+        assert!(rel.len() > 4096);
+        assert!(dir.resolve_dir(&rel).is_ok());
+    }
+
+    #[test]
     fn temp_names_differ_and_are_valid() {
         let a = temp_name();
         let b = temp_name();

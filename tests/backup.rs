@@ -317,3 +317,24 @@ fn an_unreadable_file_is_listed_and_the_run_completes_as_partial() {
     assert_eq!(std::fs::read(snap.join("ok.txt")).unwrap(), b"ok");
     assert!(!snap.join("private/secret.txt").exists());
 }
+
+#[test]
+fn the_backups_folder_is_created_private_and_an_open_one_gets_a_warning() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"f");
+    let fresh = tmp.path().join("a/b/bk");
+    let (code, _, err) = backup(&src, &fresh, "srv", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+    assert!(!err.contains("can be entered by other users"), "{err}");
+
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    sh(&format!("chmod 755 '{}'", open.display()));
+    let (code, _, err) = backup(&src, &open, "srv", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("can be entered by other users") && err.contains("chmod 700"), "{err}");
+    assert_eq!(std::fs::metadata(&open).unwrap().mode() & 0o777, 0o755, "the admin's folder mode is left alone");
+}

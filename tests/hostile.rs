@@ -431,3 +431,56 @@ fn a_version_mismatch_names_both_versions() {
     assert!(err.contains("upgrade"), "{err}");
     assert!(snapshots(&tmp.path().join("bk"), "h").is_empty());
 }
+
+#[test]
+fn a_delta_that_fails_the_hash_check_is_fetched_again_whole() {
+    let area = Area::new();
+    let old = noise(1, 200_000);
+    let mut new = old.clone();
+    new[100_000..100_100].copy_from_slice(&[9u8; 100]);
+    let first = old.clone();
+    run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![dir(b""), file(b"f", first.len() as u64), Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        a.serve(&first);
+    })
+    .unwrap();
+
+    let right = new.clone();
+    let report = run_hostile(&area.bk(), false, move |a| {
+        let mut changed = file(b"f", right.len() as u64);
+        if let Entry::File { meta, .. } = &mut changed {
+            meta.mtime += 1;
+        }
+        a.entries(vec![dir(b""), changed, Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        // A delta against the basis that rebuilds the wrong content, sent with
+        // the hash of the right content: what an MD4 collision would look like.
+        let f = a.next_fetch().unwrap();
+        let sig = fast_rsync::Signature::deserialize(f.signature.clone().expect("a delta request")).unwrap();
+        let mut wrong = right.clone();
+        wrong[0] ^= 0xff;
+        let mut delta = Vec::new();
+        fast_rsync::diff(&sig.index(), &wrong, &mut delta).unwrap();
+        a.send(&SourceMsg::FileBegin { id: f.id, size: right.len() as u64 });
+        let frame = a.enc.delta(wrong.len() as u32, &delta);
+        a.raw(&frame);
+        let hash = *blake3::hash(&right).as_bytes();
+        a.send(&SourceMsg::FileEnd {
+            id: f.id,
+            status: rbackup::protocol::msg::ReadStatus::Complete,
+            hash: Some(hash),
+        });
+        // The desktop asks again, whole; answer honestly.
+        let again = a.next_fetch().expect("a second request");
+        assert!(again.signature.is_none(), "the retry must be a whole-file fetch");
+        a.send(&SourceMsg::FileBegin { id: again.id, size: right.len() as u64 });
+        a.data(0, &right);
+        a.send(&SourceMsg::FileEnd { id: again.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+    })
+    .unwrap();
+    assert_eq!(report.stats.delta_retries, 1);
+    assert_eq!(report.stats.fetched_whole, 1);
+    let snap = complete(&area.bk(), "h")[1].clone();
+    assert_eq!(std::fs::read(snap.join("f")).unwrap(), new);
+}
