@@ -69,6 +69,10 @@ pub enum Command {
     #[command(long_flag = "list")]
     List(StoreArgs),
 
+    /// Put a snapshot (or chosen paths of it) back, with owners, modes, ACLs, xattrs and times
+    #[command(long_flag = "restore", after_help = RESTORE_EXAMPLES)]
+    Restore(RestoreArgs),
+
     /// Run the agent on stdin/stdout (started by the desktop over SSH, usually as a
     /// forced command: restrict,command="rbackup serve --read-only --root /srv/content")
     #[command(long_flag = "serve")]
@@ -130,6 +134,61 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
 }
+
+/// Options of `restore`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Which snapshot: a folder name, `latest`, or a UTC time (the newest snapshot at or
+    /// before it: YYYY-MM-DD, "YYYY-MM-DD HH:MM[:SS]") [default: latest]
+    #[arg(long, value_name = "NAME|latest|TIME")]
+    pub snapshot: Option<String>,
+
+    /// Restore only this path of the snapshot (repeatable) [default: everything]
+    #[arg(long = "path", value_name = "REL")]
+    pub paths: Vec<String>,
+
+    /// Where to: `[user@]host:/abs/path` or a local `/abs/path` [default: the job's
+    /// `restore_to`, else its source: in place]
+    #[arg(long, value_name = "DEST")]
+    pub to: Option<String>,
+
+    /// Also remove what the destination has and the snapshot doesn't
+    #[arg(long)]
+    pub delete: bool,
+
+    /// List what would be created, replaced, changed (metadata only) or deleted; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Compress the data on the wire with zstd
+    #[arg(long)]
+    pub compress: bool,
+
+    /// The rbackup binary on the server [default: rbackup]
+    #[arg(long, value_name = "PATH")]
+    pub remote_bin: Option<String>,
+
+    /// An ssh config file for this job (ssh -F)
+    #[arg(long, value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+}
+
+const RESTORE_EXAMPLES: &str = "\
+Examples:
+  # Everything of the latest snapshot, back where it came from
+  rbackup -j server --restore
+
+  # One directory as it was on 3 March, into a scratch folder to inspect
+  rbackup -j server restore --snapshot 2026-03-03 --path home/alice --to /tmp/inspect
+
+  # See first what a full restore with --delete would do
+  rbackup -j server restore --delete --dry-run
+
+Over SSH the server runs `rbackup serve --write --root DIR`, normally as root
+through a forced command; see docs/restore.md.";
 
 /// Options of the agent.
 #[derive(Args, Debug, Clone)]

@@ -43,6 +43,9 @@ pub struct JobConfig {
     pub remote_bin: Option<String>,
     /// A job-specific ssh config file (`ssh -F`).
     pub ssh_config: Option<PathBuf>,
+    /// Where `restore` writes by default, if not back to `source`, e.g.
+    /// `root@server-restore:/srv/content` with a write-confined key.
+    pub restore_to: Option<String>,
 }
 
 /// Where the data comes from.
@@ -101,6 +104,7 @@ pub struct Job {
     pub compress: bool,
     pub remote_bin: String,
     pub ssh_config: Option<PathBuf>,
+    pub restore_to: Option<String>,
 }
 
 /// Values from the command line, which win over the file.
@@ -204,6 +208,7 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
         compress: cli.compress || base.compress.unwrap_or(false),
         remote_bin: cli.remote_bin.clone().or(base.remote_bin.clone()).unwrap_or_else(|| "rbackup".into()),
         ssh_config: cli.ssh_config.clone().or(base.ssh_config.clone()),
+        restore_to: base.restore_to.clone(),
     })
 }
 

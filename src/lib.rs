@@ -27,6 +27,7 @@ pub mod meta;
 pub mod plan;
 pub mod protocol;
 pub mod report;
+pub mod restore;
 pub mod safefs;
 pub mod serve;
 pub mod sink;

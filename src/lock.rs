@@ -17,6 +17,12 @@ use rustix::fs::{FlockOperation, Mode, OFlags};
 use crate::exit::LockedError;
 use crate::safefs::Dir;
 
+/// Restores (and later verifies) read snapshots: they share this lock, which
+/// `prune` takes exclusively, so nothing is deleted while it is read.
+pub fn acquire_readers(meta_dir: &Dir, what: &str, folder_for_messages: &str) -> Result<Lock> {
+    take(meta_dir, "readers.lock", FlockOperation::NonBlockingLockShared, what, folder_for_messages)
+}
+
 /// Held until dropped.
 #[derive(Debug)]
 pub struct Lock {
@@ -26,15 +32,19 @@ pub struct Lock {
 /// Takes the lock in `meta_dir`, or fails with [`LockedError`] naming the
 /// holder.
 pub fn acquire(meta_dir: &Dir, what: &str, folder_for_messages: &str) -> Result<Lock> {
+    take(meta_dir, "lock", FlockOperation::NonBlockingLockExclusive, what, folder_for_messages)
+}
+
+fn take(meta_dir: &Dir, file: &str, op: FlockOperation, what: &str, folder_for_messages: &str) -> Result<Lock> {
     let fd = rustix::fs::openat(
         meta_dir,
-        "lock",
+        file,
         OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::from_raw_mode(0o600),
     )
     .with_context(|| format!("cannot open the lock file in {folder_for_messages}"))?;
     let mut file = File::from(fd);
-    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+    match rustix::fs::flock(&file, op) {
         Ok(()) => {}
         Err(rustix::io::Errno::WOULDBLOCK) => {
             let mut holder = String::new();
@@ -48,9 +58,12 @@ pub fn acquire(meta_dir: &Dir, what: &str, folder_for_messages: &str) -> Result<
         }
         Err(e) => return Err(e).with_context(|| format!("cannot lock {folder_for_messages}")),
     }
-    let started = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC");
-    file.set_len(0)?;
-    file.rewind()?;
-    write!(file, "pid {} ({what}, started {started})", std::process::id())?;
+    // Shared holders can't all write their name: only the exclusive one does.
+    if op == FlockOperation::NonBlockingLockExclusive {
+        let started = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC");
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "pid {} ({what}, started {started})", std::process::id())?;
+    }
     Ok(Lock { _file: file })
 }

@@ -4,10 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use rbackup::cli::{Cli, Command, RunArgs, StoreArgs};
+use rbackup::cli::{Cli, Command, RestoreArgs, RunArgs, StoreArgs};
 use rbackup::config::{self, Job, Overrides};
 use rbackup::exit::{Code, code_of};
-use rbackup::{backup, error, list, log, serve, store};
+use rbackup::{backup, error, list, log, restore, serve, store};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -44,6 +44,20 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             }
             Ok(report.code)
         }
+        Command::Restore(args) => {
+            let job = job(cli, &restore_overrides(args))?;
+            log::set_tag(&job.job);
+            let opts = restore::RestoreOptions {
+                snapshot: args.snapshot.clone(),
+                paths: args.paths.clone(),
+                to: args.to.clone(),
+                delete: args.delete,
+                dry_run: args.dry_run,
+            };
+            let report = restore::run(&job, &opts)?;
+            restore::print_summary(&report, opts.dry_run);
+            Ok(report.code)
+        }
         Command::List(args) => {
             let job = job(cli, &store_overrides(args))?;
             list::run(&store::Store::open(&job.backups_folder, &job.name)?)?;
@@ -59,6 +73,15 @@ fn job(cli: &Cli, overrides: &Overrides) -> anyhow::Result<Job> {
 
 fn store_overrides(args: &StoreArgs) -> Overrides {
     Overrides { backups_folder: args.backups_folder.clone(), name: args.name.clone(), ..Overrides::default() }
+}
+
+fn restore_overrides(args: &RestoreArgs) -> Overrides {
+    Overrides {
+        compress: args.compress,
+        remote_bin: args.remote_bin.clone(),
+        ssh_config: args.ssh_config.clone(),
+        ..store_overrides(&args.store)
+    }
 }
 
 fn run_overrides(args: &RunArgs) -> Overrides {

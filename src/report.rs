@@ -118,6 +118,42 @@ impl Stats {
     }
 }
 
+/// What the sink does to one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Mkdir,
+    /// Hardlink an unchanged file of a basis.
+    Link,
+    /// Copy locally (same content, new metadata).
+    Copy,
+    Fetch,
+    Delta,
+    /// A symlink or special file.
+    Create,
+    /// Another name of an inode already written.
+    Hardlink,
+    /// Metadata fixed in place.
+    Meta,
+    Remove,
+}
+
+impl Action {
+    /// The word a snapshot's dry run prints.
+    pub fn snapshot_verb(self) -> &'static str {
+        match self {
+            Action::Mkdir => "mkdir",
+            Action::Link => "link",
+            Action::Copy => "copy",
+            Action::Fetch => "fetch",
+            Action::Delta => "delta",
+            Action::Create => "create",
+            Action::Hardlink => "hardlink",
+            Action::Meta => "meta",
+            Action::Remove => "remove",
+        }
+    }
+}
+
 /// Where the sink reports as it goes: the desktop logs directly; an agent
 /// acting as sink forwards to the desktop.
 pub trait Events {

@@ -16,10 +16,14 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::cli::ServeArgs;
+use crate::meta::Privileges;
+use crate::plan::Policy;
 use crate::protocol::frame::{Encoder, FrameReader};
-use crate::protocol::msg::{Hello, Reply, Role};
-use crate::protocol::{SOFTWARE, read_msg, read_preamble, write_preamble};
-use crate::safefs::Dir;
+use crate::protocol::msg::{Hello, LogKind, Reply, Role, SessionOptions, SinkMsg};
+use crate::protocol::{Outbox, SOFTWARE, read_msg, read_preamble, spawn_reader, spawn_writer, write_preamble};
+use crate::report::{Events, Problem};
+use crate::safefs::{Dir, Shown, libc_errno};
+use crate::sink::{Sink, SinkConfig};
 use crate::source::{self, Selection};
 
 /// Runs the agent until the desktop is done.
@@ -55,7 +59,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         }
         _ => {}
     }
-    let (root, root_path) = match open_root(args.root.as_deref(), &hello.path) {
+    let (root, root_path) = match open_root(args.root.as_deref(), &hello.path, hello.role == Role::Sink) {
         Ok(r) => r,
         Err(reason) => return refuse(reason),
     };
@@ -67,9 +71,69 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     match hello.role {
         Role::Source => {
             let selection = Selection::new(&hello.options.excludes, &hello.options.only)?;
-            source::run(root, selection, hello.options.compress, reader, stdout)
+            source::run(root, selection, hello.options.compress, reader, stdout, &mut |_, _| {})?;
+            Ok(())
         }
-        Role::Sink => bail!("restores are not supported by this agent yet"),
+        Role::Sink => receive(root, &hello.options, reader, stdout),
+    }
+}
+
+/// The write agent: a restore's sink, writing beneath its root. Everything it
+/// does and every problem goes back to the desktop as log lines.
+fn receive(root: Dir, options: &SessionOptions, reader: FrameReader<File>, stdout: File) -> Result<()> {
+    let (incoming, _, reader_thread) = spawn_reader(reader, 64);
+    let (out, writer_thread) = spawn_writer(stdout, None);
+    let mut events = Forward { out: out.clone(), enc: Encoder::new(options.compress) };
+    let cfg = SinkConfig {
+        dest: Some(root),
+        fresh: false,
+        bases: Vec::new(),
+        policy: Policy::Restore,
+        delete: options.delete,
+        dry_run: options.dry_run,
+        devices: options.devices,
+        delta: options.delta,
+        privs: Privileges::current(),
+        compress: options.compress,
+    };
+    let result = Sink::new(cfg, out.clone(), &mut events).run(&incoming);
+    if let Err(e) = &result {
+        let _ = out.send(Encoder::new(options.compress).msg(&SinkMsg::Fatal(format!("{e:#}"))));
+    }
+    drop(events);
+    drop(out);
+    drop(incoming);
+    let written = writer_thread.join().expect("writer thread");
+    let _ = reader_thread.join();
+    result?;
+    written.context("writing to the desktop")?;
+    Ok(())
+}
+
+/// Sends the sink's reports to the desktop.
+struct Forward {
+    out: Outbox,
+    enc: Encoder,
+}
+
+impl Forward {
+    fn send(&mut self, kind: LogKind, text: String) {
+        let _ = self.out.send(self.enc.msg(&SinkMsg::Log { kind, text }));
+    }
+}
+
+impl Events for Forward {
+    fn action(&mut self, verb: &str, path: &[u8]) {
+        let path = if path.is_empty() { ".".to_string() } else { Shown(path).to_string() };
+        self.send(LogKind::Action, format!("{verb:<8} {path}"));
+    }
+
+    fn problem(&mut self, problem: Problem) {
+        self.send(LogKind::Problem, problem.to_string());
+    }
+
+    fn note(&mut self, text: &str) {
+        self.send(LogKind::Note, text.to_string());
     }
 }
 
@@ -93,13 +157,21 @@ fn components(path: &Path) -> Result<Vec<&std::ffi::OsStr>, String> {
 
 /// Opens what the desktop asked for: with `--root R`, only R or a directory
 /// beneath it, reached without following symlinks below R.
-fn open_root(root: Option<&Path>, requested: &[u8]) -> Result<(Dir, PathBuf), String> {
+/// With `create` (a restore), missing directories beneath the root are
+/// created, one handle at a time, mode 0700 until the restore sets theirs.
+fn open_root(root: Option<&Path>, requested: &[u8], create: bool) -> Result<(Dir, PathBuf), String> {
     if requested.contains(&0) {
         return Err("the requested path contains a NUL byte".into());
     }
     let requested = Path::new(std::ffi::OsStr::from_bytes(requested));
     let wanted = components(requested)?;
     let Some(root) = root else {
+        if create && !requested.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .create(requested)
+                .map_err(|e| format!("cannot create {}: {e}", requested.display()))?;
+        }
         let dir = Dir::open_path(requested).map_err(|e| format!("cannot open {}: {e}", requested.display()))?;
         return Ok((dir, requested.to_path_buf()));
     };
@@ -112,10 +184,18 @@ fn open_root(root: Option<&Path>, requested: &[u8]) -> Result<(Dir, PathBuf), St
     if rest.is_empty() {
         return Ok((root_dir, root.to_path_buf()));
     }
-    let rel = rest.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
-    let dir = root_dir.resolve_dir(&rel).map_err(|e| {
-        format!("cannot open {} beneath {} without following symlinks: {e}", requested.display(), root.display())
-    })?;
+    let mut dir = root_dir;
+    for c in rest {
+        let name = c.as_bytes();
+        dir = match dir.open_dir(name) {
+            Ok(d) => Ok(d),
+            Err(e) if create && e.raw_os_error() == Some(libc_errno::ENOENT) => dir.create_dir(name),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| {
+            format!("cannot open {} beneath {} without following symlinks: {e}", requested.display(), root.display())
+        })?;
+    }
     Ok((dir, requested.to_path_buf()))
 }
 
@@ -125,23 +205,23 @@ mod tests {
 
     #[test]
     fn paths_outside_the_root_are_refused() {
-        let err = open_root(Some(Path::new("/srv/content")), b"/etc").unwrap_err();
+        let err = open_root(Some(Path::new("/srv/content")), b"/etc", false).unwrap_err();
         assert!(err.contains("outside"), "{err}");
-        let err = open_root(Some(Path::new("/srv/content")), b"/srv/contentx").unwrap_err();
+        let err = open_root(Some(Path::new("/srv/content")), b"/srv/contentx", false).unwrap_err();
         assert!(err.contains("outside"), "{err}");
-        let err = open_root(Some(Path::new("/srv/content")), b"/srv/content/../../etc").unwrap_err();
+        let err = open_root(Some(Path::new("/srv/content")), b"/srv/content/../../etc", false).unwrap_err();
         assert!(err.contains(".."), "{err}");
-        let err = open_root(Some(Path::new("/srv/content")), b"srv/content").unwrap_err();
+        let err = open_root(Some(Path::new("/srv/content")), b"srv/content", false).unwrap_err();
         assert!(err.contains("not absolute"), "{err}");
     }
 
     #[test]
     fn the_root_and_beneath_are_served() {
         let tmp = std::env::temp_dir();
-        let (_, p) = open_root(Some(&tmp), tmp.as_os_str().as_bytes()).unwrap();
+        let (_, p) = open_root(Some(&tmp), tmp.as_os_str().as_bytes(), false).unwrap();
         assert_eq!(p, tmp);
         let mut slash = tmp.as_os_str().as_bytes().to_vec();
         slash.extend_from_slice(b"//");
-        assert!(open_root(Some(&tmp), &slash).is_ok());
+        assert!(open_root(Some(&tmp), &slash, false).is_ok());
     }
 }

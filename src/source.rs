@@ -23,7 +23,9 @@ use rustix::fs::{FileType, OFlags, SeekFrom};
 
 use crate::meta::{self, Meta};
 use crate::protocol::frame::{CHUNK, Encoder, Frame, FrameReader};
-use crate::protocol::msg::{Entry, Fetch, Link, ReadError, ReadStatus, SinkMsg, SkipReason, SourceMsg, SpecialKind};
+use crate::protocol::msg::{
+    Entry, Fetch, Link, LogKind, ReadError, ReadStatus, SinkMsg, SkipReason, SourceMsg, SpecialKind,
+};
 use crate::protocol::{Outbox, ProtocolError, decode, spawn_writer};
 use crate::safefs::{Dir, file_type, join, libc_errno};
 
@@ -123,7 +125,15 @@ impl Credits {
 }
 
 /// Runs the source side of a session until the sink says it is finished.
-pub fn run<R, W>(root: Dir, selection: Selection, compress: bool, reader: FrameReader<R>, writer: W) -> Result<()>
+/// Lines the sink reports go to `on_log`; returns the sink's summary.
+pub fn run<R, W>(
+    root: Dir,
+    selection: Selection,
+    compress: bool,
+    reader: FrameReader<R>,
+    writer: W,
+    on_log: &mut dyn FnMut(LogKind, &str),
+) -> Result<Vec<(String, u64)>>
 where
     R: Read,
     W: Write + Send + 'static,
@@ -148,23 +158,24 @@ where
     };
     drop(out);
 
-    let result = read_sink(reader, &credits, &fetch_tx);
+    let result = read_sink(reader, &credits, &fetch_tx, on_log);
     credits.close();
     drop(fetch_tx);
     let walked = walker.join().expect("walker thread");
     server.join().expect("server thread");
     let written = writer_thread.join().expect("writer thread");
-    result?;
+    let summary = result?;
     walked?;
     written.context("writing to the sink")?;
-    Ok(())
+    Ok(summary)
 }
 
 fn read_sink<R: Read>(
     mut reader: FrameReader<R>,
     credits: &Credits,
     fetches: &std::sync::mpsc::Sender<Fetch>,
-) -> Result<()> {
+    on_log: &mut dyn FnMut(LogKind, &str),
+) -> Result<Vec<(String, u64)>> {
     loop {
         let frame = reader.read().map_err(ProtocolError::from)?.ok_or(ProtocolError::Closed)?;
         let Frame::Msg(body) = frame else {
@@ -177,8 +188,8 @@ fn read_sink<R: Read>(
                     bail!("the file server stopped");
                 }
             }
-            SinkMsg::Log { .. } => {}
-            SinkMsg::Finish { .. } => return Ok(()),
+            SinkMsg::Log { kind, text } => on_log(kind, &text),
+            SinkMsg::Finish { summary } => return Ok(summary),
             SinkMsg::Fatal(msg) => bail!("the receiving side failed: {msg}"),
         }
     }

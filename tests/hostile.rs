@@ -99,6 +99,7 @@ fn job(bk: &Path) -> Job {
         compress: false,
         remote_bin: "rbackup".into(),
         ssh_config: None,
+        restore_to: None,
     }
 }
 

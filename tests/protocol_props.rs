@@ -18,8 +18,8 @@ use proptest::prelude::*;
 use rbackup::meta::{Meta, Xattr};
 use rbackup::protocol::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
 use rbackup::protocol::msg::{
-    Entry, Fetch, Hello, Link, ReadError, ReadStatus, Reply, Role, SessionOptions, SinkMsg, SkipReason, SourceMsg,
-    SpecialKind,
+    Entry, Fetch, Hello, Link, LogKind, ReadError, ReadStatus, Reply, Role, SessionOptions, SinkMsg, SkipReason,
+    SourceMsg, SpecialKind,
 };
 
 // ------------------------------------------------------- allocation counting
@@ -144,18 +144,19 @@ fn sink_msg() -> impl Strategy<Value = SinkMsg> {
         any::<u32>().prop_map(SinkMsg::Credit),
         (any::<u64>(), bytes(100), proptest::option::of(bytes(200)))
             .prop_map(|(id, path, signature)| SinkMsg::Fetch(Fetch { id, path, signature })),
-        (any::<bool>(), ".*").prop_map(|(warning, text)| SinkMsg::Log { warning, text }),
+        (prop_oneof![Just(LogKind::Action), Just(LogKind::Problem), Just(LogKind::Note)], ".*")
+            .prop_map(|(kind, text)| SinkMsg::Log { kind, text }),
         vec((".*", any::<u64>()), 0..5).prop_map(|summary| SinkMsg::Finish { summary }),
         ".*".prop_map(SinkMsg::Fatal),
     ]
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
-    (any::<bool>(), bytes(100), any::<bool>(), vec(".*", 0..3), vec(bytes(20), 0..3), any::<[bool; 3]>(), ".*")
-        .prop_map(|(sink, path, compress, excludes, only, [devices, delete, dry_run], version)| Hello {
+    (any::<bool>(), bytes(100), any::<bool>(), vec(".*", 0..3), vec(bytes(20), 0..3), any::<[bool; 4]>(), ".*")
+        .prop_map(|(sink, path, compress, excludes, only, [devices, delete, dry_run, delta], version)| Hello {
             role: if sink { Role::Sink } else { Role::Source },
             path,
-            options: SessionOptions { compress, excludes, only, devices, delete, dry_run },
+            options: SessionOptions { compress, excludes, only, devices, delete, dry_run, delta },
             version,
         })
 }

@@ -47,6 +47,8 @@ pub struct SessionOptions {
     pub delete: bool,
     /// Sink role: report what would happen, change nothing.
     pub dry_run: bool,
+    /// Sink role: ask for deltas of changed files (worth it over a network).
+    pub delta: bool,
 }
 
 /// The agent's answer to [`Hello`].
@@ -199,9 +201,9 @@ pub enum SinkMsg {
     /// The source may send this many more listing entries.
     Credit(u32),
     Fetch(Fetch),
-    /// A line for the desktop's log (the agent as sink reports through this).
+    /// A line for the desktop (the agent as sink reports through this).
     Log {
-        warning: bool,
+        kind: LogKind,
         text: String,
     },
     /// The sink is done; nothing more will be asked.
@@ -210,6 +212,17 @@ pub enum SinkMsg {
     },
     /// The sink hit an error it can't go on from.
     Fatal(String),
+}
+
+/// What a [`SinkMsg::Log`] line is.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogKind {
+    /// `verb path`: an action (the dry-run listing, or -vv output).
+    Action,
+    /// A problem with one entry (counts toward the exit code).
+    Problem,
+    /// Something to tell the admin.
+    Note,
 }
 
 /// A request for one file's data.

@@ -26,7 +26,7 @@ use crate::plan::{self, FileAction, Origin, Policy, Similarity};
 use crate::protocol::frame::{Encoder, Frame};
 use crate::protocol::msg::{Entry, Fetch, Link, SinkMsg, SkipReason, SourceMsg, SpecialKind};
 use crate::protocol::{Incoming, Outbox, ProtocolError, decode};
-use crate::report::{Events, Problem, ProblemKind, Stats};
+use crate::report::{Action, Events, Problem, ProblemKind, Stats};
 use crate::safefs::{Dir, Shown, file_type, join};
 use crate::writer::{self, Linked, TempEntry};
 
@@ -79,6 +79,8 @@ struct DirNode {
     last: Option<Vec<u8>>,
     /// The same directory in each basis, while its listing runs.
     bases: Vec<Option<Dir>>,
+    /// It existed with other metadata than the source's when first seen.
+    meta_differs: bool,
 }
 
 /// A regular file whose data was asked for.
@@ -98,8 +100,9 @@ struct Pending {
 
 /// State of a hardlink group whose first member was seen.
 enum Group {
-    /// Written at this path (relative to the destination root).
-    Done { rel: Vec<u8>, left: u32 },
+    /// Written at this path (relative to the destination root); `kept` if
+    /// the first member was already in place (not rewritten by this run).
+    Done { rel: Vec<u8>, left: u32, kept: bool },
     /// The first member's data is still on its way.
     Waiting { left: u32 },
 }
@@ -239,6 +242,20 @@ impl<'e> Sink<'e> {
         self.dirs[i].as_mut().expect("live directory node")
     }
 
+    /// Reports what is done to `rel`. A snapshot says how the entry gets
+    /// there (link, copy, fetch…); a restore says what happens to the
+    /// destination: create, replace, change (metadata only) or delete.
+    fn act(&mut self, action: Action, rel: &[u8], replacing: bool) {
+        let verb = match (self.cfg.policy, action) {
+            (Policy::Snapshot, a) => a.snapshot_verb(),
+            (Policy::Restore, Action::Remove) => "delete",
+            (Policy::Restore, Action::Meta) => "change",
+            (Policy::Restore, _) if replacing => "replace",
+            (Policy::Restore, _) => "create",
+        };
+        self.events.action(verb, rel);
+    }
+
     fn problem(&mut self, kind: ProblemKind, path: &[u8], detail: impl Into<String>) {
         self.stats.warnings += 1;
         self.events.problem(Problem::new(kind, path, detail));
@@ -307,6 +324,7 @@ impl<'e> Sink<'e> {
                 seen: Vec::new(),
                 last: None,
                 bases: self.cfg.bases.iter().cloned().map(Some).collect(),
+                meta_differs: false,
             }
         } else {
             let (parent, rel) = self.enter_name(name)?;
@@ -330,8 +348,18 @@ impl<'e> Sink<'e> {
                 seen: Vec::new(),
                 last: None,
                 bases,
+                meta_differs: false,
             }
         };
+        let mut node = node;
+        if node.existed
+            && let Some(dest) = &node.dest
+        {
+            // Decided now, before this run writes inside it and moves its mtime.
+            let want = self.cfg.privs.storable(&node.meta);
+            node.meta_differs =
+                !(meta::stat_matches(&dest.stat_self()?, &want) && meta::read_dir_xattrs(dest)? == want.xattrs);
+        }
         if let Some(err) = unreadable {
             self.problem(ProblemKind::Unreadable, &node.rel, format!("directory not listed: {err}"));
         }
@@ -354,6 +382,8 @@ impl<'e> Sink<'e> {
     fn open_child_dir(&mut self, parent: usize, name: &[u8], rel: &[u8]) -> Result<(Option<Dir>, bool)> {
         let node = self.node(parent);
         let Some(pdest) = node.dest.clone() else {
+            // A dry run inside a directory that would be created.
+            self.act(Action::Mkdir, rel, false);
             return Ok((None, false));
         };
         if node.existed
@@ -363,12 +393,13 @@ impl<'e> Sink<'e> {
                 let d = pdest.open_dir(name).with_context(|| format!("opening directory {}", Shown(rel)))?;
                 return Ok((Some(d), true));
             }
-            self.events.action("remove", rel);
+            self.act(Action::Mkdir, rel, true);
             if !self.cfg.dry_run {
                 pdest.remove_all(name).with_context(|| format!("removing {}", Shown(rel)))?;
             }
+        } else {
+            self.act(Action::Mkdir, rel, false);
         }
-        self.events.action("mkdir", rel);
         if self.cfg.dry_run {
             return Ok((None, false));
         }
@@ -398,7 +429,14 @@ impl<'e> Sink<'e> {
                 if node.existed && self.cfg.delete && !node.partial {
                     self.remove_extras(dest, &node)?;
                 }
-                if !self.cfg.dry_run {
+                // A restore of chosen paths leaves the metadata of directories
+                // that were already there on the way to them.
+                let leave = self.cfg.policy == Policy::Restore && node.partial && node.existed;
+                if node.meta_differs && !leave {
+                    self.act(Action::Meta, &node.rel, true);
+                    self.stats.metadata_fixed += 1;
+                }
+                if !self.cfg.dry_run && !leave {
                     let problems = meta::apply(&Target::Dir(dest), &node.meta, self.cfg.privs)
                         .with_context(|| format!("setting metadata of directory {}", Shown(&node.rel)))?;
                     self.apply_problems(&node.rel, problems);
@@ -424,7 +462,7 @@ impl<'e> Sink<'e> {
                 continue;
             }
             let rel = join(&node.rel, &name);
-            self.events.action("remove", &rel);
+            self.act(Action::Remove, &rel, true);
             self.stats.removed += 1;
             if !self.cfg.dry_run {
                 dest.remove_all(&name).with_context(|| format!("removing {}", Shown(&rel)))?;
@@ -490,18 +528,19 @@ impl<'e> Sink<'e> {
                 true
             }
             FileAction::Copy(origin) => {
-                self.copy_local(d, origin, &name, &rel, &meta, size)?;
+                self.copy_local(d, origin, &name, &rel, &meta, size, dest_sim != Similarity::Missing)?;
                 true
             }
             FileAction::Fetch { delta_base } => {
-                self.fetch(d, name, &rel, meta, size, delta_base, link.map(|l| l.id))?;
+                self.fetch(d, name, &rel, meta, size, delta_base, link.map(|l| l.id), dest_sim != Similarity::Missing)?;
                 // In a dry run nothing is pending: later links just print.
                 self.cfg.dry_run
             }
         };
         if let Some(link) = link {
             let left = link.nlink - 1;
-            let group = if done { Group::Done { rel, left } } else { Group::Waiting { left } };
+            let kept = action == FileAction::Keep;
+            let group = if done { Group::Done { rel, left, kept } } else { Group::Waiting { left } };
             self.groups.insert(link.id, group);
         }
         Ok(())
@@ -514,9 +553,8 @@ impl<'e> Sink<'e> {
             return Ok(());
         };
         let is_dir = dest.try_stat(name)?.is_some_and(|st| file_type(&st) == FileType::Directory);
-        if is_dir {
-            self.events.action("remove", rel);
-            if !self.cfg.dry_run {
+        if is_dir && !self.cfg.dry_run {
+            {
                 dest.remove_all(name).with_context(|| format!("removing {}", Shown(rel)))?;
             }
         }
@@ -537,9 +575,9 @@ impl<'e> Sink<'e> {
             }
         };
         match self.groups.get(&link.id) {
-            Some(Group::Done { rel: first, .. }) => {
-                let first = first.clone();
-                self.link_member(&first, d, name, rel)?;
+            Some(Group::Done { rel: first, kept, .. }) => {
+                let (first, kept) = (first.clone(), *kept);
+                self.link_member(&first, kept, d, name, rel)?;
             }
             _ => {
                 let waiter = (d, name.to_vec());
@@ -560,29 +598,36 @@ impl<'e> Sink<'e> {
         Ok(true)
     }
 
-    /// Links `name` in directory node `d` to the already written `first`.
-    fn link_member(&mut self, first: &[u8], d: usize, name: &[u8], rel: &[u8]) -> Result<()> {
-        self.events.action("hardlink", rel);
-        let Some(dest) = self.dest_of(d) else {
-            return Ok(());
+    /// Links `name` in directory node `d` to the already written `first`
+    /// (`first_kept`: it was in place before this run).
+    fn link_member(&mut self, first: &[u8], first_kept: bool, d: usize, name: &[u8], rel: &[u8]) -> Result<()> {
+        let (first_dir, first_name) = split_parent(first);
+        let dest = self.dest_of(d);
+        let existing = match (&dest, self.node(d).existed) {
+            (Some(dest), true) => dest.try_stat(name)?,
+            _ => None,
         };
+        // The first member, where it already is (always, outside a dry run).
+        let src_dir = self.cfg.dest.as_ref().and_then(|root| root.resolve_dir(first_dir).ok());
+        let src = src_dir.as_ref().and_then(|dir| dir.stat(first_name).ok());
+        // Already one inode with the first member: only if that one was kept
+        // (a rewritten first member is a new inode; a dry run only pretends).
+        if first_kept
+            && let (Some(st), Some(src)) = (&existing, &src)
+            && st.st_ino == src.st_ino
+            && st.st_dev == src.st_dev
+        {
+            self.stats.kept += 1;
+            return Ok(());
+        }
+        self.act(Action::Hardlink, rel, existing.is_some());
+        let Some(dest) = dest else { return Ok(()) };
         if self.cfg.dry_run {
             return Ok(());
         }
-        let (first_dir, first_name) = split_parent(first);
-        let root = self.cfg.dest.as_ref().expect("writing outside a dry run");
-        let src_dir =
-            root.resolve_dir(first_dir).with_context(|| format!("opening the directory of {}", Shown(first)))?;
-        let existing = dest.try_stat(name)?;
-        if let Some(st) = &existing {
-            let src = src_dir.stat(first_name)?;
-            if st.st_ino == src.st_ino && st.st_dev == src.st_dev {
-                self.stats.kept += 1;
-                return Ok(());
-            }
-            if file_type(st) == FileType::Directory {
-                dest.remove_all(name)?;
-            }
+        let src_dir = src_dir.ok_or_else(|| anyhow!("the first link of {} is missing", Shown(rel)))?;
+        if existing.as_ref().is_some_and(|st| file_type(st) == FileType::Directory) {
+            dest.remove_all(name)?;
         }
         match writer::link(&src_dir, first_name, &dest, name, existing.is_some())
             .with_context(|| format!("hardlinking {} to {}", Shown(rel), Shown(first)))?
@@ -598,7 +643,7 @@ impl<'e> Sink<'e> {
     }
 
     fn fix_meta_in_place(&mut self, d: usize, name: &[u8], rel: &[u8], meta: &Meta) -> Result<()> {
-        self.events.action("meta", rel);
+        self.act(Action::Meta, rel, true);
         self.stats.metadata_fixed += 1;
         let Some(dest) = self.dest_of(d) else {
             return Ok(());
@@ -624,7 +669,7 @@ impl<'e> Sink<'e> {
         size: u64,
         dest_sim: Similarity,
     ) -> Result<()> {
-        self.events.action("link", rel);
+        self.act(Action::Link, rel, dest_sim != Similarity::Missing);
         self.stats.linked += 1;
         let Some(dest) = self.dest_of(d) else {
             return Ok(());
@@ -646,8 +691,18 @@ impl<'e> Sink<'e> {
         Ok(())
     }
 
-    fn copy_local(&mut self, d: usize, origin: Origin, name: &[u8], rel: &[u8], meta: &Meta, size: u64) -> Result<()> {
-        self.events.action("copy", rel);
+    #[allow(clippy::too_many_arguments)]
+    fn copy_local(
+        &mut self,
+        d: usize,
+        origin: Origin,
+        name: &[u8],
+        rel: &[u8],
+        meta: &Meta,
+        size: u64,
+        replacing: bool,
+    ) -> Result<()> {
+        self.act(Action::Copy, rel, replacing);
         let Some(dest) = self.dest_of(d) else {
             self.stats.copied_locally += 1;
             return Ok(());
@@ -692,22 +747,23 @@ impl<'e> Sink<'e> {
         size: u64,
         delta_base: Option<Origin>,
         group: Option<u64>,
+        replacing: bool,
     ) -> Result<()> {
-        self.events.action(if delta_base.is_some() { "delta" } else { "fetch" }, rel);
+        let basis_dir = delta_base.and_then(|origin| match origin {
+            Origin::Dest => self.dest_of(d),
+            Origin::Basis(i) => self.node(d).bases[i].clone(),
+        });
+        let basis = basis_dir.and_then(|dir| receive::open_basis(&dir, &name, self.cfg.policy));
+        let delta = basis.is_some();
+        self.act(if delta { Action::Delta } else { Action::Fetch }, rel, replacing);
         if self.cfg.dry_run {
-            if delta_base.is_some() {
+            if delta {
                 self.stats.fetched_delta += 1;
             } else {
                 self.stats.fetched_whole += 1;
             }
             return Ok(());
         }
-        let basis_dir = delta_base.map(|origin| match origin {
-            Origin::Dest => self.dest_of(d).expect("an existing destination"),
-            Origin::Basis(i) => self.node(d).bases[i].clone().expect("the basis the plan chose"),
-        });
-        let basis = basis_dir.and_then(|dir| receive::open_basis(&dir, &name, self.cfg.policy));
-        let delta = basis.is_some();
         let p = Pending { id: 0, dir: d, name, meta, size, basis, sig_len: 0, group, waiters: Vec::new() };
         self.node_mut(d).pending += 1;
         if delta && (self.sig_outstanding >= SIGNATURE_BUDGET || !self.deferred.is_empty()) {
@@ -809,7 +865,7 @@ impl<'e> Sink<'e> {
     }
 
     fn fix_meta_at(&mut self, dest: &Dir, name: &[u8], rel: &[u8], meta: &Meta, symlink: bool) -> Result<()> {
-        self.events.action("meta", rel);
+        self.act(Action::Meta, rel, true);
         self.stats.metadata_fixed += 1;
         if self.cfg.dry_run {
             return Ok(());
@@ -830,7 +886,7 @@ impl<'e> Sink<'e> {
         existing: Option<&Stat>,
         make: impl FnOnce(&Dir) -> std::io::Result<TempEntry>,
     ) -> Result<()> {
-        self.events.action("create", rel);
+        self.act(Action::Create, rel, existing.is_some());
         let Some(dest) = self.dest_of(d) else {
             return Ok(());
         };

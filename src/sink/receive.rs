@@ -243,7 +243,7 @@ impl Sink<'_> {
             && let Some(Group::Waiting { left }) = self.groups.get(&g)
         {
             let left = *left;
-            self.groups.insert(g, Group::Done { rel: rel.to_vec(), left });
+            self.groups.insert(g, Group::Done { rel: rel.to_vec(), left, kept: false });
         }
         let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
         for (wd, wname) in &pending.waiters {
@@ -267,9 +267,9 @@ impl Sink<'_> {
         wrel: &[u8],
         rel: &[u8],
     ) -> Result<()> {
-        self.events.action("hardlink", wrel);
         let wdest = self.dest_of(wd).expect("fetches only happen outside dry runs");
         let existing = wdest.try_stat(wname)?;
+        self.act(super::Action::Hardlink, wrel, existing.is_some());
         if existing.as_ref().is_some_and(|st| crate::safefs::file_type(st) == rustix::fs::FileType::Directory) {
             wdest.remove_all(wname)?;
         }

@@ -102,8 +102,6 @@ impl Sshd {
         std::fs::copy(bin(), &agent).unwrap();
         sh(&format!("chmod 755 '{}'", agent.display()));
         let authorized_keys = d.join("authorized_keys");
-        std::fs::write(&authorized_keys, "").unwrap();
-        sh(&format!("chmod 644 '{}'", authorized_keys.display()));
 
         for _attempt in 0..5 {
             let port = free_port();
@@ -112,9 +110,9 @@ impl Sshd {
                 &config,
                 format!(
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {dir}/sshd.pid\n\
-                     AuthorizedKeysFile {keys}\nStrictModes no\nPasswordAuthentication no\n\
+                     AuthorizedKeysFile {keys}.%u\nStrictModes no\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nUsePAM no\n\
-                     AllowUsers {user}\nPermitRootLogin no\nLogLevel VERBOSE\n",
+                     AllowUsers {user} root\nPermitRootLogin forced-commands-only\nLogLevel VERBOSE\n",
                     host_key = d.join("host_key").display(),
                     dir = d.display(),
                     keys = authorized_keys.display(),
@@ -157,13 +155,18 @@ impl Sshd {
             let ssh_config = d.join("ssh_config");
             std::fs::write(
                 &ssh_config,
-                format!(
-                    "Host rbk-test\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {key}\n  \
-                     IdentitiesOnly yes\n  UserKnownHostsFile {kh}\n  StrictHostKeyChecking yes\n",
-                    user = user.name,
-                    key = d.join("id_ed25519").display(),
-                    kh = known_hosts.display(),
-                ),
+                ["rbk-test", "rbk-root"]
+                    .iter()
+                    .map(|alias| {
+                        format!(
+                            "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {key}\n  \
+                             IdentitiesOnly yes\n  UserKnownHostsFile {kh}\n  StrictHostKeyChecking yes\n",
+                            user = if *alias == "rbk-root" { "root" } else { user.name.as_str() },
+                            key = d.join("id_ed25519").display(),
+                            kh = known_hosts.display(),
+                        )
+                    })
+                    .collect::<String>(),
             )
             .unwrap();
             return Sshd {
@@ -181,12 +184,34 @@ impl Sshd {
         panic!("sshd did not start; see {}", d.join("sshd.log").display());
     }
 
-    /// Authorizes the desktop's key with these authorized_keys options
-    /// (e.g. a forced command), replacing what was there.
+    /// Authorizes the desktop's key for the backup user with these
+    /// `authorized_keys` options (e.g. a forced command), replacing what was there.
     pub fn authorize(&self, options: &str) {
+        self.authorize_for(&self.user.name, options);
+    }
+
+    /// The same for root, who may log in only with a forced command
+    /// (`PermitRootLogin forced-commands-only`): the restore key.
+    pub fn authorize_root(&self, options: &str) {
+        self.authorize_for("root", options);
+    }
+
+    fn authorize_for(&self, user: &str, options: &str) {
         let key = std::fs::read_to_string(self.client_key.with_extension("pub")).unwrap();
         let line = if options.is_empty() { key } else { format!("{options} {key}") };
-        std::fs::File::create(&self.authorized_keys).unwrap().write_all(line.as_bytes()).unwrap();
+        let path = self.authorized_keys.with_extension(user);
+        std::fs::File::create(&path).unwrap().write_all(line.as_bytes()).unwrap();
+        sh(&format!("chmod 644 '{}'", path.display()));
+    }
+
+    /// The forced command that confines the restore key to writing beneath `root`.
+    pub fn forced_write(&self, root: &Path) -> String {
+        format!("restrict,command=\"{} serve --write --root {}\"", self.agent.display(), root.display())
+    }
+
+    /// The restore destination `path` on this server, as root.
+    pub fn root_target(path: &Path) -> String {
+        format!("rbk-root:{}", path.display())
     }
 
     /// The forced command that confines the key to reading `root`.

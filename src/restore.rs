@@ -1,0 +1,319 @@
+//! `restore`: push a snapshot, or chosen paths of it, back to the server (or
+//! to a local folder) through a write-confined agent.
+//!
+//! Roles swap: the desktop runs the source over the snapshot, and the agent
+//! (`rbackup serve --write --root R`, normally root through a forced command)
+//! runs the sink with the restore policy: the snapshot's version wins — also
+//! over newer files — every replaced file is written under a temporary name
+//! and renamed over, unchanged files are skipped by size, mtime and metadata,
+//! and changed ones travel as deltas against what the destination has. The
+//! agent reports every action and problem back, so a dry run lists exactly
+//! what a real run does.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+
+use crate::config::{Job, SourceSpec};
+use crate::exit::Code;
+use crate::protocol::SOFTWARE;
+use crate::protocol::msg::{Hello, LogKind, Role, SessionOptions};
+use crate::report::Stats;
+use crate::source::{self, Selection};
+use crate::store::{Snapshot, Store, parse_stamp};
+use crate::transport::Connection;
+use crate::{info, lock, usage, warn};
+
+/// What to restore, and where.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// A folder name, `latest`, or a time; `None` is the latest.
+    pub snapshot: Option<String>,
+    /// Paths relative to the snapshot's root; empty restores everything.
+    pub paths: Vec<String>,
+    /// `[user@]host:/abs/path` or `/abs/path`; `None` restores in place.
+    pub to: Option<String>,
+    pub delete: bool,
+    pub dry_run: bool,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    pub code: Code,
+    pub snapshot: String,
+    pub to: String,
+    pub stats: Stats,
+    pub problems: u64,
+    pub seconds: f64,
+}
+
+/// Picks the snapshot `spec` names: `latest` (or nothing), a folder name, a
+/// stamp, or a UTC time — then the newest complete snapshot at or before it.
+pub fn pick(snapshots: &[Snapshot], name: &str, spec: Option<&str>) -> Result<Snapshot> {
+    let complete: Vec<&Snapshot> = snapshots.iter().filter(|s| s.complete).collect();
+    let oldest = complete.first().map_or("none".to_string(), |s| s.folder.clone());
+    match spec.map(str::trim) {
+        None | Some("latest") => {
+            complete.last().map(|s| (*s).clone()).ok_or_else(|| anyhow!("there is no complete snapshot of {name}"))
+        }
+        Some(spec) => {
+            if let Some(s) = snapshots.iter().find(|s| s.folder == spec || s.stamp() == spec) {
+                if !s.complete {
+                    return Err(usage!(
+                        "{} is an interrupted snapshot; finish it with `rbackup --continue` first",
+                        s.folder
+                    ));
+                }
+                return Ok(s.clone());
+            }
+            let time = parse_time(spec).ok_or_else(|| {
+                usage!(
+                    "--snapshot {spec:?}: not a snapshot of {name}, nor a time (use latest, a folder name, \
+                     YYYY-MM-DD, or \"YYYY-MM-DD HH:MM[:SS]\", UTC)"
+                )
+            })?;
+            complete.iter().rev().find(|s| s.time <= time).map(|s| (*s).clone()).ok_or_else(|| {
+                anyhow!(
+                    "no snapshot of {name} at or before {} (the oldest is {oldest})",
+                    time.format("%Y-%m-%d %H:%M:%S UTC")
+                )
+            })
+        }
+    }
+}
+
+/// Parses a UTC time: `YYYY-MM-DD` (the end of that day), `YYYY-MM-DD HH:MM`,
+/// `YYYY-MM-DD HH:MM:SS` (also with `T`, and with `Z` or ` UTC`), or a stamp
+/// `dd-mm-yy_hh-mm-ss`.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim().trim_end_matches(" UTC").trim_end_matches('Z').replace('T', " ");
+    if let Some(t) = parse_stamp(&s) {
+        return Some(t);
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(&s, fmt) {
+            return Some(t.and_utc());
+        }
+    }
+    let day = NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok()?;
+    Some(day.and_hms_opt(23, 59, 59)?.and_utc())
+}
+
+/// Checks and normalizes `--path` values: relative to the snapshot root
+/// (a leading `/` is allowed and means the same), no `..`.
+pub fn normalize_paths(paths: &[String]) -> Result<Vec<Vec<u8>>> {
+    paths
+        .iter()
+        .map(|p| {
+            let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+            if parts.contains(&"..") {
+                return Err(usage!("--path {p:?} contains `..`"));
+            }
+            if parts.is_empty() {
+                return Ok(Vec::new());
+            }
+            Ok(parts.join("/").into_bytes())
+        })
+        .collect()
+}
+
+/// Runs a restore for `job`.
+pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let store = Store::open(&job.backups_folder, &job.name)?;
+    let snapshot = pick(&store.snapshots()?, &job.name, opts.snapshot.as_deref())?;
+    let meta_dir = store.meta_dir()?;
+    let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    let _lock = lock::acquire_readers(&meta_dir, "restore", &folder_shown)?;
+    let snap_dir = store.open_snapshot(&snapshot)?;
+    let paths = normalize_paths(&opts.paths)?;
+    for p in &paths {
+        if !p.is_empty() && !exists_in(&snap_dir, p) {
+            return Err(usage!("{} has no {}", snapshot.folder, String::from_utf8_lossy(p)));
+        }
+    }
+
+    let target = match opts.to.as_deref().or(job.restore_to.as_deref()) {
+        Some(to) => SourceSpec::parse(to)?,
+        None => job.source.clone().ok_or_else(|| usage!("nowhere to restore to: give --to DEST"))?,
+    };
+    let (conn, path) = match &target {
+        SourceSpec::Local(p) => {
+            refuse_inside_backups(p, &job.backups_folder)?;
+            if !opts.dry_run {
+                std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
+            }
+            (Connection::local(p, Role::Sink)?, p.clone())
+        }
+        SourceSpec::Remote { user, host, path } => {
+            (Connection::ssh(user.as_deref(), host, job, Role::Sink)?, path.clone())
+        }
+    };
+    let hello = Hello {
+        role: Role::Sink,
+        path: path.as_os_str().as_encoded_bytes().to_vec(),
+        options: SessionOptions {
+            compress: job.compress,
+            devices: true,
+            delete: opts.delete,
+            dry_run: opts.dry_run,
+            delta: matches!(target, SourceSpec::Remote { .. }),
+            ..SessionOptions::default()
+        },
+        version: SOFTWARE.to_string(),
+    };
+    let session = conn.handshake(&hello)?;
+    if !opts.dry_run {
+        info!("restoring {} to {target}", snapshot.folder);
+    }
+    let crate::transport::Session { reader, writer, conn: mut handle, .. } = session;
+    let mut problems = 0u64;
+    let dry_run = opts.dry_run;
+    let mut on_log = |kind: LogKind, text: &str| match kind {
+        LogKind::Action if dry_run => println!("{text}"),
+        LogKind::Action => crate::trace!("{text}"),
+        LogKind::Problem => {
+            problems += 1;
+            warn!("{text}");
+        }
+        LogKind::Note => info!("{text}"),
+    };
+    let selection = Selection::new(&[], &paths)?;
+    let result = source::run(snap_dir, selection, job.compress, reader, writer, &mut on_log);
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            let (_, detail) = handle.stop();
+            return Err(anyhow!("restore of {} to {target} failed: {e:#}{detail}", snapshot.folder));
+        }
+    };
+    handle.finish()?;
+    Ok(RestoreReport {
+        code: if problems > 0 { Code::Partial } else { Code::Ok },
+        snapshot: snapshot.folder,
+        to: target.to_string(),
+        stats: Stats::from_pairs(&summary),
+        problems,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn exists_in(snap: &crate::safefs::Dir, rel: &[u8]) -> bool {
+    let (dir, name) = match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&b""[..], rel),
+    };
+    let parent = if dir.is_empty() { Ok(snap.clone()) } else { snap.resolve_dir(dir) };
+    parent.is_ok_and(|p| p.try_stat(name).is_ok_and(|s| s.is_some()))
+}
+
+/// A restore must never write into the backups folder: that is where the
+/// immutable snapshots live.
+fn refuse_inside_backups(to: &Path, backups: &Path) -> Result<()> {
+    let canon = |p: &Path| -> PathBuf {
+        // The deepest existing ancestor, resolved; the rest appended.
+        let mut existing = p.to_path_buf();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            match (existing.file_name(), existing.parent()) {
+                (Some(n), Some(parent)) => {
+                    rest.push(n.to_os_string());
+                    existing = parent.to_path_buf();
+                }
+                _ => break,
+            }
+        }
+        let mut c = existing.canonicalize().unwrap_or(existing);
+        c.extend(rest.iter().rev());
+        c
+    };
+    let (to, backups) = (canon(to), canon(backups));
+    if to.starts_with(&backups) || backups.starts_with(&to) {
+        return Err(usage!(
+            "refusing to restore to {}: it overlaps the backups folder {}, where snapshots must stay untouched",
+            to.display(),
+            backups.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Prints the end-of-restore summary.
+pub fn print_summary(r: &RestoreReport, dry_run: bool) {
+    let s = &r.stats;
+    let what = if dry_run { "dry run of the restore" } else { "restore" };
+    info!("{what} of {} to {}: {} in {:.1} s", r.snapshot, r.to, r.code.word(), r.seconds);
+    info!(
+        "  entries {}: unchanged {}, files sent {} (as delta {}), metadata changed {}, deleted {}",
+        s.entries,
+        s.kept,
+        s.fetched_whole + s.fetched_delta,
+        s.fetched_delta,
+        s.metadata_fixed,
+        s.removed
+    );
+    if r.problems > 0 {
+        warn!("{} entries could not be restored (listed above)", r.problems);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::parse_folder_name;
+
+    fn snaps(names: &[&str]) -> Vec<Snapshot> {
+        let mut v: Vec<Snapshot> = names
+            .iter()
+            .map(|n| {
+                let (time, complete) = parse_folder_name("s", n).unwrap();
+                Snapshot { folder: (*n).to_string(), time, complete }
+            })
+            .collect();
+        v.sort_by_key(|s| s.time);
+        v
+    }
+
+    #[test]
+    fn picks_by_name_latest_and_time() {
+        let s = snaps(&[
+            "s.01-01-20_10-00-00",
+            "s.05-01-20_10-00-00",
+            "s.31-12-19_10-00-00",
+            "s.06-01-20_10-00-00.incomplete",
+        ]);
+        assert_eq!(pick(&s, "s", None).unwrap().folder, "s.05-01-20_10-00-00");
+        assert_eq!(pick(&s, "s", Some("latest")).unwrap().folder, "s.05-01-20_10-00-00");
+        assert_eq!(pick(&s, "s", Some("s.31-12-19_10-00-00")).unwrap().folder, "s.31-12-19_10-00-00");
+        assert_eq!(pick(&s, "s", Some("01-01-20_10-00-00")).unwrap().folder, "s.01-01-20_10-00-00");
+        // The newest at or before the time.
+        assert_eq!(pick(&s, "s", Some("2020-01-04")).unwrap().folder, "s.01-01-20_10-00-00");
+        assert_eq!(pick(&s, "s", Some("2020-01-01 10:00")).unwrap().folder, "s.01-01-20_10-00-00");
+        assert_eq!(pick(&s, "s", Some("2020-01-01 09:59:59")).unwrap().folder, "s.31-12-19_10-00-00");
+        assert_eq!(pick(&s, "s", Some("2020-01-05T10:00:00Z")).unwrap().folder, "s.05-01-20_10-00-00");
+        assert!(pick(&s, "s", Some("2019-12-30")).is_err());
+        assert!(pick(&s, "s", Some("s.06-01-20_10-00-00.incomplete")).is_err());
+        assert!(pick(&s, "s", Some("yesterday")).is_err());
+    }
+
+    #[test]
+    fn paths_are_relative_and_cannot_climb() {
+        let p = normalize_paths(&["/etc/passwd".into(), "home/alice/".into(), "./a".into()]).unwrap();
+        assert_eq!(p, vec![b"etc/passwd".to_vec(), b"home/alice".to_vec(), b"a".to_vec()]);
+        assert!(normalize_paths(&["a/../../etc".into()]).is_err());
+    }
+
+    #[test]
+    fn restoring_into_the_backups_folder_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bk = tmp.path().join("bk");
+        std::fs::create_dir(&bk).unwrap();
+        assert!(refuse_inside_backups(&bk.join("s.01-01-20_00-00-00/x"), &bk).is_err());
+        assert!(refuse_inside_backups(&bk, &bk).is_err());
+        assert!(refuse_inside_backups(tmp.path(), &bk).is_err());
+        assert!(refuse_inside_backups(&tmp.path().join("elsewhere"), &bk).is_ok());
+    }
+}

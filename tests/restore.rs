@@ -1,0 +1,280 @@
+//! Restores: over SSH as root through a write-confined forced command, and to
+//! a local folder; damaged destinations, chosen paths and snapshots, planted
+//! symlinks, the read-only agent, and dry runs.
+
+#![allow(clippy::pedantic)] // test code: plain asserts over polish
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use common::sshd::Sshd;
+use common::*;
+
+/// A restore with `extra` arguments; returns (code, stdout, stderr).
+fn restore(bk: &Path, extra: &[String]) -> (i32, String, String) {
+    let mut args: Vec<String> =
+        vec!["--restore".into(), "--backups-folder".into(), bk.display().to_string(), "--name".into(), "srv".into()];
+    args.extend(extra.iter().cloned());
+    run(&args.iter().map(OsStr::new).collect::<Vec<_>>())
+}
+
+/// Restores over SSH as root to `dest`, beneath `area` (the forced command's root).
+fn restore_ssh(sshd: &Sshd, bk: &Path, dest: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["--to".to_string(), Sshd::root_target(dest)];
+    args.extend(sshd.args());
+    args.extend(extra.iter().map(ToString::to_string));
+    restore(bk, &args)
+}
+
+/// A backup of a rich tree (taken locally, as root: trusted.* included).
+fn snapshot_of_rich_tree(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (src, bk) = (tmp.join("src"), tmp.join("bk"));
+    rich_tree(&src);
+    write(&src.join("data/big.db"), &noise(11, 3 << 20));
+    let (code, _, err) = backup(&src, &bk, "srv", &[]);
+    assert_eq!(code, 0, "{err}");
+    let snap = complete(&bk, "srv")[0].clone();
+    (src, bk, snap)
+}
+
+#[test]
+fn full_restore_over_ssh_as_root_into_an_empty_folder_equals_the_snapshot() {
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (_, bk, snap) = snapshot_of_rich_tree(tmp.path());
+    let area = tmp.path().join("server");
+    std::fs::create_dir(&area).unwrap();
+    sshd.authorize_root(&sshd.forced_write(&area));
+    let dest = area.join("content");
+
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &[]);
+    assert_eq!(code, 0, "{err}\n{}", sshd.log());
+    assert_same_tree(&snap, &dest, &[]);
+    let (a, b) = (read_tree(&snap), read_tree(&dest));
+    let sparse = b"var/disk.img".to_vec();
+    assert!(b[&sparse].blocks <= a[&sparse].blocks, "holes were filled: {} > {}", b[&sparse].blocks, a[&sparse].blocks);
+
+    // A second restore sends nothing: everything is in place.
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &["-v"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("files sent 0"), "{err}");
+}
+
+#[test]
+fn restore_over_a_damaged_destination_puts_the_snapshot_back() {
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (_, bk, snap) = snapshot_of_rich_tree(tmp.path());
+    let area = tmp.path().join("server");
+    let dest = area.join("content");
+    std::fs::create_dir(&area).unwrap();
+    sshd.authorize_root(&sshd.forced_write(&area));
+    assert_eq!(restore_ssh(&sshd, &bk, &dest, &[]).0, 0);
+
+    // Damage: changed content (in the middle of a big file too), deleted,
+    // chmodded, newer files (ransomware's work looks like this), extras.
+    write(&dest.join("etc/motd"), b"encrypted!!");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(dest.join("data/big.db")).unwrap();
+        f.write_all_at(b"ENCRYPTED", 1 << 20).unwrap();
+    }
+    std::fs::remove_file(dest.join("names/with space.txt")).unwrap();
+    std::fs::remove_dir_all(dest.join("empty")).unwrap();
+    sh(&format!("chmod 777 '{}'", dest.join("etc/shadow-like").display()));
+    sh(&format!("chown 4242 '{}'", dest.join("bin/tool").display()));
+    write(&dest.join("home/alice/notes.txt"), b"newer, but wrong");
+    sh(&format!("touch -d '2099-01-01' '{}'", dest.join("home/alice/notes.txt").display()));
+    write(&dest.join("extra.txt"), b"not in the snapshot");
+    write(&dest.join("etc/extra/deep.txt"), b"not in the snapshot");
+
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &["-v"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("as delta 1"), "the big file should travel as a delta: {err}");
+    // Without --delete the extras stay; everything else is the snapshot's.
+    assert!(dest.join("extra.txt").exists() && dest.join("etc/extra/deep.txt").exists());
+    std::fs::remove_file(dest.join("extra.txt")).unwrap();
+    std::fs::remove_dir_all(dest.join("etc/extra")).unwrap();
+    // (Removing them by hand changed two directories' mtimes; restore again.)
+    assert_eq!(restore_ssh(&sshd, &bk, &dest, &[]).0, 0);
+    assert_same_tree(&snap, &dest, &[]);
+
+    // With --delete the extras go too.
+    write(&dest.join("extra.txt"), b"x");
+    write(&dest.join("etc/extra/deep.txt"), b"x");
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &["--delete"]);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&snap, &dest, &[]);
+}
+
+#[test]
+fn chosen_paths_and_snapshots_are_restored_to_a_local_folder() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("etc/motd"), b"version 1");
+    write(&src.join("deep/a/b/c/file.txt"), b"deep 1");
+    write(&src.join("deep/a/b/c/d/more.txt"), b"more 1");
+    write(&src.join("other.txt"), b"other");
+    sh(&format!(
+        "chown -R {GHOST_UID}:{GHOST_GID} '{}' && chmod 750 '{}'",
+        src.join("deep").display(),
+        src.join("deep/a").display()
+    ));
+    assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
+    let first = complete(&bk, "srv")[0].clone();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write(&src.join("etc/motd"), b"version 2");
+    assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
+    let second = complete(&bk, "srv")[1].clone();
+
+    // One file, from the latest snapshot.
+    let out = tmp.path().join("one-file");
+    let (code, _, err) = restore(&bk, &["--path".into(), "etc/motd".into(), "--to".into(), out.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(out.join("etc/motd")).unwrap(), b"version 2");
+    assert!(!out.join("other.txt").exists() && !out.join("deep").exists());
+
+    // One deep directory: missing parents get the snapshot's metadata.
+    let out = tmp.path().join("one-dir");
+    let (code, _, err) =
+        restore(&bk, &["--path".into(), "/deep/a/b/c".into(), "--to".into(), out.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&second.join("deep/a/b/c"), &out.join("deep/a/b/c"), &[]);
+    let (snap_tree, out_tree) = (read_tree(&second), read_tree(&out));
+    for parent in [&b"deep"[..], b"deep/a", b"deep/a/b"] {
+        let (s, o) = (&snap_tree[parent], &out_tree[parent]);
+        assert_eq!(
+            (o.mode, o.uid, o.gid, o.mtime),
+            (s.mode, s.uid, s.gid, s.mtime),
+            "{}",
+            String::from_utf8_lossy(parent)
+        );
+    }
+    assert!(!out.join("etc").exists());
+
+    // The older snapshot, by name and by time.
+    let name = first.file_name().unwrap().to_str().unwrap().to_string();
+    let out = tmp.path().join("by-name");
+    let (code, _, err) = restore(&bk, &["--snapshot".into(), name, "--to".into(), out.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&first, &out, &[]);
+    let stamp = &first.file_name().unwrap().to_str().unwrap()["srv.".len()..];
+    let (d, m, y, t) = (&stamp[0..2], &stamp[3..5], &stamp[6..8], stamp[9..].replace('-', ":"));
+    let out = tmp.path().join("by-time");
+    let time = format!("20{y}-{m}-{d} {t}");
+    let (code, _, err) = restore(&bk, &["--snapshot".into(), time, "--to".into(), out.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(out.join("etc/motd")).unwrap(), b"version 1");
+
+    // A path the snapshot doesn't have, and a destination inside the backups folder.
+    let (code, _, err) =
+        restore(&bk, &["--path".into(), "nope".into(), "--to".into(), tmp.path().join("x").display().to_string()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("has no nope"), "{err}");
+    let (code, _, err) = restore(&bk, &["--to".into(), first.join("etc").display().to_string()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("overlaps the backups folder"), "{err}");
+    assert_eq!(std::fs::read(first.join("etc/motd")).unwrap(), b"version 1");
+}
+
+#[test]
+fn a_symlink_planted_in_the_destination_is_never_written_through() {
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("etc/motd"), b"restored");
+    write(&src.join("etc/passwd"), b"restored passwd");
+    assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
+    let area = tmp.path().join("server");
+    let dest = area.join("content");
+    let outside = tmp.path().join("outside");
+    write(&outside.join("motd"), b"outside, untouched");
+    write(&tmp.path().join("outside-passwd"), b"outside passwd, untouched");
+    std::fs::create_dir_all(&dest).unwrap();
+    // The whole etc directory is a symlink out of the root...
+    std::os::unix::fs::symlink(&outside, dest.join("etc")).unwrap();
+    sshd.authorize_root(&sshd.forced_write(&area));
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(outside.join("motd")).unwrap(), b"outside, untouched");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+    assert!(dest.join("etc").symlink_metadata().unwrap().is_dir());
+    // ...and a file is a symlink out of the root.
+    std::fs::remove_file(dest.join("etc/passwd")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("outside-passwd"), dest.join("etc/passwd")).unwrap();
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(tmp.path().join("outside-passwd")).unwrap(), b"outside passwd, untouched");
+    assert_same_tree(&complete(&bk, "srv")[0], &dest, &[]);
+    // The root itself reached through a symlink is refused.
+    std::os::unix::fs::symlink(&outside, area.join("link")).unwrap();
+    let (code, _, err) = restore_ssh(&sshd, &bk, &area.join("link/x"), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("without following symlinks"), "{err}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+}
+
+#[test]
+fn the_read_only_agent_refuses_a_restore() {
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("f"), b"f");
+    assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
+    let dest = tmp.path().join("server");
+    std::fs::create_dir(&dest).unwrap();
+    sshd.authorize_root(&sshd.forced_read_only(&dest));
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("read-only") && err.contains("serve --write"), "{err}");
+    assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 0, "something was written");
+}
+
+/// The action lines of a run: `verb path`.
+fn actions(text: &str) -> Vec<String> {
+    let verbs = ["create ", "replace ", "change ", "delete "];
+    let mut v: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| verbs.iter().any(|vb| l.starts_with(vb)))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_dry_run_lists_exactly_what_the_real_run_does_and_writes_nothing() {
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (_, bk, snap) = snapshot_of_rich_tree(tmp.path());
+    let area = tmp.path().join("server");
+    let dest = area.join("content");
+    std::fs::create_dir(&area).unwrap();
+    sshd.authorize_root(&sshd.forced_write(&area));
+    assert_eq!(restore_ssh(&sshd, &bk, &dest, &[]).0, 0);
+    write(&dest.join("etc/motd"), b"changed");
+    sh(&format!("chmod 700 '{}'", dest.join("shared").display()));
+    sh(&format!("chmod 600 '{}'", dest.join("etc/shadow-like").display()));
+    std::fs::remove_file(dest.join("bin/dangling")).unwrap();
+    std::fs::remove_dir_all(dest.join("names")).unwrap();
+    write(&dest.join("extra.txt"), b"x");
+    sh(&format!("chmod 600 '{}'", dest.join("extra.txt").display()));
+    let before = read_tree(&dest);
+
+    let (code, out, err) = restore_ssh(&sshd, &bk, &dest, &["--dry-run", "--delete"]);
+    assert_eq!(code, 0, "{err}");
+    let planned = actions(&out);
+    assert!(diff_trees(&before, &read_tree(&dest), &[]).is_empty(), "the dry run changed the destination");
+    for expected in ["replace etc/motd", "change shared", "create bin/dangling", "create names", "delete extra.txt"] {
+        assert!(planned.contains(&expected.to_string()), "{expected} missing from the plan: {planned:?}");
+    }
+
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &["--delete", "-vv"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(actions(&err), planned, "the real run did something else than the dry run said");
+    assert_same_tree(&snap, &dest, &[]);
+}
