@@ -201,8 +201,6 @@ pub fn run_with(
     let (incoming, wire_bytes, reader_thread) = spawn_reader(reader, 64);
     let (out, writer_thread) = spawn_writer(writer, None);
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
-    let resumable =
-        if opts.dry_run { String::new() } else { format!("; {} stays for `rbackup --continue`", target.folder) };
     let mut stats = match result {
         Ok(stats) => stats,
         Err(e) => {
@@ -212,7 +210,10 @@ pub fn run_with(
             drop(incoming);
             let _ = writer_thread.join();
             let _ = reader_thread.join();
-            return Err(e.context(format!("backup from {source} failed{resumable}{detail}")));
+            if !opts.dry_run {
+                warn!("{} stays for `rbackup --continue` (or the next backup) to finish", target.folder);
+            }
+            return Err(e.context(format!("backup from {source} failed{detail}")));
         }
     };
     let written = writer_thread.join().expect("writer thread");

@@ -73,6 +73,10 @@ pub enum Command {
     #[command(long_flag = "restore", after_help = RESTORE_EXAMPLES)]
     Restore(RestoreArgs),
 
+    /// Send a test message with the job's [email] settings
+    #[command(name = "test-email", long_flag = "test-email")]
+    TestEmail(StoreArgs),
+
     /// Run the agent on stdin/stdout (started by the desktop over SSH, usually as a
     /// forced command: restrict,command="rbackup serve --read-only --root /srv/content")
     #[command(long_flag = "serve")]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::notify::EmailConfig;
 use crate::usage;
 
 /// The file read when `--config` is not given, if it exists.
@@ -21,6 +22,8 @@ pub const DEFAULT_CONFIG: &str = "/etc/rbackup/rbackup.toml";
 pub struct FileConfig {
     #[serde(default)]
     pub job: BTreeMap<String, JobConfig>,
+    /// Mail reports, for every job.
+    pub email: Option<EmailConfig>,
 }
 
 /// One `[job.NAME]` table; every key optional, the command line may fill in.
@@ -46,6 +49,8 @@ pub struct JobConfig {
     /// Where `restore` writes by default, if not back to `source`, e.g.
     /// `root@server-restore:/srv/content` with a write-confined key.
     pub restore_to: Option<String>,
+    /// A Prometheus textfile (for `node_exporter`) rewritten after every run.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// Where the data comes from.
@@ -105,6 +110,9 @@ pub struct Job {
     pub remote_bin: String,
     pub ssh_config: Option<PathBuf>,
     pub restore_to: Option<String>,
+    pub metrics_file: Option<PathBuf>,
+    /// The `[email]` settings, if any.
+    pub email: Option<EmailConfig>,
 }
 
 /// Values from the command line, which win over the file.
@@ -209,6 +217,8 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
         remote_bin: cli.remote_bin.clone().or(base.remote_bin.clone()).unwrap_or_else(|| "rbackup".into()),
         ssh_config: cli.ssh_config.clone().or(base.ssh_config.clone()),
         restore_to: base.restore_to.clone(),
+        metrics_file: base.metrics_file.clone(),
+        email: file.and_then(|(_, cfg)| cfg.email.clone()),
     })
 }
 

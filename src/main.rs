@@ -7,7 +7,7 @@ use clap::Parser;
 use rbackup::cli::{Cli, Command, RestoreArgs, RunArgs, StoreArgs};
 use rbackup::config::{self, Job, Overrides};
 use rbackup::exit::{Code, code_of};
-use rbackup::{backup, error, list, log, restore, serve, store};
+use rbackup::{backup, error, finish, list, log, notify, restore, serve, store};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -35,10 +35,19 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                     .map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
             }
             log::set_tag(&job.job);
-            let opts =
-                backup::RunOptions { resume: matches!(cli.command, Command::Continue(_)), dry_run: args.dry_run };
-            let report = backup::run(&job, &opts)?;
-            backup::print_summary(&report, opts.dry_run);
+            let resume = matches!(cli.command, Command::Continue(_));
+            let opts = backup::RunOptions { resume, dry_run: args.dry_run };
+            let started = chrono::Utc::now();
+            let result = backup::run(&job, &opts);
+            match &result {
+                Ok(report) => backup::print_summary(report, opts.dry_run),
+                Err(e) => error!("{e:#}"),
+            }
+            finish::after_backup(&job, if resume { "continue" } else { "backup" }, started, &result, opts.dry_run);
+            let report = match result {
+                Ok(r) => r,
+                Err(e) => return Ok(code_of(&e)),
+            };
             if let Some(path) = &args.stats_json {
                 backup::write_stats_json(path, &job, &report)?;
             }
@@ -57,6 +66,20 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let report = restore::run(&job, &opts)?;
             restore::print_summary(&report, opts.dry_run);
             Ok(report.code)
+        }
+        Command::TestEmail(args) => {
+            let job = job(cli, &store_overrides(args))?;
+            let email = job.email.ok_or_else(|| anyhow::anyhow!("there is no [email] section in the config file"))?;
+            let subject = format!("[rbackup] {} on {}: test message", job.job, notify::hostname());
+            let body = format!(
+                "This is a test of rbackup's mail reports for job {} on {}.\nReports are sent on: {:?}.\n",
+                job.job,
+                notify::hostname(),
+                email.send_on
+            );
+            email.send(&subject, &body)?;
+            rbackup::info!("test message sent to {}", email.to.join(", "));
+            Ok(Code::Ok)
         }
         Command::List(args) => {
             let job = job(cli, &store_overrides(args))?;

@@ -112,6 +112,19 @@ fn retry_on_collision(mut make: impl FnMut(&[u8]) -> io::Result<TempEntry>) -> i
     }
 }
 
+/// Replaces the small file `name` in `dir` with `contents` atomically: a
+/// reader sees the old or the new file, never a part (bookkeeping files).
+pub fn replace_file(dir: &Dir, name: &[u8], contents: &[u8], mode: u32) -> io::Result<()> {
+    let mut temp = TempEntry::file(dir)?;
+    let file = temp.file_mut();
+    std::io::Write::write_all(file, contents)?;
+    rustix::fs::fchmod(&*file, Mode::from_raw_mode(mode))?;
+    file.sync_all()?;
+    dir.rename(&temp.name, name)?;
+    temp.done = true;
+    Ok(())
+}
+
 /// Result of trying to hardlink.
 pub enum Linked {
     Done,

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
+pub mod smtp;
 pub mod sshd;
 
 /// Fails loudly unless the test runs as root: these tests create files of

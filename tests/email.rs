@@ -1,0 +1,184 @@
+//! Mail reports against a real SMTP server on loopback: plain, STARTTLS with
+//! a private CA trusted through `ca_file`, AUTH with a password file; one mail
+//! per failed run; an unreachable SMTP server changes nothing about the run.
+
+#![allow(clippy::pedantic)] // test code: plain asserts over polish
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use common::smtp::{Pki, Smtp, make_pki};
+use common::*;
+
+/// A config with job `web` backing up `source` into `dir/bk`, and `email`.
+fn config(dir: &Path, source: &str, email: &str) -> PathBuf {
+    let path = dir.join("rbackup.toml");
+    let text = format!(
+        "[job.web]\nsource = \"{source}\"\nbackups_folder = \"{}\"\n\n[email]\nfrom = \"rbackup@example.org\"\nto = [\"admin@example.org\", \"oncall@example.org\"]\n{email}",
+        dir.join("bk").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn rb(cfg: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<&OsStr> = vec!["-c".as_ref(), cfg.as_os_str()];
+    all.extend(args.iter().map(OsStr::new));
+    run(&all)
+}
+
+fn hostname() -> String {
+    String::from_utf8(std::process::Command::new("uname").arg("-n").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_test_message_goes_through_plain_smtp() {
+    require_root();
+    let tmp = scratch();
+    let smtp = Smtp::start(tmp.path(), "plain", None, None);
+    let cfg = config(tmp.path(), "/srv", &format!("host = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n", smtp.port));
+    let (code, _, err) = rb(&cfg, &["test-email"]);
+    assert_eq!(code, 0, "{err}");
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["subject"], format!("[rbackup] web on {}: test message", hostname()));
+    assert_eq!(msgs[0]["rcpt_tos"], serde_json::json!(["admin@example.org", "oncall@example.org"]));
+}
+
+#[test]
+fn starttls_with_a_private_ca_and_auth_from_a_password_file() {
+    require_root();
+    let tmp = scratch();
+    let pki: Pki = make_pki(tmp.path());
+    let smtp = Smtp::start(tmp.path(), "starttls", Some(&pki), Some(("mailer", "s3cret pass")));
+    let pw = tmp.path().join("smtp-password");
+    std::fs::write(&pw, "s3cret pass\n").unwrap();
+    sh(&format!("chmod 600 '{}'", pw.display()));
+    let settings = |ca: bool| {
+        let mut s = format!(
+            "host = \"localhost\"\nport = {}\nsecurity = \"starttls\"\nusername = \"mailer\"\npassword_file = \"{}\"\n",
+            smtp.port,
+            pw.display()
+        );
+        if ca {
+            s.push_str(&format!("ca_file = \"{}\"\n", pki.ca.display()));
+        }
+        s
+    };
+
+    // Without the CA the server's certificate is not trusted: nothing is sent.
+    let cfg = config(tmp.path(), "/srv", &settings(false));
+    let (code, _, err) = rb(&cfg, &["test-email"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.to_lowercase().contains("certificate") || err.contains("tls") || err.contains("TLS"), "{err}");
+    assert!(smtp.messages().is_empty());
+
+    let cfg = config(tmp.path(), "/srv", &settings(true));
+    let (code, _, err) = rb(&cfg, &["test-email"]);
+    assert_eq!(code, 0, "{err}");
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["tls"], true);
+    assert_eq!(msgs[0]["auth_user"], "mailer");
+
+    // A password file others can read is refused, clearly.
+    sh(&format!("chmod 644 '{}'", pw.display()));
+    let (code, _, err) = rb(&cfg, &["test-email"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("others can read it") && err.contains("chmod 600"), "{err}");
+    assert_eq!(smtp.messages().len(), 1);
+}
+
+#[test]
+fn a_failed_backup_sends_exactly_one_mail_that_says_what_failed() {
+    require_root();
+    let tmp = scratch();
+    let smtp = Smtp::start(tmp.path(), "plain", None, None);
+    let mail = format!("host = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n", smtp.port);
+
+    // A missing source.
+    let missing = tmp.path().join("missing");
+    let cfg = config(tmp.path(), missing.to_str().unwrap(), &mail);
+    let (code, _, err) = rb(&cfg, &["--backup"]);
+    assert_eq!(code, 1, "{err}");
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    let subject = msgs[0]["subject"].as_str().unwrap();
+    assert!(
+        subject.starts_with(&format!(
+            "[rbackup] web on {}: FAILED — the source {} cannot be read",
+            hostname(),
+            missing.display()
+        )),
+        "{subject}"
+    );
+    let body = msgs[0]["body"].as_str().unwrap();
+    assert!(body.contains("Exit code: 1") && body.contains("No such file or directory"), "{body}");
+    assert!(body.contains("Last ") && body.contains("log lines"), "{body}");
+
+    // SSH refused: nothing listens where the source points.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ssh_cfg = tmp.path().join("ssh_config");
+    std::fs::write(&ssh_cfg, format!("Host nowhere\n  HostName 127.0.0.1\n  Port {port}\n")).unwrap();
+    let cfg = config(tmp.path(), "nowhere:/srv", &mail);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[email]", &format!("ssh_config = \"{}\"\n\n[email]", ssh_cfg.display()));
+    std::fs::write(&cfg, text).unwrap();
+    let (code, _, err) = rb(&cfg, &["--backup"]);
+    assert_eq!(code, 1, "{err}");
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    let subject = msgs[1]["subject"].as_str().unwrap();
+    assert!(subject.contains(": FAILED — cannot reach nowhere"), "{subject}");
+
+    // A successful run sends nothing (send_on = failure is the default).
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"f");
+    let cfg = config(tmp.path(), src.to_str().unwrap(), &mail);
+    assert_eq!(rb(&cfg, &["--backup"]).0, 0);
+    assert_eq!(smtp.messages().len(), 2);
+}
+
+#[test]
+fn an_interrupted_run_mail_says_how_to_continue() {
+    require_root();
+    let tmp = scratch();
+    let smtp = Smtp::start(tmp.path(), "plain", None, None);
+    let mail = format!("host = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nsend_on = \"partial\"\n", smtp.port);
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"f");
+    // An interrupted run: its folder is there, and this run fails.
+    std::fs::create_dir_all(tmp.path().join("bk/web.01-01-26_00-00-00.incomplete")).unwrap();
+    let cfg = config(tmp.path(), tmp.path().join("gone").to_str().unwrap(), &mail);
+    let (code, _, _) = rb(&cfg, &["--backup"]);
+    assert_eq!(code, 1);
+    let body = smtp.messages()[0]["body"].as_str().unwrap().to_string();
+    assert!(body.contains("web.01-01-26_00-00-00.incomplete is kept; run `rbackup -j web --continue`"), "{body}");
+    assert!(body.contains("there is no complete snapshot yet"), "{body}");
+}
+
+#[test]
+fn an_unreachable_smtp_server_does_not_change_the_exit_code() {
+    require_root();
+    let tmp = scratch();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mail = format!("host = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\nsend_on = \"always\"\n");
+    let cfg = config(tmp.path(), tmp.path().join("missing").to_str().unwrap(), &mail);
+    let (code, _, err) = rb(&cfg, &["--backup"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("could not send the report mail"), "{err}");
+    assert!(err.contains("the source"), "the run's own error must still be shown: {err}");
+
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"f");
+    let cfg = config(tmp.path(), src.to_str().unwrap(), &mail);
+    let (code, _, err) = rb(&cfg, &["--backup"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("could not send the report mail"), "{err}");
+}

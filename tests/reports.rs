@@ -1,0 +1,89 @@
+//! After every run: the last-run summary beside the snapshots and the
+//! Prometheus textfile, on success and on failure.
+
+#![allow(clippy::pedantic)] // test code: plain asserts over polish
+
+mod common;
+
+use std::ffi::OsStr;
+
+use common::*;
+
+fn metric(text: &str, name: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("rbackup_{name}{{job=\"web\"}} ")))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn every_run_leaves_a_summary_and_metrics() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("a/b.txt"), b"hello");
+    write(&src.join("c.txt"), b"world");
+    let metrics = tmp.path().join("textfile/rbackup_web.prom");
+    std::fs::create_dir_all(metrics.parent().unwrap()).unwrap();
+    let cfg = tmp.path().join("rbackup.toml");
+    let write_cfg = |source: &std::path::Path| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "[job.web]\nsource = \"{}\"\nbackups_folder = \"{}\"\nmetrics_file = \"{}\"\n",
+                source.display(),
+                tmp.path().join("bk").display(),
+                metrics.display()
+            ),
+        )
+        .unwrap();
+    };
+    write_cfg(&src);
+    let rb = |args: &[&str]| {
+        let mut all: Vec<&OsStr> = vec!["-c".as_ref(), cfg.as_os_str()];
+        all.extend(args.iter().map(OsStr::new));
+        run(&all)
+    };
+
+    let (code, _, err) = rb(&["--backup"]);
+    assert_eq!(code, 0, "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("bk/web.rbackup/last-run.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["job"], "web");
+    assert_eq!(summary["result"], "ok");
+    assert_eq!(summary["exit_code"], 0);
+    let snapshot = summary["snapshot"].as_str().unwrap().to_string();
+    assert!(tmp.path().join("bk").join(&snapshot).is_dir());
+    assert_eq!(summary["stats"]["files"], 2);
+    assert!(summary["start"].is_string() && summary["end"].is_string() && summary["last_success"].is_string());
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(text.contains("# TYPE rbackup_last_success_timestamp_seconds gauge"), "{text}");
+    let success = metric(&text, "last_success_timestamp_seconds");
+    assert!(success > 1.7e9, "{text}");
+    assert_eq!(metric(&text, "last_run_success"), 1.0);
+    assert_eq!(metric(&text, "last_run_exit_code"), 0.0);
+    assert_eq!(metric(&text, "last_run_files"), 2.0);
+    assert_eq!(metric(&text, "snapshots"), 1.0);
+
+    // A failed run: the result says so, the last success is remembered.
+    write_cfg(&tmp.path().join("missing"));
+    let (code, _, _) = rb(&["--backup"]);
+    assert_eq!(code, 1);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("bk/web.rbackup/last-run.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["result"], "error");
+    assert_eq!(summary["exit_code"], 1);
+    assert!(summary["error"].as_str().unwrap().contains("cannot be read"), "{summary}");
+    assert!(summary["snapshot"].is_null());
+    assert!(summary["last_success"].is_string());
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(metric(&text, "last_run_success"), 0.0);
+    assert_eq!(metric(&text, "last_run_exit_code"), 1.0);
+    assert_eq!(metric(&text, "last_success_timestamp_seconds"), success);
+    assert_eq!(metric(&text, "snapshots"), 1.0);
+    // Written atomically: no temporary file is left beside it.
+    assert_eq!(std::fs::read_dir(metrics.parent().unwrap()).unwrap().count(), 1);
+}
