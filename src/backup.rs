@@ -16,6 +16,7 @@ use crate::config::{Job, SourceSpec};
 use crate::exit::Code;
 use crate::meta::Privileges;
 use crate::plan::Policy;
+use crate::progress::Progress;
 use crate::protocol::msg::{Hello, Role, SessionOptions};
 use crate::protocol::{SOFTWARE, spawn_reader, spawn_writer};
 use crate::report::{Events, Problem, ProblemKind, Stats};
@@ -49,6 +50,7 @@ const PROBLEMS_KEPT: usize = 1000;
 /// The desktop's view of a running sink: log as it goes, keep problems.
 pub struct DesktopEvents {
     dry_run: bool,
+    progress: Progress,
     pub problems: Vec<Problem>,
     pub unreadable: u64,
     pub serious: u64,
@@ -57,7 +59,8 @@ pub struct DesktopEvents {
 
 impl DesktopEvents {
     pub fn new(dry_run: bool) -> DesktopEvents {
-        DesktopEvents { dry_run, problems: Vec::new(), unreadable: 0, serious: 0, live: 0 }
+        let progress = Progress::new(dry_run || !crate::log::on_stderr(crate::log::Level::Info));
+        DesktopEvents { dry_run, progress, problems: Vec::new(), unreadable: 0, serious: 0, live: 0 }
     }
 
     /// The exit code these problems call for.
@@ -98,6 +101,10 @@ impl Events for DesktopEvents {
 
     fn note(&mut self, text: &str) {
         info!("{text}");
+    }
+
+    fn progress(&mut self, stats: &Stats) {
+        self.progress.update(stats);
     }
 }
 
@@ -201,6 +208,7 @@ pub fn run_with(
     let (incoming, wire_bytes, reader_thread) = spawn_reader(reader, 64);
     let (out, writer_thread) = spawn_writer(writer, None);
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
+    events.progress.finish();
     let mut stats = match result {
         Ok(stats) => stats,
         Err(e) => {

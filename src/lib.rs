@@ -27,6 +27,7 @@ mod mapped;
 pub mod meta;
 pub mod notify;
 pub mod plan;
+pub mod progress;
 pub mod protocol;
 pub mod report;
 pub mod restore;

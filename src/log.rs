@@ -80,6 +80,11 @@ pub fn enabled(level: Level) -> bool {
     level <= *l.stderr_level.lock().expect("log lock") || level <= *l.file_level.lock().expect("log lock")
 }
 
+/// True if lines of `level` reach stderr.
+pub fn on_stderr(level: Level) -> bool {
+    level <= *logger().stderr_level.lock().expect("log lock")
+}
+
 /// Appends to `path` from now on (created 0600 if missing).
 pub fn open_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -94,6 +94,8 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Bytes of file data received (whole files, and what deltas rebuilt).
     pub bytes_fetched: u64,
+    /// Sizes of the files asked for so far (what `bytes_fetched` goes to).
+    pub bytes_to_fetch: u64,
     /// Bytes received on the wire, compressed or not.
     pub wire_bytes_received: u64,
 }
@@ -164,6 +166,8 @@ pub trait Events {
     fn problem(&mut self, problem: Problem);
     /// A note for the log (e.g. "not root: owners are not kept").
     fn note(&mut self, text: &str);
+    /// The counters so far, for a progress display.
+    fn progress(&mut self, _stats: &Stats) {}
 }
 
 #[cfg(test)]

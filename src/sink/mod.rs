@@ -199,6 +199,7 @@ impl<'e> Sink<'e> {
                 }
                 self.received += u64::from(n);
                 self.unreported += n;
+                self.events.progress(&self.stats);
                 self.maybe_grant()
             }
             SourceMsg::ListingDone => {
@@ -756,6 +757,7 @@ impl<'e> Sink<'e> {
         let basis = basis_dir.and_then(|dir| receive::open_basis(&dir, &name, self.cfg.policy));
         let delta = basis.is_some();
         self.act(if delta { Action::Delta } else { Action::Fetch }, rel, replacing);
+        self.stats.bytes_to_fetch += size;
         if self.cfg.dry_run {
             if delta {
                 self.stats.fetched_delta += 1;

@@ -168,6 +168,7 @@ impl Sink<'_> {
         r.next = end;
         self.stats.bytes_fetched += data.len() as u64;
         self.stats.bytes_written += data.len() as u64;
+        self.events.progress(&self.stats);
         Ok(())
     }
 
@@ -228,6 +229,7 @@ impl Sink<'_> {
         } else {
             self.stats.fetched_whole += 1;
         }
+        self.events.progress(&self.stats);
         self.file_written(&pending, &rel)
     }
 
