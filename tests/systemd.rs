@@ -1,0 +1,117 @@
+//! The systemd units: `systemd-analyze verify` is clean, the service rates
+//! 2.2 or better in `systemd-analyze security`, and a real backup runs under
+//! the service's capability bounding set. Also the anacron script.
+
+#![allow(clippy::pedantic)] // test code: plain asserts over polish
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// The units, copied with ExecStart pointing at the binary under test (verify
+/// checks that the command exists).
+fn units(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    for unit in ["rbackup@.service", "rbackup@.timer"] {
+        let text = std::fs::read_to_string(root.join(unit)).unwrap();
+        std::fs::write(dir.join(unit), text.replace("/usr/bin/rbackup", bin().to_str().unwrap())).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+#[test]
+fn the_units_verify_cleanly_and_the_service_is_hardened() {
+    require_root();
+    let tmp = scratch();
+    let dir = units(tmp.path());
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "rbackup@server.service", "rbackup@server.timer"])
+        .current_dir(&dir)
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=22", "rbackup@server.service"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let level: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for rbackup@server.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(level <= 2.2, "exposure {level}:\n{text}");
+    assert!(out.status.success(), "--threshold=22 failed:\n{text}");
+
+    let timer = std::fs::read_to_string(dir.join("rbackup@.timer")).unwrap();
+    for line in ["OnCalendar=daily", "Persistent=true", "RandomizedDelaySec="] {
+        assert!(timer.contains(line), "timer lacks {line}");
+    }
+}
+
+/// `CAP_CHOWN CAP_FOWNER` → `chown,fowner`.
+fn bounding_set() -> String {
+    let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/rbackup@.service")).unwrap();
+    let line = unit.lines().find(|l| l.starts_with("CapabilityBoundingSet=")).unwrap();
+    line["CapabilityBoundingSet=".len()..]
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn a_backup_works_under_the_services_capability_bounding_set() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    rich_tree(&src);
+    let caps = format!("-all,{}", bounding_set());
+    let backup_limited = || {
+        let out = Command::new("setpriv")
+            .arg(format!("--bounding-set={caps}"))
+            .arg("--no-new-privs")
+            .arg(bin())
+            .args(["--backup", "--source"])
+            .arg(&src)
+            .arg("--backups-folder")
+            .arg(&bk)
+            .args(["--name", "srv"])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = backup_limited();
+    assert_eq!(code, Some(0), "{err}");
+    // Without CAP_SYS_ADMIN, trusted.* attributes are invisible: all else is exact.
+    assert_same_tree(&src, &complete(&bk, "srv")[0], &["trusted."]);
+
+    // A second run links files of other owners and copies a chmod'ed one.
+    sh(&format!("chmod 640 '{}'", src.join("home/alice/notes.txt").display()));
+    write(&src.join("home/alice/new.txt"), b"new");
+    sh(&format!("chown {GHOST_UID}:{GHOST_GID} '{}'", src.join("home/alice/new.txt").display()));
+    let (code, err) = backup_limited();
+    assert_eq!(code, Some(0), "{err}");
+    let snaps = complete(&bk, "srv");
+    assert_same_tree(&src, &snaps[1], &["trusted."]);
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    assert_eq!(ino(&snaps[0].join("home/alice/big.bin")), ino(&snaps[1].join("home/alice/big.bin")));
+}
+
+#[test]
+fn the_anacron_script_is_runnable_by_run_parts() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/anacron");
+    let out = Command::new("run-parts").arg("--test").arg(&dir).output().unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.trim().ends_with("/rbackup"), "run-parts would not run it: {listed:?}");
+    let st = Command::new("sh").arg("-n").arg(dir.join("rbackup")).status().unwrap();
+    assert!(st.success());
+}
