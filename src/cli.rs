@@ -1,5 +1,7 @@
 //! The command line, as clap sees it. Nothing here but parsing: `main` turns
 //! it into a [`crate::config::Job`] and the commands never see clap.
+// Doc comments here are --help text, where Markdown backticks would show.
+#![allow(clippy::doc_markdown)]
 
 use std::path::PathBuf;
 
@@ -76,6 +78,28 @@ pub enum Command {
     /// Send a test message with the job's [email] settings
     #[command(name = "test-email", long_flag = "test-email")]
     TestEmail(StoreArgs),
+
+    /// Prepare this server for backups, as root: the backup user, its read access, its
+    /// confined key (and a write-confined restore key)
+    #[command(name = "setup-server", long_flag = "setup-server", after_help = SETUP_SERVER_EXAMPLES)]
+    SetupServer(SetupServerArgs),
+
+    /// Prepare this desktop for a job, as root: a key, the server's host key, the job in the config
+    #[command(name = "setup-client", long_flag = "setup-client")]
+    SetupClient(SetupClientArgs),
+
+    /// Check a job: SSH, the agent, that every file is readable, the backups folder, the lock, mail
+    #[command(long_flag = "check")]
+    Check(CheckArgs),
+
+    /// Print the man page (roff) on stdout: `rbackup man > rbackup.1`
+    Man,
+
+    /// Print shell completions on stdout: `rbackup completions bash > /etc/bash_completion.d/rbackup`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 
     /// Run the agent on stdin/stdout (started by the desktop over SSH, usually as a
     /// forced command: restrict,command="rbackup serve --read-only --root /srv/content")
@@ -193,6 +217,90 @@ Examples:
 
 Over SSH the server runs `rbackup serve --write --root DIR`, normally as root
 through a forced command; see docs/restore.md.";
+
+/// Options of `setup-server`.
+#[derive(Args, Debug, Clone)]
+pub struct SetupServerArgs {
+    /// The backup user (created if missing)
+    #[arg(long, value_name = "USER")]
+    pub user: String,
+
+    /// The tree to back up
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+
+    /// The desktop's public key for backups (one authorized_keys line)
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: String,
+
+    /// How the backup user reads: ACLs on the tree, or an agent with CAP_DAC_READ_SEARCH
+    #[arg(long, value_enum, default_value = "acl")]
+    pub mode: crate::setup::AccessMode,
+
+    /// The desktop's public key for restores: root, confined to `serve --write --root DIR`
+    #[arg(long, value_name = "PUBKEY")]
+    pub restore_key: Option<String>,
+
+    /// Print every step, do nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Where the capability agent is installed
+    #[arg(long, value_name = "DIR", default_value = "/usr/local/lib/rbackup")]
+    pub agent_dir: PathBuf,
+
+    /// Where the backup user's home is created
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/rbackup")]
+    pub home_base: PathBuf,
+}
+
+const SETUP_SERVER_EXAMPLES: &str = "\
+Example (the line `rbackup setup-client` prints):
+  rbackup setup-server --user backupuser --root /srv/content --key 'ssh-ed25519 AAAA... rbackup-server@desktop'";
+
+/// Options of `setup-client` (the job's name is `--job`).
+#[derive(Args, Debug, Clone)]
+pub struct SetupClientArgs {
+    /// What to back up: `[user@]host:/abs/path`
+    #[arg(long, value_name = "SRC")]
+    pub remote: String,
+
+    /// The server's SSH port
+    #[arg(long)]
+    pub port: Option<u16>,
+
+    /// Where the snapshots go
+    #[arg(long, value_name = "DIR", default_value = "/backups")]
+    pub backups_folder: PathBuf,
+
+    /// Accept this host key fingerprint (SHA256:...) without asking; check it on the
+    /// server first: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub
+    #[arg(long, value_name = "FINGERPRINT")]
+    pub accept_host_key: Option<String>,
+
+    /// Print every step, do nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Options of `check`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// What to back up: /abs/path or [user@]host:/abs/path
+    #[arg(long, value_name = "SRC")]
+    pub source: Option<String>,
+
+    /// The rbackup binary on the server [default: rbackup]
+    #[arg(long, value_name = "PATH")]
+    pub remote_bin: Option<String>,
+
+    /// An ssh config file for this job (ssh -F)
+    #[arg(long, value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+}
 
 /// Options of the agent.
 #[derive(Args, Debug, Clone)]

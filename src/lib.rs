@@ -15,7 +15,9 @@
 //! 9. The snapshot is flushed to disk and renamed from `.incomplete` to its final name.
 //! 10. [`report`] counts what happened; [`exit`] turns problems into the exit code.
 
+pub mod acl;
 pub mod backup;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod exit;
@@ -33,6 +35,7 @@ pub mod report;
 pub mod restore;
 pub mod safefs;
 pub mod serve;
+pub mod setup;
 pub mod sink;
 pub mod source;
 pub mod store;

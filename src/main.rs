@@ -4,12 +4,22 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use rbackup::cli::{Cli, Command, RestoreArgs, RunArgs, StoreArgs};
+use rbackup::cli::{CheckArgs, Cli, Command, RestoreArgs, RunArgs, StoreArgs};
 use rbackup::config::{self, Job, Overrides};
 use rbackup::exit::{Code, code_of};
-use rbackup::{backup, error, finish, list, log, notify, restore, serve, store};
+use rbackup::{backup, check, error, finish, list, log, notify, restore, serve, setup, store};
 
 fn main() -> ExitCode {
+    // As the backup user's login shell, sshd runs `rbackup -c COMMAND`.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let login = args.first().is_some_and(|a| a.as_encoded_bytes().starts_with(b"-"));
+    let command_line = args.len() == 3 && args[1] == "-c" && args[2].to_string_lossy().contains(' ');
+    if login || command_line {
+        let command = args.get(2).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+        let Err(e) = setup::shell(&command);
+        eprintln!("rbackup: {e:#}");
+        return Code::Usage.into();
+    }
     let cli = Cli::parse();
     log::set_verbosity(cli.verbose, cli.quiet);
     match run(&cli) {
@@ -81,11 +91,61 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             rbackup::info!("test message sent to {}", email.to.join(", "));
             Ok(Code::Ok)
         }
+        Command::SetupServer(a) => {
+            setup::server(&setup::ServerOptions {
+                user: a.user.clone(),
+                root: a.root.clone(),
+                key: a.key.clone(),
+                mode: a.mode,
+                restore_key: a.restore_key.clone(),
+                dry_run: a.dry_run,
+                agent_dir: a.agent_dir.clone(),
+                home_base: a.home_base.clone(),
+            })?;
+            Ok(Code::Ok)
+        }
+        Command::SetupClient(a) => {
+            let job = cli.job.clone().ok_or_else(|| rbackup::usage!("setup-client needs --job NAME"))?;
+            setup::client(&setup::ClientOptions {
+                job,
+                remote: a.remote.clone(),
+                port: a.port,
+                backups_folder: a.backups_folder.clone(),
+                config: cli.config.clone().unwrap_or_else(|| config::DEFAULT_CONFIG.into()),
+                accept_host_key: a.accept_host_key.clone(),
+                dry_run: a.dry_run,
+            })?;
+            Ok(Code::Ok)
+        }
+        Command::Check(args) => {
+            let job = job(cli, &check_overrides(args))?;
+            check::run(&job)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
+            print_all(&page)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "rbackup", &mut script);
+            print_all(&script)
+        }
         Command::List(args) => {
             let job = job(cli, &store_overrides(args))?;
             list::run(&store::Store::open(&job.backups_folder, &job.name)?)?;
             Ok(Code::Ok)
         }
+    }
+}
+
+/// Writes to stdout; a reader that stops early (`| head`) is not an error.
+fn print_all(bytes: &[u8]) -> anyhow::Result<Code> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(Code::Ok),
     }
 }
 
@@ -96,6 +156,15 @@ fn job(cli: &Cli, overrides: &Overrides) -> anyhow::Result<Job> {
 
 fn store_overrides(args: &StoreArgs) -> Overrides {
     Overrides { backups_folder: args.backups_folder.clone(), name: args.name.clone(), ..Overrides::default() }
+}
+
+fn check_overrides(args: &CheckArgs) -> Overrides {
+    Overrides {
+        source: args.source.clone(),
+        remote_bin: args.remote_bin.clone(),
+        ssh_config: args.ssh_config.clone(),
+        ..store_overrides(&args.store)
+    }
 }
 
 fn restore_overrides(args: &RestoreArgs) -> Overrides {

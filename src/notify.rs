@@ -126,6 +126,25 @@ impl EmailConfig {
         Ok(builder.build())
     }
 
+    /// `host:port (security)`, for messages.
+    pub fn server(&self) -> String {
+        format!("{}:{} ({:?})", self.host, self.port(), self.security).to_lowercase()
+    }
+
+    /// Connects and greets the server (and authenticates, if configured)
+    /// without sending anything.
+    pub fn check(&self) -> Result<()> {
+        self.validate()?;
+        let ok = self
+            .transport()?
+            .test_connection()
+            .with_context(|| format!("connecting to {}:{}", self.host, self.port()))?;
+        if !ok {
+            bail!("{}:{} did not answer like an SMTP server", self.host, self.port());
+        }
+        Ok(())
+    }
+
     /// Sends one message.
     pub fn send(&self, subject: &str, body: &str) -> Result<()> {
         self.validate()?;

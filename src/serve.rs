@@ -70,7 +70,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 
     match hello.role {
         Role::Source => {
-            let selection = Selection::new(&hello.options.excludes, &hello.options.only)?;
+            let mut selection = Selection::new(&hello.options.excludes, &hello.options.only)?;
+            selection.probe_read = hello.options.probe_read;
             source::run(root, selection, hello.options.compress, reader, stdout, &mut |_, _| {})?;
             Ok(())
         }

@@ -38,6 +38,9 @@ pub const DELTA_WINDOW: usize = 1 << 20;
 pub struct Selection {
     excludes: Option<Gitignore>,
     only: Vec<Vec<u8>>,
+    /// Open every regular file while listing; list those that can't be read
+    /// as unreadable (`rbackup check`).
+    pub probe_read: bool,
 }
 
 impl Selection {
@@ -57,7 +60,7 @@ impl Selection {
             .iter()
             .map(|p| p.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect::<Vec<_>>().join(&b'/'))
             .collect();
-        Ok(Selection { excludes, only })
+        Ok(Selection { excludes, only, probe_read: false })
     }
 
     fn excluded(&self, rel: &[u8], is_dir: bool) -> bool {
@@ -300,6 +303,12 @@ impl Walker {
         };
         let meta = meta::from_stat(&st, xattrs);
         let entry = match ft {
+            FileType::RegularFile
+                if self.selection.probe_read
+                    && let Err(e) = dir.open_file(&name) =>
+            {
+                Entry::Skipped { name, reason: skip_reason(&e) }
+            }
             FileType::RegularFile => {
                 let size = st.st_size as u64;
                 let link = self.link_of(&st);

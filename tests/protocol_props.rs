@@ -156,7 +156,7 @@ fn hello() -> impl Strategy<Value = Hello> {
         .prop_map(|(sink, path, compress, excludes, only, [devices, delete, dry_run, delta], version)| Hello {
             role: if sink { Role::Sink } else { Role::Source },
             path,
-            options: SessionOptions { compress, excludes, only, devices, delete, dry_run, delta },
+            options: SessionOptions { compress, excludes, only, devices, delete, dry_run, delta, probe_read: dry_run },
             version,
         })
 }

@@ -49,6 +49,9 @@ pub struct SessionOptions {
     pub dry_run: bool,
     /// Sink role: ask for deltas of changed files (worth it over a network).
     pub delta: bool,
+    /// Source role: open every regular file while listing, and list the ones
+    /// that can't be read as such (`rbackup check`).
+    pub probe_read: bool,
 }
 
 /// The agent's answer to [`Hello`].

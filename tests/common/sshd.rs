@@ -47,8 +47,20 @@ impl BackupUser {
     }
 }
 
+impl BackupUser {
+    /// A fresh name; the account is created by the test (`setup-server`).
+    pub fn named() -> BackupUser {
+        let mut raw = [0u8; 4];
+        rustix::rand::getrandom(&mut raw, rustix::rand::GetRandomFlags::empty()).unwrap();
+        BackupUser { name: format!("rbk{}", raw.iter().map(|b| format!("{b:02x}")).collect::<String>()) }
+    }
+}
+
 impl Drop for BackupUser {
     fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
         let _ = Command::new("pkill").args(["-KILL", "-u", &self.name]).status();
         std::thread::sleep(Duration::from_millis(50));
         with_user_db_lock(|| {
@@ -90,8 +102,22 @@ fn free_port() -> u16 {
 impl Sshd {
     /// Starts sshd; no key is authorized until [`Sshd::authorize`].
     pub fn start() -> Sshd {
+        Sshd::start_with(Some(BackupUser::create()))
+    }
+
+    /// Starts sshd for `setup-server` to configure: keys in each user's
+    /// `~/.ssh/authorized_keys`, any user allowed; `user` names the account
+    /// the test will create (and removes it afterwards).
+    pub fn start_for_setup(user: BackupUser) -> Sshd {
+        let mut s = Sshd::start_with(None);
+        s.user = user;
+        s
+    }
+
+    fn start_with(user: Option<BackupUser>) -> Sshd {
         super::require_root();
-        let user = BackupUser::create();
+        let setup = user.is_none();
+        let user = user.unwrap_or_else(|| BackupUser { name: String::new() });
         let dir = scratch();
         let d = dir.path();
         std::fs::create_dir_all("/run/sshd").unwrap();
@@ -106,17 +132,21 @@ impl Sshd {
         for _attempt in 0..5 {
             let port = free_port();
             let config = d.join("sshd_config");
+            let (keys_file, allow) = if setup {
+                (".ssh/authorized_keys".to_string(), String::new())
+            } else {
+                (format!("{}.%u", authorized_keys.display()), format!("AllowUsers {} root\n", user.name))
+            };
             std::fs::write(
                 &config,
                 format!(
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {dir}/sshd.pid\n\
-                     AuthorizedKeysFile {keys}.%u\nStrictModes no\nPasswordAuthentication no\n\
+                     AuthorizedKeysFile {keys_file}\nStrictModes {strict}\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nUsePAM no\n\
-                     AllowUsers {user} root\nPermitRootLogin forced-commands-only\nLogLevel VERBOSE\n",
+                     {allow}PermitRootLogin forced-commands-only\nLogLevel VERBOSE\n",
                     host_key = d.join("host_key").display(),
                     dir = d.display(),
-                    keys = authorized_keys.display(),
-                    user = user.name,
+                    strict = if setup { "yes" } else { "no" },
                 ),
             )
             .unwrap();

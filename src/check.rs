@@ -1,0 +1,216 @@
+//! `check`: everything a job needs, tested without writing a snapshot — the
+//! SSH connection and agent, the path served, that the backup user can read
+//! every file (the ACL mask trap), the backups folder's space, inodes and
+//! permissions, the lock, the mail settings. One line per item, and a fix
+//! for each problem.
+
+use anyhow::Result;
+
+use crate::backup::human_bytes;
+use crate::config::Job;
+use crate::exit::Code;
+use crate::meta::Privileges;
+use crate::plan::Policy;
+use crate::protocol::msg::{Hello, Role, SessionOptions};
+use crate::protocol::{SOFTWARE, spawn_reader, spawn_writer};
+use crate::report::{Events, Problem, ProblemKind};
+use crate::sink::{Sink, SinkConfig};
+use crate::store::Store;
+use crate::transport;
+
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    #[allow(clippy::unused_self)] // reads as the twin of `bad`
+    fn good(&self, what: &str) {
+        println!("ok    {what}");
+    }
+
+    fn bad(&mut self, what: &str, fix: &str) {
+        self.failed = true;
+        println!("FAIL  {what}");
+        for line in fix.lines() {
+            println!("      {line}");
+        }
+    }
+}
+
+/// Collects what the source could not read; prints nothing else.
+struct Unreadable {
+    paths: Vec<Problem>,
+    count: u64,
+}
+
+impl Events for Unreadable {
+    fn action(&mut self, _verb: &str, _path: &[u8]) {}
+
+    fn problem(&mut self, problem: Problem) {
+        if problem.kind == ProblemKind::Unreadable {
+            self.count += 1;
+            if self.paths.len() < 50 {
+                self.paths.push(problem);
+            }
+        }
+    }
+
+    fn note(&mut self, _text: &str) {}
+}
+
+/// Runs every check of `job`; exit code 0 if all pass.
+pub fn run(job: &Job) -> Result<Code> {
+    let mut r = Report { failed: false };
+    println!("checking job {}", job.job);
+    check_source(job, &mut r);
+    check_folder(job, &mut r);
+    check_email(job, &mut r);
+    Ok(if r.failed { Code::Error } else { Code::Ok })
+}
+
+fn check_source(job: &Job, r: &mut Report) {
+    let Some(source) = &job.source else {
+        r.bad("no source", "set `source` in the job");
+        return;
+    };
+    let conn = match transport::connect(job, Role::Source) {
+        Ok(c) => c,
+        Err(e) => {
+            r.bad(&format!("connect to {source}: {e:#}"), "see docs/setup.md");
+            return;
+        }
+    };
+    let (conn, path) = conn;
+    let hello = Hello {
+        role: Role::Source,
+        path: path.as_os_str().as_encoded_bytes().to_vec(),
+        options: SessionOptions { excludes: job.excludes.clone(), probe_read: true, ..SessionOptions::default() },
+        version: SOFTWARE.to_string(),
+    };
+    let session = match conn.handshake(&hello) {
+        Ok(s) => s,
+        Err(e) => {
+            r.bad(&format!("agent for {source}: {e:#}"), "see docs/setup.md");
+            return;
+        }
+    };
+    r.good(&format!("{source}: reachable, agent speaks protocol {} (rbackup {SOFTWARE})", crate::protocol::VERSION));
+    r.good(&format!("path served: {}", String::from_utf8_lossy(&session.root)));
+
+    // Walk the whole tree as the backup user would, opening every file.
+    let transport::Session { reader, writer, conn: mut handle, .. } = session;
+    let (incoming, _, reader_thread) = spawn_reader(reader, 64);
+    let (out, writer_thread) = spawn_writer(writer, None);
+    let mut events = Unreadable { paths: Vec::new(), count: 0 };
+    let cfg = SinkConfig {
+        dest: None,
+        fresh: true,
+        bases: Vec::new(),
+        policy: Policy::Snapshot,
+        delete: false,
+        dry_run: true,
+        devices: job.devices,
+        delta: false,
+        privs: Privileges::current(),
+        compress: false,
+    };
+    let result = Sink::new(cfg, out, &mut events).run(&incoming);
+    match result {
+        Ok(stats) => {
+            let _ = writer_thread.join();
+            drop(incoming);
+            let _ = reader_thread.join();
+            let _ = handle.finish();
+            if events.count == 0 {
+                r.good(&format!(
+                    "every entry under the path is readable by the backup user ({} entries)",
+                    stats.entries
+                ));
+            } else {
+                let mut list: String = events.paths.iter().map(|p| format!("{}: {}\n", p.path, p.detail)).collect();
+                if events.count > events.paths.len() as u64 {
+                    list.push_str(&format!("… and {} more\n", events.count - events.paths.len() as u64));
+                }
+                r.bad(
+                    &format!("{} entries can't be read by the backup user", events.count),
+                    &format!(
+                        "{list}fix: on the server, `setfacl -m u:USER:rX PATH` (a chmod may have shrunk the ACL \
+                         mask; a file moved in may lack the default ACL), or re-run `rbackup setup-server`, or \
+                         use --mode capability"
+                    ),
+                );
+            }
+        }
+        Err(e) => {
+            let (_, detail) = handle.stop();
+            drop(incoming);
+            let _ = writer_thread.join();
+            let _ = reader_thread.join();
+            r.bad(&format!("walking {source}: {e:#}{detail}"), "see docs/troubleshooting.md");
+        }
+    }
+}
+
+fn check_folder(job: &Job, r: &mut Report) {
+    let folder = &job.backups_folder;
+    if !folder.exists() {
+        r.good(&format!("backups folder {} will be created (0700) by the first backup", folder.display()));
+        return;
+    }
+    match rustix::fs::statvfs(folder) {
+        Ok(s) => {
+            let free = s.f_bavail * s.f_frsize;
+            let total = s.f_blocks * s.f_frsize;
+            let pct = (free * 100).checked_div(total).unwrap_or(0);
+            let line = format!(
+                "backups folder {}: {} free of {} ({pct}%), {} inodes free",
+                folder.display(),
+                human_bytes(free),
+                human_bytes(total),
+                s.f_favail
+            );
+            if pct < 5 || s.f_favail < 10_000 {
+                r.bad(&line, "free space or inodes are low: prune old snapshots (rbackup prune) or grow the disk");
+            } else {
+                r.good(&line);
+            }
+        }
+        Err(e) => r.bad(&format!("backups folder {}: {e}", folder.display()), "check the path"),
+    }
+    if let Ok(st) = rustix::fs::stat(folder) {
+        let mode = st.st_mode & 0o777;
+        if mode & 0o011 != 0 {
+            r.bad(
+                &format!("backups folder mode {mode:o}: other users can enter it"),
+                &format!("snapshots keep private files and setuid programs: chmod 700 {}", folder.display()),
+            );
+        } else {
+            r.good(&format!("backups folder mode {mode:o}"));
+        }
+    }
+    if let Ok(store) = Store::open(folder, &job.name)
+        && let Ok(meta) = store.meta_dir()
+    {
+        let shown = folder.join(format!("{}.*", job.name)).display().to_string();
+        match crate::lock::acquire(&meta, "check", &shown) {
+            Ok(_lock) => r.good("lock: free"),
+            Err(e) => println!("note  {e:#}"),
+        }
+        if let Ok(snaps) = store.snapshots() {
+            let complete = snaps.iter().filter(|s| s.complete).count();
+            let newest = snaps.iter().rev().find(|s| s.complete).map_or("none".to_string(), |s| s.folder.clone());
+            r.good(&format!("{complete} complete snapshots; the newest is {newest}"));
+        }
+    }
+}
+
+fn check_email(job: &Job, r: &mut Report) {
+    let Some(email) = &job.email else {
+        println!("note  no [email] section: failures are only logged");
+        return;
+    };
+    match email.check() {
+        Ok(()) => r.good(&format!("email: {} reachable, reports to {}", email.server(), email.to.join(", "))),
+        Err(e) => r.bad(&format!("email: {e:#}"), "fix the [email] section; `rbackup test-email` sends a test"),
+    }
+}
