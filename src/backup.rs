@@ -21,7 +21,7 @@ use crate::protocol::msg::{Hello, Role, SessionOptions};
 use crate::protocol::{SOFTWARE, spawn_reader, spawn_writer};
 use crate::report::{Events, Problem, ProblemKind, Stats};
 use crate::safefs::{Dir, Shown};
-use crate::sink::{Sink, SinkConfig};
+use crate::sink::{ManifestSet, Recorder, Sink, SinkConfig};
 use crate::store::{Snapshot, Store};
 use crate::transport::{self, Connection};
 use crate::{info, lock, usage, warn};
@@ -203,14 +203,18 @@ pub fn run_with(
         delta: matches!(source, SourceSpec::Remote { .. }),
         privs,
         compress: job.compress,
+        recorder: match (&store, opts.dry_run) {
+            (Some(store), false) => recorder(store, &target, &plan)?,
+            _ => Recorder::default(),
+        },
     };
     let crate::transport::Session { reader, writer, conn: mut handle, .. } = session;
     let (incoming, wire_bytes, reader_thread) = spawn_reader(reader, 64);
     let (out, writer_thread) = spawn_writer(writer, None);
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
     events.progress.finish();
-    let mut stats = match result {
-        Ok(stats) => stats,
+    let (mut stats, manifest) = match result {
+        Ok(outcome) => (outcome.stats, outcome.manifest),
         Err(e) => {
             // Stop the agent first: the writer may be blocked on a peer that
             // no longer reads.
@@ -233,7 +237,20 @@ pub fn run_with(
 
     let snapshot = match (&store, &dest) {
         (Some(store), Some(dest)) if !opts.dry_run => {
+            // The manifest is whole and on disk before the snapshot is named
+            // complete; it gets its own name after.
+            let manifest = manifest.map(crate::manifest::ManifestWriter::finish).transpose();
+            let manifest = manifest.unwrap_or_else(|e| {
+                warn!("the manifest could not be finished, the snapshot will have none: {e:#}");
+                None
+            });
             let done = store.commit(&target, dest)?;
+            if let Some(m) = manifest
+                && let Err(e) = m.commit()
+            {
+                warn!("the manifest of {} could not be named: {e}", done.folder);
+            }
+            store.remove_partial_manifests(&target.folder);
             for old in snapshots.iter().filter(|s| !s.complete && s.time < done.time) {
                 info!("removing {}, superseded by {}", old.folder, done.folder);
                 store.delete(old).with_context(|| format!("removing the superseded {}", old.folder))?;
@@ -258,6 +275,30 @@ pub fn run_with(
         problems: std::mem::take(&mut events.problems),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The manifest of `target`, and those of the trees it links from.
+fn recorder(store: &Store, target: &Snapshot, plan: &RunPlan) -> Result<Recorder> {
+    let folder = crate::manifest::folder(&store.meta_dir()?).context("opening the manifests folder")?;
+    let cursors = |s: &Snapshot| -> Vec<crate::manifest::Cursor> {
+        let name = crate::manifest::file_name(&s.folder);
+        let names = if s.complete { vec![name.into_bytes()] } else { crate::manifest::partials(&folder, &name) };
+        names
+            .iter()
+            .filter_map(|n| crate::manifest::ManifestReader::open(&folder, n).ok().flatten())
+            .map(|r| crate::manifest::Cursor::new(Some(r)))
+            .collect()
+    };
+    let dest = if plan.resume.is_some() { ManifestSet::new(cursors(target)) } else { ManifestSet::default() };
+    let bases = plan.bases.iter().map(|b| ManifestSet::new(cursors(b))).collect();
+    let writer = match crate::manifest::ManifestWriter::create(&folder, &target.folder) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!("no manifest for this snapshot: {e:#}");
+            None
+        }
+    };
+    Ok(Recorder { writer, dest, bases })
 }
 
 /// Which snapshot to write and what to link from.

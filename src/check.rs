@@ -113,10 +113,12 @@ fn check_source(job: &Job, r: &mut Report) {
         delta: false,
         privs: Privileges::current(),
         compress: false,
+        recorder: crate::sink::Recorder::default(),
     };
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
     match result {
-        Ok(stats) => {
+        Ok(outcome) => {
+            let stats = outcome.stats;
             let _ = writer_thread.join();
             drop(incoming);
             let _ = reader_thread.join();

@@ -25,6 +25,7 @@ pub mod finish;
 pub mod list;
 pub mod lock;
 pub mod log;
+pub mod manifest;
 mod mapped;
 pub mod meta;
 pub mod notify;

@@ -96,6 +96,7 @@ fn receive(root: Dir, options: &SessionOptions, reader: FrameReader<File>, stdou
         delta: options.delta,
         privs: Privileges::current(),
         compress: options.compress,
+        recorder: crate::sink::Recorder::default(),
     };
     let result = Sink::new(cfg, out.clone(), &mut events).run(&incoming);
     if let Err(e) = &result {

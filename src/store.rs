@@ -222,7 +222,26 @@ impl Store {
         self.dir
             .rename_noreplace(s.folder.as_bytes(), &trash, s.folder.as_bytes())
             .with_context(|| format!("cannot move {} to the trash", s.folder))?;
-        trash.remove_all(s.folder.as_bytes()).with_context(|| format!("cannot delete {}", s.folder))
+        trash.remove_all(s.folder.as_bytes()).with_context(|| format!("cannot delete {}", s.folder))?;
+        self.remove_partial_manifests(&s.folder);
+        if s.complete
+            && let Ok(meta) = self.meta_dir()
+            && let Ok(Some(dir)) = meta.try_open_dir(b"manifests")
+        {
+            let _ = dir.unlink(crate::manifest::file_name(&s.folder).as_bytes());
+        }
+        Ok(())
+    }
+
+    /// Removes the partial manifests of `folder`'s runs (and, for a deleted
+    /// snapshot, its manifest): best effort, they are only bookkeeping.
+    pub fn remove_partial_manifests(&self, folder: &str) {
+        let Ok(meta) = self.meta_dir() else { return };
+        let Ok(Some(dir)) = meta.try_open_dir(b"manifests") else { return };
+        let name = crate::manifest::file_name(folder);
+        for n in crate::manifest::partials(&dir, &name) {
+            let _ = dir.unlink(&n);
+        }
     }
 
     /// Finishes deletions a killed run left in the trash.

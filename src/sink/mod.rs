@@ -14,6 +14,11 @@
 //! (only where extra entries must be found), and the pending fetches.
 
 mod receive;
+mod record;
+
+pub use record::{ManifestSet, Recorder};
+
+use record::{Content, record};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::Receiver;
@@ -59,6 +64,15 @@ pub struct SinkConfig {
     pub delta: bool,
     pub privs: Privileges,
     pub compress: bool,
+    /// The manifest to write, and those to carry hashes over from.
+    pub recorder: Recorder,
+}
+
+/// What a finished sink hands back.
+pub struct SinkOutcome {
+    pub stats: Stats,
+    /// The manifest, complete but for its footer (see `ManifestWriter::finish`).
+    pub manifest: Option<crate::manifest::ManifestWriter>,
 }
 
 struct DirNode {
@@ -86,6 +100,8 @@ struct DirNode {
 /// A regular file whose data was asked for.
 struct Pending {
     id: u64,
+    /// Stable across retries: what manifest records of this content wait for.
+    ticket: u64,
     dir: usize,
     name: Vec<u8>,
     meta: Meta,
@@ -102,7 +118,7 @@ struct Pending {
 enum Group {
     /// Written at this path (relative to the destination root); `kept` if
     /// the first member was already in place (not rewritten by this run).
-    Done { rel: Vec<u8>, left: u32, kept: bool },
+    Done { rel: Vec<u8>, left: u32, kept: bool, hash: Option<[u8; 32]> },
     /// The first member's data is still on its way.
     Waiting { left: u32 },
 }
@@ -123,6 +139,8 @@ pub struct Sink<'e> {
     receiving: Option<receive::Receiving>,
     groups: HashMap<u64, Group>,
     next_id: u64,
+    next_ticket: u64,
+    rec: Recorder,
     out: Outbox,
     enc: Encoder,
     granted: u64,
@@ -140,8 +158,9 @@ fn violation(what: impl Into<String>) -> anyhow::Error {
 }
 
 impl<'e> Sink<'e> {
-    pub fn new(cfg: SinkConfig, out: Outbox, events: &'e mut dyn Events) -> Sink<'e> {
+    pub fn new(mut cfg: SinkConfig, out: Outbox, events: &'e mut dyn Events) -> Sink<'e> {
         let enc = Encoder::new(cfg.compress);
+        let rec = std::mem::take(&mut cfg.recorder);
         Sink {
             cfg,
             events,
@@ -154,6 +173,8 @@ impl<'e> Sink<'e> {
             receiving: None,
             groups: HashMap::new(),
             next_id: 0,
+            next_ticket: 0,
+            rec,
             out,
             enc,
             granted: 0,
@@ -169,7 +190,7 @@ impl<'e> Sink<'e> {
 
     /// Runs the session to its end: the listing done, every fetch written,
     /// every directory finished. Returns the counters.
-    pub fn run(mut self, incoming: &Receiver<Incoming>) -> Result<Stats> {
+    pub fn run(mut self, incoming: &Receiver<Incoming>) -> Result<SinkOutcome> {
         self.send(&SinkMsg::Credit(INITIAL_CREDIT))?;
         self.granted = u64::from(INITIAL_CREDIT);
         while !(self.listing_done
@@ -187,7 +208,7 @@ impl<'e> Sink<'e> {
         }
         let summary = self.stats.pairs();
         self.send(&SinkMsg::Finish { summary })?;
-        Ok(self.stats)
+        Ok(SinkOutcome { stats: self.stats, manifest: self.rec.writer.take() })
     }
 
     fn on_message(&mut self, msg: SourceMsg) -> Result<()> {
@@ -353,6 +374,8 @@ impl<'e> Sink<'e> {
             }
         };
         let mut node = node;
+        let stored = self.cfg.privs.storable(&node.meta);
+        self.rec.push(record(&node.rel, crate::manifest::Kind::Dir, 0, &stored), Content::Known(None));
         if node.existed
             && let Some(dest) = &node.dest
         {
@@ -515,9 +538,12 @@ impl<'e> Sink<'e> {
         if dest_sim == Similarity::OtherType {
             self.clear_dir_for_file(d, &name, &rel)?;
         }
+        let replacing = dest_sim != Similarity::Missing;
+        let mut content = Content::Known(None);
         let done = match action {
             FileAction::Keep => {
                 self.stats.kept += 1;
+                content = Content::Known(self.rec.carried(None, &rel, size, &want));
                 true
             }
             FileAction::FixMeta => {
@@ -526,14 +552,21 @@ impl<'e> Sink<'e> {
             }
             FileAction::Link(i) => {
                 self.link_from_basis(d, i, &name, &rel, &meta, size, dest_sim)?;
+                content = Content::Known(self.rec.carried(Some(i), &rel, size, &want));
                 true
             }
             FileAction::Copy(origin) => {
-                self.copy_local(d, origin, &name, &rel, &meta, size, dest_sim != Similarity::Missing)?;
+                self.copy_local(d, origin, &name, &rel, &meta, size, replacing)?;
+                let from = match origin {
+                    Origin::Dest => None,
+                    Origin::Basis(i) => Some(i),
+                };
+                content = Content::Known(self.rec.carried(from, &rel, size, &want));
                 true
             }
             FileAction::Fetch { delta_base } => {
-                self.fetch(d, name, &rel, meta, size, delta_base, link.map(|l| l.id), dest_sim != Similarity::Missing)?;
+                let ticket = self.fetch(d, name, &rel, meta, size, delta_base, link.map(|l| l.id), replacing)?;
+                content = Content::Waiting(ticket);
                 // In a dry run nothing is pending: later links just print.
                 self.cfg.dry_run
             }
@@ -541,9 +574,14 @@ impl<'e> Sink<'e> {
         if let Some(link) = link {
             let left = link.nlink - 1;
             let kept = action == FileAction::Keep;
-            let group = if done { Group::Done { rel, left, kept } } else { Group::Waiting { left } };
+            let group = match &content {
+                Content::Known(hash) if done => Group::Done { rel: rel.clone(), left, kept, hash: *hash },
+                Content::Waiting(_) if !done => Group::Waiting { left },
+                _ => Group::Done { rel: rel.clone(), left, kept, hash: None },
+            };
             self.groups.insert(link.id, group);
         }
+        self.rec.push(record(&rel, crate::manifest::Kind::File, size, &want), content);
         Ok(())
     }
 
@@ -570,15 +608,16 @@ impl<'e> Sink<'e> {
         };
         self.stats.hardlinks += 1;
         let left = match group {
-            Group::Done { left, .. } | Group::Waiting { left } => {
+            Group::Done { left, .. } | Group::Waiting { left, .. } => {
                 *left = left.saturating_sub(1);
                 *left
             }
         };
         match self.groups.get(&link.id) {
-            Some(Group::Done { rel: first, kept, .. }) => {
-                let (first, kept) = (first.clone(), *kept);
+            Some(Group::Done { rel: first, kept, hash, .. }) => {
+                let (first, kept, hash) = (first.clone(), *kept, *hash);
                 self.link_member(&first, kept, d, name, rel)?;
+                self.record_member(rel, Content::Known(hash))?;
             }
             _ => {
                 let waiter = (d, name.to_vec());
@@ -590,13 +629,34 @@ impl<'e> Sink<'e> {
                     .find(|p| p.group == Some(link.id))
                     .ok_or_else(|| anyhow!("hardlink group {} lost its first member", link.id))?;
                 p.waiters.push(waiter);
+                let ticket = p.ticket;
                 self.node_mut(d).pending += 1;
+                self.record_member(rel, Content::Waiting(ticket))?;
             }
         }
         if left == 0 {
             self.groups.remove(&link.id);
         }
         Ok(true)
+    }
+
+    /// The manifest record of a later hardlink member: the first member's
+    /// metadata and content.
+    fn record_member(&mut self, rel: &[u8], content: Content) -> Result<()> {
+        if !self.rec.active() {
+            return Ok(());
+        }
+        let root = self.cfg.dest.as_ref().expect("a manifest only outside dry runs");
+        let (dir, name) = split_parent(rel);
+        // The member is in place (linked), or will be with the first's data;
+        // either way its metadata is the entry's, as listed.
+        let st = root.resolve_dir(dir).ok().and_then(|d| d.stat(name).ok().map(|st| (d, st)));
+        if let Some((d, st)) = st {
+            let xattrs = meta::read_xattrs(&d, name).unwrap_or_default();
+            let m = meta::from_stat(&st, xattrs);
+            self.rec.push(record(rel, crate::manifest::Kind::File, st.st_size as u64, &m), content);
+        }
+        Ok(())
     }
 
     /// Links `name` in directory node `d` to the already written `first`
@@ -749,7 +809,9 @@ impl<'e> Sink<'e> {
         delta_base: Option<Origin>,
         group: Option<u64>,
         replacing: bool,
-    ) -> Result<()> {
+    ) -> Result<u64> {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
         let basis_dir = delta_base.and_then(|origin| match origin {
             Origin::Dest => self.dest_of(d),
             Origin::Basis(i) => self.node(d).bases[i].clone(),
@@ -764,16 +826,17 @@ impl<'e> Sink<'e> {
             } else {
                 self.stats.fetched_whole += 1;
             }
-            return Ok(());
+            return Ok(ticket);
         }
-        let p = Pending { id: 0, dir: d, name, meta, size, basis, sig_len: 0, group, waiters: Vec::new() };
+        let p = Pending { id: 0, ticket, dir: d, name, meta, size, basis, sig_len: 0, group, waiters: Vec::new() };
         self.node_mut(d).pending += 1;
         if delta && (self.sig_outstanding >= SIGNATURE_BUDGET || !self.deferred.is_empty()) {
             // Signatures already on their way are enough; this one waits.
             self.deferred.push_back(p);
-            return Ok(());
+            return Ok(ticket);
         }
-        self.send_fetch(p)
+        self.send_fetch(p)?;
+        Ok(ticket)
     }
 
     /// Computes the signature (for a delta) and sends the request.

@@ -210,7 +210,8 @@ impl Sink<'_> {
         }
         temp.file_mut().set_len(size).with_context(|| format!("sizing {}", Shown(&rel)))?;
         let delta = base.is_some();
-        if delta && (bad_delta || hash != Some(*hasher.finalize().as_bytes())) {
+        let content = *hasher.finalize().as_bytes();
+        if delta && (bad_delta || hash != Some(content)) {
             // MD4 matched blocks that differ, or the delta was unusable:
             // fetch the file again, whole.
             drop(temp);
@@ -230,7 +231,8 @@ impl Sink<'_> {
             self.stats.fetched_whole += 1;
         }
         self.events.progress(&self.stats);
-        self.file_written(&pending, &rel)
+        self.rec.resolve(pending.ticket, content, size);
+        self.file_written(&pending, &rel, content)
     }
 
     fn refetch_whole(&mut self, mut pending: Pending) -> Result<()> {
@@ -240,12 +242,12 @@ impl Sink<'_> {
 
     /// After a fetched file is in place: link the rest of its hardlink
     /// group, and let its directory finish.
-    fn file_written(&mut self, pending: &Pending, rel: &[u8]) -> Result<()> {
+    fn file_written(&mut self, pending: &Pending, rel: &[u8], hash: [u8; 32]) -> Result<()> {
         if let Some(g) = pending.group
-            && let Some(Group::Waiting { left }) = self.groups.get(&g)
+            && let Some(Group::Waiting { left, .. }) = self.groups.get(&g)
         {
             let left = *left;
-            self.groups.insert(g, Group::Done { rel: rel.to_vec(), left, kept: false });
+            self.groups.insert(g, Group::Done { rel: rel.to_vec(), left, kept: false, hash: Some(hash) });
         }
         let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
         for (wd, wname) in &pending.waiters {
@@ -307,7 +309,8 @@ impl Sink<'_> {
             ReadError::Unreadable(e) => self.problem(ProblemKind::Unreadable, &rel, e.clone()),
             ReadError::Other(e) => self.problem(ProblemKind::Failed, &rel, e.clone()),
         }
-        let Pending { dir, group, mut waiters, meta, size, .. } = pending;
+        self.rec.drop_entry(pending.ticket, &rel);
+        let Pending { dir, group, mut waiters, meta, size, ticket, .. } = pending;
         if waiters.is_empty() {
             if let Some(g) = group {
                 self.groups.remove(&g);
@@ -317,7 +320,8 @@ impl Sink<'_> {
             // the group now, and the others wait for it. Its directory already
             // counts it as pending.
             let (wd, wname) = waiters.remove(0);
-            let lead = Pending { id: 0, dir: wd, name: wname, meta, size, basis: None, sig_len: 0, group, waiters };
+            let lead =
+                Pending { id: 0, ticket, dir: wd, name: wname, meta, size, basis: None, sig_len: 0, group, waiters };
             self.send_fetch(lead)?;
         }
         self.node_mut(dir).pending -= 1;

@@ -1,0 +1,442 @@
+//! Manifests: for every entry of a snapshot, its path, type, size, mtime,
+//! mode, owner, symlink target, a digest of its xattrs and ACLs, and the
+//! BLAKE3 of a regular file's content — written while the snapshot is, beside
+//! it (`NAME.rbackup/manifests/STAMP`), never inside.
+//!
+//! Format: one zstd stream of length-prefixed postcard records: a header
+//! (magic, format version, snapshot name), the entries in the listing's order
+//! (depth first, names sorted bytewise — see [`dfs_cmp`]), and a footer with
+//! the entry count. A manifest without its footer is incomplete; one is only
+//! named after its snapshot once the snapshot is complete.
+//!
+//! Entries arrive in listing order but a fetched file's hash only when its
+//! data has been written: the writer holds records back until every one
+//! before them is known, so the file stays sorted and memory stays bounded by
+//! the sink's fetch window.
+
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::meta::Xattr;
+use crate::safefs::Dir;
+
+/// Format version written in every manifest's header.
+pub const FORMAT: u32 = 1;
+const MAGIC: &str = "rbackup-manifest";
+/// Largest record accepted when reading.
+const RECORD_MAX: usize = 8 << 20;
+/// Records between two flushes of the zstd stream.
+const FLUSH_EVERY: u64 = 4096;
+/// Infix of the manifests of runs still going (or interrupted).
+pub const PARTIAL: &str = ".partial-";
+
+/// The type of an entry.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Fifo,
+    Char,
+    Block,
+}
+
+/// One entry of a snapshot.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Relative to the snapshot's root; empty for the root itself.
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(with = "serde_bytes")]
+    pub target: Option<Vec<u8>>,
+    pub rdev: u64,
+    /// BLAKE3 of the xattrs (ACLs included), or all zeros for none.
+    pub xattrs: [u8; 16],
+    /// BLAKE3 of a regular file's content.
+    pub hash: Option<[u8; 32]>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+enum Item {
+    Header { magic: String, format: u32, snapshot: String },
+    Entry(Record),
+    Footer { entries: u64 },
+}
+
+/// A digest of a sorted xattr list (zeros when there are none).
+pub fn xattr_digest(xattrs: &[Xattr]) -> [u8; 16] {
+    if xattrs.is_empty() {
+        return [0; 16];
+    }
+    let mut h = blake3::Hasher::new();
+    for x in xattrs {
+        h.update(&(x.name.len() as u64).to_le_bytes());
+        h.update(&x.name);
+        h.update(&(x.value.len() as u64).to_le_bytes());
+        h.update(&x.value);
+    }
+    let mut out = [0; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+/// The listing's order: depth first, children right after their directory,
+/// siblings sorted bytewise — component-wise comparison of the paths.
+pub fn dfs_cmp(a: &[u8], b: &[u8]) -> Ordering {
+    fn components(p: &[u8]) -> impl Iterator<Item = &[u8]> {
+        p.split(|&c| c == b'/').filter(|c| !c.is_empty())
+    }
+    components(a).cmp(components(b))
+}
+
+/// The name of a snapshot's manifest in the manifests folder.
+pub fn file_name(snapshot_folder: &str) -> String {
+    snapshot_folder.trim_end_matches(".incomplete").to_string()
+}
+
+/// Opens (creating) `NAME.rbackup/manifests`.
+pub fn folder(meta_dir: &Dir) -> io::Result<Dir> {
+    match meta_dir.try_open_dir(b"manifests")? {
+        Some(d) => Ok(d),
+        None => meta_dir.create_dir(b"manifests"),
+    }
+}
+
+fn write_item(out: &mut impl Write, item: &Item) -> io::Result<()> {
+    let bytes = postcard::to_stdvec(item).expect("records always serialize");
+    out.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    out.write_all(&bytes)
+}
+
+/// A record whose content hash may still be on its way.
+struct Held {
+    record: Record,
+    /// The fetch whose hash this record waits for.
+    waiting: Option<u64>,
+}
+
+/// Writes a manifest while its snapshot is written (see the module doc).
+pub struct ManifestWriter {
+    out: zstd::stream::write::Encoder<'static, BufWriter<File>>,
+    held: VecDeque<Held>,
+    entries: u64,
+    dir: Dir,
+    temp: Vec<u8>,
+    name: String,
+}
+
+impl ManifestWriter {
+    /// Starts `STAMP.partial-PID` in `dir` for `snapshot` (a name of its own:
+    /// a resumed run reads the partial manifests of the runs before it).
+    pub fn create(dir: &Dir, snapshot: &str) -> Result<ManifestWriter> {
+        let name = file_name(snapshot);
+        let temp = format!("{name}{PARTIAL}{}", std::process::id()).into_bytes();
+        let fd = rustix::fs::openat(
+            dir,
+            temp.as_slice(),
+            rustix::fs::OFlags::CREATE
+                | rustix::fs::OFlags::TRUNC
+                | rustix::fs::OFlags::WRONLY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .with_context(|| format!("cannot create the manifest of {snapshot}"))?;
+        let mut out = zstd::stream::write::Encoder::new(BufWriter::new(File::from(fd)), 3)?;
+        write_item(&mut out, &Item::Header { magic: MAGIC.into(), format: FORMAT, snapshot: snapshot.to_string() })?;
+        Ok(ManifestWriter { out, held: VecDeque::new(), entries: 0, dir: dir.clone(), temp, name })
+    }
+
+    /// Adds the next entry in listing order; `waiting` is the fetch whose
+    /// hash it still needs.
+    pub fn push(&mut self, record: Record, waiting: Option<u64>) -> io::Result<()> {
+        self.held.push_back(Held { record, waiting });
+        self.flush_ready()
+    }
+
+    /// The content of `ticket` is known (`size` bytes were written): fill in
+    /// every record waiting for it.
+    pub fn resolve(&mut self, ticket: u64, hash: [u8; 32], size: u64) -> io::Result<()> {
+        for h in self.held.iter_mut().filter(|h| h.waiting == Some(ticket)) {
+            h.record.hash = Some(hash);
+            h.record.size = size;
+            h.waiting = None;
+        }
+        self.flush_ready()
+    }
+
+    /// The entry at `path` waiting for `ticket` will not be in the snapshot.
+    pub fn drop_entry(&mut self, ticket: u64, path: &[u8]) -> io::Result<()> {
+        self.held.retain(|h| !(h.waiting == Some(ticket) && h.record.path == path));
+        self.flush_ready()
+    }
+
+    fn flush_ready(&mut self) -> io::Result<()> {
+        while self.held.front().is_some_and(|h| h.waiting.is_none()) {
+            let h = self.held.pop_front().expect("checked");
+            write_item(&mut self.out, &Item::Entry(h.record))?;
+            self.entries += 1;
+            // End a zstd block now and then, so that an interrupted run's
+            // manifest holds most of what it wrote (a resumed run reuses it).
+            if self.entries.is_multiple_of(FLUSH_EVERY) {
+                self.out.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the footer and flushes the file to disk; the manifest keeps its
+    /// `.partial` name until [`commit`].
+    pub fn finish(mut self) -> Result<FinishedManifest> {
+        if !self.held.is_empty() {
+            bail!("{} manifest entries still wait for their content", self.held.len());
+        }
+        write_item(&mut self.out, &Item::Footer { entries: self.entries })?;
+        let file = self.out.finish()?.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(FinishedManifest { dir: self.dir, temp: self.temp, name: self.name })
+    }
+}
+
+/// The partial manifests of `stamp_name` (an interrupted snapshot's), newest
+/// first.
+pub fn partials(dir: &Dir, name: &str) -> Vec<Vec<u8>> {
+    let prefix = format!("{name}{PARTIAL}");
+    let mut found: Vec<(i64, Vec<u8>)> = dir
+        .names()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix.as_bytes()))
+        .map(|n| (dir.stat(&n).map_or(0, |st| st.st_mtime), n))
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.into_iter().map(|(_, n)| n).collect()
+}
+
+/// A manifest written whole, waiting for its snapshot to be complete.
+pub struct FinishedManifest {
+    dir: Dir,
+    temp: Vec<u8>,
+    name: String,
+}
+
+impl FinishedManifest {
+    /// Gives the manifest its final name (after the snapshot got its own).
+    pub fn commit(self) -> io::Result<()> {
+        self.dir.rename(&self.temp, self.name.as_bytes())?;
+        self.dir.fsync()
+    }
+}
+
+/// Reads a manifest, entry by entry.
+pub struct ManifestReader {
+    input: zstd::stream::read::Decoder<'static, BufReader<File>>,
+    pub snapshot: String,
+    seen: u64,
+    done: bool,
+}
+
+impl ManifestReader {
+    /// Opens the manifest named `name` in `dir` (`None` if there is none).
+    pub fn open(dir: &Dir, name: &[u8]) -> Result<Option<ManifestReader>> {
+        let file = match dir.open_file(name) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).context("opening a manifest"),
+        };
+        let mut input = zstd::stream::read::Decoder::new(file)?;
+        input.window_log_max(27)?;
+        match read_item(&mut input)? {
+            Some(Item::Header { magic, format, snapshot }) if magic == MAGIC => {
+                if format != FORMAT {
+                    bail!("manifest format {format} is not the {FORMAT} this rbackup reads");
+                }
+                Ok(Some(ManifestReader { input, snapshot, seen: 0, done: false }))
+            }
+            _ => bail!("not an rbackup manifest"),
+        }
+    }
+
+    /// The next entry; `Ok(None)` after the footer. A manifest cut short
+    /// (an interrupted run's) ends with an error.
+    pub fn next_record(&mut self) -> Result<Option<Record>> {
+        if self.done {
+            return Ok(None);
+        }
+        match read_item(&mut self.input)? {
+            Some(Item::Entry(r)) => {
+                self.seen += 1;
+                Ok(Some(r))
+            }
+            Some(Item::Footer { entries }) => {
+                self.done = true;
+                if entries != self.seen {
+                    bail!("manifest footer says {entries} entries, {} were read", self.seen);
+                }
+                Ok(None)
+            }
+            Some(Item::Header { .. }) => bail!("a second header in a manifest"),
+            None => bail!("the manifest ends without its footer (an interrupted run's)"),
+        }
+    }
+}
+
+fn read_item(input: &mut impl Read) -> Result<Option<Item>> {
+    let mut len = [0u8; 4];
+    match crate::protocol::frame::read_full(input, &mut len)? {
+        0 => return Ok(None),
+        4 => {}
+        _ => bail!("manifest cut in the middle of a record"),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > RECORD_MAX {
+        bail!("manifest record of {len} bytes is too large");
+    }
+    let mut buf = vec![0u8; len];
+    if crate::protocol::frame::read_full(input, &mut buf)? != len {
+        bail!("manifest cut in the middle of a record");
+    }
+    Ok(Some(postcard::from_bytes(&buf).context("undecodable manifest record")?))
+}
+
+/// Looks entries up in a manifest, in listing order: each lookup moves
+/// forward, so a whole snapshot costs one pass over its manifest.
+pub struct Cursor {
+    reader: Option<ManifestReader>,
+    current: Option<Record>,
+}
+
+impl Cursor {
+    pub fn new(reader: Option<ManifestReader>) -> Cursor {
+        Cursor { reader, current: None }
+    }
+
+    /// The record of `path`, if the manifest has it. Paths must be asked
+    /// for in listing order.
+    pub fn find(&mut self, path: &[u8]) -> Option<&Record> {
+        loop {
+            if let Some(r) = &self.current {
+                match dfs_cmp(&r.path, path) {
+                    Ordering::Less => {}
+                    Ordering::Equal => return self.current.as_ref(),
+                    Ordering::Greater => return None,
+                }
+            }
+            let reader = self.reader.as_mut()?;
+            match reader.next_record() {
+                Ok(Some(r)) => self.current = Some(r),
+                // The end, or a damaged/partial manifest: nothing more to find.
+                Ok(None) | Err(_) => {
+                    self.reader = None;
+                    self.current = None;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dfs_order_puts_children_before_the_next_sibling() {
+        let mut v: Vec<&[u8]> = vec![b"a.b", b"a/z", b"a", b"", b"a/b/c", b"b", b"a-"];
+        v.sort_by(|a, b| dfs_cmp(a, b));
+        assert_eq!(v, vec![&b""[..], b"a", b"a/b/c", b"a/z", b"a-", b"a.b", b"b"]);
+    }
+
+    fn rec(path: &[u8]) -> Record {
+        Record {
+            path: path.to_vec(),
+            kind: Kind::File,
+            size: 1,
+            mtime: 2,
+            mtime_nsec: 3,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            target: None,
+            rdev: 0,
+            xattrs: [0; 16],
+            hash: None,
+        }
+    }
+
+    #[test]
+    fn records_wait_for_their_hash_and_stay_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        let mut w = ManifestWriter::create(&dir, "s.01-01-26_00-00-00.incomplete").unwrap();
+        w.push(rec(b""), None).unwrap();
+        w.push(rec(b"a"), Some(7)).unwrap();
+        w.push(rec(b"b"), None).unwrap();
+        w.push(rec(b"c"), Some(8)).unwrap();
+        w.push(rec(b"d"), Some(9)).unwrap();
+        w.resolve(8, [8; 32], 1).unwrap();
+        w.drop_entry(9, b"d").unwrap();
+        w.resolve(7, [7; 32], 5).unwrap();
+        w.finish().unwrap().commit().unwrap();
+        let mut r = ManifestReader::open(&dir, b"s.01-01-26_00-00-00").unwrap().unwrap();
+        assert_eq!(r.snapshot, "s.01-01-26_00-00-00.incomplete");
+        let mut got = Vec::new();
+        while let Some(x) = r.next_record().unwrap() {
+            got.push((x.path, x.hash));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (b"".to_vec(), None),
+                (b"a".to_vec(), Some([7; 32])),
+                (b"b".to_vec(), None),
+                (b"c".to_vec(), Some([8; 32]))
+            ]
+        );
+        let mut r = ManifestReader::open(&dir, b"s.01-01-26_00-00-00").unwrap().unwrap();
+        r.next_record().unwrap();
+        assert_eq!(r.next_record().unwrap().unwrap().size, 5, "the size written is recorded");
+        let mut c = Cursor::new(ManifestReader::open(&dir, b"s.01-01-26_00-00-00").unwrap());
+        assert!(c.find(b"a").is_some());
+        assert!(c.find(b"a/x").is_none());
+        assert_eq!(c.find(b"c").unwrap().hash, Some([8; 32]));
+        assert!(c.find(b"d").is_none());
+    }
+
+    #[test]
+    fn a_manifest_without_its_footer_is_incomplete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        let mut w = ManifestWriter::create(&dir, "s").unwrap();
+        w.push(rec(b"a"), None).unwrap();
+        // Dropped without finish: the zstd stream is cut.
+        drop(w);
+        let partial = format!("s{PARTIAL}{}", std::process::id());
+        let complete = match ManifestReader::open(&dir, partial.as_bytes()) {
+            Err(_) => false,
+            Ok(r) => {
+                let mut r = r.unwrap();
+                loop {
+                    match r.next_record() {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break true,
+                        Err(_) => break false,
+                    }
+                }
+            }
+        };
+        assert!(!complete);
+    }
+}
