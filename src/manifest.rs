@@ -204,7 +204,7 @@ impl ManifestWriter {
             bail!("{} manifest entries still wait for their content", self.held.len());
         }
         write_item(&mut self.out, &Item::Footer { entries: self.entries })?;
-        let file = self.out.finish()?.into_inner().map_err(|e| e.into_error())?;
+        let file = self.out.finish()?.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
         Ok(FinishedManifest { dir: self.dir, temp: self.temp, name: self.name })
     }
@@ -221,7 +221,7 @@ pub fn partials(dir: &Dir, name: &str) -> Vec<Vec<u8>> {
         .filter(|n| n.starts_with(prefix.as_bytes()))
         .map(|n| (dir.stat(&n).map_or(0, |st| st.st_mtime), n))
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     found.into_iter().map(|(_, n)| n).collect()
 }
 

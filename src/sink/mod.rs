@@ -617,7 +617,7 @@ impl<'e> Sink<'e> {
             Some(Group::Done { rel: first, kept, hash, .. }) => {
                 let (first, kept, hash) = (first.clone(), *kept, *hash);
                 self.link_member(&first, kept, d, name, rel)?;
-                self.record_member(rel, Content::Known(hash))?;
+                self.record_member(rel, Content::Known(hash));
             }
             _ => {
                 let waiter = (d, name.to_vec());
@@ -631,7 +631,7 @@ impl<'e> Sink<'e> {
                 p.waiters.push(waiter);
                 let ticket = p.ticket;
                 self.node_mut(d).pending += 1;
-                self.record_member(rel, Content::Waiting(ticket))?;
+                self.record_member(rel, Content::Waiting(ticket));
             }
         }
         if left == 0 {
@@ -642,9 +642,9 @@ impl<'e> Sink<'e> {
 
     /// The manifest record of a later hardlink member: the first member's
     /// metadata and content.
-    fn record_member(&mut self, rel: &[u8], content: Content) -> Result<()> {
+    fn record_member(&mut self, rel: &[u8], content: Content) {
         if !self.rec.active() {
-            return Ok(());
+            return;
         }
         let root = self.cfg.dest.as_ref().expect("a manifest only outside dry runs");
         let (dir, name) = split_parent(rel);
@@ -656,7 +656,6 @@ impl<'e> Sink<'e> {
             let m = meta::from_stat(&st, xattrs);
             self.rec.push(record(rel, crate::manifest::Kind::File, st.st_size as u64, &m), content);
         }
-        Ok(())
     }
 
     /// Links `name` in directory node `d` to the already written `first`

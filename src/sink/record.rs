@@ -31,6 +31,7 @@ impl ManifestSet {
 }
 
 /// Where a file's content hash comes from.
+#[derive(Clone, Copy)]
 pub enum Content {
     /// Known now (carried over, or none to be had).
     Known(Option<[u8; 32]>),
