@@ -67,9 +67,21 @@ pub enum Command {
     #[command(long_flag = "continue")]
     Continue(RunArgs),
 
-    /// List the job's snapshots, oldest first
+    /// List the job's snapshots, oldest first, with their sizes
     #[command(long_flag = "list")]
-    List(StoreArgs),
+    List(ListArgs),
+
+    /// Remove snapshots the retention rules don't keep (borg-style, by the UTC times in the names)
+    #[command(long_flag = "prune")]
+    Prune(PruneArgs),
+
+    /// Re-read snapshots and compare them with their manifests (exit code 3 on any difference)
+    #[command(long_flag = "verify")]
+    Verify(VerifyArgs),
+
+    /// What changed between two snapshots: added, removed, changed, metadata only
+    #[command(long_flag = "diff")]
+    Diff(DiffArgs),
 
     /// Put a snapshot (or chosen paths of it) back, with owners, modes, ACLs, xattrs and times
     #[command(long_flag = "restore", after_help = RESTORE_EXAMPLES)]
@@ -161,6 +173,74 @@ pub struct RunArgs {
     /// Write the end-of-run summary as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+}
+
+/// Options of `list`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Don't compute sizes (they walk every snapshot)
+    #[arg(long)]
+    pub no_sizes: bool,
+
+    /// Sizes in bytes, for scripts
+    #[arg(long)]
+    pub bytes: bool,
+}
+
+/// Options of `prune`; they override the job's keep_* keys.
+#[derive(Args, Debug, Default, Clone)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Keep the N newest snapshots
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep every snapshot newer than this: 36h, 7d, 4w, 6m, 1y
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Keep the newest snapshot of each of the N most recent hours
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent days (UTC)
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent ISO weeks
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent months
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent years
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Print keep/remove for each snapshot with the rule that keeps it; remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Options of `verify`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// A snapshot's name, `latest`, `all`, or a UTC time [default: latest]
+    #[arg(long, value_name = "NAME|latest|all")]
+    pub snapshot: Option<String>,
+}
+
+/// Options of `diff`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The older snapshot: a name, `previous`, `latest` or a UTC time
+    pub a: String,
+    /// The newer snapshot [default: latest]
+    #[arg(default_value = "latest")]
+    pub b: String,
 }
 
 /// Options of `restore`.

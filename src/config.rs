@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::notify::EmailConfig;
+use crate::prune::Rules;
 use crate::usage;
 
 /// The file read when `--config` is not given, if it exists.
@@ -51,6 +52,17 @@ pub struct JobConfig {
     pub restore_to: Option<String>,
     /// A Prometheus textfile (for `node_exporter`) rewritten after every run.
     pub metrics_file: Option<PathBuf>,
+    /// Retention rules for `prune` (see docs/retention.md).
+    pub keep_last: Option<u32>,
+    pub keep_within: Option<String>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    /// Prune after every successful backup.
+    #[serde(default)]
+    pub prune_after_backup: bool,
 }
 
 /// Where the data comes from.
@@ -113,6 +125,8 @@ pub struct Job {
     pub metrics_file: Option<PathBuf>,
     /// The `[email]` settings, if any.
     pub email: Option<EmailConfig>,
+    pub prune: Rules,
+    pub prune_after_backup: bool,
 }
 
 /// Values from the command line, which win over the file.
@@ -218,6 +232,16 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
         ssh_config: cli.ssh_config.clone().or(base.ssh_config.clone()),
         restore_to: base.restore_to.clone(),
         metrics_file: base.metrics_file.clone(),
+        prune: Rules {
+            keep_last: base.keep_last,
+            keep_within: base.keep_within.clone(),
+            keep_hourly: base.keep_hourly,
+            keep_daily: base.keep_daily,
+            keep_weekly: base.keep_weekly,
+            keep_monthly: base.keep_monthly,
+            keep_yearly: base.keep_yearly,
+        },
+        prune_after_backup: base.prune_after_backup,
         email: file.and_then(|(_, cfg)| cfg.email.clone()),
     })
 }

@@ -23,6 +23,12 @@ pub fn acquire_readers(meta_dir: &Dir, what: &str, folder_for_messages: &str) ->
     take(meta_dir, "readers.lock", FlockOperation::NonBlockingLockShared, what, folder_for_messages)
 }
 
+/// `prune` takes the readers lock exclusively: no restore or verify is
+/// reading a snapshot it deletes.
+pub fn acquire_readers_exclusive(meta_dir: &Dir, what: &str, folder_for_messages: &str) -> Result<Lock> {
+    take(meta_dir, "readers.lock", FlockOperation::NonBlockingLockExclusive, what, folder_for_messages)
+}
+
 /// Held until dropped.
 #[derive(Debug)]
 pub struct Lock {

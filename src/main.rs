@@ -7,7 +7,7 @@ use clap::Parser;
 use rbackup::cli::{CheckArgs, Cli, Command, RestoreArgs, RunArgs, StoreArgs};
 use rbackup::config::{self, Job, Overrides};
 use rbackup::exit::{Code, code_of};
-use rbackup::{backup, check, error, finish, list, log, notify, restore, serve, setup, store};
+use rbackup::{backup, check, diff, error, finish, list, log, notify, prune, restore, serve, setup, store, verify};
 
 fn main() -> ExitCode {
     // As the backup user's login shell, sshd runs `rbackup -c COMMAND`.
@@ -60,6 +60,13 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             };
             if let Some(path) = &args.stats_json {
                 backup::write_stats_json(path, &job, &report)?;
+            }
+            if job.prune_after_backup
+                && report.snapshot.is_some()
+                && let Err(e) = prune::run(&job, &job.prune, false)
+            {
+                error!("prune after the backup failed (the snapshot is complete): {e:#}");
+                return Ok(report.code.max(code_of(&e)));
             }
             Ok(report.code)
         }
@@ -133,9 +140,30 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             print_all(&script)
         }
         Command::List(args) => {
-            let job = job(cli, &store_overrides(args))?;
-            list::run(&store::Store::open(&job.backups_folder, &job.name)?)?;
+            let job = job(cli, &store_overrides(&args.store))?;
+            list::run(&store::Store::open(&job.backups_folder, &job.name)?, !args.no_sizes, args.bytes)?;
             Ok(Code::Ok)
+        }
+        Command::Prune(a) => {
+            let job = job(cli, &store_overrides(&a.store))?;
+            let rules = prune::Rules {
+                keep_last: a.keep_last,
+                keep_within: a.keep_within.clone(),
+                keep_hourly: a.keep_hourly,
+                keep_daily: a.keep_daily,
+                keep_weekly: a.keep_weekly,
+                keep_monthly: a.keep_monthly,
+                keep_yearly: a.keep_yearly,
+            };
+            prune::run(&job, &rules.or(&job.prune), a.dry_run)
+        }
+        Command::Verify(a) => {
+            let job = job(cli, &store_overrides(&a.store))?;
+            verify::run(&job, a.snapshot.as_deref())
+        }
+        Command::Diff(a) => {
+            let job = job(cli, &store_overrides(&a.store))?;
+            diff::run(&job, &a.a, &a.b)
         }
     }
 }

@@ -222,7 +222,8 @@ impl Store {
         self.dir
             .rename_noreplace(s.folder.as_bytes(), &trash, s.folder.as_bytes())
             .with_context(|| format!("cannot move {} to the trash", s.folder))?;
-        trash.remove_all(s.folder.as_bytes()).with_context(|| format!("cannot delete {}", s.folder))?;
+        crate::delete::remove_tree(&trash, s.folder.as_bytes())
+            .with_context(|| format!("cannot delete {}", s.folder))?;
         self.remove_partial_manifests(&s.folder);
         if s.complete
             && let Ok(meta) = self.meta_dir()
@@ -247,7 +248,10 @@ impl Store {
     /// Finishes deletions a killed run left in the trash.
     pub fn empty_trash(&self) -> Result<()> {
         let trash = self.trash()?;
-        trash.clear().context("cannot empty the trash")
+        for name in trash.names().context("cannot list the trash")? {
+            crate::delete::remove_tree(&trash, &name).context("cannot empty the trash")?;
+        }
+        Ok(())
     }
 
     fn trash(&self) -> Result<Dir> {

@@ -180,7 +180,9 @@ fn list_orders_by_time_in_the_name_and_ignores_other_folders() {
     let (code, out, err) =
         run(&["--list".as_ref(), "--backups-folder".as_ref(), bk.as_os_str(), "--name".as_ref(), "srv".as_ref()]);
     assert_eq!(code, 0, "{err}");
-    let folders: Vec<&str> = out.lines().map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert!(out.lines().last().unwrap().starts_with("total on disk: "), "{out}");
+    let folders: Vec<&str> =
+        out.lines().filter(|l| l.starts_with("srv.")).map(|l| l.split_whitespace().next().unwrap()).collect();
     assert_eq!(
         folders,
         ["srv.02-01-19_10-00-00", "srv.02-01-19_10-00-00.incomplete", "srv.31-12-19_23-59-59", "srv.01-01-20_00-00-00"]

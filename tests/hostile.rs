@@ -102,6 +102,8 @@ fn job(bk: &Path) -> Job {
         restore_to: None,
         metrics_file: None,
         email: None,
+        prune: Default::default(),
+        prune_after_backup: false,
     }
 }
 

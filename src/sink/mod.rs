@@ -514,7 +514,7 @@ impl<'e> Sink<'e> {
         self.stats.files += 1;
         let want = self.cfg.privs.storable(&meta);
         if let Some(link) = link
-            && self.join_group(d, &name, &rel, link)?
+            && self.join_group(d, &name, &rel, link, &want, size)?
         {
             return Ok(());
         }
@@ -602,7 +602,7 @@ impl<'e> Sink<'e> {
 
     /// A later member of a hardlink group. Returns false for the first member,
     /// which the caller handles like any file.
-    fn join_group(&mut self, d: usize, name: &[u8], rel: &[u8], link: Link) -> Result<bool> {
+    fn join_group(&mut self, d: usize, name: &[u8], rel: &[u8], link: Link, want: &Meta, size: u64) -> Result<bool> {
         let Some(group) = self.groups.get_mut(&link.id) else {
             return Ok(false);
         };
@@ -617,7 +617,7 @@ impl<'e> Sink<'e> {
             Some(Group::Done { rel: first, kept, hash, .. }) => {
                 let (first, kept, hash) = (first.clone(), *kept, *hash);
                 self.link_member(&first, kept, d, name, rel)?;
-                self.record_member(rel, Content::Known(hash));
+                self.rec.push(record(rel, crate::manifest::Kind::File, size, want), Content::Known(hash));
             }
             _ => {
                 let waiter = (d, name.to_vec());
@@ -631,31 +631,13 @@ impl<'e> Sink<'e> {
                 p.waiters.push(waiter);
                 let ticket = p.ticket;
                 self.node_mut(d).pending += 1;
-                self.record_member(rel, Content::Waiting(ticket));
+                self.rec.push(record(rel, crate::manifest::Kind::File, size, want), Content::Waiting(ticket));
             }
         }
         if left == 0 {
             self.groups.remove(&link.id);
         }
         Ok(true)
-    }
-
-    /// The manifest record of a later hardlink member: the first member's
-    /// metadata and content.
-    fn record_member(&mut self, rel: &[u8], content: Content) {
-        if !self.rec.active() {
-            return;
-        }
-        let root = self.cfg.dest.as_ref().expect("a manifest only outside dry runs");
-        let (dir, name) = split_parent(rel);
-        // The member is in place (linked), or will be with the first's data;
-        // either way its metadata is the entry's, as listed.
-        let st = root.resolve_dir(dir).ok().and_then(|d| d.stat(name).ok().map(|st| (d, st)));
-        if let Some((d, st)) = st {
-            let xattrs = meta::read_xattrs(&d, name).unwrap_or_default();
-            let m = meta::from_stat(&st, xattrs);
-            self.rec.push(record(rel, crate::manifest::Kind::File, st.st_size as u64, &m), content);
-        }
     }
 
     /// Links `name` in directory node `d` to the already written `first`
@@ -868,6 +850,11 @@ impl<'e> Sink<'e> {
         let (d, rel) = self.enter_name(name)?;
         self.stats.symlinks += 1;
         let want = self.cfg.privs.storable(meta);
+        let r = crate::manifest::Record {
+            target: Some(target.to_vec()),
+            ..record(&rel, crate::manifest::Kind::Symlink, 0, &want)
+        };
+        self.rec.push(r, Content::Known(None));
         let existing = self.existing(d, name, &rel)?;
         if let Some(dest) = self.dest_of(d)
             && let Some(st) = &existing
@@ -897,6 +884,14 @@ impl<'e> Sink<'e> {
         }
         self.stats.specials += 1;
         let want = self.cfg.privs.storable(meta);
+        let kind_of = match kind {
+            SpecialKind::Fifo => crate::manifest::Kind::Fifo,
+            SpecialKind::Char => crate::manifest::Kind::Char,
+            SpecialKind::Block => crate::manifest::Kind::Block,
+        };
+        let rdev_of = if kind == SpecialKind::Fifo { 0 } else { rdev };
+        self.rec
+            .push(crate::manifest::Record { rdev: rdev_of, ..record(&rel, kind_of, 0, &want) }, Content::Known(None));
         let existing = self.existing(d, name, &rel)?;
         let wanted_type = match kind {
             SpecialKind::Fifo => FileType::Fifo,
