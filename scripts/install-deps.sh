@@ -4,7 +4,7 @@
 # Idempotent: does nothing when everything is there. Needs root (or sudo).
 set -euo pipefail
 
-packages=(libacl1-dev pkg-config openssh-server openssh-client acl attr rsync python3 python3-aiosmtpd)
+packages=(libacl1-dev pkg-config openssh-server openssh-client acl attr rsync python3 python3-aiosmtpd time openssl systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
+pub mod bench;
 pub mod smtp;
 pub mod sshd;
 

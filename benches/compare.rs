@@ -1,0 +1,37 @@
+//! rbackup against `rsync -aHAX --numeric-ids --sparse --link-dest`, over the
+//! same SSH, on the same machine, in the same run. See docs/performance.md;
+//! run it with `sudo scripts/bench.sh` (arguments: --files N --rounds N
+//! --rss-files N --seed N --work DIR).
+
+#![allow(clippy::pedantic)] // bench code, like test code
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use common::bench::{Config, report, run};
+
+fn main() {
+    let mut cfg = Config::full(std::path::PathBuf::from("/tmp/rbackup-bench"));
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--files" => cfg.files = val().parse().unwrap(),
+            "--rounds" => cfg.rounds = val().parse().unwrap(),
+            "--rss-files" => cfg.rss_files = val().parse().unwrap(),
+            "--seed" => cfg.seed = val().parse().unwrap(),
+            "--dense-mib" => cfg.dense_bytes = val().parse::<u64>().unwrap() << 20,
+            "--sparse-mib" => cfg.sparse_bytes = val().parse::<u64>().unwrap() << 20,
+            "--work" => cfg.work = val().into(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let cases = run(&cfg);
+    let table = report(&cfg, &cases);
+    println!("{table}");
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.md");
+    std::fs::write(&out, &table).unwrap();
+    eprintln!("results written to {}", out.display());
+}

@@ -1,0 +1,38 @@
+//! A tiny run of the benchmark (benches/compare.rs): the harness works, both
+//! tools' snapshots equal the source. Times are printed, never asserted.
+
+#![allow(clippy::pedantic)] // test code: plain asserts over polish
+
+mod common;
+
+use common::bench::{Config, report, run};
+
+#[test]
+fn the_benchmark_runs_and_both_snapshots_equal_the_source() {
+    let work = common::scratch();
+    let cfg = Config {
+        files: 300,
+        dense_bytes: 4 << 20,
+        sparse_bytes: 16 << 20,
+        seed: 7,
+        rounds: 1,
+        rss_files: 2000,
+        work: work.path().join("bench"),
+    };
+    let cases = run(&cfg);
+    println!("{}", report(&cfg, &cases));
+    let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names[..3], ["first full snapshot", "no-change snapshot", "1 % changed"]);
+    assert_eq!(cases.len(), 6);
+    for c in &cases {
+        assert!(!c.rbackup.is_empty(), "{}", c.name);
+        if let Some(e) = &c.rbackup_equal {
+            assert!(e.is_ok(), "{}: rbackup's snapshot differs: {e:?}", c.name);
+        }
+        if let Some(e) = &c.rsync_equal {
+            assert!(e.is_ok(), "{}: rsync's snapshot differs: {e:?}", c.name);
+        }
+    }
+    let changed = &cases[2];
+    assert!(changed.rbackup[0].wire_bytes > 0 && changed.rsync[0].wire_bytes > 0);
+}
