@@ -6,7 +6,6 @@
 #![allow(clippy::pedantic)] // bench code, like test code
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::bench::{Config, report, run};
