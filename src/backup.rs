@@ -167,6 +167,7 @@ pub fn run_with(
         version: SOFTWARE.to_string(),
     };
     let session = conn.handshake(&hello)?;
+    crate::debug!("connected to the agent in {:.3} s", started.elapsed().as_secs_f64());
 
     let open = |s: &Snapshot| -> Result<Dir> { store.as_ref().expect("snapshots come from a store").open_snapshot(s) };
     let bases = plan.bases.iter().map(open).collect::<Result<Vec<_>>>()?;
@@ -212,6 +213,7 @@ pub fn run_with(
     let (incoming, wire_bytes, reader_thread) = spawn_reader(reader, 64);
     let (out, writer_thread) = spawn_writer(writer, None);
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
+    crate::debug!("listing and data done at {:.3} s", started.elapsed().as_secs_f64());
     events.progress.finish();
     let (mut stats, manifest) = match result {
         Ok(outcome) => (outcome.stats, outcome.manifest),
@@ -245,6 +247,7 @@ pub fn run_with(
                 None
             });
             let done = store.commit(&target, dest)?;
+            crate::debug!("flushed to disk and renamed at {:.3} s", started.elapsed().as_secs_f64());
             if let Some(m) = manifest
                 && let Err(e) = m.commit()
             {

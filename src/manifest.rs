@@ -15,7 +15,7 @@
 //! the sink's fetch window.
 
 use std::cmp::Ordering;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
@@ -120,10 +120,10 @@ fn write_item(out: &mut impl Write, item: &Item) -> io::Result<()> {
     out.write_all(&bytes)
 }
 
-/// A record whose content hash may still be on its way.
+/// A record whose content hash may still be on its way; `None` once dropped.
 struct Held {
-    record: Record,
-    /// The fetch whose hash this record waits for.
+    record: Option<Record>,
+    /// The ticket whose hash this record waits for.
     waiting: Option<u64>,
 }
 
@@ -131,6 +131,10 @@ struct Held {
 pub struct ManifestWriter {
     out: zstd::stream::write::Encoder<'static, BufWriter<File>>,
     held: VecDeque<Held>,
+    /// Sequence number of `held`'s front.
+    front: u64,
+    /// Records waiting for each ticket, by sequence number.
+    waiting: HashMap<u64, Vec<u64>>,
     entries: u64,
     dir: Dir,
     temp: Vec<u8>,
@@ -154,24 +158,39 @@ impl ManifestWriter {
             rustix::fs::Mode::from_raw_mode(0o600),
         )
         .with_context(|| format!("cannot create the manifest of {snapshot}"))?;
-        let mut out = zstd::stream::write::Encoder::new(BufWriter::new(File::from(fd)), 3)?;
+        let mut out = zstd::stream::write::Encoder::new(BufWriter::new(File::from(fd)), 1)?;
         write_item(&mut out, &Item::Header { magic: MAGIC.into(), format: FORMAT, snapshot: snapshot.to_string() })?;
-        Ok(ManifestWriter { out, held: VecDeque::new(), entries: 0, dir: dir.clone(), temp, name })
+        Ok(ManifestWriter {
+            out,
+            held: VecDeque::new(),
+            front: 0,
+            waiting: HashMap::new(),
+            entries: 0,
+            dir: dir.clone(),
+            temp,
+            name,
+        })
     }
 
-    /// Adds the next entry in listing order; `waiting` is the fetch whose
+    /// Adds the next entry in listing order; `waiting` is the ticket whose
     /// hash it still needs.
     pub fn push(&mut self, record: Record, waiting: Option<u64>) -> io::Result<()> {
-        self.held.push_back(Held { record, waiting });
+        if let Some(t) = waiting {
+            self.waiting.entry(t).or_default().push(self.front + self.held.len() as u64);
+        }
+        self.held.push_back(Held { record: Some(record), waiting });
         self.flush_ready()
     }
 
     /// The content of `ticket` is known (`size` bytes were written): fill in
     /// every record waiting for it.
     pub fn resolve(&mut self, ticket: u64, hash: [u8; 32], size: u64) -> io::Result<()> {
-        for h in self.held.iter_mut().filter(|h| h.waiting == Some(ticket)) {
-            h.record.hash = Some(hash);
-            h.record.size = size;
+        for seq in self.waiting.remove(&ticket).unwrap_or_default() {
+            let h = &mut self.held[(seq - self.front) as usize];
+            if let Some(r) = h.record.as_mut() {
+                r.hash = Some(hash);
+                r.size = size;
+            }
             h.waiting = None;
         }
         self.flush_ready()
@@ -179,14 +198,31 @@ impl ManifestWriter {
 
     /// The entry at `path` waiting for `ticket` will not be in the snapshot.
     pub fn drop_entry(&mut self, ticket: u64, path: &[u8]) -> io::Result<()> {
-        self.held.retain(|h| !(h.waiting == Some(ticket) && h.record.path == path));
+        let Some(seqs) = self.waiting.get_mut(&ticket) else { return Ok(()) };
+        let front = self.front;
+        let held = &mut self.held;
+        seqs.retain(|&seq| {
+            let h = &mut held[(seq - front) as usize];
+            if h.record.as_ref().is_some_and(|r| r.path == path) {
+                h.record = None;
+                h.waiting = None;
+                false
+            } else {
+                true
+            }
+        });
+        if seqs.is_empty() {
+            self.waiting.remove(&ticket);
+        }
         self.flush_ready()
     }
 
     fn flush_ready(&mut self) -> io::Result<()> {
         while self.held.front().is_some_and(|h| h.waiting.is_none()) {
             let h = self.held.pop_front().expect("checked");
-            write_item(&mut self.out, &Item::Entry(h.record))?;
+            self.front += 1;
+            let Some(record) = h.record else { continue };
+            write_item(&mut self.out, &Item::Entry(record))?;
             self.entries += 1;
             // End a zstd block now and then, so that an interrupted run's
             // manifest holds most of what it wrote (a resumed run reuses it).

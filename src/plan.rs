@@ -90,9 +90,9 @@ pub fn file(dest: Similarity, bases: &[Similarity], policy: Policy, delta: bool)
     FileAction::Fetch { delta_base }
 }
 
-/// Files smaller than this are always fetched whole: a delta would save
-/// nothing worth its round of signature work.
-pub const DELTA_MIN_SIZE: u64 = 64 << 10;
+/// Files smaller than this are always fetched whole: their signature would
+/// be about as big as the change.
+pub const DELTA_MIN_SIZE: u64 = 8 << 10;
 
 /// Most blocks a signature may have: keeps it under ~7 MiB (12 bytes a
 /// block), well inside one frame.
@@ -106,8 +106,8 @@ pub const SIGNATURE_BLOCK_MAX: u64 = 256 << 10;
 /// stays bounded. `None` if the file is too large for a delta (over ~150 GiB):
 /// it is then fetched whole.
 pub fn signature_block_size(size: u64) -> Option<u32> {
-    let bs = size.isqrt().max(size / SIGNATURE_BLOCKS_MAX + 1).clamp(2048, SIGNATURE_BLOCK_MAX);
-    let bs = bs.next_multiple_of(1024);
+    let bs = size.isqrt().max(size / SIGNATURE_BLOCKS_MAX + 1).clamp(512, SIGNATURE_BLOCK_MAX);
+    let bs = bs.next_multiple_of(128);
     (size.div_ceil(bs) <= SIGNATURE_BLOCKS_MAX).then_some(bs as u32)
 }
 
@@ -172,13 +172,14 @@ mod tests {
 
     #[test]
     fn signature_blocks_scale_with_size() {
-        assert_eq!(signature_block_size(64 << 10), Some(2048));
+        assert_eq!(signature_block_size(8 << 10), Some(512));
+        assert_eq!(signature_block_size(64 << 10), Some(512));
         let bs = signature_block_size(20 << 20).unwrap();
         assert!((4096..=5120).contains(&bs), "{bs}");
         let big = 100u64 << 30;
         let bs = u64::from(signature_block_size(big).unwrap());
         assert!(big.div_ceil(bs) <= SIGNATURE_BLOCKS_MAX, "{bs}");
-        assert!(bs <= SIGNATURE_BLOCK_MAX && bs % 1024 == 0, "{bs}");
+        assert!(bs <= SIGNATURE_BLOCK_MAX && bs % 128 == 0, "{bs}");
         assert_eq!(signature_block_size(1 << 40), None);
     }
 }

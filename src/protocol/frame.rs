@@ -57,47 +57,53 @@ pub enum Frame {
 /// Turns messages and data into frame bytes. One per producing thread, so
 /// compression runs in parallel with I/O.
 pub struct Encoder {
-    compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Messages (the listing above all) are always compressed: they shrink
+    /// several times for little CPU.
+    messages: zstd::bulk::Compressor<'static>,
+    /// File data only with `--compress`.
+    data: Option<zstd::bulk::Compressor<'static>>,
 }
 
 impl Encoder {
+    /// `compress`: also compress file data and deltas.
     pub fn new(compress: bool) -> Encoder {
-        let compressor = compress.then(|| zstd::bulk::Compressor::new(3).expect("zstd level 3 is valid"));
-        Encoder { compressor }
+        let messages = zstd::bulk::Compressor::new(1).expect("zstd level 1 is valid");
+        let data = compress.then(|| zstd::bulk::Compressor::new(3).expect("zstd level 3 is valid"));
+        Encoder { messages, data }
     }
 
     /// A message frame.
     pub fn msg<T: Serialize>(&mut self, msg: &T) -> Vec<u8> {
         let body = postcard::to_stdvec(msg).expect("messages always serialize");
-        self.frame(KIND_MSG, &[], &body)
+        frame(Some(&mut self.messages), KIND_MSG, &[], &body)
     }
 
     /// A file data frame.
     pub fn data(&mut self, offset: u64, data: &[u8]) -> Vec<u8> {
-        self.frame(KIND_DATA, &offset.to_le_bytes(), data)
+        frame(self.data.as_mut(), KIND_DATA, &offset.to_le_bytes(), data)
     }
 
     /// A delta window frame.
     pub fn delta(&mut self, out_len: u32, delta: &[u8]) -> Vec<u8> {
-        self.frame(KIND_DELTA, &out_len.to_le_bytes(), delta)
+        frame(self.data.as_mut(), KIND_DELTA, &out_len.to_le_bytes(), delta)
     }
+}
 
-    fn frame(&mut self, kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
-        let plain_len = head.len() + body.len();
-        if let Some(c) = self.compressor.as_mut()
-            && plain_len >= COMPRESS_MIN
+fn frame(compressor: Option<&mut zstd::bulk::Compressor<'static>>, kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
+    let plain_len = head.len() + body.len();
+    if let Some(c) = compressor
+        && plain_len >= COMPRESS_MIN
+    {
+        let mut plain = Vec::with_capacity(plain_len);
+        plain.extend_from_slice(head);
+        plain.extend_from_slice(body);
+        if let Ok(z) = c.compress(&plain)
+            && z.len() < plain_len
         {
-            let mut plain = Vec::with_capacity(plain_len);
-            plain.extend_from_slice(head);
-            plain.extend_from_slice(body);
-            if let Ok(z) = c.compress(&plain)
-                && z.len() < plain_len
-            {
-                return assemble(kind | COMPRESSED, &[], &z);
-            }
+            return assemble(kind | COMPRESSED, &[], &z);
         }
-        assemble(kind, head, body)
     }
+    assemble(kind, head, body)
 }
 
 fn assemble(kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
@@ -253,6 +259,8 @@ mod tests {
         assert_eq!(r.wire_bytes, wire.len() as u64);
         if compress {
             assert!(wire.len() < 10_000, "compressed stream is {} bytes", wire.len());
+        } else {
+            assert!(wire.len() > 100_000, "data is compressed only when asked");
         }
     }
 
