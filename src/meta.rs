@@ -130,20 +130,21 @@ enum Xattrs<'a> {
 }
 
 impl Xattrs<'_> {
-    fn list(&self) -> io::Result<xattr::XAttrs> {
-        match self {
-            Xattrs::File(f) => f.list_xattr(),
-            Xattrs::Dir(d) => d.list_xattr(),
-            Xattrs::Path(p) => xattr::list(p),
-        }
+    /// The raw name list: NUL-terminated names.
+    fn list(&self) -> io::Result<Vec<u8>> {
+        sized(|buf| match self {
+            Xattrs::File(f) => rustix::fs::flistxattr(f, buf),
+            Xattrs::Dir(d) => rustix::fs::flistxattr(d, buf),
+            Xattrs::Path(p) => rustix::fs::llistxattr(p, buf),
+        })
     }
 
-    fn get(&self, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
-        match self {
-            Xattrs::File(f) => f.get_xattr(name),
-            Xattrs::Dir(d) => d.get_xattr(name),
-            Xattrs::Path(p) => xattr::get(p, name),
-        }
+    fn get(&self, name: &OsStr) -> io::Result<Vec<u8>> {
+        sized(|buf| match self {
+            Xattrs::File(f) => rustix::fs::fgetxattr(f, name, buf),
+            Xattrs::Dir(d) => rustix::fs::fgetxattr(d, name, buf),
+            Xattrs::Path(p) => rustix::fs::lgetxattr(p, name, buf),
+        })
     }
 
     fn set(&self, name: &OsStr, value: &[u8]) -> io::Result<()> {
@@ -171,14 +172,10 @@ impl Xattrs<'_> {
             Err(e) => return Err(e),
         };
         let mut out = Vec::new();
-        for name in names {
-            let bytes = name.as_bytes();
-            if !is_managed_xattr(bytes) {
-                continue;
-            }
-            match self.get(&name) {
-                Ok(Some(value)) => out.push(Xattr { name: bytes.to_vec(), value }),
-                Ok(None) => {}
+        for name in names.split(|&b| b == 0).filter(|n| !n.is_empty() && is_managed_xattr(n)) {
+            match self.get(OsStr::from_bytes(name)) {
+                Ok(value) => out.push(Xattr { name: name.to_vec(), value }),
+                // Removed since the listing.
                 Err(e) if e.raw_os_error() == Some(libc_errno::ENODATA) => {}
                 Err(e) => return Err(e),
             }
@@ -188,10 +185,42 @@ impl Xattrs<'_> {
     }
 }
 
+/// Runs a list or get call with a buffer that grows until the answer fits:
+/// one call for the usual short list or value, where asking for the size
+/// first would always take two.
+fn sized(mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        match call(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            // Too small (or it grew since): ask for the size, then retry.
+            Err(rustix::io::Errno::RANGE) => {
+                let need = call(&mut [])?;
+                if need > 16 * XATTR_VALUE_MAX {
+                    return Err(io::Error::other(format!("extended attribute list of {need} bytes")));
+                }
+                buf.resize(need.max(2 * buf.len()), 0);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Reads the managed xattrs of `name` in `dir`, sorted by name, without
 /// following a symlink.
 pub fn read_xattrs(dir: &Dir, name: &[u8]) -> io::Result<Vec<Xattr>> {
     Xattrs::Path(dir.proc_path(name)).read()
+}
+
+/// Reads the managed xattrs of `name` in the calling thread's working
+/// directory, which it made its own (`sys::private_cwd`) and changed into:
+/// one lookup instead of a procfs path's several. `name` is one component.
+pub fn read_xattrs_in_cwd(name: &[u8]) -> io::Result<Vec<Xattr>> {
+    debug_assert!(!name.contains(&b'/') && name != b".." && name != b".");
+    Xattrs::Path(std::path::PathBuf::from(OsStr::from_bytes(name))).read()
 }
 
 /// Reads the managed xattrs of a directory through its handle.
@@ -311,9 +340,30 @@ fn apply_xattrs(target: &Target<'_>, meta: &Meta, privs: Privileges, note: &mut 
     }
 }
 
-/// True if `name` in `dir` carries exactly the xattrs in `meta`.
-pub fn xattrs_match(dir: &Dir, name: &[u8], wanted: &[Xattr]) -> io::Result<bool> {
-    Ok(read_xattrs(dir, name)? == wanted)
+/// Where an entry's xattrs may be read from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Tree {
+    /// A snapshot rbackup writes: a regular file may be opened to read its
+    /// xattrs by descriptor, half the cost of a procfs path.
+    Ours,
+    /// A live tree (a server being restored to): never opened just to look,
+    /// since an open breaks other programs' leases and wakes their watches.
+    Live,
+}
+
+/// Reads the managed xattrs of `name` in `dir`, whose `lstat` is `st`.
+pub fn read_xattrs_of(dir: &Dir, name: &[u8], st: &Stat, tree: Tree) -> io::Result<Vec<Xattr>> {
+    if tree == Tree::Ours && crate::safefs::file_type(st) == rustix::fs::FileType::RegularFile {
+        // Only a regular file: opening a device node can have effects.
+        return Xattrs::File(&dir.open_file(name)?).read();
+    }
+    read_xattrs(dir, name)
+}
+
+/// True if `name` in `dir` (whose `lstat` is `st`) carries exactly the
+/// xattrs in `wanted`.
+pub fn xattrs_match(dir: &Dir, name: &[u8], st: &Stat, wanted: &[Xattr], tree: Tree) -> io::Result<bool> {
+    Ok(read_xattrs_of(dir, name, st, tree)? == wanted)
 }
 
 #[cfg(test)]

@@ -363,21 +363,25 @@ pub fn cstr_bytes(name: &CStr) -> &[u8] {
     name.to_bytes()
 }
 
-/// Creates a random name for a temporary file that no source name will match
-/// by accident: `.rbk~` and 16 hex digits.
+/// Creates a name for a temporary file that no source name will match by
+/// accident: `.rbk~` and 16 hex digits, a random start drawn once per process
+/// plus a counter. (Callers create it with `O_EXCL` and retry on collision.)
 pub fn temp_name() -> Vec<u8> {
-    let mut bytes = [0u8; 8];
-    // getrandom only fails before the kernel's pool is ready at early boot;
-    // fall back to time and pid, which still makes collisions negligible.
-    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        bytes = (t ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
-    }
-    let mut out = b".rbk~".to_vec();
-    for b in bytes {
-        out.extend_from_slice(format!("{b:02x}").as_bytes());
-    }
-    out
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let start = *START.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        // getrandom only fails before the kernel's pool is ready at early
+        // boot; time and pid still make collisions negligible.
+        if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).is_err() {
+            let t =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            bytes = (t ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
+        }
+        u64::from_le_bytes(bytes)
+    });
+    let n = start.wrapping_add(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    format!(".rbk~{n:016x}").into_bytes()
 }
 
 /// Makes a `CString` of a name already checked by [`check_name`].

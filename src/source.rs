@@ -33,6 +33,9 @@ use crate::safefs::{Dir, file_type, join, libc_errno};
 /// window by window, so memory stays flat for any file size).
 pub const DELTA_WINDOW: usize = 1 << 20;
 
+// The server's one read buffer serves deltas and whole files alike.
+const _: () = assert!(CHUNK <= DELTA_WINDOW);
+
 /// What the source lists.
 #[derive(Default)]
 pub struct Selection {
@@ -213,6 +216,10 @@ struct Walker {
     /// (dev, ino) of multiply-linked files seen → (group id, links still to see).
     links: HashMap<(u64, u64), (u64, u32)>,
     next_link: u64,
+    /// The directory this thread's own working directory is in (kept open,
+    /// so that its descriptor number can't be reused), if it has its own.
+    cwd: Option<Dir>,
+    own_cwd: bool,
 }
 
 /// One directory being walked.
@@ -234,10 +241,15 @@ impl Walker {
             batch_bytes: 0,
             links: HashMap::new(),
             next_link: 0,
+            cwd: None,
+            own_cwd: false,
         }
     }
 
     fn run(mut self, root: &Dir) -> Result<()> {
+        // Without it (a sandbox that forbids unshare), xattrs are read
+        // through procfs paths.
+        self.own_cwd = crate::sys::private_cwd().is_ok();
         match self.walk(root) {
             Ok(()) => Ok(()),
             // The sink went away; the caller reports why.
@@ -294,7 +306,7 @@ impl Walker {
         if ft == FileType::Directory {
             return self.visit_dir(dir, name, rel, whole);
         }
-        let xattrs = match meta::read_xattrs(dir, &name) {
+        let xattrs = match self.xattrs(dir, &name) {
             Ok(x) => x,
             Err(e) => {
                 self.push(Entry::Skipped { name, reason: skip_reason(&e) })?;
@@ -370,11 +382,25 @@ impl Walker {
                 return Ok(None);
             }
         };
-        let xattrs = meta::read_xattrs(parent, &name).unwrap_or_default();
+        let xattrs = self.xattrs(parent, &name).unwrap_or_default();
         let meta = meta::from_stat(&st, xattrs);
         self.push(Entry::Dir { name, meta, unreadable: Some(err.to_string()), partial: false })?;
         self.push(Entry::End)?;
         Ok(None)
+    }
+
+    /// The managed xattrs of `name` in `dir`, by a name relative to this
+    /// thread's working directory when it has its own.
+    fn xattrs(&mut self, dir: &Dir, name: &[u8]) -> io::Result<Vec<meta::Xattr>> {
+        if !self.own_cwd {
+            return meta::read_xattrs(dir, name);
+        }
+        use std::os::fd::AsRawFd;
+        if self.cwd.as_ref().map(|c| c.as_raw_fd()) != Some(dir.as_raw_fd()) {
+            rustix::process::fchdir(dir)?;
+            self.cwd = Some(dir.clone());
+        }
+        meta::read_xattrs_in_cwd(name)
     }
 
     fn link_of(&mut self, st: &rustix::fs::Stat) -> Option<Link> {
@@ -457,16 +483,66 @@ fn skip_reason(e: &io::Error) -> SkipReason {
 fn serve_fetches(root: &Dir, fetches: &Receiver<Fetch>, out: &Outbox, compress: bool) {
     let mut enc = Encoder::new(compress);
     let mut buf = vec![0u8; DELTA_WINDOW];
-    for fetch in fetches {
-        match serve_one(root, &fetch, out, &mut enc, &mut buf) {
+    let mut batch = Batch { out, frames: Vec::new() };
+    loop {
+        // Send the gathered frames whenever no request is waiting: the sink
+        // may be waiting for them.
+        let fetch = match fetches.try_recv() {
+            Ok(f) => f,
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                if batch.flush().is_err() {
+                    return;
+                }
+                match fetches.recv() {
+                    Ok(f) => f,
+                    Err(_) => return,
+                }
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+        };
+        match serve_one(root, &fetch, &mut batch, &mut enc, &mut buf) {
             Ok(()) => {}
             Err(Served::Stopped) => return,
             Err(Served::Failed(error)) => {
-                if out.send(enc.msg(&SourceMsg::FileFailed { id: fetch.id, error })).is_err() {
+                if batch.send(enc.msg(&SourceMsg::FileFailed { id: fetch.id, error })).is_err() {
                     return;
                 }
             }
         }
+    }
+    let _ = batch.flush();
+}
+
+/// Frames gathered into few large writes: a small file is three small frames
+/// (begin, data, end), and a write per frame costs the writer, SSH and the
+/// sink a wake-up each.
+struct Batch<'a> {
+    out: &'a Outbox,
+    frames: Vec<u8>,
+}
+
+/// Size at which gathered frames are sent, and above which a frame goes alone.
+const BATCH_SEND: usize = 128 << 10;
+
+impl Batch<'_> {
+    fn send(&mut self, frame: Vec<u8>) -> Result<(), Served> {
+        if frame.len() >= BATCH_SEND {
+            self.flush()?;
+            return self.out.send(frame).map_err(|_| Served::Stopped);
+        }
+        self.frames.extend_from_slice(&frame);
+        if self.frames.len() >= BATCH_SEND {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Served> {
+        if self.frames.is_empty() {
+            return Ok(());
+        }
+        let frames = std::mem::replace(&mut self.frames, Vec::with_capacity(2 * BATCH_SEND));
+        self.out.send(frames).map_err(|_| Served::Stopped)
     }
 }
 
@@ -488,8 +564,7 @@ fn read_error(e: &io::Error) -> ReadError {
     }
 }
 
-fn serve_one(root: &Dir, fetch: &Fetch, out: &Outbox, enc: &mut Encoder, buf: &mut [u8]) -> Result<(), Served> {
-    let send = |frame: Vec<u8>| out.send(frame).map_err(|_| Served::Stopped);
+fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf: &mut [u8]) -> Result<(), Served> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
     let fd = root.resolve(&fetch.path, flags).map_err(|e| Served::Failed(read_error(&e)))?;
     let file = File::from(fd);
@@ -498,11 +573,11 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &Outbox, enc: &mut Encoder, buf: &m
         return Err(Served::Failed(ReadError::Other("no longer a regular file".into())));
     }
     let size = before.st_size as u64;
-    send(enc.msg(&SourceMsg::FileBegin { id: fetch.id, size }))?;
+    out.send(enc.msg(&SourceMsg::FileBegin { id: fetch.id, size }))?;
 
     let (read, hash) = match &fetch.signature {
         Some(sig) => send_delta(&file, size, sig, enc, out, buf)?,
-        None => (send_whole(&file, size, (before.st_blocks as u64) * 512 < size, enc, out)?, None),
+        None => (send_whole(&file, size, (before.st_blocks as u64) * 512 < size, enc, out, buf)?, None),
     };
     let after = rustix::fs::fstat(&file).map_err(|e| Served::Failed(read_error(&e.into())))?;
     let mut probe = [0u8; 1];
@@ -513,13 +588,20 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &Outbox, enc: &mut Encoder, buf: &m
         || after.st_mtime != before.st_mtime
         || after.st_mtime_nsec != before.st_mtime_nsec;
     let status = if changed { ReadStatus::Changed } else { ReadStatus::Complete };
-    send(enc.msg(&SourceMsg::FileEnd { id: fetch.id, status, hash }))
+    out.send(enc.msg(&SourceMsg::FileEnd { id: fetch.id, status, hash }))
 }
 
 /// Sends the file's data extents; returns how many bytes of it could be read
 /// before EOF (less than `size` if it shrank).
-fn send_whole(file: &File, size: u64, sparse: bool, enc: &mut Encoder, out: &Outbox) -> Result<u64, Served> {
-    let mut buf = vec![0u8; CHUNK];
+fn send_whole(
+    file: &File,
+    size: u64,
+    sparse: bool,
+    enc: &mut Encoder,
+    out: &mut Batch,
+    buf: &mut [u8],
+) -> Result<u64, Served> {
+    let buf = &mut buf[..CHUNK];
     let mut offset = 0u64;
     while offset < size {
         let (start, end) = if sparse {
@@ -543,7 +625,7 @@ fn send_whole(file: &File, size: u64, sparse: bool, enc: &mut Encoder, out: &Out
             if n == 0 {
                 return Ok(pos);
             }
-            out.send(enc.data(pos, &buf[..n])).map_err(|_| Served::Stopped)?;
+            out.send(enc.data(pos, &buf[..n]))?;
             pos += n as u64;
         }
         offset = end;
@@ -560,7 +642,7 @@ fn send_delta(
     size: u64,
     signature: &[u8],
     enc: &mut Encoder,
-    out: &Outbox,
+    out: &mut Batch,
     buf: &mut [u8],
 ) -> Result<(u64, Option<[u8; 32]>), Served> {
     let bad = || Served::Failed(ReadError::Other("malformed signature in the request".into()));
@@ -586,7 +668,7 @@ fn send_delta(
         hasher.update(&buf[..n]);
         delta.clear();
         fast_rsync::diff(&index, &buf[..n], &mut delta).map_err(|_| bad())?;
-        out.send(enc.delta(n as u32, &delta)).map_err(|_| Served::Stopped)?;
+        out.send(enc.delta(n as u32, &delta))?;
         pos += n as u64;
         if n < want {
             break;

@@ -119,83 +119,142 @@ fn assemble(kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
 
 /// Reads frames from a peer, counting the bytes that crossed the wire.
 pub struct FrameReader<R> {
-    inner: R,
+    /// Buffered: a listing arrives as many small frames. (Large payloads
+    /// bypass the buffer.)
+    inner: io::BufReader<R>,
     decompressor: zstd::bulk::Decompressor<'static>,
+    /// A compressed frame as received, kept between frames.
+    scratch: Vec<u8>,
     /// Bytes read from the peer so far (frames as sent, compressed or not).
     pub wire_bytes: u64,
 }
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> FrameReader<R> {
-        FrameReader { inner, decompressor: zstd::bulk::Decompressor::new().expect("zstd decompressor"), wire_bytes: 0 }
+        FrameReader {
+            inner: io::BufReader::with_capacity(64 << 10, inner),
+            decompressor: zstd::bulk::Decompressor::new().expect("zstd decompressor"),
+            scratch: Vec::new(),
+            wire_bytes: 0,
+        }
     }
 
     /// The next frame; `None` if the peer closed the stream between frames.
+    ///
+    /// A plain frame's payload is read straight into the buffer the frame
+    /// hands over: file data is copied once, from the pipe.
     pub fn read(&mut self) -> Result<Option<Frame>, FrameError> {
-        let mut len = [0u8; 4];
-        match read_full(&mut self.inner, &mut len)? {
-            0 => return Ok(None),
-            4 => {}
-            _ => return Err(FrameError::Truncated),
+        // Length and kind, read together.
+        let mut head = [0u8; 5];
+        let got = read_full(&mut self.inner, &mut head)?;
+        if got == 0 {
+            return Ok(None);
         }
-        let len = u32::from_le_bytes(len) as usize;
+        if got < 4 {
+            return Err(FrameError::Truncated);
+        }
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
         if len > MAX_FRAME {
             return Err(FrameError::TooLarge(len));
         }
         if len == 0 {
             return Err(FrameError::Malformed("empty frame"));
         }
-        let mut buf = vec![0u8; len];
-        if read_full(&mut self.inner, &mut buf)? != len {
+        if got < 5 {
             return Err(FrameError::Truncated);
         }
-        self.wire_bytes += 4 + len as u64;
-        let kind = buf[0];
-        let mut payload = buf.split_off(1);
+        let (kind, body) = (head[4], len - 1);
         if kind & COMPRESSED != 0 {
-            payload = self.decompress(&payload)?;
+            self.scratch.clear();
+            read_exactly(&mut self.inner, &mut self.scratch, body)?;
+            self.wire_bytes += 4 + len as u64;
+            let plain = decompress(&mut self.decompressor, &self.scratch)?;
+            return split(kind & !COMPRESSED, plain).map(Some);
         }
-        match kind & !COMPRESSED {
-            KIND_MSG => Ok(Some(Frame::Msg(payload))),
+        let frame = match kind {
+            KIND_MSG => Frame::Msg(self.payload(body)?),
             KIND_DATA => {
-                if payload.len() < 8 {
-                    return Err(FrameError::Malformed("data frame without offset"));
-                }
-                let data = payload.split_off(8);
-                let offset = u64::from_le_bytes(payload.try_into().expect("8 bytes"));
-                Ok(Some(Frame::Data { offset, data }))
+                let offset = u64::from_le_bytes(self.fixed(body, "data frame without offset")?);
+                Frame::Data { offset, data: self.payload(body - 8)? }
             }
             KIND_DELTA => {
-                if payload.len() < 4 {
-                    return Err(FrameError::Malformed("delta frame without length"));
-                }
-                let delta = payload.split_off(4);
-                let out_len = u32::from_le_bytes(payload.try_into().expect("4 bytes"));
-                Ok(Some(Frame::Delta { out_len, delta }))
+                let out_len = u32::from_le_bytes(self.fixed(body, "delta frame without length")?);
+                Frame::Delta { out_len, delta: self.payload(body - 4)? }
             }
-            other => Err(FrameError::UnknownKind(other)),
+            other => return Err(FrameError::UnknownKind(other)),
+        };
+        self.wire_bytes += 4 + len as u64;
+        Ok(Some(frame))
+    }
+
+    /// The fixed-size header of a payload of `body` bytes.
+    fn fixed<const N: usize>(&mut self, body: usize, short: &'static str) -> Result<[u8; N], FrameError> {
+        if body < N {
+            return Err(FrameError::Malformed(short));
         }
+        let mut bytes = [0u8; N];
+        if read_full(&mut self.inner, &mut bytes)? != N {
+            return Err(FrameError::Truncated);
+        }
+        Ok(bytes)
+    }
+
+    fn payload(&mut self, len: usize) -> Result<Vec<u8>, FrameError> {
+        let mut out = Vec::new();
+        read_exactly(&mut self.inner, &mut out, len)?;
+        Ok(out)
     }
 }
 
-impl<R> FrameReader<R> {
-    /// Decompresses one zstd frame into exactly the size its header declares,
-    /// which must be present and within the limit: memory is bounded by what
-    /// the frame really holds, and a hostile peer can't make the decoder
-    /// reserve more (no streaming window is ever allocated).
-    fn decompress(&mut self, compressed: &[u8]) -> Result<Vec<u8>, FrameError> {
-        let size = match zstd::zstd_safe::get_frame_content_size(compressed) {
-            Ok(Some(n)) if n <= MAX_FRAME as u64 => n as usize,
-            Ok(Some(n)) => return Err(FrameError::TooLarge(usize::try_from(n).unwrap_or(usize::MAX))),
-            _ => return Err(FrameError::Malformed("compressed frame without a valid content size")),
-        };
-        let mut out = Vec::with_capacity(size);
-        let n = self.decompressor.decompress_to_buffer(compressed, &mut out).map_err(FrameError::Decompress)?;
-        if n != size {
-            return Err(FrameError::Malformed("compressed frame shorter than its declared size"));
+/// Appends exactly `len` bytes from `r` to `out`, without zero-filling
+/// first (`read_to_end` reads into the spare capacity).
+fn read_exactly(r: &mut impl Read, out: &mut Vec<u8>, len: usize) -> Result<(), FrameError> {
+    out.reserve_exact(len);
+    let start = out.len();
+    r.take(len as u64).read_to_end(out)?;
+    if out.len() - start == len { Ok(()) } else { Err(FrameError::Truncated) }
+}
+
+/// A decompressed payload split into its frame.
+fn split(kind: u8, mut payload: Vec<u8>) -> Result<Frame, FrameError> {
+    match kind {
+        KIND_MSG => Ok(Frame::Msg(payload)),
+        KIND_DATA => {
+            if payload.len() < 8 {
+                return Err(FrameError::Malformed("data frame without offset"));
+            }
+            let offset = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+            payload.drain(..8);
+            Ok(Frame::Data { offset, data: payload })
         }
-        Ok(out)
+        KIND_DELTA => {
+            if payload.len() < 4 {
+                return Err(FrameError::Malformed("delta frame without length"));
+            }
+            let out_len = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+            payload.drain(..4);
+            Ok(Frame::Delta { out_len, delta: payload })
+        }
+        other => Err(FrameError::UnknownKind(other)),
     }
+}
+
+/// Decompresses one zstd frame into exactly the size its header declares,
+/// which must be present and within the limit: memory is bounded by what the
+/// frame really holds, and a hostile peer can't make the decoder reserve more
+/// (no streaming window is ever allocated).
+fn decompress(decompressor: &mut zstd::bulk::Decompressor<'static>, compressed: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let size = match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(n)) if n <= MAX_FRAME as u64 => n as usize,
+        Ok(Some(n)) => return Err(FrameError::TooLarge(usize::try_from(n).unwrap_or(usize::MAX))),
+        _ => return Err(FrameError::Malformed("compressed frame without a valid content size")),
+    };
+    let mut out = Vec::with_capacity(size);
+    let n = decompressor.decompress_to_buffer(compressed, &mut out).map_err(FrameError::Decompress)?;
+    if n != size {
+        return Err(FrameError::Malformed("compressed frame shorter than its declared size"));
+    }
+    Ok(out)
 }
 
 /// Reads until `buf` is full or EOF; returns how much was read.
@@ -286,6 +345,25 @@ mod tests {
         wire.pop();
         assert!(matches!(FrameReader::new(&wire[..]).read(), Err(FrameError::Truncated)));
         assert!(matches!(FrameReader::new(&[1u8, 0][..]).read(), Err(FrameError::Truncated)));
+    }
+
+    #[test]
+    fn short_or_unknown_frames_are_errors() {
+        let frame = |kind: u8, body: &[u8]| {
+            let mut w = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+            w.push(kind);
+            w.extend_from_slice(body);
+            w
+        };
+        let read = |w: Vec<u8>| FrameReader::new(&w[..]).read();
+        assert!(matches!(read(frame(KIND_DATA, &[1, 2, 3])), Err(FrameError::Malformed(_))));
+        assert!(matches!(read(frame(KIND_DELTA, &[1])), Err(FrameError::Malformed(_))));
+        assert!(matches!(read(frame(9, b"x")), Err(FrameError::UnknownKind(9))));
+        assert!(matches!(read(0u32.to_le_bytes().to_vec()), Err(FrameError::Malformed(_))));
+        // A data frame whose payload stops short.
+        let mut w = frame(KIND_DATA, &[0; 20]);
+        w.truncate(w.len() - 3);
+        assert!(matches!(read(w), Err(FrameError::Truncated)));
     }
 
     #[test]

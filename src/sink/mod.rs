@@ -26,7 +26,7 @@ use std::sync::mpsc::Receiver;
 use anyhow::{Context, Result, anyhow, bail};
 use rustix::fs::{FileType, Stat};
 
-use crate::meta::{self, Meta, Privileges, Target};
+use crate::meta::{self, Meta, Privileges, Target, Tree};
 use crate::plan::{self, FileAction, Origin, Policy, Similarity};
 use crate::protocol::frame::{Encoder, Frame};
 use crate::protocol::msg::{Entry, Fetch, Link, SinkMsg, SkipReason, SourceMsg, SpecialKind};
@@ -505,6 +505,11 @@ impl<'e> Sink<'e> {
         Ok(())
     }
 
+    /// What kind of tree the destination is.
+    fn tree(&self) -> Tree {
+        if self.cfg.policy == Policy::Snapshot { Tree::Ours } else { Tree::Live }
+    }
+
     fn dest_of(&self, d: usize) -> Option<Dir> {
         self.node(d).dest.clone()
     }
@@ -518,21 +523,24 @@ impl<'e> Sink<'e> {
         {
             return Ok(());
         }
+        let tree = self.tree();
         let node = self.node(d);
         let dest_sim = match (&node.dest, node.existed) {
             (Some(dest), true) => {
-                compare_file(dest, &name, size, &want).with_context(|| format!("looking at {}", Shown(&rel)))?
+                compare_file(dest, &name, size, &want, tree).with_context(|| format!("looking at {}", Shown(&rel)))?
             }
             _ => Similarity::Missing,
         };
-        let base_sims: Vec<Similarity> = node
-            .bases
-            .iter()
-            .map(|b| {
-                b.as_ref()
-                    .map_or(Similarity::Missing, |b| compare_file(b, &name, size, &want).unwrap_or(Similarity::Missing))
-            })
-            .collect();
+        // Bases are best first: once one is the same, the rest don't matter.
+        let mut base_sims = vec![Similarity::Missing; node.bases.len()];
+        for (sim, base) in base_sims.iter_mut().zip(&node.bases) {
+            if let Some(b) = base {
+                *sim = compare_file(b, &name, size, &want, Tree::Ours).unwrap_or(Similarity::Missing);
+                if *sim == Similarity::Same {
+                    break;
+                }
+            }
+        }
         let delta = self.cfg.delta && !sparse && size >= plan::DELTA_MIN_SIZE;
         let action = plan::file(dest_sim, &base_sims, self.cfg.policy, delta);
         if dest_sim == Similarity::OtherType {
@@ -861,7 +869,7 @@ impl<'e> Sink<'e> {
             && file_type(st) == FileType::Symlink
             && dest.read_link(name).is_ok_and(|t| t == target)
         {
-            if same_meta(&dest, name, st, &want)? {
+            if same_meta(&dest, name, st, &want, self.tree())? {
                 self.stats.kept += 1;
                 return Ok(());
             }
@@ -903,7 +911,7 @@ impl<'e> Sink<'e> {
             && file_type(st) == wanted_type
             && (kind == SpecialKind::Fifo || st.st_rdev == rdev)
         {
-            if same_meta(&dest, name, st, &want)? {
+            if same_meta(&dest, name, st, &want, self.tree())? {
                 self.stats.kept += 1;
                 return Ok(());
             }
@@ -971,7 +979,7 @@ fn split_parent(rel: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// Compares an existing entry with an incoming regular file.
-fn compare_file(dir: &Dir, name: &[u8], size: u64, want: &Meta) -> std::io::Result<Similarity> {
+fn compare_file(dir: &Dir, name: &[u8], size: u64, want: &Meta, tree: Tree) -> std::io::Result<Similarity> {
     let Some(st) = dir.try_stat(name)? else {
         return Ok(Similarity::Missing);
     };
@@ -981,12 +989,12 @@ fn compare_file(dir: &Dir, name: &[u8], size: u64, want: &Meta) -> std::io::Resu
     if st.st_size as u64 != size || st.st_mtime != want.mtime || st.st_mtime_nsec as u32 != want.mtime_nsec {
         return Ok(Similarity::ContentDiffers);
     }
-    if same_meta(dir, name, &st, want)? { Ok(Similarity::Same) } else { Ok(Similarity::MetaDiffers) }
+    if same_meta(dir, name, &st, want, tree)? { Ok(Similarity::Same) } else { Ok(Similarity::MetaDiffers) }
 }
 
 /// Mode, owner, mtime and xattrs of an existing entry equal `want`.
-fn same_meta(dir: &Dir, name: &[u8], st: &Stat, want: &Meta) -> std::io::Result<bool> {
-    Ok(meta::stat_matches(st, want) && meta::xattrs_match(dir, name, &want.xattrs)?)
+fn same_meta(dir: &Dir, name: &[u8], st: &Stat, want: &Meta, tree: Tree) -> std::io::Result<bool> {
+    Ok(meta::stat_matches(st, want) && meta::xattrs_match(dir, name, st, &want.xattrs, tree)?)
 }
 
 #[cfg(test)]

@@ -13,11 +13,11 @@ use std::os::unix::fs::FileExt;
 use anyhow::{Context, Result};
 
 use super::{Group, Pending, Sink, violation};
-use crate::mapped::Mapped;
 use crate::plan::{Policy, signature_block_size};
 use crate::protocol::msg::{ReadError, ReadStatus};
 use crate::report::ProblemKind;
 use crate::safefs::{Dir, Shown, join};
+use crate::sys::Mapped;
 use crate::writer::{self, Linked, TempEntry};
 
 /// A restore reads its basis (a live file) into memory rather than mapping
@@ -205,10 +205,12 @@ impl Sink<'_> {
         let Receiving { pending, mut temp, mut hasher, next, size, base, bad_delta, .. } = r;
         let rel = join(&self.node(pending.dir).rel, &pending.name);
         if next < size {
-            // A trailing hole, or a file that shrank while read.
+            // A trailing hole, or a file that shrank while read. (Otherwise
+            // the new file already ends at `size`: it was empty, and every
+            // write was below `next`.)
             hash_zeros(&mut hasher, size - next);
+            temp.file_mut().set_len(size).with_context(|| format!("sizing {}", Shown(&rel)))?;
         }
-        temp.file_mut().set_len(size).with_context(|| format!("sizing {}", Shown(&rel)))?;
         let delta = base.is_some();
         let content = *hasher.finalize().as_bytes();
         if delta && (bad_delta || hash != Some(content)) {
