@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
@@ -395,8 +396,7 @@ impl Walker {
         if !self.own_cwd {
             return meta::read_xattrs(dir, name);
         }
-        use std::os::fd::AsRawFd;
-        if self.cwd.as_ref().map(|c| c.as_raw_fd()) != Some(dir.as_raw_fd()) {
+        if self.cwd.as_ref().map(AsRawFd::as_raw_fd) != Some(dir.as_raw_fd()) {
             rustix::process::fchdir(dir)?;
             self.cwd = Some(dir.clone());
         }
