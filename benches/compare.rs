@@ -1,7 +1,7 @@
 //! rbackup against `rsync -aHAX --numeric-ids --sparse --link-dest`, over the
 //! same SSH, on the same machine, in the same run. See docs/performance.md;
 //! run it with `sudo scripts/bench.sh` (arguments: --files N --rounds N
-//! --rss-files N --seed N --work DIR).
+//! --rss-files N --seed N --dense-mib N --sparse-mib N --work DIR --no-fresh-fs).
 
 #![allow(clippy::pedantic)] // bench code, like test code
 
@@ -23,12 +23,13 @@ fn main() {
             "--dense-mib" => cfg.dense_bytes = val().parse::<u64>().unwrap() << 20,
             "--sparse-mib" => cfg.sparse_bytes = val().parse::<u64>().unwrap() << 20,
             "--work" => cfg.work = val().into(),
+            "--no-fresh-fs" => cfg.fresh_fs = false,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
     }
-    let cases = run(&cfg);
-    let table = report(&cfg, &cases);
+    let results = run(&cfg);
+    let table = report(&cfg, &results);
     println!("{table}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.md");
     std::fs::write(&out, &table).unwrap();

@@ -55,12 +55,14 @@ pub struct DesktopEvents {
     pub unreadable: u64,
     pub serious: u64,
     pub live: u64,
+    /// Writes data back while the run goes on (not in a dry run).
+    flusher: Option<crate::writer::Flusher>,
 }
 
 impl DesktopEvents {
     pub fn new(dry_run: bool) -> DesktopEvents {
         let progress = Progress::new(dry_run || !crate::log::on_stderr(crate::log::Level::Info));
-        DesktopEvents { dry_run, progress, problems: Vec::new(), unreadable: 0, serious: 0, live: 0 }
+        DesktopEvents { dry_run, progress, problems: Vec::new(), unreadable: 0, serious: 0, live: 0, flusher: None }
     }
 
     /// The exit code these problems call for.
@@ -105,6 +107,9 @@ impl Events for DesktopEvents {
 
     fn progress(&mut self, stats: &Stats) {
         self.progress.update(stats);
+        if let Some(f) = &mut self.flusher {
+            f.wrote(stats.bytes_written);
+        }
     }
 }
 
@@ -193,6 +198,7 @@ pub fn run_with(
     }
 
     let mut events = DesktopEvents::new(opts.dry_run);
+    events.flusher = dest.clone().filter(|_| !opts.dry_run).map(crate::writer::Flusher::new);
     let cfg = SinkConfig {
         dest: dest.clone(),
         fresh,
@@ -215,6 +221,7 @@ pub fn run_with(
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
     crate::debug!("listing and data done at {:.3} s", started.elapsed().as_secs_f64());
     events.progress.finish();
+    events.flusher = None;
     let (mut stats, manifest) = match result {
         Ok(outcome) => (outcome.stats, outcome.manifest),
         Err(e) => {

@@ -253,11 +253,26 @@ pub struct ApplyProblem {
 /// (e.g. a `trusted.*` attribute on a filesystem that refuses it); the caller
 /// reports those as warnings. Fails only if the entry itself is gone.
 pub fn apply(target: &Target<'_>, meta: &Meta, privs: Privileges) -> io::Result<Vec<ApplyProblem>> {
+    Ok(apply_over(target, meta, privs, None))
+}
+
+/// [`apply`] for a regular file this run just created and wrote: what its
+/// owner and mode already are is read first (one cheap `fstat`), and the
+/// `chown` and `chmod` that would change nothing are left out, each being a
+/// journaled inode update.
+pub fn apply_new(file: &std::fs::File, meta: &Meta, privs: Privileges) -> io::Result<Vec<ApplyProblem>> {
+    let now = rustix::fs::fstat(file)?;
+    Ok(apply_over(&Target::Fd(file), meta, privs, Some(&now)))
+}
+
+/// `now`: the entry's current stat, when it is known to be fresh.
+fn apply_over(target: &Target<'_>, meta: &Meta, privs: Privileges, now: Option<&Stat>) -> Vec<ApplyProblem> {
     let mut problems = Vec::new();
     let mut note = |what: String, error: io::Error| problems.push(ApplyProblem { what, error });
 
     // chown: only root can give a file away; a non-root run keeps its own ids.
-    if privs.root {
+    let chown = privs.root && now.is_none_or(|st| st.st_uid != meta.uid || st.st_gid != meta.gid);
+    if chown {
         let uid = Some(rustix::fs::Uid::from_raw(meta.uid));
         let gid = Some(rustix::fs::Gid::from_raw(meta.gid));
         let res = match target {
@@ -270,9 +285,11 @@ pub fn apply(target: &Target<'_>, meta: &Meta, privs: Privileges) -> io::Result<
         }
     }
 
-    // chmod: symlinks have no mode of their own on Linux.
+    // chmod: symlinks have no mode of their own on Linux. After a chown it
+    // always runs: chown cleared setuid and setgid.
     let mode = Mode::from_raw_mode(meta.mode);
     let res = match target {
+        _ if !chown && now.is_some_and(|st| st.st_mode & MODE_BITS == meta.mode) => Ok(()),
         Target::Fd(f) => rustix::fs::fchmod(f, mode).map_err(io::Error::from),
         Target::Dir(d) => rustix::fs::fchmod(d, mode).map_err(io::Error::from),
         Target::At { symlink: true, .. } => Ok(()),
@@ -301,7 +318,7 @@ pub fn apply(target: &Target<'_>, meta: &Meta, privs: Privileges) -> io::Result<
     if let Err(e) = res {
         note("modification time".to_string(), e.into());
     }
-    Ok(problems)
+    problems
 }
 
 fn apply_xattrs(target: &Target<'_>, meta: &Meta, privs: Privileges, note: &mut impl FnMut(String, io::Error)) {

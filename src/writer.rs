@@ -81,7 +81,7 @@ impl TempEntry {
     /// is there (the caller has removed a directory of that name first).
     pub fn commit(mut self, final_name: &[u8], meta: &Meta, privs: Privileges) -> io::Result<Vec<ApplyProblem>> {
         let problems = match &self.file {
-            Some(f) => meta::apply(&Target::Fd(f), meta, privs)?,
+            Some(f) => meta::apply_new(f, meta, privs)?,
             None => meta::apply(
                 &Target::At { dir: &self.dir, name: &self.name, symlink: self.kind == FileType::Symlink },
                 meta,
@@ -206,4 +206,55 @@ fn copy_range_by_read(src: &File, dst: &File, start: u64, end: u64) -> io::Resul
         pos += n as u64;
     }
     Ok(())
+}
+
+/// Writes a snapshot's data back to disk while the run goes on, so that the
+/// `syncfs` before the final rename (which makes the snapshot durable) has
+/// little left to wait for: the disk works while the network does.
+pub struct Flusher {
+    tx: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Bytes written when the last flush was asked for.
+    asked_at: u64,
+}
+
+/// Written bytes between two background flushes.
+const FLUSH_EVERY: u64 = 32 << 20;
+
+impl Flusher {
+    /// Flushes the filesystem of `dir` in the background.
+    pub fn new(dir: Dir) -> Flusher {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("rbackup-flush".into())
+            .spawn(move || {
+                for () in rx {
+                    // An error here shows again at the final syncfs, which
+                    // fails the run.
+                    let _ = rustix::fs::syncfs(&dir);
+                }
+            })
+            .ok();
+        Flusher { tx: thread.as_ref().map(|_| tx), thread, asked_at: 0 }
+    }
+
+    /// `written` bytes have been written so far in this run.
+    pub fn wrote(&mut self, written: u64) {
+        if written >= self.asked_at + FLUSH_EVERY
+            && let Some(tx) = &self.tx
+        {
+            self.asked_at = written;
+            // Busy flushing already: this data goes with the next one.
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -26,6 +26,9 @@ pub struct Config {
     /// Files of the peak-RSS case (0: skip it).
     pub rss_files: usize,
     pub work: PathBuf,
+    /// Write the snapshots to a fresh ext4 filesystem made for the run (a
+    /// loop-mounted image), rather than to the work directory's.
+    pub fresh_fs: bool,
 }
 
 impl Config {
@@ -39,6 +42,7 @@ impl Config {
             rounds: 3,
             rss_files: 1_000_000,
             work,
+            fresh_fs: true,
         }
     }
 }
@@ -207,6 +211,10 @@ fn timed(cmd: Command, out: &Path) -> (f64, u64, String) {
             t.env(k, v);
         }
     }
+    // Untimed: write back what the previous run left dirty (rsync leaves all
+    // it wrote; rbackup flushes before it finishes), so that no run pays for
+    // another's writes.
+    sh("sync");
     let start = Instant::now();
     let output = t.output().expect("GNU time (Debian package time)");
     let seconds = start.elapsed().as_secs_f64();
@@ -272,8 +280,71 @@ fn remove(p: &Path) {
     let _ = std::fs::remove_dir_all(p);
 }
 
+/// Everything one run measured.
+pub struct Results {
+    pub cases: Vec<Case>,
+    /// Where the snapshots were written.
+    pub dest_fs: String,
+    /// Median time of `ssh HOST true` over the same SSH: the floor under both
+    /// tools' times.
+    pub ssh_floor: f64,
+}
+
+/// A fresh ext4 filesystem (`mkfs.ext4` defaults, journal included) on a
+/// loop-mounted sparse image: the state of a typical backup disk, the same
+/// for both tools whatever the work directory's filesystem went through.
+/// (On ext4 without a journal, the inodes of files deleted in the last minutes
+/// are skipped one by one when allocating: every round's clean-up would slow
+/// the next round's file creation.)
+struct FreshFs {
+    mount: PathBuf,
+    image: PathBuf,
+}
+
+impl FreshFs {
+    fn make(work: &Path) -> Result<FreshFs, String> {
+        let (image, mount) = (work.join("dest.img"), work.join("dest"));
+        // Left mounted by an interrupted run?
+        let _ = Command::new("umount").arg(&mount).stderr(std::process::Stdio::null()).status();
+        let _ = std::fs::remove_file(&image);
+        std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
+        let f = std::fs::File::create(&image).map_err(|e| e.to_string())?;
+        f.set_len(8 << 30).map_err(|e| e.to_string())?;
+        let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+        if !ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image)) {
+            return Err("mkfs.ext4 failed".into());
+        }
+        if !ok(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount)) {
+            let _ = std::fs::remove_file(&image);
+            return Err("mount -o loop failed (no loop devices here?)".into());
+        }
+        Ok(FreshFs { mount, image })
+    }
+}
+
+impl Drop for FreshFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Median wall time of `ssh HOST true` over five tries.
+fn ssh_floor(sshd: &Sshd) -> f64 {
+    let host = sshd.source(Path::new("/")).split(':').next().unwrap().to_string();
+    let times: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let out = Command::new("ssh").arg("-F").arg(&sshd.ssh_config).arg(&host).arg("true").output().unwrap();
+            assert!(out.status.success(), "ssh {host} true: {}", String::from_utf8_lossy(&out.stderr));
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&times)
+}
+
 /// Runs every case; prints progress on stderr.
-pub fn run(cfg: &Config) -> Vec<Case> {
+pub fn run(cfg: &Config) -> Results {
     super::require_root();
     std::fs::create_dir_all(&cfg.work).unwrap();
     sh(&format!("chmod 755 '{}'", cfg.work.display()));
@@ -285,7 +356,20 @@ pub fn run(cfg: &Config) -> Vec<Case> {
     let files = generate(&src, cfg);
     sshd.grant_read(&src);
     let tools = Tools { sshd: &sshd, cfg, src: src.clone() };
-    let (rbk, rsy) = (cfg.work.join("rbackup"), cfg.work.join("rsync"));
+    let fresh = if cfg.fresh_fs {
+        FreshFs::make(&cfg.work)
+            .map_err(|e| eprintln!("bench: no fresh filesystem ({e}); writing to the work directory"))
+    } else {
+        Err(())
+    };
+    let (dest, dest_fs) = match &fresh {
+        Ok(f) => (f.mount.clone(), "a fresh ext4 (mkfs defaults, loop-mounted image)".to_string()),
+        Err(()) => (cfg.work.join("snapshots"), format!("the work directory's filesystem ({})", cfg.work.display())),
+    };
+    std::fs::create_dir_all(&dest).unwrap();
+    sh(&format!("chmod 700 '{}'", dest.display()));
+    let ssh_floor = ssh_floor(&sshd);
+    let (rbk, rsy) = (dest.join("rbackup"), dest.join("rsync"));
     remove(&rbk);
     remove(&rsy);
     std::fs::create_dir_all(&rsy).unwrap();
@@ -362,7 +446,8 @@ pub fn run(cfg: &Config) -> Vec<Case> {
         cases.extend(rss_cases(cfg, &sshd));
     }
     remove(&src);
-    cases
+    drop(fresh);
+    Results { cases, dest_fs, ssh_floor }
 }
 
 /// Peak RSS of no-change snapshots of many small files: rbackup at a
@@ -427,17 +512,21 @@ fn mib(kib: u64) -> String {
 }
 
 /// The results as a Markdown table.
-pub fn report(cfg: &Config, cases: &[Case]) -> String {
+pub fn report(cfg: &Config, results: &Results) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{} files, {} MiB dense + {} MiB sparse, seed {}, {} rounds; over SSH on 127.0.0.1\n",
+        "{} files, {} MiB dense + {} MiB sparse, seed {}, {} rounds; over SSH on 127.0.0.1 \
+         (`ssh HOST true` alone: {:.2} s); snapshots written to {}\n",
         cfg.files,
         cfg.dense_bytes >> 20,
         cfg.sparse_bytes >> 20,
         cfg.seed,
-        cfg.rounds
+        cfg.rounds,
+        results.ssh_floor,
+        results.dest_fs
     );
+    let cases = &results.cases;
     s.push_str("| case | rbackup (median) | rsync (median) | rbackup/rsync | received rbackup | received rsync | peak RSS rbackup | peak RSS rsync | equal to source |\n");
     s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for c in cases {
