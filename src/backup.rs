@@ -18,7 +18,7 @@ use crate::meta::Privileges;
 use crate::plan::Policy;
 use crate::progress::Progress;
 use crate::protocol::msg::{Hello, Role, SessionOptions};
-use crate::protocol::{SOFTWARE, spawn_reader, spawn_writer};
+use crate::protocol::{SOFTWARE, spawn_writer};
 use crate::report::{Events, Problem, ProblemKind, Stats};
 use crate::safefs::{Dir, Shown};
 use crate::sink::{ManifestSet, Recorder, Sink, SinkConfig};
@@ -216,7 +216,7 @@ pub fn run_with(
         },
     };
     let crate::transport::Session { reader, writer, conn: mut handle, .. } = session;
-    let (incoming, wire_bytes, reader_thread) = spawn_reader(reader, 64);
+    let (incoming, wire_bytes, reader_thread) = crate::sink::spawn_reader(reader, &cfg);
     let (out, writer_thread) = spawn_writer(writer, None);
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
     crate::debug!("listing and data done at {:.3} s", started.elapsed().as_secs_f64());

@@ -12,7 +12,7 @@ use crate::exit::Code;
 use crate::meta::Privileges;
 use crate::plan::Policy;
 use crate::protocol::msg::{Hello, Role, SessionOptions};
-use crate::protocol::{SOFTWARE, spawn_reader, spawn_writer};
+use crate::protocol::{SOFTWARE, spawn_writer};
 use crate::report::{Events, Problem, ProblemKind};
 use crate::sink::{Sink, SinkConfig};
 use crate::store::Store;
@@ -99,8 +99,6 @@ fn check_source(job: &Job, r: &mut Report) {
 
     // Walk the whole tree as the backup user would, opening every file.
     let transport::Session { reader, writer, conn: mut handle, .. } = session;
-    let (incoming, _, reader_thread) = spawn_reader(reader, 64);
-    let (out, writer_thread) = spawn_writer(writer, None);
     let mut events = Unreadable { paths: Vec::new(), count: 0 };
     let cfg = SinkConfig {
         dest: None,
@@ -115,6 +113,8 @@ fn check_source(job: &Job, r: &mut Report) {
         compress: false,
         recorder: crate::sink::Recorder::default(),
     };
+    let (incoming, _, reader_thread) = crate::sink::spawn_reader(reader, &cfg);
+    let (out, writer_thread) = spawn_writer(writer, None);
     let result = Sink::new(cfg, out, &mut events).run(&incoming);
     match result {
         Ok(outcome) => {

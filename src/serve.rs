@@ -20,7 +20,7 @@ use crate::meta::Privileges;
 use crate::plan::Policy;
 use crate::protocol::frame::{Encoder, FrameReader};
 use crate::protocol::msg::{Hello, LogKind, Reply, Role, SessionOptions, SinkMsg};
-use crate::protocol::{Outbox, SOFTWARE, read_msg, read_preamble, spawn_reader, spawn_writer, write_preamble};
+use crate::protocol::{Outbox, SOFTWARE, read_msg, read_preamble, spawn_writer, write_preamble};
 use crate::report::{Events, Problem};
 use crate::safefs::{Dir, Shown, libc_errno};
 use crate::sink::{Sink, SinkConfig};
@@ -82,9 +82,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 /// The write agent: a restore's sink, writing beneath its root. Everything it
 /// does and every problem goes back to the desktop as log lines.
 fn receive(root: Dir, options: &SessionOptions, reader: FrameReader<File>, stdout: File) -> Result<()> {
-    let (incoming, _, reader_thread) = spawn_reader(reader, 64);
-    let (out, writer_thread) = spawn_writer(stdout, None);
-    let mut events = Forward { out: out.clone(), enc: Encoder::new(options.compress) };
     let cfg = SinkConfig {
         dest: Some(root),
         fresh: false,
@@ -98,6 +95,9 @@ fn receive(root: Dir, options: &SessionOptions, reader: FrameReader<File>, stdou
         compress: options.compress,
         recorder: crate::sink::Recorder::default(),
     };
+    let (incoming, _, reader_thread) = crate::sink::spawn_reader(reader, &cfg);
+    let (out, writer_thread) = spawn_writer(stdout, None);
+    let mut events = Forward { out: out.clone(), enc: Encoder::new(options.compress) };
     let result = Sink::new(cfg, out.clone(), &mut events).run(&incoming);
     if let Err(e) = &result {
         let _ = out.send(Encoder::new(options.compress).msg(&SinkMsg::Fatal(format!("{e:#}"))));

@@ -258,3 +258,25 @@ impl Drop for Flusher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flusher_asks_once_per_step_and_stops_cleanly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut f = Flusher::new(Dir::open_path(tmp.path()).unwrap());
+        assert!(f.tx.is_some(), "the flush thread started");
+        f.wrote(FLUSH_EVERY - 1);
+        assert_eq!(f.asked_at, 0);
+        f.wrote(FLUSH_EVERY);
+        assert_eq!(f.asked_at, FLUSH_EVERY);
+        f.wrote(FLUSH_EVERY + 10);
+        assert_eq!(f.asked_at, FLUSH_EVERY, "not again before another step");
+        f.wrote(3 * FLUSH_EVERY);
+        assert_eq!(f.asked_at, 3 * FLUSH_EVERY);
+        // Dropping waits for a flush in progress and ends the thread.
+        drop(f);
+    }
+}

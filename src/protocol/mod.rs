@@ -121,6 +121,21 @@ pub fn spawn_reader<R: Read + Send + 'static>(
     reader: FrameReader<R>,
     depth: usize,
 ) -> (Receiver<Incoming>, Arc<AtomicU64>, JoinHandle<()>) {
+    spawn_reader_with(reader, depth, Ok)
+}
+
+/// [`spawn_reader`], turning each frame into what the consumer wants on the
+/// reader thread (`stage`), in parallel with the consumer's own work.
+pub fn spawn_reader_with<R, T, S>(
+    reader: FrameReader<R>,
+    depth: usize,
+    mut stage: S,
+) -> (Receiver<Result<T, ProtocolError>>, Arc<AtomicU64>, JoinHandle<()>)
+where
+    R: Read + Send + 'static,
+    T: Send + 'static,
+    S: FnMut(Frame) -> Result<T, ProtocolError> + Send + 'static,
+{
     let (tx, rx) = std::sync::mpsc::sync_channel(depth);
     let bytes = Arc::new(AtomicU64::new(reader.wire_bytes));
     let counter = bytes.clone();
@@ -130,7 +145,7 @@ pub fn spawn_reader<R: Read + Send + 'static>(
             let mut reader = reader;
             loop {
                 let item = match reader.read() {
-                    Ok(Some(frame)) => Ok(frame),
+                    Ok(Some(frame)) => stage(frame),
                     Ok(None) => Err(ProtocolError::Closed),
                     Err(e) => Err(ProtocolError::Frame(e)),
                 };

@@ -13,24 +13,30 @@
 //! Memory is flat in the number of files: per open directory, the names seen
 //! (only where extra entries must be found), and the pending fetches.
 
+mod ahead;
 mod receive;
 mod record;
 
+pub use ahead::Input;
 pub use record::{ManifestSet, Recorder};
 
 use record::{Content, record};
 
 use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::Receiver;
+use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rustix::fs::{FileType, Stat};
 
 use crate::meta::{self, Meta, Privileges, Target, Tree};
 use crate::plan::{self, FileAction, Origin, Policy, Similarity};
-use crate::protocol::frame::{Encoder, Frame};
+use crate::protocol::frame::{Encoder, FrameReader};
 use crate::protocol::msg::{Entry, Fetch, Link, SinkMsg, SkipReason, SourceMsg, SpecialKind};
-use crate::protocol::{Incoming, Outbox, ProtocolError, decode};
+use crate::protocol::{Outbox, ProtocolError};
 use crate::report::{Action, Events, Problem, ProblemKind, Stats};
 use crate::safefs::{Dir, Shown, file_type, join};
 use crate::writer::{self, Linked, TempEntry};
@@ -44,6 +50,17 @@ const SIGNATURE_BUDGET: usize = 64 << 20;
 const INITIAL_CREDIT: u32 = 4096;
 /// Credit is returned in steps of at least this many entries.
 const CREDIT_STEP: u32 = 1024;
+
+/// Starts the thread that reads the source's frames for [`Sink::run`],
+/// comparing listed files with the bases on the way (see `ahead`).
+pub fn spawn_reader<R: Read + Send + 'static>(
+    reader: FrameReader<R>,
+    cfg: &SinkConfig,
+) -> (Receiver<Result<Input, ProtocolError>>, Arc<AtomicU64>, JoinHandle<()>) {
+    let bases = if cfg.policy == Policy::Snapshot { cfg.bases.clone() } else { Vec::new() };
+    let mut ahead = ahead::Ahead::new(bases, cfg.privs);
+    crate::protocol::spawn_reader_with(reader, 64, move |frame| ahead.stage(frame))
+}
 
 /// How a sink writes.
 pub struct SinkConfig {
@@ -190,7 +207,7 @@ impl<'e> Sink<'e> {
 
     /// Runs the session to its end: the listing done, every fetch written,
     /// every directory finished. Returns the counters.
-    pub fn run(mut self, incoming: &Receiver<Incoming>) -> Result<SinkOutcome> {
+    pub fn run(mut self, incoming: &Receiver<Result<Input, ProtocolError>>) -> Result<SinkOutcome> {
         self.send(&SinkMsg::Credit(INITIAL_CREDIT))?;
         self.granted = u64::from(INITIAL_CREDIT);
         while !(self.listing_done
@@ -199,11 +216,11 @@ impl<'e> Sink<'e> {
             && self.deferred.is_empty()
             && self.receiving.is_none())
         {
-            let frame = incoming.recv().map_err(|_| ProtocolError::Closed)??;
-            match frame {
-                Frame::Msg(body) => self.on_message(decode::<SourceMsg>(&body)?)?,
-                Frame::Data { offset, data } => self.on_data(offset, &data)?,
-                Frame::Delta { out_len, delta } => self.on_delta(out_len, &delta)?,
+            match incoming.recv().map_err(|_| ProtocolError::Closed)?? {
+                Input::Entries(batch, sims) => self.on_entries(batch, sims)?,
+                Input::Msg(msg) => self.on_message(msg)?,
+                Input::Data { offset, data } => self.on_data(offset, &data)?,
+                Input::Delta { out_len, delta } => self.on_delta(out_len, &delta)?,
             }
         }
         let summary = self.stats.pairs();
@@ -211,17 +228,25 @@ impl<'e> Sink<'e> {
         Ok(SinkOutcome { stats: self.stats, manifest: self.rec.writer.take() })
     }
 
+    /// A listing batch, with each file's comparison with the bases when the
+    /// reader thread made it.
+    fn on_entries(&mut self, batch: Vec<Entry>, sims: Vec<Option<Vec<Similarity>>>) -> Result<()> {
+        let n = batch.len() as u32;
+        let mut sims = sims.into_iter();
+        for entry in batch {
+            self.on_entry(entry, sims.next().flatten())?;
+        }
+        self.received += u64::from(n);
+        self.unreported += n;
+        self.events.progress(&self.stats);
+        self.maybe_grant()
+    }
+
     fn on_message(&mut self, msg: SourceMsg) -> Result<()> {
         match msg {
             SourceMsg::Entries(batch) => {
-                let n = batch.len() as u32;
-                for entry in batch {
-                    self.on_entry(entry)?;
-                }
-                self.received += u64::from(n);
-                self.unreported += n;
-                self.events.progress(&self.stats);
-                self.maybe_grant()
+                let sims = vec![None; batch.len()];
+                self.on_entries(batch, sims)
             }
             SourceMsg::ListingDone => {
                 if !self.saw_root || !self.stack.is_empty() {
@@ -289,7 +314,7 @@ impl<'e> Sink<'e> {
         }
     }
 
-    fn on_entry(&mut self, entry: Entry) -> Result<()> {
+    fn on_entry(&mut self, entry: Entry, sims: Option<Vec<Similarity>>) -> Result<()> {
         let is_root = !self.saw_root;
         if self.saw_root && self.stack.is_empty() {
             return Err(violation("entries after the end of the root directory"));
@@ -304,7 +329,7 @@ impl<'e> Sink<'e> {
         match entry {
             Entry::Dir { name, meta, unreadable, partial } => self.on_dir(&name, meta, unreadable, partial),
             Entry::End => self.on_end_dir(),
-            Entry::File { name, meta, size, sparse, link } => self.on_file(name, meta, size, sparse, link),
+            Entry::File { name, meta, size, sparse, link } => self.on_file(name, meta, size, sparse, link, sims),
             Entry::Symlink { name, meta, target } => self.on_symlink(&name, &meta, &target),
             Entry::Special { name, meta, kind, rdev } => self.on_special(&name, &meta, kind, rdev),
             Entry::Skipped { name, reason } => self.on_skipped(&name, reason),
@@ -514,7 +539,15 @@ impl<'e> Sink<'e> {
         self.node(d).dest.clone()
     }
 
-    fn on_file(&mut self, name: Vec<u8>, meta: Meta, size: u64, sparse: bool, link: Option<Link>) -> Result<()> {
+    fn on_file(
+        &mut self,
+        name: Vec<u8>,
+        meta: Meta,
+        size: u64,
+        sparse: bool,
+        link: Option<Link>,
+        sims: Option<Vec<Similarity>>,
+    ) -> Result<()> {
         let (d, rel) = self.enter_name(&name)?;
         self.stats.files += 1;
         let want = self.cfg.privs.storable(&meta);
@@ -531,16 +564,10 @@ impl<'e> Sink<'e> {
             }
             _ => Similarity::Missing,
         };
-        // Bases are best first: once one is the same, the rest don't matter.
-        let mut base_sims = vec![Similarity::Missing; node.bases.len()];
-        for (sim, base) in base_sims.iter_mut().zip(&node.bases) {
-            if let Some(b) = base {
-                *sim = compare_file(b, &name, size, &want, Tree::Ours).unwrap_or(Similarity::Missing);
-                if *sim == Similarity::Same {
-                    break;
-                }
-            }
-        }
+        let base_sims = match sims {
+            Some(s) if s.len() == node.bases.len() => s,
+            _ => base_similarities(&node.bases, &name, size, &want),
+        };
         let delta = self.cfg.delta && !sparse && size >= plan::DELTA_MIN_SIZE;
         let action = plan::file(dest_sim, &base_sims, self.cfg.policy, delta);
         if dest_sim == Similarity::OtherType {
@@ -979,6 +1006,21 @@ fn split_parent(rel: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// Compares an existing entry with an incoming regular file.
+/// How `name` compares with the same path in each basis. Bases are best
+/// first: once one is the same, the rest don't matter.
+fn base_similarities(bases: &[Option<Dir>], name: &[u8], size: u64, want: &Meta) -> Vec<Similarity> {
+    let mut sims = vec![Similarity::Missing; bases.len()];
+    for (sim, base) in sims.iter_mut().zip(bases) {
+        if let Some(b) = base {
+            *sim = compare_file(b, name, size, want, Tree::Ours).unwrap_or(Similarity::Missing);
+            if *sim == Similarity::Same {
+                break;
+            }
+        }
+    }
+    sims
+}
+
 fn compare_file(dir: &Dir, name: &[u8], size: u64, want: &Meta, tree: Tree) -> std::io::Result<Similarity> {
     let Some(st) = dir.try_stat(name)? else {
         return Ok(Similarity::Missing);
