@@ -615,6 +615,23 @@ fn send_whole(
             (offset, size)
         };
         let mut pos = start;
+        if !enc.compresses_data() {
+            // Read straight into the frames, from the file's position.
+            rustix::fs::seek(file, SeekFrom::Start(pos)).map_err(|e| Served::Failed(read_error(&e.into())))?;
+            while pos < end {
+                let want = ((end - pos) as usize).min(CHUNK);
+                match crate::protocol::frame::data_frame_from(file, pos, want) {
+                    Ok(Some(frame)) => {
+                        pos += (frame.len() - 13) as u64;
+                        out.send(frame)?;
+                    }
+                    Ok(None) => return Ok(pos),
+                    Err(e) => return Err(Served::Failed(read_error(&e))),
+                }
+            }
+            offset = end;
+            continue;
+        }
         while pos < end {
             let want = ((end - pos) as usize).min(CHUNK);
             let n = match file.read_at(&mut buf[..want], pos) {

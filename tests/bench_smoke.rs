@@ -25,8 +25,11 @@ fn the_benchmark_runs_and_both_snapshots_equal_the_source() {
     println!("{}", report(&cfg, &results));
     let cases = &results.cases;
     let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names[..3], ["first full snapshot", "no-change snapshot", "1 % changed"]);
-    assert_eq!(cases.len(), 6);
+    assert_eq!(
+        names[..4],
+        ["first full snapshot", "no-change snapshot", "1 % changed", "deleting a snapshot (prune / rm -rf)"]
+    );
+    assert_eq!(cases.len(), 7);
     for c in cases {
         assert!(!c.rbackup.is_empty(), "{}", c.name);
         if let Some(e) = &c.rbackup_equal {

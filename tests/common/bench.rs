@@ -439,6 +439,44 @@ pub fn run(cfg: &Config) -> Results {
         }
         cases.push(case);
     }
+
+    // Deleting a snapshot whose files are all shared with a newer one (what
+    // prune does every day): `rbackup prune` against `rm -rf` of the same
+    // tree made with `cp -al`.
+    let mut del = Case {
+        name: "deleting a snapshot (prune / rm -rf)".into(),
+        rbackup: vec![],
+        rsync: vec![],
+        rbackup_equal: None,
+        rsync_equal: None,
+    };
+    for round in 0..cfg.rounds {
+        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
+        for is_rbackup in order {
+            if is_rbackup {
+                // Untimed: a newer snapshot sharing the files of the older one.
+                std::thread::sleep(std::time::Duration::from_millis(1000));
+                tools.rbackup(&rbk, &[]);
+                assert_eq!(snaps(&rbk).len(), 2);
+                let mut c = Command::new(bin());
+                c.args(["prune", "-q", "--keep-last", "1", "--name", "srv", "--backups-folder"]).arg(&rbk);
+                let (seconds, rss_kib, _) = timed(c, &cfg.work.join("prune"));
+                assert_eq!(snaps(&rbk).len(), 1, "prune kept one snapshot");
+                del.rbackup.push(Run { seconds, rss_kib, wire_bytes: 0 });
+            } else {
+                let copy = dest.join("copy");
+                remove(&copy);
+                sh(&format!("cp -al '{}' '{}'", snaps(&rbk)[0].display(), copy.display()));
+                let mut c = Command::new("rm");
+                c.arg("-rf").arg(&copy);
+                let (seconds, rss_kib, _) = timed(c, &cfg.work.join("rm"));
+                assert!(!copy.exists());
+                del.rsync.push(Run { seconds, rss_kib, wire_bytes: 0 });
+            }
+        }
+        eprintln!("bench: {} round {} done", del.name, round + 1);
+    }
+    cases.push(del);
     remove(&rsy);
     remove(&rbk);
 
@@ -527,6 +565,7 @@ pub fn report(cfg: &Config, results: &Results) -> String {
         results.dest_fs
     );
     let cases = &results.cases;
+    s.push_str("In the deletion case, the rsync columns are `rm -rf`.\n\n");
     s.push_str("| case | rbackup (median) | rsync (median) | rbackup/rsync | received rbackup | received rsync | peak RSS rbackup | peak RSS rsync | equal to source |\n");
     s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for c in cases {
