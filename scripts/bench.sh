@@ -5,7 +5,7 @@
 # alternation. Needs root (owners, ACLs, a backup user, a loop-mounted
 # filesystem for the snapshots). Results: stdout and target/bench-results.md.
 #
-#   sudo scripts/bench.sh                      # the full run (about 15 minutes)
+#   sudo scripts/bench.sh                      # the full run (20 to 30 minutes on 2 cores)
 #   sudo scripts/bench.sh --rss-files 0        # without the 1,000,000-file memory case
 #   sudo scripts/bench.sh --files 2000 --rounds 1 --rss-files 10000   # a quick look
 #

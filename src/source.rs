@@ -34,9 +34,6 @@ use crate::safefs::{Dir, file_type, join, libc_errno};
 /// window by window, so memory stays flat for any file size).
 pub const DELTA_WINDOW: usize = 1 << 20;
 
-// The server's one read buffer serves deltas and whole files alike.
-const _: () = assert!(CHUNK <= DELTA_WINDOW);
-
 /// What the source lists.
 #[derive(Default)]
 pub struct Selection {
@@ -577,7 +574,7 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf:
 
     let (read, hash) = match &fetch.signature {
         Some(sig) => send_delta(&file, size, sig, enc, out, buf)?,
-        None => (send_whole(&file, size, (before.st_blocks as u64) * 512 < size, enc, out, buf)?, None),
+        None => (send_whole(&file, size, (before.st_blocks as u64) * 512 < size, enc, out)?, None),
     };
     let after = rustix::fs::fstat(&file).map_err(|e| Served::Failed(read_error(&e.into())))?;
     let mut probe = [0u8; 1];
@@ -593,15 +590,7 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf:
 
 /// Sends the file's data extents; returns how many bytes of it could be read
 /// before EOF (less than `size` if it shrank).
-fn send_whole(
-    file: &File,
-    size: u64,
-    sparse: bool,
-    enc: &mut Encoder,
-    out: &mut Batch,
-    buf: &mut [u8],
-) -> Result<u64, Served> {
-    let buf = &mut buf[..CHUNK];
+fn send_whole(file: &File, size: u64, sparse: bool, enc: &mut Encoder, out: &mut Batch) -> Result<u64, Served> {
     let mut offset = 0u64;
     while offset < size {
         let (start, end) = if sparse {
@@ -615,35 +604,20 @@ fn send_whole(
             (offset, size)
         };
         let mut pos = start;
-        if !enc.compresses_data() {
-            // Read straight into the frames, from the file's position.
+        if sparse {
+            // Data is read from the file's position, which SEEK_HOLE moved.
             rustix::fs::seek(file, SeekFrom::Start(pos)).map_err(|e| Served::Failed(read_error(&e.into())))?;
-            while pos < end {
-                let want = ((end - pos) as usize).min(CHUNK);
-                match crate::protocol::frame::data_frame_from(file, pos, want) {
-                    Ok(Some(frame)) => {
-                        pos += (frame.len() - 13) as u64;
-                        out.send(frame)?;
-                    }
-                    Ok(None) => return Ok(pos),
-                    Err(e) => return Err(Served::Failed(read_error(&e))),
-                }
-            }
-            offset = end;
-            continue;
         }
         while pos < end {
             let want = ((end - pos) as usize).min(CHUNK);
-            let n = match file.read_at(&mut buf[..want], pos) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            match enc.data_from(file, pos, want) {
+                Ok(Some((frame, n))) => {
+                    out.send(frame)?;
+                    pos += n as u64;
+                }
+                Ok(None) => return Ok(pos),
                 Err(e) => return Err(Served::Failed(read_error(&e))),
-            };
-            if n == 0 {
-                return Ok(pos);
             }
-            out.send(enc.data(pos, &buf[..n]))?;
-            pos += n as u64;
         }
         offset = end;
     }

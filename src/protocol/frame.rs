@@ -78,9 +78,27 @@ impl Encoder {
         frame(Some(&mut self.messages), KIND_MSG, &[], &body)
     }
 
-    /// Whether file data is compressed (else [`data_frame_from`] saves a copy).
-    pub fn compresses_data(&self) -> bool {
-        self.data.is_some()
+    /// A file data frame of up to `max` bytes read from `data`, whose current
+    /// position is file offset `offset`, and how many bytes it carries;
+    /// `None` at end of file. An uncompressed frame is read straight into
+    /// place: no buffer, no copy.
+    pub fn data_from(&mut self, data: impl Read, offset: u64, max: usize) -> io::Result<Option<(Vec<u8>, usize)>> {
+        const HEAD: usize = 4 + 1 + 8;
+        let max = max.min(MAX_FRAME - (HEAD - 4));
+        let mut out = Vec::with_capacity(HEAD + max);
+        out.extend_from_slice(&[0; 4]);
+        out.push(KIND_DATA);
+        out.extend_from_slice(&offset.to_le_bytes());
+        let n = data.take(max as u64).read_to_end(&mut out)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.data.is_some() {
+            return Ok(Some((self.data(offset, &out[HEAD..]), n)));
+        }
+        let len = (out.len() - 4) as u32;
+        out[..4].copy_from_slice(&len.to_le_bytes());
+        Ok(Some((out, n)))
     }
 
     /// A file data frame.
@@ -92,24 +110,6 @@ impl Encoder {
     pub fn delta(&mut self, out_len: u32, delta: &[u8]) -> Vec<u8> {
         frame(self.data.as_mut(), KIND_DELTA, &out_len.to_le_bytes(), delta)
     }
-}
-
-/// An uncompressed data frame of up to `max` bytes read from `data` (its
-/// current position is file offset `offset`) straight into the frame: no
-/// intermediate buffer, no copy. `None` at end of file.
-pub fn data_frame_from(data: impl Read, offset: u64, max: usize) -> io::Result<Option<Vec<u8>>> {
-    let max = max.min(MAX_FRAME - 9);
-    let mut out = Vec::with_capacity(13 + max);
-    out.extend_from_slice(&[0; 4]);
-    out.push(KIND_DATA);
-    out.extend_from_slice(&offset.to_le_bytes());
-    let n = data.take(max as u64).read_to_end(&mut out)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    let len = (out.len() - 4) as u32;
-    out[..4].copy_from_slice(&len.to_le_bytes());
-    Ok(Some(out))
 }
 
 fn frame(compressor: Option<&mut zstd::bulk::Compressor<'static>>, kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
@@ -347,22 +347,26 @@ mod tests {
     }
 
     #[test]
-    fn a_data_frame_read_from_a_reader_decodes_like_an_encoded_one() {
+    fn data_read_into_frames_decodes_like_encoded_data() {
         let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let mut src = &bytes[..];
-        let a = data_frame_from(&mut src, 5, 60_000).unwrap().unwrap();
-        let b = data_frame_from(&mut src, 60_005, 60_000).unwrap().unwrap();
-        assert!(data_frame_from(&mut src, 100_005, 60_000).unwrap().is_none());
-        assert_eq!(a, Encoder::new(false).data(5, &bytes[..60_000]));
-        let mut wire = a;
-        wire.extend(b);
-        let mut r = FrameReader::new(&wire[..]);
-        let mut got = Vec::new();
-        while let Some(Frame::Data { offset, data }) = r.read().unwrap() {
-            assert_eq!(offset, 5 + got.len() as u64);
-            got.extend(data);
+        for compress in [false, true] {
+            let mut enc = Encoder::new(compress);
+            let mut src = &bytes[..];
+            let (a, n) = enc.data_from(&mut src, 5, 60_000).unwrap().unwrap();
+            assert_eq!((a.clone(), n), (enc.data(5, &bytes[..60_000]), 60_000));
+            let (b, m) = enc.data_from(&mut src, 60_005, 60_000).unwrap().unwrap();
+            assert_eq!(m, 40_000);
+            assert!(enc.data_from(&mut src, 100_005, 60_000).unwrap().is_none());
+            let mut wire = a;
+            wire.extend(b);
+            let mut r = FrameReader::new(&wire[..]);
+            let mut got = Vec::new();
+            while let Some(Frame::Data { offset, data }) = r.read().unwrap() {
+                assert_eq!(offset, 5 + got.len() as u64);
+                got.extend(data);
+            }
+            assert_eq!(got, bytes);
         }
-        assert_eq!(got, bytes);
     }
 
     #[test]

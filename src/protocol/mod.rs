@@ -111,22 +111,11 @@ pub enum ProtocolError {
     Unexpected(String),
 }
 
-/// A frame, or the end of the stream, as the reader thread hands it over.
-pub type Incoming = Result<Frame, ProtocolError>;
-
-/// Starts a thread that reads frames and hands them over, ending with
-/// `Err(Closed)` or the error that stopped it. Returns the live count of bytes
-/// read from the wire.
-pub fn spawn_reader<R: Read + Send + 'static>(
-    reader: FrameReader<R>,
-    depth: usize,
-) -> (Receiver<Incoming>, Arc<AtomicU64>, JoinHandle<()>) {
-    spawn_reader_with(reader, depth, Ok)
-}
-
-/// [`spawn_reader`], turning each frame into what the consumer wants on the
-/// reader thread (`stage`), in parallel with the consumer's own work.
-pub fn spawn_reader_with<R, T, S>(
+/// Starts a thread that reads frames, turns each into what the consumer
+/// wants (`stage`, run on that thread, in parallel with the consumer's own
+/// work) and hands them over, ending with `Err(Closed)` or the error that
+/// stopped it. Returns the live count of bytes read from the wire.
+pub fn spawn_reader<R, T, S>(
     reader: FrameReader<R>,
     depth: usize,
     mut stage: S,

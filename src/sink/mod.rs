@@ -59,7 +59,7 @@ pub fn spawn_reader<R: Read + Send + 'static>(
 ) -> (Receiver<Result<Input, ProtocolError>>, Arc<AtomicU64>, JoinHandle<()>) {
     let bases = if cfg.policy == Policy::Snapshot { cfg.bases.clone() } else { Vec::new() };
     let mut ahead = ahead::Ahead::new(bases, cfg.privs);
-    crate::protocol::spawn_reader_with(reader, 64, move |frame| ahead.stage(frame))
+    crate::protocol::spawn_reader(reader, 64, move |frame| ahead.stage(frame))
 }
 
 /// How a sink writes.
@@ -244,10 +244,8 @@ impl<'e> Sink<'e> {
 
     fn on_message(&mut self, msg: SourceMsg) -> Result<()> {
         match msg {
-            SourceMsg::Entries(batch) => {
-                let sims = vec![None; batch.len()];
-                self.on_entries(batch, sims)
-            }
+            // The reader thread hands batches over as `Input::Entries`.
+            SourceMsg::Entries(batch) => self.on_entries(batch, Vec::new()),
             SourceMsg::ListingDone => {
                 if !self.saw_root || !self.stack.is_empty() {
                     return Err(violation("the listing ended inside a directory"));
