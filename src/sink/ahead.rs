@@ -105,3 +105,84 @@ impl Ahead {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{self, Meta};
+
+    fn file(name: &[u8], meta: Meta, size: u64) -> Entry {
+        Entry::File { name: name.to_vec(), meta, size, sparse: false, link: None }
+    }
+
+    fn dir(name: &[u8], meta: &Meta) -> Entry {
+        Entry::Dir { name: name.to_vec(), meta: meta.clone(), unreadable: None, partial: false }
+    }
+
+    #[test]
+    fn files_are_compared_with_the_same_path_in_each_basis() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, older) = (tmp.path().join("old"), tmp.path().join("older"));
+        let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000, 123);
+        for b in [&old, &older] {
+            std::fs::create_dir_all(b.join("sub")).unwrap();
+            std::fs::write(b.join("sub/same"), b"abc").unwrap();
+            std::fs::File::options().write(true).open(b.join("sub/same")).unwrap().set_modified(when).unwrap();
+        }
+        std::fs::write(older.join("only-older"), b"xy").unwrap();
+        let bases = [&old, &older].map(|p| Dir::open_path(p).unwrap()).to_vec();
+        let privs = Privileges::current();
+        let st = rustix::fs::lstat(old.join("sub/same")).unwrap();
+        let same = meta::from_stat(&st, meta::read_xattrs(&bases[0].open_dir(b"sub").unwrap(), b"same").unwrap());
+        let root = Meta::default();
+
+        let mut ahead = Ahead::new(bases, privs);
+        let batch = [
+            dir(b"", &root),
+            file(b"missing", same.clone(), 3),
+            file(b"only-older", Meta { mtime: same.mtime - 100, ..same.clone() }, 2),
+            dir(b"sub", &root),
+            file(b"same", same.clone(), 3),
+            file(b"same", Meta { mode: same.mode ^ 0o040, ..same.clone() }, 3),
+            file(b"same", same.clone(), 4),
+            Entry::End,
+            Entry::End,
+        ];
+        let got: Vec<_> = batch.iter().map(|e| ahead.probe(e)).collect();
+        use Similarity::*;
+        assert_eq!(got[0], None);
+        assert_eq!(got[1], Some(vec![Missing, Missing]));
+        assert_eq!(got[2], Some(vec![Missing, ContentDiffers]), "another mtime");
+        assert_eq!(got[4], Some(vec![Same, Missing]), "the first basis that has it the same is enough");
+        assert_eq!(got[5], Some(vec![MetaDiffers, MetaDiffers]));
+        assert_eq!(got[6], Some(vec![ContentDiffers, ContentDiffers]));
+        assert!(ahead.off, "off once the root ended");
+    }
+
+    #[test]
+    fn a_name_the_sink_would_refuse_stops_the_look_ahead() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("b")).unwrap();
+        let mut ahead = Ahead::new(vec![Dir::open_path(&tmp.path().join("b")).unwrap()], Privileges::current());
+        let root = Meta::default();
+        assert_eq!(ahead.probe(&dir(b"", &root)), None);
+        assert_eq!(ahead.probe(&dir(b"..", &root)), None);
+        assert!(ahead.off);
+        assert_eq!(ahead.probe(&file(b"x", root.clone(), 1)), None, "nothing is looked at any more");
+    }
+
+    #[test]
+    fn without_bases_it_only_decodes() {
+        let mut ahead = Ahead::new(Vec::new(), Privileges::current());
+        let mut enc = crate::protocol::frame::Encoder::new(false);
+        let wire = enc.msg(&SourceMsg::Entries(vec![dir(b"", &Meta::default()), Entry::End]));
+        let frame = crate::protocol::frame::FrameReader::new(&wire[..]).read().unwrap().unwrap();
+        match ahead.stage(frame).unwrap() {
+            Input::Entries(batch, sims) => {
+                assert_eq!(batch.len(), 2);
+                assert!(sims.iter().all(Option::is_none));
+            }
+            _ => panic!("a listing batch"),
+        }
+    }
+}
