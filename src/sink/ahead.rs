@@ -110,6 +110,7 @@ impl Ahead {
 mod tests {
     use super::*;
     use crate::meta::{self, Meta};
+    use crate::plan::Similarity::{ContentDiffers, MetaDiffers, Missing, Same};
 
     fn file(name: &[u8], meta: Meta, size: u64) -> Entry {
         Entry::File { name: name.to_vec(), meta, size, sparse: false, link: None }
@@ -149,7 +150,6 @@ mod tests {
             Entry::End,
         ];
         let got: Vec<_> = batch.iter().map(|e| ahead.probe(e)).collect();
-        use Similarity::*;
         assert_eq!(got[0], None);
         assert_eq!(got[1], Some(vec![Missing, Missing]));
         assert_eq!(got[2], Some(vec![Missing, ContentDiffers]), "another mtime");
