@@ -187,46 +187,51 @@ impl<R: Read> FrameReader<R> {
             return Err(FrameError::Truncated);
         }
         let (kind, body) = (head[4], len - 1);
-        if kind & COMPRESSED != 0 {
+        let frame = if kind & COMPRESSED != 0 {
             self.scratch.clear();
             read_exactly(&mut self.inner, &mut self.scratch, body)?;
-            self.wire_bytes += 4 + len as u64;
             let plain = decompress(&mut self.decompressor, &self.scratch)?;
-            return split(kind & !COMPRESSED, plain).map(Some);
-        }
-        let frame = match kind {
-            KIND_MSG => Frame::Msg(self.payload(body)?),
-            KIND_DATA => {
-                let offset = u64::from_le_bytes(self.fixed(body, "data frame without offset")?);
-                Frame::Data { offset, data: self.payload(body - 8)? }
-            }
-            KIND_DELTA => {
-                let out_len = u32::from_le_bytes(self.fixed(body, "delta frame without length")?);
-                Frame::Delta { out_len, delta: self.payload(body - 4)? }
-            }
-            other => return Err(FrameError::UnknownKind(other)),
+            parse(kind & !COMPRESSED, plain.len(), &mut &plain[..])?
+        } else {
+            parse(kind, body, &mut self.inner)?
         };
         self.wire_bytes += 4 + len as u64;
         Ok(Some(frame))
     }
+}
 
-    /// The fixed-size header of a payload of `body` bytes.
-    fn fixed<const N: usize>(&mut self, body: usize, short: &'static str) -> Result<[u8; N], FrameError> {
-        if body < N {
-            return Err(FrameError::Malformed(short));
+/// The frame of `kind` whose payload, `body` bytes, comes next in `r`.
+fn parse(kind: u8, body: usize, r: &mut impl Read) -> Result<Frame, FrameError> {
+    Ok(match kind {
+        KIND_MSG => Frame::Msg(payload(r, body)?),
+        KIND_DATA => {
+            let offset = u64::from_le_bytes(fixed(r, body, "data frame without offset")?);
+            Frame::Data { offset, data: payload(r, body - 8)? }
         }
-        let mut bytes = [0u8; N];
-        if read_full(&mut self.inner, &mut bytes)? != N {
-            return Err(FrameError::Truncated);
+        KIND_DELTA => {
+            let out_len = u32::from_le_bytes(fixed(r, body, "delta frame without length")?);
+            Frame::Delta { out_len, delta: payload(r, body - 4)? }
         }
-        Ok(bytes)
-    }
+        other => return Err(FrameError::UnknownKind(other)),
+    })
+}
 
-    fn payload(&mut self, len: usize) -> Result<Vec<u8>, FrameError> {
-        let mut out = Vec::new();
-        read_exactly(&mut self.inner, &mut out, len)?;
-        Ok(out)
+/// The fixed-size head of a payload of `body` bytes.
+fn fixed<const N: usize>(r: &mut impl Read, body: usize, short: &'static str) -> Result<[u8; N], FrameError> {
+    if body < N {
+        return Err(FrameError::Malformed(short));
     }
+    let mut bytes = [0u8; N];
+    if read_full(r, &mut bytes)? != N {
+        return Err(FrameError::Truncated);
+    }
+    Ok(bytes)
+}
+
+fn payload(r: &mut impl Read, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    read_exactly(r, &mut out, len)?;
+    Ok(out)
 }
 
 /// Appends exactly `len` bytes from `r` to `out`, without zero-filling
@@ -236,30 +241,6 @@ fn read_exactly(r: &mut impl Read, out: &mut Vec<u8>, len: usize) -> Result<(), 
     let start = out.len();
     r.take(len as u64).read_to_end(out)?;
     if out.len() - start == len { Ok(()) } else { Err(FrameError::Truncated) }
-}
-
-/// A decompressed payload split into its frame.
-fn split(kind: u8, mut payload: Vec<u8>) -> Result<Frame, FrameError> {
-    match kind {
-        KIND_MSG => Ok(Frame::Msg(payload)),
-        KIND_DATA => {
-            if payload.len() < 8 {
-                return Err(FrameError::Malformed("data frame without offset"));
-            }
-            let offset = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
-            payload.drain(..8);
-            Ok(Frame::Data { offset, data: payload })
-        }
-        KIND_DELTA => {
-            if payload.len() < 4 {
-                return Err(FrameError::Malformed("delta frame without length"));
-            }
-            let out_len = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
-            payload.drain(..4);
-            Ok(Frame::Delta { out_len, delta: payload })
-        }
-        other => Err(FrameError::UnknownKind(other)),
-    }
 }
 
 /// Decompresses one zstd frame into exactly the size its header declares,
