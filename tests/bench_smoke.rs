@@ -17,6 +17,7 @@ fn the_benchmark_runs_and_both_snapshots_equal_the_source() {
         seed: 7,
         rounds: 1,
         rss_files: 2000,
+        delete_files: 500,
         work: work.path().join("bench"),
         // Keep the smoke run to what any machine has.
         fresh_fs: false,
@@ -27,7 +28,12 @@ fn the_benchmark_runs_and_both_snapshots_equal_the_source() {
     let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names[..4],
-        ["first full snapshot", "no-change snapshot", "1 % changed", "deleting a snapshot (prune / rm -rf)"]
+        [
+            "first full snapshot",
+            "no-change snapshot",
+            "1 % changed",
+            "deleting a snapshot of 500 files (prune / rm -rf)"
+        ]
     );
     assert_eq!(cases.len(), 7);
     for c in cases {

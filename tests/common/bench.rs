@@ -25,6 +25,8 @@ pub struct Config {
     pub rounds: usize,
     /// Files of the peak-RSS case (0: skip it).
     pub rss_files: usize,
+    /// Files of the deletion case (0: skip it).
+    pub delete_files: usize,
     pub work: PathBuf,
     /// Write the snapshots to a fresh ext4 filesystem made for the run (a
     /// loop-mounted image), rather than to the work directory's.
@@ -41,6 +43,7 @@ impl Config {
             seed: 42,
             rounds: 3,
             rss_files: 1_000_000,
+            delete_files: 100_000,
             work,
             fresh_fs: true,
         }
@@ -440,11 +443,49 @@ pub fn run(cfg: &Config) -> Results {
         cases.push(case);
     }
 
-    // Deleting a snapshot whose files are all shared with a newer one (what
-    // prune does every day): `rbackup prune` against `rm -rf` of the same
-    // tree made with `cp -al`.
+    remove(&rsy);
+    remove(&rbk);
+    if cfg.delete_files > 0 {
+        cases.push(delete_case(cfg, &sshd, &dest));
+    }
+
+    if cfg.rss_files > 0 {
+        cases.extend(rss_cases(cfg, &sshd));
+    }
+    remove(&src);
+    drop(fresh);
+    Results { cases, dest_fs, ssh_floor }
+}
+
+/// Creates `n` empty files in directories of 1,000 under `root`, the tree
+/// split in quarters `q0`..`q3`.
+fn small_files(root: &Path, n: usize) {
+    let per_dir = 1000;
+    let dirs = n.div_ceil(per_dir);
+    for d in 0..dirs {
+        let dir = root.join(format!("q{}/d{d:05}", d * 4 / dirs));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..per_dir.min(n - d * per_dir) {
+            std::fs::File::create(dir.join(format!("f{f:04}"))).unwrap();
+        }
+    }
+}
+
+/// Deleting a snapshot whose files all have a link in a newer one (what
+/// prune does every day): `rbackup prune` against `rm -rf` of the same tree
+/// made with `cp -al`.
+fn delete_case(cfg: &Config, sshd: &Sshd, dest: &Path) -> Case {
+    let n = cfg.delete_files;
+    let tree = cfg.work.join("to-delete");
+    remove(&tree);
+    eprintln!("bench: creating {n} files for the deletion case");
+    small_files(&tree, n);
+    let tools = Tools { sshd, cfg, src: tree.clone() };
+    let rbk = dest.join("rbackup-delete");
+    remove(&rbk);
+    tools.rbackup(&rbk, &[]);
     let mut del = Case {
-        name: "deleting a snapshot (prune / rm -rf)".into(),
+        name: format!("deleting a snapshot of {n} files (prune / rm -rf)"),
         rbackup: vec![],
         rsync: vec![],
         rbackup_equal: None,
@@ -476,16 +517,9 @@ pub fn run(cfg: &Config) -> Results {
         }
         eprintln!("bench: {} round {} done", del.name, round + 1);
     }
-    cases.push(del);
-    remove(&rsy);
     remove(&rbk);
-
-    if cfg.rss_files > 0 {
-        cases.extend(rss_cases(cfg, &sshd));
-    }
-    remove(&src);
-    drop(fresh);
-    Results { cases, dest_fs, ssh_floor }
+    remove(&tree);
+    del
 }
 
 /// Peak RSS of no-change snapshots of many small files: rbackup at a
@@ -494,16 +528,8 @@ fn rss_cases(cfg: &Config, sshd: &Sshd) -> Vec<Case> {
     let many = cfg.work.join("many");
     remove(&many);
     eprintln!("bench: creating {} small files for the memory case", cfg.rss_files);
-    let per_dir = 1000;
-    let dirs = cfg.rss_files.div_ceil(per_dir);
-    for d in 0..dirs {
-        // q0..q3: quarters of the tree, for the flatness runs.
-        let dir = many.join(format!("q{}/d{d:05}", d * 4 / dirs));
-        std::fs::create_dir_all(&dir).unwrap();
-        for f in 0..per_dir.min(cfg.rss_files - d * per_dir) {
-            std::fs::File::create(dir.join(format!("f{f:04}"))).unwrap();
-        }
-    }
+    // q0..q3: quarters of the tree, for the flatness runs.
+    small_files(&many, cfg.rss_files);
     let tools = Tools { sshd, cfg, src: many.clone() };
     let rbk = cfg.work.join("rbackup-many");
     remove(&rbk);
