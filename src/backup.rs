@@ -351,7 +351,7 @@ pub fn print_summary(report: &RunReport, dry_run: bool) {
     };
     info!("{what}: {} in {:.1} s", report.code.word(), report.seconds);
     info!(
-        "  entries {}: {} directories, {} files, {} symlinks, {} special",
+        "  entries {}: directories {}, files {}, symlinks {}, special {}",
         s.entries, s.directories, s.files, s.symlinks, s.specials
     );
     info!(
