@@ -75,6 +75,10 @@ fn median(v: &[f64]) -> f64 {
 }
 
 impl Case {
+    fn new(name: impl Into<String>) -> Case {
+        Case { name: name.into(), rbackup: vec![], rsync: vec![], rbackup_equal: None, rsync_equal: None }
+    }
+
     pub fn ratio(&self) -> f64 {
         let r: Vec<f64> = self.rbackup.iter().map(|r| r.seconds).collect();
         let s: Vec<f64> = self.rsync.iter().map(|r| r.seconds).collect();
@@ -379,13 +383,7 @@ pub fn run(cfg: &Config) -> Results {
     let mut cases = Vec::new();
 
     // First full snapshot: a fresh destination each round.
-    let mut full = Case {
-        name: "first full snapshot".into(),
-        rbackup: vec![],
-        rsync: vec![],
-        rbackup_equal: None,
-        rsync_equal: None,
-    };
+    let mut full = Case::new("first full snapshot");
     for round in 0..cfg.rounds {
         let last = round + 1 == cfg.rounds;
         let order = if round % 2 == 0 { [true, false] } else { [false, true] };
@@ -415,8 +413,7 @@ pub fn run(cfg: &Config) -> Results {
             mutate(&src, &files, cfg.seed);
             sshd.grant_read(&src);
         }
-        let mut case =
-            Case { name: name.into(), rbackup: vec![], rsync: vec![], rbackup_equal: None, rsync_equal: None };
+        let mut case = Case::new(name);
         for round in 0..cfg.rounds {
             let last = round + 1 == cfg.rounds;
             let order = if round % 2 == 0 { [true, false] } else { [false, true] };
@@ -484,13 +481,7 @@ fn delete_case(cfg: &Config, sshd: &Sshd, dest: &Path) -> Case {
     let rbk = dest.join("rbackup-delete");
     remove(&rbk);
     tools.rbackup(&rbk, &[]);
-    let mut del = Case {
-        name: format!("deleting a snapshot of {n} files (prune / rm -rf)"),
-        rbackup: vec![],
-        rsync: vec![],
-        rbackup_equal: None,
-        rsync_equal: None,
-    };
+    let mut del = Case::new(format!("deleting a snapshot of {n} files (prune / rm -rf)"));
     for round in 0..cfg.rounds {
         let order = if round % 2 == 0 { [true, false] } else { [false, true] };
         for is_rbackup in order {
@@ -543,13 +534,7 @@ fn rss_cases(cfg: &Config, sshd: &Sshd) -> Vec<Case> {
             "1/2" => cfg.rss_files / 2,
             _ => cfg.rss_files,
         };
-        let mut case = Case {
-            name: format!("no-change, {n} small files (memory)"),
-            rbackup: vec![],
-            rsync: vec![],
-            rbackup_equal: None,
-            rsync_equal: None,
-        };
+        let mut case = Case::new(format!("no-change, {n} small files (memory)"));
         let args: Vec<String> = excludes.iter().flat_map(|e| ["--exclude".to_string(), (*e).to_string()]).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         std::thread::sleep(std::time::Duration::from_millis(1000));
