@@ -9,9 +9,11 @@
 #   sudo scripts/bench.sh --rss-files 0        # without the 1,000,000-file memory case
 #   sudo scripts/bench.sh --files 2000 --rounds 1 --rss-files 10000   # a quick look
 #
-# Other arguments: --delete-files N (the deletion case; 0 skips it), --seed N, --dense-mib N, --sparse-mib N, --work DIR (default
-# /tmp/rbackup-bench; needs ~2 GiB, and ~4 GiB of inodes for the memory case),
-# --no-fresh-fs (write snapshots to the work directory's filesystem).
+# Other arguments: --delete-files N (files of the deletion case, default
+# 100000; 0 skips it), --seed N, --dense-mib N, --sparse-mib N, --work DIR
+# (default /tmp/rbackup-bench; needs ~2 GiB, and ~4 GiB of inodes for the
+# memory case), --no-fresh-fs (write snapshots to the work directory's
+# filesystem).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
