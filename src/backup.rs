@@ -401,19 +401,7 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::parse_folder_name;
-
-    fn snaps(names: &[&str]) -> Vec<Snapshot> {
-        let mut v: Vec<Snapshot> = names
-            .iter()
-            .map(|n| {
-                let (time, complete) = parse_folder_name("s", n).unwrap();
-                Snapshot { folder: (*n).to_string(), time, complete }
-            })
-            .collect();
-        v.sort_by_key(|s| s.time);
-        v
-    }
+    use crate::store::named_in_order as snaps;
 
     #[test]
     fn backup_links_from_a_newer_interrupted_run_first() {

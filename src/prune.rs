@@ -213,18 +213,8 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::parse_folder_name;
+    use crate::store::named as snaps;
     use chrono::TimeZone;
-
-    fn snaps(names: &[&str]) -> Vec<Snapshot> {
-        names
-            .iter()
-            .map(|n| {
-                let (time, complete) = parse_folder_name("s", n).unwrap();
-                Snapshot { folder: (*n).to_string(), time, complete }
-            })
-            .collect()
-    }
 
     fn kept(d: &[Decision]) -> Vec<&str> {
         d.iter().filter(|d| d.keep).map(|d| d.snapshot.folder.as_str()).collect()

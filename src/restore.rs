@@ -263,19 +263,7 @@ pub fn print_summary(r: &RestoreReport, dry_run: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::parse_folder_name;
-
-    fn snaps(names: &[&str]) -> Vec<Snapshot> {
-        let mut v: Vec<Snapshot> = names
-            .iter()
-            .map(|n| {
-                let (time, complete) = parse_folder_name("s", n).unwrap();
-                Snapshot { folder: (*n).to_string(), time, complete }
-            })
-            .collect();
-        v.sort_by_key(|s| s.time);
-        v
-    }
+    use crate::store::named_in_order as snaps;
 
     #[test]
     fn picks_by_name_latest_and_time() {

@@ -263,6 +263,27 @@ impl Store {
     }
 }
 
+/// Snapshots of job `s` from their folder names, in the order given (for
+/// unit tests of plans).
+#[cfg(test)]
+pub fn named(names: &[&str]) -> Vec<Snapshot> {
+    names
+        .iter()
+        .map(|n| {
+            let (time, complete) = parse_folder_name("s", n).expect("a snapshot name of job s");
+            Snapshot { folder: (*n).to_string(), time, complete }
+        })
+        .collect()
+}
+
+/// The same, ordered by time as [`Store::snapshots`] returns them.
+#[cfg(test)]
+pub fn named_in_order(names: &[&str]) -> Vec<Snapshot> {
+    let mut v = named(names);
+    v.sort_by_key(|s| s.time);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
