@@ -199,34 +199,20 @@ fn a_non_root_run_of_a_local_source_works_and_warns_about_owners() {
     write(&src.join("a/b.txt"), b"b");
     sh(&format!("setfattr -n user.k -v v '{}'", src.join("a/b.txt").display()));
     sh(&format!("chown -R nobody:nogroup '{}' && chmod 777 '{}'", src.display(), tmp.path().display()));
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"])
-        .arg(bin())
-        .args(["--backup", "--source"])
-        .arg(&src)
-        .arg("--backups-folder")
-        .arg(&bk)
-        .args(["--name", "srv"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let (code, err) = backup_under_setpriv(
+        &["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"],
+        &src,
+        &bk,
+        "srv",
+    );
+    assert_eq!(code, Some(0), "{err}");
     assert_eq!(err.matches("not running as root").count(), 1, "{err}");
     let snaps = complete(&bk, "srv");
     assert_eq!(snaps.len(), 1);
     assert_same_tree(&src, &snaps[0], &[]);
     // A second run links, even without root.
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(bin())
-        .args(["--backup", "--source"])
-        .arg(&src)
-        .arg("--backups-folder")
-        .arg(&bk)
-        .args(["--name", "srv"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, err) = backup_under_setpriv(&["--reuid=nobody", "--regid=nogroup", "--clear-groups"], &src, &bk, "srv");
+    assert_eq!(code, Some(0), "{err}");
     let snaps = complete(&bk, "srv");
     let ino = |p: &Path| std::fs::metadata(p.join("a/b.txt")).unwrap().ino();
     assert_eq!(ino(&snaps[0]), ino(&snaps[1]));
@@ -300,18 +286,8 @@ fn an_unreadable_file_is_listed_and_the_run_completes_as_partial() {
     sh(&format!("chown -R nobody:nogroup '{}' && chmod 777 '{}'", src.display(), tmp.path().display()));
     sh(&format!("chown root:root '{0}' && chmod 600 '{0}'", src.join("private/secret.txt").display()));
     sh(&format!("chown root:root '{0}' && chmod 700 '{0}'", src.join("closed").display()));
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(bin())
-        .args(["--backup", "--source"])
-        .arg(&src)
-        .arg("--backups-folder")
-        .arg(&bk)
-        .args(["--name", "srv"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(23), "{err}");
+    let (code, err) = backup_under_setpriv(&["--reuid=nobody", "--regid=nogroup", "--clear-groups"], &src, &bk, "srv");
+    assert_eq!(code, Some(23), "{err}");
     assert!(err.contains("cannot read: private/secret.txt"), "{err}");
     assert!(err.contains("cannot read: closed"), "{err}");
     assert!(err.contains("setfacl"), "the hint is missing: {err}");

@@ -34,18 +34,8 @@ fn an_unwritable_backups_folder_is_reported() {
     std::fs::create_dir(&locked).unwrap();
     sh(&format!("chmod 755 '{}'", locked.display()));
     let bk = locked.join("bk");
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(bin())
-        .args(["--backup", "--source"])
-        .arg(&src)
-        .arg("--backups-folder")
-        .arg(&bk)
-        .args(["--name", "srv"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = backup_under_setpriv(&["--reuid=nobody", "--regid=nogroup", "--clear-groups"], &src, &bk, "srv");
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(&bk.display().to_string()) && err.contains("Permission denied"), "{err}");
     assert!(!bk.exists());
 }

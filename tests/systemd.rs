@@ -75,20 +75,8 @@ fn a_backup_works_under_the_services_capability_bounding_set() {
     let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
     rich_tree(&src);
     let caps = format!("-all,{}", bounding_set());
-    let backup_limited = || {
-        let out = Command::new("setpriv")
-            .arg(format!("--bounding-set={caps}"))
-            .arg("--no-new-privs")
-            .arg(bin())
-            .args(["--backup", "--source"])
-            .arg(&src)
-            .arg("--backups-folder")
-            .arg(&bk)
-            .args(["--name", "srv"])
-            .output()
-            .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
-    };
+    let bounding = format!("--bounding-set={caps}");
+    let backup_limited = || backup_under_setpriv(&[&bounding, "--no-new-privs"], &src, &bk, "srv");
     let (code, err) = backup_limited();
     assert_eq!(code, Some(0), "{err}");
     // Without CAP_SYS_ADMIN, trusted.* attributes are invisible: all else is exact.

@@ -63,6 +63,22 @@ pub fn backup(src: &Path, folder: &Path, name: &str, extra: &[&str]) -> (i32, St
     run(&args)
 }
 
+/// `backup` of `src` into `folder` under `name`, started through
+/// `setpriv PRIVS…` (another user, fewer capabilities): (exit code, stderr).
+pub fn backup_under_setpriv(privs: &[&str], src: &Path, folder: &Path, name: &str) -> (Option<i32>, String) {
+    let out = Command::new("setpriv")
+        .args(privs)
+        .arg(bin())
+        .args(["--backup", "--source"])
+        .arg(src)
+        .arg("--backups-folder")
+        .arg(folder)
+        .args(["--name", name])
+        .output()
+        .expect("run setpriv");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Snapshot folders of `name` in `folder` as (folder name, complete), sorted
 /// by their names' time, parsed here independently of rbackup.
 pub fn snapshots(folder: &Path, name: &str) -> Vec<(String, bool)> {
