@@ -87,6 +87,10 @@ fn file(name: &[u8], size: u64) -> Entry {
     Entry::File { name: name.to_vec(), meta: meta(0o644), size, sparse: false, link: None }
 }
 
+fn symlink(name: &[u8], target: &Path) -> Entry {
+    Entry::Symlink { name: name.to_vec(), meta: meta(0o777), target: target.as_os_str().as_encoded_bytes().to_vec() }
+}
+
 fn job(bk: &Path) -> Job {
     Job {
         job: "hostile".into(),
@@ -223,16 +227,7 @@ fn a_file_beneath_a_symlink_is_refused() {
     let area = Area::new();
     let outside = area.outside();
     let result = run_hostile(&area.bk(), false, move |a| {
-        a.entries(vec![
-            dir(b""),
-            Entry::Symlink {
-                name: b"link".to_vec(),
-                meta: meta(0o777),
-                target: outside.as_os_str().as_encoded_bytes().to_vec(),
-            },
-            dir(b"link"),
-            file(b"planted", 1),
-        ]);
+        a.entries(vec![dir(b""), symlink(b"link", &outside), dir(b"link"), file(b"planted", 1)]);
         let _ = a.next_fetch();
     });
     expect_error(result, &["out of order or listed twice"]);
@@ -246,14 +241,7 @@ fn a_symlink_left_in_an_interrupted_snapshot_is_never_written_through() {
     let outside = area.outside();
     // First run: the agent lists a symlink to a directory outside, then dies.
     let result = run_hostile(&area.bk(), false, move |a| {
-        a.entries(vec![
-            dir(b""),
-            Entry::Symlink {
-                name: b"d".to_vec(),
-                meta: meta(0o777),
-                target: outside.as_os_str().as_encoded_bytes().to_vec(),
-            },
-        ]);
+        a.entries(vec![dir(b""), symlink(b"d", &outside)]);
     });
     assert!(result.is_err());
     // Continue: now `d` is a directory with a file in it.
