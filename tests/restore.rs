@@ -28,6 +28,15 @@ fn restore_ssh(sshd: &Sshd, bk: &Path, dest: &Path, extra: &[&str]) -> (i32, Str
     restore(bk, &args)
 }
 
+/// `tmp/server`, where root's write-confined agent may write; returns the
+/// restore destination in it, `tmp/server/content` (not created).
+fn write_area(sshd: &Sshd, tmp: &Path) -> PathBuf {
+    let area = tmp.join("server");
+    std::fs::create_dir(&area).unwrap();
+    sshd.authorize_root(&sshd.forced_write(&area));
+    area.join("content")
+}
+
 /// A backup of a rich tree (taken locally, as root: trusted.* included).
 fn snapshot_of_rich_tree(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (src, bk) = (tmp.join("src"), tmp.join("bk"));
@@ -44,10 +53,7 @@ fn full_restore_over_ssh_as_root_into_an_empty_folder_equals_the_snapshot() {
     let sshd = Sshd::start();
     let tmp = scratch();
     let (_, bk, snap) = snapshot_of_rich_tree(tmp.path());
-    let area = tmp.path().join("server");
-    std::fs::create_dir(&area).unwrap();
-    sshd.authorize_root(&sshd.forced_write(&area));
-    let dest = area.join("content");
+    let dest = write_area(&sshd, tmp.path());
 
     let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &[]);
     assert_eq!(code, 0, "{err}\n{}", sshd.log());
@@ -67,10 +73,7 @@ fn restore_over_a_damaged_destination_puts_the_snapshot_back() {
     let sshd = Sshd::start();
     let tmp = scratch();
     let (_, bk, snap) = snapshot_of_rich_tree(tmp.path());
-    let area = tmp.path().join("server");
-    let dest = area.join("content");
-    std::fs::create_dir(&area).unwrap();
-    sshd.authorize_root(&sshd.forced_write(&area));
+    let dest = write_area(&sshd, tmp.path());
     assert_eq!(restore_ssh(&sshd, &bk, &dest, &[]).0, 0);
 
     // Damage: changed content (in the middle of a big file too), deleted,
@@ -252,10 +255,7 @@ fn a_dry_run_lists_exactly_what_the_real_run_does_and_writes_nothing() {
     let sshd = Sshd::start();
     let tmp = scratch();
     let (_, bk, snap) = snapshot_of_rich_tree(tmp.path());
-    let area = tmp.path().join("server");
-    let dest = area.join("content");
-    std::fs::create_dir(&area).unwrap();
-    sshd.authorize_root(&sshd.forced_write(&area));
+    let dest = write_area(&sshd, tmp.path());
     assert_eq!(restore_ssh(&sshd, &bk, &dest, &[]).0, 0);
     write(&dest.join("etc/motd"), b"changed");
     sh(&format!("chmod 700 '{}'", dest.join("shared").display()));
