@@ -110,15 +110,7 @@ fn kill_9_then_continue_gives_the_source_and_leaves_older_snapshots_alone() {
             kill_when(&mut child, &bk, 35);
             assert_only_whole_entries(&src, &inc);
         }
-        let (code, _, err) = run(&[
-            "--continue".as_ref(),
-            "--source".as_ref(),
-            src.as_os_str(),
-            "--backups-folder".as_ref(),
-            bk.as_os_str(),
-            "--name".as_ref(),
-            "srv".as_ref(),
-        ]);
+        let (code, _, err) = continue_backup(&src, &bk, "srv", &[]);
         assert_eq!(code, 0, "round {round}: {err}");
         let snaps = snapshots(&bk, "srv");
         assert_eq!(snaps.len(), 2, "round {round}: {snaps:?}");

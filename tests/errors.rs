@@ -139,15 +139,7 @@ fn continue_without_an_interrupted_run_says_so() {
     write(&src.join("f"), b"f");
     assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
     let before = snapshots(&bk, "srv");
-    let (code, _, err) = run(&[
-        "--continue".as_ref(),
-        "--source".as_ref(),
-        src.as_os_str(),
-        "--backups-folder".as_ref(),
-        bk.as_os_str(),
-        "--name".as_ref(),
-        "srv".as_ref(),
-    ]);
+    let (code, _, err) = continue_backup(&src, &bk, "srv", &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("nothing to continue"), "{err}");
     assert_eq!(snapshots(&bk, "srv"), before);

@@ -176,15 +176,7 @@ impl Area {
         let src = self.tmp.path().join("src");
         write(&src.join("good"), b"abc");
         write(&src.join("more/file"), b"more");
-        let (code, _, err) = run(&[
-            "--continue".as_ref(),
-            "--source".as_ref(),
-            src.as_os_str(),
-            "--backups-folder".as_ref(),
-            self.bk().as_os_str(),
-            "--name".as_ref(),
-            "h".as_ref(),
-        ]);
+        let (code, _, err) = continue_backup(&src, &self.bk(), "h", &[]);
         assert_eq!(code, 0, "{err}");
         let done = complete(&self.bk(), "h");
         assert_eq!(done.len(), 1);

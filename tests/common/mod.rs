@@ -50,8 +50,17 @@ pub fn run(args: &[&OsStr]) -> (i32, String, String) {
 
 /// `backup` of `src` into `folder` under `name`, with extra args.
 pub fn backup(src: &Path, folder: &Path, name: &str, extra: &[&str]) -> (i32, String, String) {
+    job_command("--backup", src, folder, name, extra)
+}
+
+/// `continue` of `src` into `folder` under `name`, with extra args.
+pub fn continue_backup(src: &Path, folder: &Path, name: &str, extra: &[&str]) -> (i32, String, String) {
+    job_command("--continue", src, folder, name, extra)
+}
+
+fn job_command(command: &str, src: &Path, folder: &Path, name: &str, extra: &[&str]) -> (i32, String, String) {
     let mut args: Vec<&OsStr> = vec![
-        OsStr::new("--backup"),
+        OsStr::new(command),
         OsStr::new("--source"),
         src.as_os_str(),
         OsStr::new("--backups-folder"),
