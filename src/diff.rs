@@ -73,6 +73,7 @@ fn pick(snapshots: &[Snapshot], name: &str, spec: &str) -> Result<Snapshot> {
 pub fn run(job: &Job, a: &str, b: &str) -> Result<Code> {
     let store = Store::open(&job.backups_folder, &job.name)?;
     let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    store.require_snapshots()?;
     let _lock = lock::acquire_readers(&store.meta_dir()?, "diff", &folder_shown)?;
     let snaps = store.snapshots()?;
     let (sa, sb) = (pick(&snaps, &job.name, a)?, pick(&snaps, &job.name, b)?);

@@ -177,6 +177,7 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
         ));
     }
     let store = Store::open(&job.backups_folder, &job.name)?;
+    store.require_snapshots()?;
     let meta = store.meta_dir()?;
     let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
     let (_lock, _readers) = if dry_run {

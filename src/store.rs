@@ -154,6 +154,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Fails, naming the job and the folder, if there are no snapshots of
+    /// the job at all. Commands that work on existing snapshots check this
+    /// before they create any bookkeeping, so a mistyped `--name` leaves
+    /// nothing behind.
+    pub fn require_snapshots(&self) -> Result<()> {
+        if self.snapshots()?.is_empty() {
+            return Err(usage!(
+                "there are no snapshots of {} in {} (check --name and --backups-folder, or the job's name and \
+                 backups_folder)",
+                self.name,
+                self.folder.display()
+            ));
+        }
+        Ok(())
+    }
+
     /// A stamp for a new snapshot at `now` (rounded down to the second),
     /// moved forward past any folder of this job already using it.
     pub fn new_stamp(&self, now: DateTime<Utc>) -> Result<DateTime<Utc>> {

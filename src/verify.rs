@@ -50,6 +50,7 @@ fn choose(snapshots: &[Snapshot], spec: Option<&str>, name: &str) -> Result<Vec<
 pub fn run(job: &Job, spec: Option<&str>) -> Result<Code> {
     let store = Store::open(&job.backups_folder, &job.name)?;
     let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    store.require_snapshots()?;
     let _lock = lock::acquire_readers(&store.meta_dir()?, "verify", &folder_shown)?;
     let chosen = choose(&store.snapshots()?, spec, &job.name)?;
     if chosen.is_empty() {

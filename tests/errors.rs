@@ -56,6 +56,35 @@ fn names_that_could_escape_the_backups_folder_are_refused() {
 }
 
 #[test]
+fn commands_on_a_mistyped_name_say_so_and_create_nothing() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("f"), b"f");
+    assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
+    let entries = || {
+        let mut v: Vec<_> = std::fs::read_dir(&bk).unwrap().map(|e| e.unwrap().file_name()).collect();
+        v.sort();
+        v
+    };
+    let before = entries();
+    let folder = bk.to_str().unwrap();
+    for command in [
+        &["verify"][..],
+        &["diff", "latest", "previous"],
+        &["prune", "--keep-last", "1"],
+        &["prune", "--keep-last", "1", "--dry-run"],
+    ] {
+        let mut a = command.to_vec();
+        a.extend(["--backups-folder", folder, "--name", "sr"]);
+        let (code, _, err) = run(&args(&a));
+        assert_eq!(code, 2, "{command:?}: {err}");
+        assert!(err.contains("no snapshots of sr in") && err.contains("--name"), "{command:?}: {err}");
+        assert_eq!(entries(), before, "{command:?} created something");
+    }
+}
+
+#[test]
 fn a_config_with_an_unknown_key_names_file_line_and_key() {
     require_root();
     let tmp = scratch();
