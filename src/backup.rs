@@ -7,6 +7,7 @@
 //! only then remove the interrupted runs it supersedes. A failure at any
 //! point leaves the `.incomplete` for `continue`.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
@@ -118,6 +119,43 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
     run_with(job, opts, |job| transport::connect(job, Role::Source))
 }
 
+/// Refuses a backups folder inside a local source that the excludes don't
+/// leave out: every snapshot would hold the ones before it, and its own
+/// `.incomplete` too.
+fn refuse_folder_inside(source: &Path, folder: &Path, excludes: &[String]) -> Result<()> {
+    let source = std::fs::canonicalize(source).with_context(|| format!("resolving the source {}", source.display()))?;
+    // The folder may not exist yet: resolve what does, keep the rest.
+    let mut existing = folder;
+    let mut rest = Vec::new();
+    let folder = loop {
+        match std::fs::canonicalize(existing) {
+            Ok(p) => break rest.iter().rev().fold(p, |p: PathBuf, c| p.join(c)),
+            Err(_) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name);
+                    existing = parent;
+                }
+                _ => return Ok(()),
+            },
+        }
+    };
+    let Ok(rel) = folder.strip_prefix(&source) else { return Ok(()) };
+    let rel_bytes = rel.as_os_str().as_encoded_bytes();
+    if rel_bytes.is_empty() {
+        return Err(usage!("the backups folder {} is the source itself: keep the backups elsewhere", folder.display()));
+    }
+    if crate::source::Selection::new(excludes, &[])?.leaves_out_dir(rel_bytes) {
+        return Ok(());
+    }
+    let shown = rel.display();
+    Err(usage!(
+        "the backups folder {} is inside the source {}: every snapshot would contain the ones before it. Keep the \
+         backups elsewhere, or exclude the folder: --exclude '/{shown}/' (exclude = [\"/{shown}/\"] in the job)",
+        folder.display(),
+        source.display()
+    ))
+}
+
 /// Runs `backup` or `continue`, reaching the agent through `connect` (which
 /// returns the connection and the path to ask it for). Tests use this to play
 /// a hostile agent.
@@ -134,6 +172,9 @@ pub fn run_with(
         if !md.is_dir() {
             return Err(anyhow!("the source {} is not a directory", p.display()));
         }
+    }
+    if let SourceSpec::Local(p) = &source {
+        refuse_folder_inside(p, &job.backups_folder, &job.excludes)?;
     }
     let privs = Privileges::current();
     if !privs.root {

@@ -69,6 +69,20 @@ impl Selection {
         self.excludes.as_ref().is_some_and(|g| g.matched(std::ffi::OsStr::from_bytes(rel), is_dir).is_ignore())
     }
 
+    /// Whether the directory `rel` is left out of the listing, itself or
+    /// through one of its parents (the walk never enters an excluded one).
+    pub fn leaves_out_dir(&self, rel: &[u8]) -> bool {
+        let mut end = 0;
+        while end < rel.len() {
+            end = rel[end..].iter().position(|&b| b == b'/').map_or(rel.len(), |i| end + i);
+            if end > 0 && self.excluded(&rel[..end], true) {
+                return true;
+            }
+            end += 1;
+        }
+        false
+    }
+
     /// Whether `rel` is listed: `Some(true)` wholly, `Some(false)` only as a
     /// directory on the way to a chosen path, `None` not at all.
     fn chosen(&self, rel: &[u8]) -> Option<bool> {
@@ -696,6 +710,17 @@ mod tests {
         assert_eq!(s.chosen(b"c"), Some(true));
         assert_eq!(s.chosen(b"d"), None);
         assert_eq!(Selection::default().chosen(b"x"), Some(true));
+    }
+
+    #[test]
+    fn a_directory_is_left_out_through_its_parents() {
+        let s = Selection::new(&["/var/cache/".into(), "*.tmp".into()], &[]).unwrap();
+        assert!(s.leaves_out_dir(b"var/cache"));
+        assert!(s.leaves_out_dir(b"var/cache/backups/x"));
+        assert!(s.leaves_out_dir(b"home/a.tmp/bk"));
+        assert!(!s.leaves_out_dir(b"var/lib/backups"));
+        assert!(!s.leaves_out_dir(b"cache/var"));
+        assert!(!Selection::new(&[], &[]).unwrap().leaves_out_dir(b"var/cache"));
     }
 
     #[test]

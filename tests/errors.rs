@@ -85,6 +85,36 @@ fn commands_on_a_mistyped_name_say_so_and_create_nothing() {
 }
 
 #[test]
+fn a_backups_folder_inside_the_source_is_refused_unless_excluded() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"f");
+    let bk = src.join("var/backups");
+    // Also when the source is named through a symlink.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&src, &link).unwrap();
+    for source in [&src, &link] {
+        let (code, _, err) = backup(source, &bk, "srv", &[]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("inside the source") && err.contains("--exclude '/var/backups/'"), "{err}");
+        assert!(!src.join("var").exists(), "the refused run created something");
+    }
+    let (code, _, err) = backup(&src, &src, "srv", &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is the source itself"), "{err}");
+
+    // Excluded, itself or through a parent: the snapshot leaves it out.
+    for exclude in ["/var/backups/", "/var/"] {
+        let (code, _, err) = backup(&src, &bk, "srv", &["--exclude", exclude]);
+        assert_eq!(code, 0, "{exclude}: {err}");
+        let snap = complete(&bk, "srv").pop().unwrap();
+        assert_eq!(std::fs::read(snap.join("f")).unwrap(), b"f");
+        assert!(!snap.join("var/backups").exists(), "{exclude}");
+    }
+}
+
+#[test]
 fn a_config_with_an_unknown_key_names_file_line_and_key() {
     require_root();
     let tmp = scratch();
