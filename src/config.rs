@@ -75,7 +75,12 @@ pub enum SourceSpec {
 impl SourceSpec {
     /// Parses `/abs/path` or `[user@]host:/abs/path`.
     pub fn parse(s: &str) -> Result<SourceSpec> {
-        let bad = || usage!("invalid source {s:?}: expected /absolute/path or [user@]host:/absolute/path");
+        Self::parse_as(s, "source")
+    }
+
+    /// The same, with `what` naming the argument in the error.
+    pub fn parse_as(s: &str, what: &str) -> Result<SourceSpec> {
+        let bad = || usage!("invalid {what} {s:?}: expected /absolute/path or [user@]host:/absolute/path");
         if s.starts_with('/') {
             return Ok(SourceSpec::Local(PathBuf::from(s)));
         }

@@ -137,7 +137,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     }
 
     let target = match opts.to.as_deref().or(job.restore_to.as_deref()) {
-        Some(to) => SourceSpec::parse(to)?,
+        Some(to) => SourceSpec::parse_as(to, "restore destination")?,
         None => job.source.clone().ok_or_else(|| usage!("nowhere to restore to: give --to DEST"))?,
     };
     let (conn, path) = match &target {

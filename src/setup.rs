@@ -437,7 +437,7 @@ pub struct ClientOptions {
 /// `setup-client`: see the module doc and docs/setup.md.
 pub fn client(o: &ClientOptions) -> Result<()> {
     crate::store::check_name(&o.job)?;
-    let (user, host, path) = match crate::config::SourceSpec::parse(&o.remote)? {
+    let (user, host, path) = match crate::config::SourceSpec::parse_as(&o.remote, "--remote")? {
         crate::config::SourceSpec::Remote { user, host, path } => (user, host, path),
         crate::config::SourceSpec::Local(_) => bail!(usage!("--remote must be [user@]host:/abs/path")),
     };
