@@ -190,32 +190,13 @@ pub struct ListArgs {
     pub bytes: bool,
 }
 
-/// Options of `prune`; they override the job's keep_* keys.
+/// Options of `prune`.
 #[derive(Args, Debug, Default, Clone)]
 pub struct PruneArgs {
     #[command(flatten)]
     pub store: StoreArgs,
-    /// Keep the N newest snapshots
-    #[arg(long, value_name = "N")]
-    pub keep_last: Option<u32>,
-    /// Keep every snapshot newer than this: 36h, 7d, 4w, 6m, 1y
-    #[arg(long, value_name = "DURATION")]
-    pub keep_within: Option<String>,
-    /// Keep the newest snapshot of each of the N most recent hours
-    #[arg(long, value_name = "N")]
-    pub keep_hourly: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent days (UTC)
-    #[arg(long, value_name = "N")]
-    pub keep_daily: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent ISO weeks
-    #[arg(long, value_name = "N")]
-    pub keep_weekly: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent months
-    #[arg(long, value_name = "N")]
-    pub keep_monthly: Option<u32>,
-    /// Keep the newest snapshot of each of the N most recent years
-    #[arg(long, value_name = "N")]
-    pub keep_yearly: Option<u32>,
+    #[command(flatten)]
+    pub rules: crate::prune::Rules,
     /// Print keep/remove for each snapshot with the rule that keeps it; remove nothing
     #[arg(long)]
     pub dry_run: bool,

@@ -146,16 +146,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
         }
         Command::Prune(a) => {
             let job = job(cli, &store_overrides(&a.store))?;
-            let rules = prune::Rules {
-                keep_last: a.keep_last,
-                keep_within: a.keep_within.clone(),
-                keep_hourly: a.keep_hourly,
-                keep_daily: a.keep_daily,
-                keep_weekly: a.keep_weekly,
-                keep_monthly: a.keep_monthly,
-                keep_yearly: a.keep_yearly,
-            };
-            prune::run(&job, &rules.or(&job.prune), a.dry_run)
+            prune::run(&job, &a.rules.clone().or(&job.prune), a.dry_run)
         }
         Command::Verify(a) => {
             let job = job(cli, &store_overrides(&a.store))?;
