@@ -220,7 +220,7 @@ pub fn run_with(
     let (target, dest, fresh) = match (&plan.resume, &store) {
         (Some(s), _) => (s.clone(), Some(open(s)?), false),
         (None, Some(store)) if !opts.dry_run => {
-            let t = store.new_stamp(Utc::now())?;
+            let t = store.new_stamp()?;
             let (s, d) = store.create_incomplete(t)?;
             (s, Some(d), true)
         }

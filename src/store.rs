@@ -170,23 +170,26 @@ impl Store {
         Ok(())
     }
 
-    /// A stamp for a new snapshot at `now` (rounded down to the second),
-    /// moved forward past any folder of this job already using it.
-    pub fn new_stamp(&self, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
+    /// The time to name a new snapshot by: now, to the second. When a
+    /// snapshot already holds this second (two runs within one second), the
+    /// run waits for the next free second rather than naming itself after a
+    /// time still to come, so a name is never ahead of the clock and the
+    /// skew warning means what it says.
+    pub fn new_stamp(&self) -> Result<DateTime<Utc>> {
         let taken: Vec<DateTime<Utc>> = self.snapshots()?.iter().map(|s| s.time).collect();
-        let mut t = now.with_nanosecond(0).expect("zero nanoseconds is valid");
-        while taken.contains(&t) {
-            t += chrono::Duration::seconds(1);
+        loop {
+            match pick_stamp(&taken, Utc::now()) {
+                Stamp::Free(t) => return Ok(t),
+                Stamp::Wait(d) => std::thread::sleep(d),
+                Stamp::Skewed { t, newest } => {
+                    crate::warn!(
+                        "a snapshot of {} is newer than the clock says it is now; is the clock right?",
+                        stamp(newest)
+                    );
+                    return Ok(t);
+                }
+            }
         }
-        if let Some(newest) = taken.iter().max()
-            && *newest > t
-        {
-            crate::warn!(
-                "a snapshot of {} is newer than the clock says it is now; is the clock right?",
-                stamp(*newest)
-            );
-        }
-        Ok(t)
     }
 
     /// Creates `NAME.<stamp>.incomplete` (mode 0700 until the snapshot's root
@@ -300,10 +303,63 @@ pub fn named_in_order(names: &[&str]) -> Vec<Snapshot> {
     v
 }
 
+/// What [`Store::new_stamp`] does at `now`, given the times already taken.
+#[derive(Debug, PartialEq, Eq)]
+enum Stamp {
+    /// Use this time.
+    Free(DateTime<Utc>),
+    /// A snapshot holds this second or the next: wait this long, then look again.
+    Wait(std::time::Duration),
+    /// The newest snapshot is well ahead of the clock: the clock (or the
+    /// snapshot's name) is wrong. `t` is the first free second after now.
+    Skewed { t: DateTime<Utc>, newest: DateTime<Utc> },
+}
+
+/// How far ahead of the clock a snapshot may be named before the clock is
+/// called wrong (a run of a second ago, rounded, plus slack).
+const SKEW_TOLERANCE_SECS: i64 = 2;
+
+fn pick_stamp(taken: &[DateTime<Utc>], now: DateTime<Utc>) -> Stamp {
+    let second = now.with_nanosecond(0).expect("zero nanoseconds is valid");
+    let Some(&newest) = taken.iter().max() else { return Stamp::Free(second) };
+    if newest < second {
+        return Stamp::Free(second);
+    }
+    if newest - second > chrono::Duration::seconds(SKEW_TOLERANCE_SECS) {
+        let mut t = second;
+        while taken.contains(&t) {
+            t += chrono::Duration::seconds(1);
+        }
+        return Stamp::Skewed { t, newest };
+    }
+    let until = newest + chrono::Duration::seconds(1);
+    Stamp::Wait((until - now).to_std().unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::{Datelike, TimeZone};
+
+    #[test]
+    fn a_second_run_within_the_same_second_waits_for_the_next_one() {
+        let t = Utc.with_ymd_and_hms(2026, 12, 3, 18, 0, 5).unwrap();
+        let now = t + chrono::Duration::milliseconds(300);
+        assert_eq!(pick_stamp(&[], now), Stamp::Free(t));
+        assert_eq!(pick_stamp(&[t - chrono::Duration::seconds(1)], now), Stamp::Free(t));
+        // The same second is taken: wait until the next one starts, no warning.
+        assert_eq!(pick_stamp(&[t], now), Stamp::Wait(std::time::Duration::from_millis(700)));
+        // A run named a second ahead (a clock stepped back a little): wait too.
+        let ahead = t + chrono::Duration::seconds(1);
+        assert_eq!(pick_stamp(&[t, ahead], now), Stamp::Wait(std::time::Duration::from_millis(1700)));
+    }
+
+    #[test]
+    fn a_snapshot_far_ahead_of_the_clock_is_called_skew() {
+        let t = Utc.with_ymd_and_hms(2026, 12, 3, 18, 0, 5).unwrap();
+        let future = t + chrono::Duration::hours(3);
+        assert_eq!(pick_stamp(&[t, future], t), Stamp::Skewed { t: t + chrono::Duration::seconds(1), newest: future });
+    }
 
     #[test]
     fn names_are_utc_day_first() {

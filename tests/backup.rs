@@ -316,3 +316,29 @@ fn the_backups_folder_is_created_private_and_an_open_one_gets_a_warning() {
     assert!(err.contains("can be entered by other users") && err.contains("chmod 700"), "{err}");
     assert_eq!(std::fs::metadata(&open).unwrap().mode() & 0o777, 0o755, "the admin's folder mode is left alone");
 }
+
+/// Regression: two runs within one second once printed "a snapshot … is newer
+/// than the clock says it is now" and named the second run after a time still
+/// to come. Each run gets its own second, none ahead of the clock.
+#[test]
+fn runs_within_one_second_get_distinct_names_and_no_clock_warning() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("a"), b"a");
+    let bk = tmp.path().join("bk");
+    for _ in 0..3 {
+        let (code, _, err) = backup(&src, &bk, "srv", &[]);
+        assert_eq!(code, 0, "{err}");
+        assert!(!err.contains("newer than the clock"), "{err}");
+    }
+    let snaps = snapshots(&bk, "srv");
+    assert_eq!(snaps.len(), 3, "{snaps:?}");
+    assert!(snaps.iter().all(|(_, complete)| *complete), "{snaps:?}");
+    let now = chrono::Utc::now().naive_utc();
+    for (folder, _) in &snaps {
+        let stamp = folder.strip_prefix("srv.").unwrap();
+        let t = chrono::NaiveDateTime::parse_from_str(stamp, "%d-%m-%y_%H-%M-%S").unwrap();
+        assert!(t <= now, "{folder} is named after a time to come ({now})");
+    }
+}
