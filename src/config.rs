@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Deserialize;
 
 use crate::notify::EmailConfig;
@@ -150,7 +150,8 @@ pub struct Overrides {
 
 /// Reads and checks a config file.
 pub fn load(path: &Path) -> Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    // A config that can't be read is a setting to fix: exit 2, like a bad key.
+    let text = std::fs::read_to_string(path).map_err(|e| usage!("cannot read config file {}: {e}", path.display()))?;
     parse(&text).map_err(|e| usage!("config file {}: {e}", path.display()))
 }
 

@@ -8,6 +8,7 @@
 //! only after everything in it is on disk; deleting one first moves it into
 //! the trash, so a half-deleted snapshot is never listed as complete.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -77,13 +78,41 @@ pub fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
 /// printable component.
 pub fn check_name(name: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+');
-    if name.is_empty() || name.len() > 100 || name.starts_with('.') || name.contains("..") || !name.chars().all(ok_char)
-    {
+    if name.len() > NAME_MAX {
+        return Err(usage!(
+            "invalid --name: {} characters is too long; at most {NAME_MAX} (it becomes part of every snapshot's \
+             folder name, and a file name holds at most 255 bytes)",
+            name.len()
+        ));
+    }
+    if name.is_empty() || name.starts_with('.') || name.contains("..") || !name.chars().all(ok_char) {
         return Err(usage!(
             "invalid --name {name:?}: use letters, digits and - _ . @ + (not starting with a dot, no `..`, no `/`)"
         ));
     }
     Ok(())
+}
+
+/// Longest job name: `NAME.dd-mm-yy_hh-mm-ss.incomplete` must stay a
+/// valid file name with room to spare.
+pub const NAME_MAX: usize = 100;
+
+/// An error about the backups folder itself. A folder that is a file, on a
+/// read-only filesystem or missing its parent is a setting to fix, not a
+/// failed run: exit 2 (docs/exit-codes.md).
+fn folder_error(e: std::io::Error, what: String) -> anyhow::Error {
+    let hint = match rustix::io::Errno::from_io_error(&e) {
+        Some(rustix::io::Errno::NOTDIR) => Some("that path is a file, not a folder: choose another backups_folder"),
+        Some(rustix::io::Errno::ROFS) => {
+            Some("the filesystem is mounted read-only; remount it read-write or choose another backups_folder")
+        }
+        Some(rustix::io::Errno::ACCESS) => Some("run as root, or choose a folder this user can write"),
+        _ => None,
+    };
+    match hint {
+        Some(h) => usage!("{what}: {e}; {h}"),
+        None => anyhow::Error::new(e).context(what),
+    }
 }
 
 /// The backups folder of one job.
@@ -97,8 +126,8 @@ impl Store {
     /// Opens an existing backups folder.
     pub fn open(folder: &Path, name: &str) -> Result<Store> {
         check_name(name)?;
-        let dir =
-            Dir::open_path(folder).with_context(|| format!("cannot open the backups folder {}", folder.display()))?;
+        let dir = Dir::open_path(folder)
+            .map_err(|e| folder_error(e, format!("cannot open the backups folder {}", folder.display())))?;
         Ok(Store { folder: folder.to_path_buf(), name: name.to_string(), dir })
     }
 
@@ -111,12 +140,12 @@ impl Store {
             return Err(usage!("the backups folder must be an absolute path, not {}", folder.display()));
         }
         if !folder.exists() {
+            // Created 0700 from the start: no window in which others can enter.
             std::fs::DirBuilder::new()
                 .recursive(true)
+                .mode(0o700)
                 .create(folder)
-                .with_context(|| format!("cannot create the backups folder {}", folder.display()))?;
-            std::fs::set_permissions(folder, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                .with_context(|| format!("cannot set the mode of {}", folder.display()))?;
+                .map_err(|e| folder_error(e, format!("cannot create the backups folder {}", folder.display())))?;
         }
         let store = Store::open(folder, name)?;
         let mode = store.dir.stat_self()?.st_mode & 0o777;
@@ -230,7 +259,7 @@ impl Store {
             None => self
                 .dir
                 .create_dir(name.as_bytes())
-                .with_context(|| format!("cannot create {}", self.folder.join(&name).display())),
+                .map_err(|e| folder_error(e, format!("cannot create {}", self.folder.join(&name).display()))),
         }
     }
 

@@ -35,7 +35,7 @@ fn an_unwritable_backups_folder_is_reported() {
     sh(&format!("chmod 755 '{}'", locked.display()));
     let bk = locked.join("bk");
     let (code, err) = backup_under_setpriv(&["--reuid=nobody", "--regid=nogroup", "--clear-groups"], &src, &bk, "srv");
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(2), "a folder this user can't write is a setting to fix: {err}");
     assert!(err.contains(&bk.display().to_string()) && err.contains("Permission denied"), "{err}");
     assert!(!bk.exists());
 }
@@ -216,4 +216,50 @@ fn every_command_is_also_a_long_flag_and_help_has_examples() {
     for opt in ["--source", "--backups-folder", "--name", "--exclude", "--dry-run"] {
         assert!(out.contains(opt), "backup --help lacks {opt}:\n{out}");
     }
+}
+
+/// Regression: these exited 1 ("the run failed") although docs/exit-codes.md
+/// says a bad setting exits 2.
+#[test]
+fn a_backups_folder_that_cannot_be_one_and_an_unreadable_config_exit_2() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"f");
+
+    let file = tmp.path().join("a-file");
+    write(&file, b"not a folder");
+    let (code, _, err) = backup(&src, &file, "srv", &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("a-file") && err.contains("not a folder"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a folder");
+
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    sh(&format!("mount -t tmpfs -o ro,size=1m tmpfs '{}'", ro.display()));
+    let (code, _, err) = backup(&src, &ro.join("bk"), "srv", &[]);
+    let (code2, _, err2) = backup(&src, &ro, "srv", &[]);
+    sh(&format!("umount '{}'", ro.display()));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("read-only"), "{err}");
+    assert_eq!(code2, 2, "{err2}");
+    assert!(err2.contains("read-only"), "{err2}");
+
+    let missing = tmp.path().join("nope.toml");
+    let (code, _, err) = run(&args(&["--config", missing.to_str().unwrap(), "--list"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("nope.toml"), "{err}");
+}
+
+#[test]
+fn a_name_too_long_is_refused_for_its_length() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("f"), b"f");
+    let name = "n".repeat(250);
+    let (code, _, err) = backup(&src, &bk, &name, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("250 characters is too long") && err.contains("at most 100"), "{err}");
+    assert!(!bk.exists());
 }
