@@ -5,6 +5,7 @@
 //! None of these may change what the run reports: each failure here is
 //! logged and the run's own result and exit code stand.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -189,13 +190,19 @@ rbackup_{name}{{job=\"{label}\"}} {value}
 "
         );
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().map_or("metrics".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().with_context(|| format!("metrics_file {} names no file", path.display()))?;
+    // The textfile folder is created like the log file's; node_exporter
+    // reads it, so it stays world-readable (0755, the file 0644).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let dir = crate::safefs::Dir::open_path(parent).with_context(|| format!("cannot open {}", parent.display()))?;
+    // Through the writer's replace: a fresh temp name, fsync, rename over —
+    // never a write through whatever sits at a predictable name.
+    crate::writer::replace_file(&dir, name.as_encoded_bytes(), text.as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

@@ -98,7 +98,11 @@ pub fn open_file(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A tag for file lines, e.g. the job name.
+/// The tag of the agent's lines; the desktop shows them as the agent's.
+pub const AGENT_TAG: &str = "agent";
+
+/// A tag for file lines, e.g. the job name; stderr's warnings and errors
+/// start with it too.
 pub fn set_tag(tag: &str) {
     *logger().tag.lock().expect("log lock") = tag.to_string();
 }
@@ -125,8 +129,16 @@ pub fn emit(level: Level, args: fmt::Arguments<'_>) {
         tail.push_back(text.clone());
     }
     if level <= *l.stderr_level.lock().expect("log lock") {
+        // Warnings and errors name their job on stderr: one cron mail may hold
+        // the output of several jobs.
+        let tag = l.tag.lock().expect("log lock").clone();
+        let line = if level <= Level::Warn && !tag.is_empty() && tag != AGENT_TAG {
+            format!("{tag}: {text}")
+        } else {
+            text.clone()
+        };
         let mut write = || {
-            let _ = writeln!(std::io::stderr().lock(), "{text}");
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
         };
         match l.around_stderr.lock().expect("log lock").as_ref() {
             Some(hook) => hook(&mut write),

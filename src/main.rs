@@ -34,7 +34,7 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<Code> {
     match &cli.command {
         Command::Serve(args) => {
-            log::set_tag("agent");
+            log::set_tag(log::AGENT_TAG);
             serve::run(args)?;
             Ok(Code::Ok)
         }

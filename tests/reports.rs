@@ -87,3 +87,54 @@ fn every_run_leaves_a_summary_and_metrics() {
     // Written atomically: no temporary file is left beside it.
     assert_eq!(std::fs::read_dir(metrics.parent().unwrap()).unwrap().count(), 1);
 }
+
+/// Regression: the metrics file's folder wasn't created (the log file's was).
+#[test]
+fn the_metrics_files_folder_is_created() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("a"), b"a");
+    let metrics = tmp.path().join("new/textfile/rbackup_web.prom");
+    let cfg = tmp.path().join("rbackup.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[job.web]\nsource = \"{}\"\nbackups_folder = \"{}\"\nmetrics_file = \"{}\"\n",
+            src.display(),
+            tmp.path().join("bk").display(),
+            metrics.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["-c".as_ref(), cfg.as_os_str(), "--backup".as_ref()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("could not write the metrics file"), "{err}");
+    assert_eq!(metric(&std::fs::read_to_string(&metrics).unwrap(), "last_run_success"), 1.0);
+}
+
+/// Regression: with several jobs in one cron run, "warning: cannot read: …"
+/// could not be told apart. Warnings and errors on stderr name their job.
+#[test]
+fn warnings_and_errors_on_stderr_name_their_job() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("a"), b"a");
+    let cfg = tmp.path().join("rbackup.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[job.web]\nsource = \"{}\"\nbackups_folder = \"{}\"\n\n[job.mail]\nsource = \"{}\"\nbackups_folder = \"{}\"\n",
+            src.display(),
+            tmp.path().join("bk").display(),
+            tmp.path().join("missing").display(),
+            tmp.path().join("bk").display(),
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["-c".as_ref(), cfg.as_os_str(), "-j".as_ref(), "mail".as_ref(), "--backup".as_ref()]);
+    assert_eq!(code, 1, "{err}");
+    let line = err.lines().find(|l| l.contains("cannot be read")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.starts_with("mail: error: "), "{line}");
+}
