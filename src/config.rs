@@ -188,9 +188,9 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
                 let (k, v) = cfg.job.iter().next().expect("one job");
                 (k.clone(), v.clone())
             }
-            _ if cli.source.is_some() && cli.backups_folder.is_some() && cli.name.is_some() => {
-                (String::new(), JobConfig::default())
-            }
+            // The command line names the snapshots itself: the config's jobs
+            // don't matter (a backup without --source then says it needs one).
+            _ if cli.backups_folder.is_some() && cli.name.is_some() => (String::new(), JobConfig::default()),
             _ => {
                 let known: Vec<&str> = cfg.job.keys().map(String::as_str).collect();
                 return Err(usage!(
@@ -315,6 +315,18 @@ mod tests {
         assert!(err.contains("--job"), "{err}");
         let err = resolve(Some(&file), Some("c"), &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("a, b"), "{err}");
+    }
+
+    /// Regression: `list`, `verify`, `diff` and `prune` with an explicit
+    /// folder and name failed on a config with several jobs.
+    #[test]
+    fn an_explicit_folder_and_name_need_no_job_from_the_config() {
+        let cfg = parse("[job.a]\n[job.b]\n").unwrap();
+        let file = (PathBuf::from("/etc/x.toml"), cfg);
+        let cli = Overrides { backups_folder: Some("/b".into()), name: Some("web".into()), ..Default::default() };
+        let job = resolve(Some(&file), None, &cli).unwrap();
+        assert_eq!((job.backups_folder, job.name), (PathBuf::from("/b"), "web".to_string()));
+        assert_eq!(job.source, None);
     }
 
     #[test]

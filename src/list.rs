@@ -79,7 +79,8 @@ pub fn run(store: &Store, sizes: bool, bytes: bool) -> Result<()> {
         println!("{line}");
     }
     if sizes {
-        println!("total on disk: {} in {} snapshots", fmt(total), snapshots.len());
+        let n = snapshots.len();
+        println!("total on disk: {} in {n} snapshot{}", fmt(total), if n == 1 { "" } else { "s" });
     }
     Ok(())
 }

@@ -206,6 +206,9 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
         store.empty_trash()?;
     }
     let decisions = plan(&store.snapshots()?, rules, Utc::now())?;
+    // `-q` (cron, prune_after_backup) means warnings and errors only; a dry
+    // run's table is what was asked for, so it always prints.
+    let show = dry_run || crate::log::on_stderr(crate::log::Level::Info);
     let mut removed = 0;
     for d in &decisions {
         let verb = match (d.keep, dry_run) {
@@ -213,7 +216,9 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
             (false, true) => "would remove",
             (false, false) => "remove",
         };
-        println!("{verb:<12} {}  ({})", d.snapshot.folder, d.reason);
+        if show {
+            println!("{verb:<12} {}  ({})", d.snapshot.folder, d.reason);
+        }
         if !d.keep && !dry_run {
             store.delete(&d.snapshot)?;
             removed += 1;

@@ -304,6 +304,11 @@ fn prune_after_backup_runs_only_after_a_successful_backup() {
         assert_eq!(code, 0, "{err}");
     }
     assert_eq!(complete(&bk, "srv").len(), 2);
+    // Regression: `-q` printed prune's keep/remove table, so cron mailed it daily.
+    let (code, out, err) = run(&["-q".as_ref(), "-c".as_ref(), cfg.as_os_str(), "--backup".as_ref()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!((out.as_str(), err.as_str()), ("", ""), "-q prints only warnings and errors");
+    assert_eq!(complete(&bk, "srv").len(), 2, "the prune still ran");
     conf(&tmp.path().join("missing"));
     let before = snapshots(&bk, "srv");
     let (code, _, _) = run(&["-c".as_ref(), cfg.as_os_str(), "--backup".as_ref()]);
