@@ -80,7 +80,11 @@ impl DesktopEvents {
 
 impl Events for DesktopEvents {
     fn action(&mut self, verb: &str, path: &[u8]) {
-        if self.dry_run {
+        // A dry run lists what would change; what stays as it is (a link to
+        // the previous snapshot, a directory) only with -v: an unchanged tree
+        // is a summary, not one line per entry.
+        let unchanged = matches!(verb, "link" | "mkdir");
+        if self.dry_run && (!unchanged || crate::log::on_stderr(crate::log::Level::Debug)) {
             println!("{verb:<8} {}", if path.is_empty() { ".".to_string() } else { Shown(path).to_string() });
         } else {
             crate::trace!("{verb:<8} {}", Shown(path));
@@ -408,6 +412,9 @@ pub fn print_summary(report: &RunReport, dry_run: bool) {
     );
     if s.warnings > 0 {
         info!("  warnings {} (listed above)", s.warnings);
+    }
+    if dry_run && !crate::log::on_stderr(crate::log::Level::Debug) {
+        info!("  only changes are listed; -v lists every entry");
     }
 }
 

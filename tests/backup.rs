@@ -102,6 +102,12 @@ fn dry_run_lists_actions_and_writes_nothing() {
     let before = snapshots(&bk, "srv");
     let (code, out, err) = backup(&src, &bk, "srv", &["--dry-run"]);
     assert_eq!(code, 0, "{err}");
+    // Regression: every entry was printed (39,338 lines for an unchanged
+    // tree); now only the changes, and every entry with -v.
+    assert_eq!(out, "fetch    b.txt\n", "{out}");
+    assert!(err.contains("-v lists every entry"), "{err}");
+    let (code, out, err) = backup(&src, &bk, "srv", &["--dry-run", "-v"]);
+    assert_eq!(code, 0, "{err}");
     assert!(out.contains("link     a.txt"), "{out}");
     assert!(out.contains("fetch    b.txt"), "{out}");
     assert_eq!(snapshots(&bk, "srv"), before, "a dry run changed the snapshots");
