@@ -98,6 +98,10 @@ pub struct Stats {
     pub bytes_to_fetch: u64,
     /// Bytes received on the wire, compressed or not.
     pub wire_bytes_received: u64,
+    /// The whole listing has arrived, so `bytes_to_fetch` is the total (for
+    /// the progress display; not a counter).
+    #[serde(skip)]
+    pub listing_done: bool,
 }
 
 impl Stats {

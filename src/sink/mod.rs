@@ -260,6 +260,8 @@ impl<'e> Sink<'e> {
                     return Err(violation("the listing ended inside a directory"));
                 }
                 self.listing_done = true;
+                self.stats.listing_done = true;
+                self.events.progress(&self.stats);
                 Ok(())
             }
             SourceMsg::FileBegin { id, size } => self.on_begin(id, size),
