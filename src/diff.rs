@@ -1,13 +1,14 @@
 //! `diff A B`: what changed between two snapshots — added, removed, changed
 //! content, changed metadata only — from their manifests when both have one
-//! (no file is read), else by walking both trees (files that are one inode
-//! in both are equal without being read).
+//! with the same digest version (no file is read), else by walking both
+//! trees (files that are one inode in both are equal without being read).
 
 use std::cmp::Ordering;
 
 use anyhow::{Context, Result, anyhow};
 
 use crate::config::Job;
+use crate::digest::Version;
 use crate::exit::Code;
 use crate::manifest::{self, Kind, ManifestReader, Record, dfs_cmp};
 use crate::safefs::Shown;
@@ -95,7 +96,11 @@ pub fn diff(store: &Store, a: &Snapshot, b: &Snapshot) -> Result<Vec<(Change, Ve
     let folder = manifest::folder(&store.meta_dir()?)?;
     let open = |s: &Snapshot| ManifestReader::open(&folder, manifest::file_name(&s.folder).as_bytes());
     let (mut left, mut right) = match (open(a)?, open(b)?) {
-        (Some(x), Some(y)) => (Side::Manifest(x), Side::Manifest(y)),
+        (Some(x), Some(y)) if x.digest() == y.digest() => (Side::Manifest(x), Side::Manifest(y)),
+        (Some(_), Some(_)) => {
+            info!("comparing the trees (the manifests record content digests of different versions)");
+            (Side::Tree(Walk::new(store.open_snapshot(a)?)), Side::Tree(Walk::new(store.open_snapshot(b)?)))
+        }
         _ => {
             info!("comparing the trees (one of the snapshots has no manifest)");
             (Side::Tree(Walk::new(store.open_snapshot(a)?)), Side::Tree(Walk::new(store.open_snapshot(b)?)))
@@ -150,7 +155,8 @@ fn compare(a: &Record, ai: Option<&Item>, b: &Record, bi: Option<&Item>) -> Resu
         x != y
     } else if let (Some(x), Some(y)) = (ai, bi) {
         // Walking trees: one inode is one content; otherwise read both.
-        !(x.stat.st_dev == y.stat.st_dev && x.stat.st_ino == y.stat.st_ino) && x.hash()? != y.hash()?
+        let digest = |i: &Item| i.digest(Version::V2).map(|d| d.hash);
+        !(x.stat.st_dev == y.stat.st_dev && x.stat.st_ino == y.stat.st_ino) && digest(x)? != digest(y)?
     } else {
         // Manifests without hashes: size and mtime are all there is.
         (a.mtime, a.mtime_nsec) != (b.mtime, b.mtime_nsec)

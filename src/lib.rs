@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod delete;
 pub mod diff;
+pub mod digest;
 pub mod exit;
 pub mod finish;
 pub mod list;

@@ -1,6 +1,6 @@
 //! Manifests: for every entry of a snapshot, its path, type, size, mtime,
 //! mode, owner, symlink target, a digest of its xattrs and ACLs, and the
-//! BLAKE3 of a regular file's content — written while the snapshot is, beside
+//! content digest of a regular file — written while the snapshot is, beside
 //! it (`NAME.rbackup/manifests/STAMP`), never inside.
 //!
 //! Format: one zstd stream of length-prefixed postcard records: a header
@@ -13,6 +13,10 @@
 //! data has been written: the writer holds records back until every one
 //! before them is known, so the file stays sorted and memory stays bounded by
 //! the sink's fetch window.
+//!
+//! Format 2 records content digests of version 2 ([`crate::digest`]); format
+//! 1, plain BLAKE3 of the content. Both are read ([`ManifestReader::digest`]
+//! says which a manifest holds); only format 2 is written.
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
@@ -22,11 +26,13 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::digest::Version;
 use crate::meta::Xattr;
 use crate::safefs::Dir;
 
-/// Format version written in every manifest's header.
-pub const FORMAT: u32 = 1;
+/// Format version written in every manifest's header: 2, its content
+/// digests are version 2.
+pub const FORMAT: u32 = 2;
 const MAGIC: &str = "rbackup-manifest";
 /// Largest record accepted when reading.
 const RECORD_MAX: usize = 8 << 20;
@@ -64,7 +70,7 @@ pub struct Record {
     pub rdev: u64,
     /// BLAKE3 of the xattrs (ACLs included), or all zeros for none.
     pub xattrs: [u8; 16],
-    /// BLAKE3 of a regular file's content.
+    /// A regular file's content digest, of the manifest's version.
     pub hash: Option<[u8; 32]>,
 }
 
@@ -145,6 +151,12 @@ impl ManifestWriter {
     /// Starts `STAMP.partial-PID` in `dir` for `snapshot` (a name of its own:
     /// a resumed run reads the partial manifests of the runs before it).
     pub fn create(dir: &Dir, snapshot: &str) -> Result<ManifestWriter> {
+        Self::create_format(dir, snapshot, FORMAT)
+    }
+
+    /// A manifest that says it is of `format` (tests write format 1 ones).
+    #[doc(hidden)]
+    pub fn create_format(dir: &Dir, snapshot: &str, format: u32) -> Result<ManifestWriter> {
         let name = file_name(snapshot);
         let temp = format!("{name}{PARTIAL}{}", std::process::id()).into_bytes();
         let fd = rustix::fs::openat(
@@ -159,7 +171,7 @@ impl ManifestWriter {
         )
         .with_context(|| format!("cannot create the manifest of {snapshot}"))?;
         let mut out = zstd::stream::write::Encoder::new(BufWriter::new(File::from(fd)), 1)?;
-        write_item(&mut out, &Item::Header { magic: MAGIC.into(), format: FORMAT, snapshot: snapshot.to_string() })?;
+        write_item(&mut out, &Item::Header { magic: MAGIC.into(), format, snapshot: snapshot.to_string() })?;
         Ok(ManifestWriter {
             out,
             held: VecDeque::new(),
@@ -280,6 +292,7 @@ impl FinishedManifest {
 pub struct ManifestReader {
     input: zstd::stream::read::Decoder<'static, BufReader<File>>,
     pub snapshot: String,
+    digest: Version,
     seen: u64,
     done: bool,
 }
@@ -296,13 +309,22 @@ impl ManifestReader {
         input.window_log_max(27)?;
         match read_item(&mut input)? {
             Some(Item::Header { magic, format, snapshot }) if magic == MAGIC => {
-                if format != FORMAT {
-                    bail!("manifest format {format} is not the {FORMAT} this rbackup reads");
-                }
-                Ok(Some(ManifestReader { input, snapshot, seen: 0, done: false }))
+                let digest = match format {
+                    1 => Version::V1,
+                    2 => Version::V2,
+                    _ => {
+                        bail!("manifest format {format} is not one this rbackup reads (1 to {FORMAT}): upgrade rbackup")
+                    }
+                };
+                Ok(Some(ManifestReader { input, snapshot, digest, seen: 0, done: false }))
             }
             _ => bail!("not an rbackup manifest"),
         }
+    }
+
+    /// Which digest the content hashes of this manifest are.
+    pub fn digest(&self) -> Version {
+        self.digest
     }
 
     /// The next entry; `Ok(None)` after the footer. A manifest cut short
@@ -352,11 +374,18 @@ fn read_item(input: &mut impl Read) -> Result<Option<Item>> {
 pub struct Cursor {
     reader: Option<ManifestReader>,
     current: Option<Record>,
+    digest: Version,
 }
 
 impl Cursor {
     pub fn new(reader: Option<ManifestReader>) -> Cursor {
-        Cursor { reader, current: None }
+        let digest = reader.as_ref().map_or(Version::V2, ManifestReader::digest);
+        Cursor { reader, current: None, digest }
+    }
+
+    /// Which digest the hashes found are.
+    pub fn digest(&self) -> Version {
+        self.digest
     }
 
     /// The record of `path`, if the manifest has it. Paths must be asked
@@ -449,6 +478,27 @@ mod tests {
         assert!(c.find(b"a/x").is_none());
         assert_eq!(c.find(b"c").unwrap().hash, Some([8; 32]));
         assert!(c.find(b"d").is_none());
+    }
+
+    #[test]
+    fn format_1_manifests_are_read_as_holding_version_1_digests() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        for (format, digest) in [(1, Version::V1), (FORMAT, Version::V2)] {
+            let name = format!("s.0{format}-01-26_00-00-00");
+            let mut w = ManifestWriter::create_format(&dir, &name, format).unwrap();
+            w.push(Record { hash: Some([1; 32]), ..rec(b"a") }, None).unwrap();
+            w.finish().unwrap().commit().unwrap();
+            let mut r = ManifestReader::open(&dir, name.as_bytes()).unwrap().unwrap();
+            assert_eq!(r.digest(), digest);
+            assert_eq!(r.next_record().unwrap().unwrap().hash, Some([1; 32]));
+            let c = Cursor::new(ManifestReader::open(&dir, name.as_bytes()).unwrap());
+            assert_eq!(c.digest(), digest);
+        }
+        let w = ManifestWriter::create_format(&dir, "s.09-01-26_00-00-00", 9).unwrap();
+        w.finish().unwrap().commit().unwrap();
+        let err = ManifestReader::open(&dir, b"s.09-01-26_00-00-00").err().unwrap().to_string();
+        assert!(err.contains("format 9"), "{err}");
     }
 
     #[test]

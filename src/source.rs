@@ -22,6 +22,7 @@ use anyhow::{Context, Result, bail};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use rustix::fs::{FileType, OFlags, SeekFrom};
 
+use crate::digest::ContentHasher;
 use crate::meta::{self, Meta};
 use crate::protocol::frame::{CHUNK, Encoder, Frame, FrameReader};
 use crate::protocol::msg::{
@@ -586,10 +587,13 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf:
     let size = before.st_size as u64;
     out.send(enc.msg(&SourceMsg::FileBegin { id: fetch.id, size }))?;
 
-    let (read, hash) = match &fetch.signature {
-        Some(sig) => send_delta(&file, size, sig, enc, out, buf)?,
-        None => (send_whole(&file, size, (before.st_blocks as u64) * 512 < size, enc, out)?, None),
+    // The digest of what is sent, for the sink to check what it rebuilt.
+    let mut hasher = ContentHasher::new();
+    let read = match &fetch.signature {
+        Some(sig) => send_delta(&file, size, sig, enc, out, buf, &mut hasher)?,
+        None => send_whole(&file, size, (before.st_blocks as u64) * 512 < size, enc, out, &mut hasher)?,
     };
+    let hash = Some(hasher.finish(size));
     let after = rustix::fs::fstat(&file).map_err(|e| Served::Failed(read_error(&e.into())))?;
     let mut probe = [0u8; 1];
     let grew = file.read_at(&mut probe, size).is_ok_and(|n| n > 0);
@@ -604,7 +608,14 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf:
 
 /// Sends the file's data extents; returns how many bytes of it could be read
 /// before EOF (less than `size` if it shrank).
-fn send_whole(file: &File, size: u64, sparse: bool, enc: &mut Encoder, out: &mut Batch) -> Result<u64, Served> {
+fn send_whole(
+    file: &File,
+    size: u64,
+    sparse: bool,
+    enc: &mut Encoder,
+    out: &mut Batch,
+    hasher: &mut ContentHasher,
+) -> Result<u64, Served> {
     let mut offset = 0u64;
     while offset < size {
         let (start, end) = if sparse {
@@ -624,7 +635,7 @@ fn send_whole(file: &File, size: u64, sparse: bool, enc: &mut Encoder, out: &mut
         }
         while pos < end {
             let want = ((end - pos) as usize).min(CHUNK);
-            match enc.data_from(file, pos, want) {
+            match enc.data_from(file, pos, want, |data| hasher.update_at(pos, data)) {
                 Ok(Some((frame, n))) => {
                     out.send(frame)?;
                     pos += n as u64;
@@ -649,7 +660,8 @@ fn send_delta(
     enc: &mut Encoder,
     out: &mut Batch,
     buf: &mut [u8],
-) -> Result<(u64, Option<[u8; 32]>), Served> {
+    hasher: &mut ContentHasher,
+) -> Result<u64, Served> {
     let bad = || Served::Failed(ReadError::Other("malformed signature in the request".into()));
     if signature.len() < 12 {
         return Err(bad());
@@ -661,7 +673,6 @@ fn send_delta(
     }
     let sig = fast_rsync::Signature::deserialize(signature.to_vec()).map_err(|_| bad())?;
     let index = sig.index();
-    let mut hasher = blake3::Hasher::new();
     let mut pos = 0u64;
     let mut delta = Vec::with_capacity(DELTA_WINDOW + 1024);
     while pos < size {
@@ -670,7 +681,7 @@ fn send_delta(
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        hasher.update_at(pos, &buf[..n]);
         delta.clear();
         fast_rsync::diff(&index, &buf[..n], &mut delta).map_err(|_| bad())?;
         out.send(enc.delta(n as u32, &delta))?;
@@ -679,7 +690,7 @@ fn send_delta(
             break;
         }
     }
-    Ok((pos, Some(*hasher.finalize().as_bytes())))
+    Ok(pos)
 }
 
 fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -3,10 +3,11 @@
 //! walk. Through directory handles like everything else: nothing followed,
 //! long paths fine.
 
-use std::io::{self, Read};
+use std::io;
 
 use rustix::fs::{FileType, Stat};
 
+use crate::digest::{FileDigest, Version};
 use crate::manifest::{Kind, Record, xattr_digest};
 use crate::meta;
 use crate::safefs::{Dir, file_type, join};
@@ -59,19 +60,11 @@ impl Item {
         })
     }
 
-    /// BLAKE3 of a regular file's content.
-    pub fn hash(&self) -> io::Result<[u8; 32]> {
-        let mut file = self.parent.open_file(&self.name)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        Ok(*hasher.finalize().as_bytes())
+    /// The content digest of a regular file, of `version`: version 2 reads
+    /// only its data extents.
+    pub fn digest(&self, version: Version) -> io::Result<FileDigest> {
+        let file = self.parent.open_file(&self.name)?;
+        crate::digest::of_file(&file, version)
     }
 }
 

@@ -2,7 +2,10 @@
 //! changed bytes, changed metadata, missing and extra entries, by path.
 //!
 //! Snapshots share most inodes: when several are verified, a file with more
-//! than one link is read once and its hash remembered by inode.
+//! than one link is read once and its hash remembered by inode. Each
+//! manifest is checked with the digest it records ([`crate::digest`]):
+//! version 2, which reads only a file's data, or plain BLAKE3 for one of
+//! format 1.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -10,6 +13,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 
 use crate::config::Job;
+use crate::digest::Version;
 use crate::exit::Code;
 use crate::manifest::{self, Kind, ManifestReader, Record, dfs_cmp};
 use crate::safefs::Shown;
@@ -95,9 +99,9 @@ pub fn run(job: &Job, spec: Option<&str>) -> Result<Code> {
     Ok(if bad > 0 { Code::Mismatch } else { Code::Ok })
 }
 
-/// Hashes of files with several links, by (device, inode), shared between
-/// the snapshots one `verify` reads.
-pub type InodeHashes = HashMap<(u64, u64), [u8; 32]>;
+/// Hashes of files with several links, by (device, inode, digest version),
+/// shared between the snapshots one `verify` reads.
+pub type InodeHashes = HashMap<(u64, u64, Version), [u8; 32]>;
 
 /// Compares one snapshot with its manifest.
 pub fn verify_one(
@@ -107,6 +111,7 @@ pub fn verify_one(
     cache: &mut InodeHashes,
 ) -> Result<Findings> {
     let root = store.open_snapshot(snap)?;
+    let digest = reader.digest();
     let mut f = Findings::default();
     let mut pending: Option<Record> = reader.next_record()?;
     for item in Walk::new(root) {
@@ -135,16 +140,16 @@ pub fn verify_one(
                     match want.hash {
                         None => f.unhashed += 1,
                         Some(expected) => {
-                            let key = (item.stat.st_dev, item.stat.st_ino);
+                            let key = (item.stat.st_dev, item.stat.st_ino, digest);
                             let hash = match cache.get(&key) {
                                 Some(h) => *h,
                                 None => {
-                                    let h = item.hash()?;
-                                    f.bytes_read += item.stat.st_size as u64;
+                                    let d = item.digest(digest)?;
+                                    f.bytes_read += d.bytes_read;
                                     if item.stat.st_nlink > 1 {
-                                        cache.insert(key, h);
+                                        cache.insert(key, d.hash);
                                     }
-                                    h
+                                    d.hash
                                 }
                             };
                             if hash != expected && !f.content.contains(&shown(&item.rel)) {

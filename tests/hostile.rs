@@ -474,7 +474,7 @@ fn a_delta_that_fails_the_hash_check_is_fetched_again_whole() {
         a.send(&SourceMsg::FileBegin { id: f.id, size: right.len() as u64 });
         let frame = a.enc.delta(wrong.len() as u32, &delta);
         a.raw(&frame);
-        let hash = *blake3::hash(&right).as_bytes();
+        let hash = rbackup::digest::of_bytes(&right);
         a.send(&SourceMsg::FileEnd {
             id: f.id,
             status: rbackup::protocol::msg::ReadStatus::Complete,
@@ -492,4 +492,117 @@ fn a_delta_that_fails_the_hash_check_is_fetched_again_whole() {
     assert_eq!(report.stats.fetched_whole, 1);
     let snap = complete(&area.bk(), "h")[1].clone();
     assert_eq!(std::fs::read(snap.join("f")).unwrap(), new);
+}
+
+/// `run_hostile`, on a thread of its own: a run that does not end by itself
+/// within two minutes fails the test instead of hanging it (a harness
+/// bound, not a timing assertion: the run must simply terminate).
+fn run_hostile_bounded(bk: &Path, script: impl FnOnce(&mut Agent) + Send + 'static) -> anyhow::Result<RunReport> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let bk = bk.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(run_hostile(&bk, false, script));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the run did not end by itself within 120 s")
+}
+
+#[test]
+fn an_announced_huge_size_without_data_ends_that_file_not_the_desktop() {
+    // Issue 11: the sink hashed the zeros of the announced size before sizing
+    // the file, so FileBegin{size: i64::MAX} and no data ran for centuries
+    // holding the lock. The size costs nothing now: a size the destination
+    // can't hold leaves that file out (exit 23); one it can is stored as a
+    // hole, warned about since the listing said otherwise (exit 24).
+    for announced in [i64::MAX as u64, 1 << 40] {
+        let area = Area::new();
+        let report = run_hostile_bounded(&area.bk(), move |a| {
+            a.entries(vec![dir(b""), file(b"good", 3), file(b"huge", 3), Entry::End]);
+            a.send(&SourceMsg::ListingDone);
+            a.serve(b"abc");
+            let f = a.next_fetch().expect("a fetch of huge");
+            a.send(&SourceMsg::FileBegin { id: f.id, size: announced });
+            a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+            a.drain();
+        })
+        .unwrap();
+        let problem = report.problems.iter().find(|p| p.path == "huge").expect("a problem names the file");
+        let snap = complete(&area.bk(), "h")[0].clone();
+        assert_eq!(std::fs::read(snap.join("good")).unwrap(), b"abc");
+        match std::fs::symlink_metadata(snap.join("huge")) {
+            Err(_) => {
+                assert_eq!(problem.kind, rbackup::report::ProblemKind::Failed, "{problem:?}");
+                assert!(problem.detail.contains("more than the destination filesystem can hold"), "{problem:?}");
+                assert_eq!(report.code, rbackup::exit::Code::Partial);
+            }
+            Ok(md) => {
+                use std::os::unix::fs::MetadataExt;
+                assert_eq!(md.len(), announced, "stored as announced");
+                assert_eq!(md.blocks(), 0, "a hole, allocating nothing");
+                assert_eq!(problem.kind, rbackup::report::ProblemKind::Changed, "{problem:?}");
+                assert_eq!(report.code, rbackup::exit::Code::Vanished);
+            }
+        }
+        area.assert_outside_untouched();
+        // An honest run afterwards finishes, and replaces the file.
+        let src = area.tmp.path().join("src");
+        write(&src.join("good"), b"abc");
+        write(&src.join("huge"), b"xyz");
+        let (code, _, err) = backup(&src, &area.bk(), "h", &[]);
+        assert_eq!(code, 0, "{err}");
+        let done = complete(&area.bk(), "h");
+        assert_eq!(done.len(), 2);
+        assert_same_tree(&src, &done[1], &[]);
+    }
+}
+
+#[test]
+fn whole_data_that_does_not_match_the_sources_digest_is_refused() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"good", 3), file(b"liar", 5), Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        a.serve(b"abc");
+        let f = a.next_fetch().unwrap();
+        a.send(&SourceMsg::FileBegin { id: f.id, size: 5 });
+        a.data(0, b"hello");
+        let hash = Some(rbackup::digest::of_bytes(b"world"));
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash });
+    });
+    expect_error(result, &["liar", "does not match the digest"]);
+    let inc = snapshots(&area.bk(), "h").into_iter().find(|(_, c)| !c).unwrap().0;
+    assert!(!area.bk().join(&inc).join("liar").exists());
+    area.assert_resumable();
+}
+
+#[test]
+fn a_sparse_basis_is_never_read_for_a_delta() {
+    // Its signature would read every byte of its holes: work in proportion
+    // to a size announced in an earlier run, not to data sent.
+    let area = Area::new();
+    run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"f", 64 << 20), Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        let f = a.next_fetch().unwrap();
+        a.send(&SourceMsg::FileBegin { id: f.id, size: 64 << 20 });
+        a.data(0, &[7u8; 4096]);
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+        a.drain();
+    })
+    .unwrap();
+    let report = run_hostile(&area.bk(), false, |a| {
+        let mut changed = file(b"f", 64 << 20);
+        if let Entry::File { meta, .. } = &mut changed {
+            meta.mtime += 1;
+        }
+        a.entries(vec![dir(b""), changed, Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        let f = a.next_fetch().unwrap();
+        assert!(f.signature.is_none(), "a delta against a sparse basis was asked for");
+        a.send(&SourceMsg::FileBegin { id: f.id, size: 64 << 20 });
+        a.data(0, &[8u8; 4096]);
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+        a.drain();
+    })
+    .unwrap();
+    assert_eq!((report.stats.fetched_whole, report.stats.fetched_delta), (1, 0));
 }

@@ -81,8 +81,14 @@ impl Encoder {
     /// A file data frame of up to `max` bytes read from `data`, whose current
     /// position is file offset `offset`, and how many bytes it carries;
     /// `None` at end of file. An uncompressed frame is read straight into
-    /// place: no buffer, no copy.
-    pub fn data_from(&mut self, data: impl Read, offset: u64, max: usize) -> io::Result<Option<(Vec<u8>, usize)>> {
+    /// place: no buffer, no copy. `seen` gets the bytes read (to hash them).
+    pub fn data_from(
+        &mut self,
+        data: impl Read,
+        offset: u64,
+        max: usize,
+        seen: impl FnOnce(&[u8]),
+    ) -> io::Result<Option<(Vec<u8>, usize)>> {
         const HEAD: usize = 4 + 1 + 8;
         let max = max.min(MAX_FRAME - (HEAD - 4));
         let mut out = Vec::with_capacity(HEAD + max);
@@ -93,6 +99,7 @@ impl Encoder {
         if n == 0 {
             return Ok(None);
         }
+        seen(&out[HEAD..]);
         if self.data.is_some() {
             return Ok(Some((self.data(offset, &out[HEAD..]), n)));
         }
@@ -333,11 +340,11 @@ mod tests {
         for compress in [false, true] {
             let mut enc = Encoder::new(compress);
             let mut src = &bytes[..];
-            let (a, n) = enc.data_from(&mut src, 5, 60_000).unwrap().unwrap();
+            let (a, n) = enc.data_from(&mut src, 5, 60_000, |_| {}).unwrap().unwrap();
             assert_eq!((a.clone(), n), (enc.data(5, &bytes[..60_000]), 60_000));
-            let (b, m) = enc.data_from(&mut src, 60_005, 60_000).unwrap().unwrap();
+            let (b, m) = enc.data_from(&mut src, 60_005, 60_000, |_| {}).unwrap().unwrap();
             assert_eq!(m, 40_000);
-            assert!(enc.data_from(&mut src, 100_005, 60_000).unwrap().is_none());
+            assert!(enc.data_from(&mut src, 100_005, 60_000, |_| {}).unwrap().is_none());
             let mut wire = a;
             wire.extend(b);
             let mut r = FrameReader::new(&wire[..]);

@@ -15,8 +15,9 @@ use std::thread::JoinHandle;
 
 use frame::{Frame, FrameError, FrameReader, read_full};
 
-/// Protocol spoken by this build.
-pub const VERSION: u32 = 1;
+/// Protocol spoken by this build. 2: `FileEnd` carries the version 2
+/// content digest ([`crate::digest`]), for whole transfers too.
+pub const VERSION: u32 = 2;
 
 /// The software version, sent for messages.
 pub const SOFTWARE: &str = env!("CARGO_PKG_VERSION");

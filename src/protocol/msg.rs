@@ -187,7 +187,8 @@ pub enum SourceMsg {
     FileEnd {
         id: u64,
         status: ReadStatus,
-        /// BLAKE3 of the whole file as read, sent for delta transfers.
+        /// The content digest (version 2, [`crate::digest`]) of what was
+        /// sent, as a file of the size `FileBegin` announced.
         hash: Option<[u8; 32]>,
     },
     FileFailed {

@@ -20,7 +20,7 @@ mod record;
 pub use ahead::Input;
 pub use record::{ManifestSet, Recorder};
 
-use record::{Content, record};
+use record::{Carried, Content, record};
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -167,6 +167,8 @@ pub struct Sink<'e> {
     root_done: bool,
     listing_done: bool,
     warned_devices: bool,
+    /// A file was hashed again because its basis manifest is of format 1.
+    noted_rehash: bool,
     stats: Stats,
 }
 
@@ -201,6 +203,7 @@ impl<'e> Sink<'e> {
             root_done: false,
             listing_done: false,
             warned_devices: false,
+            noted_rehash: false,
             stats: Stats::default(),
         }
     }
@@ -587,7 +590,7 @@ impl<'e> Sink<'e> {
         let done = match action {
             FileAction::Keep => {
                 self.stats.kept += 1;
-                content = Content::Known(self.rec.carried(None, &rel, size, &want));
+                content = Content::Known(self.carried_hash(None, d, &name, &rel, size, &want));
                 true
             }
             FileAction::FixMeta => {
@@ -596,7 +599,7 @@ impl<'e> Sink<'e> {
             }
             FileAction::Link(i) => {
                 self.link_from_basis(d, i, &name, &rel, &meta, size, dest_sim)?;
-                content = Content::Known(self.rec.carried(Some(i), &rel, size, &want));
+                content = Content::Known(self.carried_hash(Some(i), d, &name, &rel, size, &want));
                 true
             }
             FileAction::Copy(origin) => {
@@ -605,7 +608,7 @@ impl<'e> Sink<'e> {
                     Origin::Dest => None,
                     Origin::Basis(i) => Some(i),
                 };
-                content = Content::Known(self.rec.carried(from, &rel, size, &want));
+                content = Content::Known(self.carried_hash(from, d, &name, &rel, size, &want));
                 true
             }
             FileAction::Fetch { delta_base } => {
@@ -627,6 +630,43 @@ impl<'e> Sink<'e> {
         }
         self.rec.push(record(&rel, crate::manifest::Kind::File, size, &want), content);
         Ok(())
+    }
+
+    /// The content hash of a file kept, linked or copied from `from` (the
+    /// destination, or basis `i`), now `name` in node `d`'s directory: the
+    /// one that tree's manifest recorded, or — when that manifest holds an
+    /// older digest — the file's digest computed now, once (see `record`).
+    fn carried_hash(
+        &mut self,
+        from: Option<usize>,
+        d: usize,
+        name: &[u8],
+        rel: &[u8],
+        size: u64,
+        want: &Meta,
+    ) -> Option<[u8; 32]> {
+        match self.rec.carried(from, rel, size, want) {
+            Carried::Hash(h) => Some(h),
+            Carried::None => None,
+            Carried::Legacy => {
+                if !self.noted_rehash {
+                    self.noted_rehash = true;
+                    self.events.note(
+                        "the previous snapshot's manifest has content digests of an older version: files \
+                         linked from it are hashed once more (see docs/retention.md, Manifests)",
+                    );
+                }
+                let dest = self.dest_of(d)?;
+                let digest = dest.open_file(name).and_then(|f| crate::digest::of_file(&f, crate::digest::Version::V2));
+                match digest {
+                    Ok(digest) => Some(digest.hash),
+                    Err(e) => {
+                        crate::warn!("{}: could not be hashed for the manifest: {e}", Shown(rel));
+                        None
+                    }
+                }
+            }
+        }
     }
 
     /// A directory sits where a non-directory must go: remove it first, since
@@ -818,7 +858,7 @@ impl<'e> Sink<'e> {
         writer::copy_contents(src, temp.file_mut(), size).with_context(|| format!("copying {}", Shown(rel)))?;
         let problems = temp.commit(name, meta, self.cfg.privs).with_context(|| format!("writing {}", Shown(rel)))?;
         self.stats.copied_locally += 1;
-        self.stats.bytes_written += size;
+        self.stats.bytes_written = self.stats.bytes_written.saturating_add(size);
         self.apply_problems(rel, problems);
         Ok(())
     }
@@ -844,7 +884,8 @@ impl<'e> Sink<'e> {
         let basis = basis_dir.and_then(|dir| receive::open_basis(&dir, &name, self.cfg.policy));
         let delta = basis.is_some();
         self.act(if delta { Action::Delta } else { Action::Fetch }, rel, replacing);
-        self.stats.bytes_to_fetch += size;
+        // Sizes are the source's word: summed without overflow.
+        self.stats.bytes_to_fetch = self.stats.bytes_to_fetch.saturating_add(size);
         if self.cfg.dry_run {
             if delta {
                 self.stats.fetched_delta += 1;

@@ -1,18 +1,25 @@
 //! Receiving one file's data: whole files as data extents (holes stay holes),
 //! or a delta rebuilt against a basis window by window and then checked
-//! against the source's BLAKE3 — MD4 block matches are weak, so a mismatch
-//! means the file is fetched again whole (DESIGN, "Performance shape").
+//! against the source's content digest — MD4 block matches are weak, so a
+//! mismatch means the file is fetched again whole (DESIGN, "Performance
+//! shape").
 //!
 //! Everything about the data is checked against what was asked for: the
 //! file in progress, offsets only moving forward and staying inside the size
-//! the source announced, delta output bounded.
+//! the source announced, delta output bounded. No work is proportional to an
+//! announced size, only to the data received (DESIGN rule 2): the file is
+//! sized when it begins (a hole, free), and the digest ([`crate::digest`])
+//! costs nothing for holes. A size the destination filesystem can't hold is
+//! known before any data arrives: that file is left out of the snapshot as a
+//! per-file problem, its data read and dropped, and the run goes on.
 
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use anyhow::{Context, Result};
 
 use super::{Group, Pending, Sink, violation};
+use crate::digest::ContentHasher;
 use crate::plan::{Policy, signature_block_size};
 use crate::protocol::msg::{ReadError, ReadStatus};
 use crate::report::ProblemKind;
@@ -54,7 +61,10 @@ impl BaseData {
 pub(super) fn open_basis(dir: &Dir, name: &[u8], policy: Policy) -> Option<Basis> {
     let file = dir.open_file(name).ok()?;
     let md = file.metadata().ok()?;
-    if !md.is_file() || md.len() == 0 || signature_block_size(md.len()).is_none() {
+    // A sparse basis is not worth a delta, and its signature would read
+    // every byte of its holes: work in proportion to a size a source once
+    // announced, not to data it sent.
+    if !md.is_file() || md.len() == 0 || signature_block_size(md.len()).is_none() || md.blocks() * 512 < md.len() {
         return None;
     }
     match policy {
@@ -91,8 +101,11 @@ fn signature(data: &[u8]) -> Option<Vec<u8>> {
 /// The file whose data is arriving.
 pub(super) struct Receiving {
     pub pending: Pending,
-    temp: TempEntry,
-    hasher: blake3::Hasher,
+    /// `None` when the file is refused: its data is checked and dropped.
+    temp: Option<TempEntry>,
+    /// Why the file is left out of the snapshot.
+    refused: Option<String>,
+    hasher: ContentHasher,
     /// Where the next data may start; everything before is written or a hole.
     next: u64,
     /// Size announced by the source when it opened the file.
@@ -102,16 +115,6 @@ pub(super) struct Receiving {
     /// A delta window failed to apply: fetch again whole at the end.
     bad_delta: bool,
     buf: Vec<u8>,
-}
-
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
-fn hash_zeros(hasher: &mut blake3::Hasher, mut n: u64) {
-    while n > 0 {
-        let k = n.min(ZEROS.len() as u64) as usize;
-        hasher.update(&ZEROS[..k]);
-        n -= k as u64;
-    }
 }
 
 impl Sink<'_> {
@@ -130,7 +133,22 @@ impl Sink<'_> {
         self.sig_outstanding -= pending.sig_len;
         let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
         let rel = join(&self.node(pending.dir).rel, &pending.name);
-        let temp = TempEntry::file(&dest).with_context(|| format!("creating a file for {}", Shown(&rel)))?;
+        let mut temp = TempEntry::file(&dest).with_context(|| format!("creating a file for {}", Shown(&rel)))?;
+        // Sized now, as a hole: free, and a size this filesystem can't hold
+        // shows before any data is written.
+        let (temp, refused) = match temp.file_mut().set_len(size) {
+            Ok(()) => (Some(temp), None),
+            Err(e)
+                if matches!(
+                    rustix::io::Errno::from_io_error(&e),
+                    Some(rustix::io::Errno::FBIG | rustix::io::Errno::INVAL)
+                ) =>
+            {
+                let why = format!("its size, {size} bytes, is more than the destination filesystem can hold ({e})");
+                (None, Some(why))
+            }
+            Err(e) => return Err(e).with_context(|| format!("sizing {}", Shown(&rel))),
+        };
         let base = match pending.basis.take() {
             None => None,
             Some(Basis::Mapped(m)) => Some(BaseData::Mapped(m)),
@@ -140,7 +158,8 @@ impl Sink<'_> {
         self.receiving = Some(Receiving {
             pending,
             temp,
-            hasher: blake3::Hasher::new(),
+            refused,
+            hasher: ContentHasher::new(),
             next: 0,
             size,
             base,
@@ -162,11 +181,11 @@ impl Sink<'_> {
                 r.size
             )));
         }
-        r.temp.file_mut().write_all_at(data, offset).context("writing received data")?;
-        hash_zeros(&mut r.hasher, offset - r.next);
-        r.hasher.update(data);
         r.next = end;
         self.stats.bytes_fetched += data.len() as u64;
+        let Some(temp) = r.temp.as_mut() else { return Ok(()) };
+        temp.file_mut().write_all_at(data, offset).context("writing received data")?;
+        r.hasher.update_at(offset, data);
         self.stats.bytes_written += data.len() as u64;
         self.events.progress(&self.stats);
         Ok(())
@@ -180,7 +199,7 @@ impl Sink<'_> {
         if out_len > DELTA_OUT_MAX || r.next + u64::from(out_len) > r.size {
             return Err(violation(format!("delta window of {out_len} bytes beyond the file's {} bytes", r.size)));
         }
-        if r.bad_delta {
+        if r.bad_delta || r.temp.is_none() {
             return Ok(());
         }
         r.buf.clear();
@@ -189,8 +208,9 @@ impl Sink<'_> {
             r.bad_delta = true;
             return Ok(());
         }
-        r.temp.file_mut().write_all_at(&r.buf, r.next).context("writing received data")?;
-        r.hasher.update(&r.buf);
+        let temp = r.temp.as_mut().expect("checked above");
+        temp.file_mut().write_all_at(&r.buf, r.next).context("writing received data")?;
+        r.hasher.update_at(r.next, &r.buf);
         r.next += u64::from(out_len);
         self.stats.bytes_fetched += u64::from(out_len);
         self.stats.bytes_written += u64::from(out_len);
@@ -202,23 +222,29 @@ impl Sink<'_> {
         if r.pending.id != id {
             return Err(violation(format!("end of file {id} while file {} is in progress", r.pending.id)));
         }
-        let Receiving { pending, mut temp, mut hasher, next, size, base, bad_delta, .. } = r;
+        let Receiving { pending, temp, refused, hasher, size, base, bad_delta, .. } = r;
         let rel = join(&self.node(pending.dir).rel, &pending.name);
-        if next < size {
-            // A trailing hole, or a file that shrank while read. (Otherwise
-            // the new file already ends at `size`: it was empty, and every
-            // write was below `next`.)
-            hash_zeros(&mut hasher, size - next);
-            temp.file_mut().set_len(size).with_context(|| format!("sizing {}", Shown(&rel)))?;
-        }
+        let Some(temp) = temp else {
+            let why = refused.unwrap_or_default();
+            return self.give_up(pending, ProblemKind::Failed, format!("{why}: not in the snapshot"));
+        };
+        // The file was sized when it began: a trailing hole, or the end of a
+        // file that shrank while read, is already there and costs nothing.
         let delta = base.is_some();
-        let content = *hasher.finalize().as_bytes();
+        let content = hasher.finish(size);
         if delta && (bad_delta || hash != Some(content)) {
             // MD4 matched blocks that differ, or the delta was unusable:
             // fetch the file again, whole.
             drop(temp);
             self.stats.delta_retries += 1;
             return self.refetch_whole(pending);
+        }
+        if !delta && hash.is_some_and(|h| h != content) {
+            // The source hashes exactly the bytes it sends.
+            return Err(violation(format!(
+                "the data received for {} does not match the digest the source sent",
+                Shown(&rel)
+            )));
         }
         if *status == ReadStatus::Changed || size != pending.size {
             self.problem(ProblemKind::Changed, &rel, "stored as read; it is fetched again next run");
@@ -305,12 +331,18 @@ impl Sink<'_> {
                 self.pending.pop_front().expect("checked above")
             }
         };
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
         match error {
-            ReadError::Vanished => self.problem(ProblemKind::Vanished, &rel, "disappeared before it could be read"),
-            ReadError::Unreadable(e) => self.problem(ProblemKind::Unreadable, &rel, e.clone()),
-            ReadError::Other(e) => self.problem(ProblemKind::Failed, &rel, e.clone()),
+            ReadError::Vanished => self.give_up(pending, ProblemKind::Vanished, "disappeared before it could be read"),
+            ReadError::Unreadable(e) => self.give_up(pending, ProblemKind::Unreadable, e.clone()),
+            ReadError::Other(e) => self.give_up(pending, ProblemKind::Failed, e.clone()),
         }
+    }
+
+    /// The file of `pending` is not in the snapshot: report it, and let
+    /// another name of the same inode try.
+    fn give_up(&mut self, pending: Pending, kind: ProblemKind, detail: impl Into<String>) -> Result<()> {
+        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        self.problem(kind, &rel, detail);
         self.rec.drop_entry(pending.ticket, &rel);
         let Pending { dir, group, mut waiters, meta, size, ticket, .. } = pending;
         if waiters.is_empty() {

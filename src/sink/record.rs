@@ -1,7 +1,14 @@
 //! The sink's side of the manifest: one record per entry written, in listing
 //! order, with the content hash computed on fetched data or carried over
 //! from the manifest of the tree a file was linked or copied from.
+//!
+//! A hash is carried over only if it is a digest of the version this
+//! manifest records ([`crate::digest::Version::V2`]). A basis whose manifest
+//! is of format 1 holds plain BLAKE3 hashes: the sink computes the file's
+//! version 2 digest instead (once per file, in proportion to its data), so
+//! no file of the new snapshot lacks a hash.
 
+use crate::digest::Version;
 use crate::manifest::{Cursor, Kind, ManifestWriter, Record, xattr_digest};
 use crate::meta::Meta;
 
@@ -19,15 +26,37 @@ impl ManifestSet {
 
     /// The recorded hash of `path`, if a manifest has it for a file of this
     /// size and mtime.
-    fn hash(&mut self, path: &[u8], size: u64, meta: &Meta) -> Option<[u8; 32]> {
-        self.cursors.iter_mut().find_map(|c| {
-            c.find(path)
-                .filter(|r| {
-                    r.kind == Kind::File && r.size == size && r.mtime == meta.mtime && r.mtime_nsec == meta.mtime_nsec
-                })
-                .and_then(|r| r.hash)
-        })
+    fn hash(&mut self, path: &[u8], size: u64, meta: &Meta) -> Carried {
+        self.cursors
+            .iter_mut()
+            .find_map(|c| {
+                let digest = c.digest();
+                c.find(path)
+                    .filter(|r| {
+                        r.kind == Kind::File
+                            && r.size == size
+                            && r.mtime == meta.mtime
+                            && r.mtime_nsec == meta.mtime_nsec
+                    })
+                    .and_then(|r| r.hash)
+                    .map(|h| match digest {
+                        Version::V2 => Carried::Hash(h),
+                        Version::V1 => Carried::Legacy,
+                    })
+            })
+            .unwrap_or(Carried::None)
     }
+}
+
+/// What a manifest of the tree a file comes from says about its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    /// Its digest, of the version this manifest records.
+    Hash([u8; 32]),
+    /// A digest of an older version: the file must be hashed again.
+    Legacy,
+    /// Nothing (no manifest, or no record of this file as it is).
+    None,
 }
 
 /// Where a file's content hash comes from.
@@ -87,13 +116,13 @@ impl Recorder {
     }
 
     /// The hash a basis (`Some(i)`) or the destination (`None`) recorded.
-    pub fn carried(&mut self, from: Option<usize>, path: &[u8], size: u64, meta: &Meta) -> Option<[u8; 32]> {
+    pub fn carried(&mut self, from: Option<usize>, path: &[u8], size: u64, meta: &Meta) -> Carried {
         if !self.active() {
-            return None;
+            return Carried::None;
         }
         match from {
             None => self.dest.hash(path, size, meta),
-            Some(i) => self.bases.get_mut(i)?.hash(path, size, meta),
+            Some(i) => self.bases.get_mut(i).map_or(Carried::None, |b| b.hash(path, size, meta)),
         }
     }
 
