@@ -232,7 +232,16 @@ fn check_email(job: &Job, r: &mut Report) {
     };
     match email.check() {
         Ok(()) => r.good(&format!("email: {} reachable, reports to {}", email.server(), email.to.join(", "))),
-        Err(e) => r.bad(&format!("email: {e:#}"), "fix the [email] section; `rbackup test-email` sends a test"),
+        Err(e) => {
+            // The first line is what failed; the lines after it are the fix.
+            let text = format!("{e:#}");
+            let (what, more) = text.split_once('\n').unwrap_or((&text, ""));
+            let fix: String = more.lines().map(|l| format!("{}\n", l.trim())).collect();
+            r.bad(
+                &format!("email: {what}"),
+                &format!("{fix}fix the [email] section; `rbackup test-email` sends a test"),
+            );
+        }
     }
 }
 
