@@ -262,6 +262,11 @@ fn plan_key(dir: &Path, blob: &str, line: &str) -> Result<KeyPlan> {
     let old = match std::fs::read_to_string(&file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        // A dry run by another user than root: say what can't be checked.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rustix::process::geteuid().is_root() => {
+            warn!("cannot read {} as this user ({e}): run the dry run as root to check it", file.display());
+            String::new()
+        }
         Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
     };
     let wanted = forced_command(line).and_then(split_words).unwrap_or_default();
