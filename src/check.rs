@@ -133,10 +133,11 @@ fn check_source(job: &Job, r: &mut Report) {
                 if events.count > events.paths.len() as u64 {
                     list.push_str(&format!("… and {} more\n", events.count - events.paths.len() as u64));
                 }
+                let user = backup_user(job).unwrap_or_else(|| "USER".into());
                 r.bad(
                     &format!("{} entries can't be read by the backup user", events.count),
                     &format!(
-                        "{list}fix: on the server, `setfacl -m u:USER:rX PATH` (a chmod may have shrunk the ACL \
+                        "{list}fix: on the server, `setfacl -m u:{user}:rX PATH` (a chmod may have shrunk the ACL \
                          mask; a file moved in may lack the default ACL), or re-run `rbackup setup-server`, or \
                          use --mode capability"
                     ),
@@ -151,6 +152,24 @@ fn check_source(job: &Job, r: &mut Report) {
             r.bad(&format!("walking {source}: {e:#}{detail}"), "see docs/troubleshooting.md");
         }
     }
+}
+
+/// The account the source is read as: the source's `user@`, else the `User`
+/// ssh would use for the host (`ssh -G`, with the job's ssh config); `None`
+/// for a local source.
+fn backup_user(job: &Job) -> Option<String> {
+    let Some(crate::config::SourceSpec::Remote { user, host, .. }) = &job.source else { return None };
+    if let Some(u) = user {
+        return Some(u.clone());
+    }
+    let mut ssh = std::process::Command::new("ssh");
+    if let Some(cfg) = &job.ssh_config {
+        ssh.arg("-F").arg(cfg);
+    }
+    let out = ssh.arg("-G").arg("--").arg(host).stderr(std::process::Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let user = text.lines().find_map(|l| l.strip_prefix("user "))?.trim();
+    (out.status.success() && !user.is_empty()).then(|| user.to_string())
 }
 
 fn check_folder(job: &Job, r: &mut Report) {
@@ -213,6 +232,41 @@ fn check_email(job: &Job, r: &mut Report) {
     };
     match email.check() {
         Ok(()) => r.good(&format!("email: {} reachable, reports to {}", email.server(), email.to.join(", "))),
-        Err(e) => r.bad(&format!("email: {e:#}"), "fix the [email] section; `rbackup test-email` sends a test"),
+        Err(e) => {
+            // The first line is what failed; the lines after it are the fix.
+            let text = format!("{e:#}");
+            let (what, more) = text.split_once('\n').unwrap_or((&text, ""));
+            let fix: String = more.lines().map(|l| format!("{}\n", l.trim())).collect();
+            r.bad(
+                &format!("email: {what}"),
+                &format!("{fix}fix the [email] section; `rbackup test-email` sends a test"),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Overrides, parse, resolve};
+
+    fn job_with(source: &str, ssh_config: &std::path::Path) -> Job {
+        let text = format!(
+            "[job.web]\nsource = \"{source}\"\nbackups_folder = \"/backups\"\nssh_config = \"{}\"\n",
+            ssh_config.display()
+        );
+        let file = (std::path::PathBuf::from("/etc/x.toml"), parse(&text).unwrap());
+        resolve(Some(&file), Some("web"), &Overrides::default()).unwrap()
+    }
+
+    /// Regression: the setfacl hint said `u:USER:rX` although the user was known.
+    #[test]
+    fn the_backup_user_comes_from_the_source_or_the_ssh_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("ssh_config");
+        std::fs::write(&cfg, "Host fileserver\n  User bkreader\n").unwrap();
+        assert_eq!(backup_user(&job_with("alice@fileserver:/srv", &cfg)).as_deref(), Some("alice"));
+        assert_eq!(backup_user(&job_with("fileserver:/srv", &cfg)).as_deref(), Some("bkreader"));
+        assert_eq!(backup_user(&job_with("/srv", &cfg)), None);
     }
 }

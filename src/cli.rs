@@ -219,7 +219,7 @@ pub struct DiffArgs {
     pub store: StoreArgs,
     /// The older snapshot: a name, `previous`, `latest` or a UTC time
     pub a: String,
-    /// The newer snapshot [default: latest]
+    /// The newer snapshot
     #[arg(default_value = "latest")]
     pub b: String,
 }
@@ -377,4 +377,29 @@ pub struct ServeArgs {
     /// Serve only this directory and what is beneath it
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Regression: `diff --help` said "[default: latest] [default: latest]",
+    /// once from the doc comment and once from clap.
+    #[test]
+    fn no_help_text_states_a_default_that_clap_already_shows() {
+        fn walk(cmd: &clap::Command, path: &str, bad: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                if !arg.get_default_values().is_empty() && help.contains("[default:") {
+                    bad.push(format!("{path} --{}: {help}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), bad);
+            }
+        }
+        let mut bad = Vec::new();
+        walk(&super::Cli::command(), "rbackup", &mut bad);
+        assert!(bad.is_empty(), "{bad:#?}");
+    }
 }

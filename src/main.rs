@@ -7,7 +7,7 @@ use clap::Parser;
 use rbackup::cli::{CheckArgs, Cli, Command, RestoreArgs, RunArgs, StoreArgs};
 use rbackup::config::{self, Job, Overrides};
 use rbackup::exit::{Code, code_of};
-use rbackup::{backup, check, diff, error, finish, list, log, notify, prune, restore, serve, setup, store, verify};
+use rbackup::{backup, check, diff, error, finish, list, log, prune, restore, serve, setup, store, verify};
 
 fn main() -> ExitCode {
     // As the backup user's login shell, sshd runs `rbackup -c COMMAND`.
@@ -87,13 +87,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
         Command::TestEmail(args) => {
             let job = job(cli, &store_overrides(args))?;
             let email = job.email.ok_or_else(|| anyhow::anyhow!("there is no [email] section in the config file"))?;
-            let subject = format!("[rbackup] {} on {}: test message", job.job, notify::hostname());
-            let body = format!(
-                "This is a test of rbackup's mail reports for job {} on {}.\nReports are sent on: {:?}.\n",
-                job.job,
-                notify::hostname(),
-                email.send_on
-            );
+            let (subject, body) = email.test_message(&job.job);
             email.send(&subject, &body)?;
             rbackup::info!("test message sent to {}", email.to.join(", "));
             Ok(Code::Ok)

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use lettre::message::Mailbox;
+use lettre::message::{Mailbox, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{Message, SmtpTransport, Transport};
@@ -44,6 +44,29 @@ pub enum SendOn {
     Always,
 }
 
+impl SendOn {
+    /// The value as the config file spells it.
+    pub fn word(self) -> &'static str {
+        match self {
+            SendOn::Failure => "failure",
+            SendOn::Partial => "partial",
+            SendOn::Always => "always",
+        }
+    }
+
+    /// Which runs are mailed, in words.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            SendOn::Failure => "runs that fail or do not run (locked, configuration errors)",
+            SendOn::Partial => "runs that fail or do not run, and snapshots with unreadable entries (exit code 23)",
+            SendOn::Always => "every run",
+        }
+    }
+}
+
+/// How long to wait for the SMTP server when `timeout_seconds` is not set.
+const DEFAULT_TIMEOUT: u64 = 30;
+
 /// The `[email]` table of the config.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +85,9 @@ pub struct EmailConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub send_on: SendOn,
+    /// How long to wait for the server to connect or answer, in seconds
+    /// (default 30).
+    pub timeout_seconds: Option<u64>,
 }
 
 impl EmailConfig {
@@ -82,9 +108,16 @@ impl EmailConfig {
         })
     }
 
+    fn timeout(&self) -> u64 {
+        self.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT)
+    }
+
     /// Checks everything that can be checked without sending: addresses,
     /// the password file's permissions, the CA file.
     pub fn validate(&self) -> Result<()> {
+        if self.timeout_seconds == Some(0) {
+            bail!("email `timeout_seconds` must be at least 1");
+        }
         self.from.parse::<Mailbox>().with_context(|| format!("email `from` {:?} is not an address", self.from))?;
         if self.to.is_empty() {
             bail!("email `to` is empty");
@@ -112,8 +145,9 @@ impl EmailConfig {
             }
             b.build_rustls().context("setting up TLS for mail")
         };
-        let builder =
-            SmtpTransport::builder_dangerous(&self.host).port(self.port()).timeout(Some(Duration::from_secs(30)));
+        let builder = SmtpTransport::builder_dangerous(&self.host)
+            .port(self.port())
+            .timeout(Some(Duration::from_secs(self.timeout())));
         let builder = match self.security {
             Security::Starttls => builder.tls(Tls::Required(tls(&self.host)?)),
             Security::Tls => builder.tls(Tls::Wrapper(tls(&self.host)?)),
@@ -135,27 +169,90 @@ impl EmailConfig {
     /// without sending anything.
     pub fn check(&self) -> Result<()> {
         self.validate()?;
-        let ok = self
-            .transport()?
-            .test_connection()
-            .with_context(|| format!("connecting to {}:{}", self.host, self.port()))?;
+        let ok = self.transport()?.test_connection().map_err(|e| self.smtp_error("connecting to", &e))?;
         if !ok {
             bail!("{}:{} did not answer like an SMTP server", self.host, self.port());
         }
         Ok(())
     }
 
-    /// Sends one message.
+    /// Sends one plain-text message: MIME headers, UTF-8 (quoted-printable
+    /// where needed), a Message-ID and a Date, as a mail client expects.
     pub fn send(&self, subject: &str, body: &str) -> Result<()> {
         self.validate()?;
-        let mut msg = Message::builder().from(self.from.parse()?).subject(subject);
+        let mut msg = Message::builder()
+            .from(self.from.parse()?)
+            .subject(subject)
+            .message_id(None)
+            .user_agent(format!("rbackup {}", env!("CARGO_PKG_VERSION")));
         for to in &self.to {
             msg = msg.to(to.parse()?);
         }
-        let msg = msg.body(body.to_string()).context("composing the mail")?;
-        self.transport()?.send(&msg).with_context(|| format!("sending mail through {}:{}", self.host, self.port()))?;
+        let msg = msg.singlepart(SinglePart::plain(body.to_string())).context("composing the mail")?;
+        self.transport()?.send(&msg).map_err(|e| self.smtp_error("sending mail through", &e))?;
         Ok(())
     }
+
+    /// `test-email`'s subject and body for `job`.
+    pub fn test_message(&self, job: &str) -> (String, String) {
+        let subject = format!("[rbackup] {job} on {}: test message", hostname());
+        let body = format!(
+            "This is a test of rbackup's mail reports for job {job} on {}.\n\
+             Reports are sent on: send_on = \"{}\" ({}).\n",
+            hostname(),
+            self.send_on.word(),
+            self.send_on.meaning()
+        );
+        (subject, body)
+    }
+
+    /// One error for a failed SMTP exchange: the chain said once (lettre's
+    /// message repeats its source), a timeout named as one, and the fix for
+    /// the certificate errors people meet.
+    fn smtp_error(&self, doing: &str, e: &lettre::transport::smtp::Error) -> anyhow::Error {
+        let server = format!("{}:{}", self.host, self.port());
+        let timed_out = std::iter::successors(Some(e as &dyn std::error::Error), |e| e.source()).any(|e| {
+            e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock))
+        });
+        if timed_out {
+            return anyhow!(
+                "no answer from {server} within {} s (timeout): check that it is the mail server and that \
+                 `security` matches the port (465 is \"tls\", 587 \"starttls\")",
+                self.timeout()
+            );
+        }
+        let text = chain_once(e);
+        let hint = if text.contains("CaUsedAsEndEntity") {
+            "\n  the server presents a CA certificate as its own (what a plain `openssl req -x509` makes); \
+             give it a server certificate (basicConstraints=CA:FALSE, the host name in subjectAltName): see \
+             docs/email.md"
+        } else if text.contains("UnknownIssuer") {
+            "\n  the server's certificate is not signed by a CA this machine trusts: put your CA's certificate \
+             (PEM) in `ca_file` (see docs/email.md)"
+        } else if text.contains("NotValidForName") {
+            "\n  the server's certificate does not name the `host` of [email]: use a name it holds, or give \
+             it a certificate with that name in subjectAltName"
+        } else {
+            ""
+        };
+        anyhow!("{doing} {server}: {text}{hint}")
+    }
+}
+
+/// An error and its sources, each said once: a message that already ends
+/// with its source's (`network error: X`, then `X`) is not followed by it.
+fn chain_once(e: &dyn std::error::Error) -> String {
+    let messages: Vec<String> = std::iter::successors(Some(e), |e| e.source()).map(ToString::to_string).collect();
+    let mut out: Vec<&str> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let mut m = m.as_str();
+        if let Some(next) = messages.get(i + 1) {
+            m = m.strip_suffix(next.as_str()).and_then(|m| m.strip_suffix(": ")).unwrap_or(m);
+        }
+        out.push(m);
+    }
+    out.join(": ")
 }
 
 fn password(path: &std::path::Path) -> Result<String> {
@@ -188,11 +285,34 @@ pub struct RunMail<'a> {
     pub reason: String,
     /// The full error chain of a failed run.
     pub error: Option<String>,
+    /// What the reader should do next (see [`next_step`]).
+    pub next_step: Option<String>,
     pub problems: &'a [Problem],
     pub problem_count: u64,
     /// What the backups folder holds now (the `.incomplete`, the latest snapshot).
     pub state: String,
     pub log_tail: Vec<String>,
+}
+
+/// The next step after a run of `job` that failed with `e`: an unreachable
+/// server is a network or ssh matter; anything else starts with `check`,
+/// which tests each part of the job. A locked run needs nothing (the
+/// message names the run that holds the lock).
+pub fn next_step(job: &str, code: Code, e: &anyhow::Error) -> Option<String> {
+    use crate::transport::SshError;
+    if code == Code::Locked {
+        return None;
+    }
+    let unreachable = e.chain().any(|c| matches!(c.downcast_ref::<SshError>(), Some(SshError::Unreachable { .. })));
+    Some(if unreachable {
+        format!(
+            "The server could not be reached from this machine. Check the network and ssh from here to the \
+             server (is it up? DNS, VPN, firewall, sshd on its port), then run `rbackup -j {job} check`.\n\
+             Nothing is lost: the next scheduled run tries again."
+        )
+    } else {
+        format!("Run `rbackup -j {job} check`: it tests each part of the job and prints a fix for what is wrong.")
+    })
 }
 
 /// Most paths listed in a mail.
@@ -221,6 +341,13 @@ impl RunMail<'_> {
         if let Some(err) = &self.error {
             b.push_str("What failed:\n");
             for line in err.lines() {
+                let _ = writeln!(b, "  {line}");
+            }
+            b.push('\n');
+        }
+        if let Some(step) = &self.next_step {
+            b.push_str("What to do:\n");
+            for line in step.lines() {
                 let _ = writeln!(b, "  {line}");
             }
             b.push('\n');
@@ -261,6 +388,7 @@ mod tests {
             to: vec!["d@e.f".into()],
             ca_file: None,
             send_on,
+            timeout_seconds: None,
         }
     }
 
@@ -286,6 +414,52 @@ mod tests {
         assert_eq!(password(&p).unwrap(), "secret");
     }
 
+    /// An error that, like lettre's, says its source in its own message.
+    #[derive(Debug)]
+    struct Wraps(std::io::Error);
+
+    impl std::fmt::Display for Wraps {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "network error: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wraps {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_is_said_once() {
+        let e = Wraps(std::io::Error::other("invalid peer certificate: UnknownIssuer"));
+        assert_eq!(chain_once(&e), "network error: invalid peer certificate: UnknownIssuer");
+        let plain = std::io::Error::other("refused");
+        assert_eq!(chain_once(&plain), "refused");
+    }
+
+    #[test]
+    fn an_unreachable_server_mail_says_what_to_check_then_check() {
+        let unreachable = anyhow::Error::new(crate::transport::SshError::Unreachable {
+            host: "server".into(),
+            detail: "Connection refused".into(),
+        })
+        .context("backup from server:/srv failed");
+        let step = next_step("web", Code::Error, &unreachable).unwrap();
+        assert!(step.contains("Check the network and ssh") && step.contains("`rbackup -j web check`"), "{step}");
+        let other = next_step("web", Code::Error, &anyhow!("disk full")).unwrap();
+        assert!(other.starts_with("Run `rbackup -j web check`"), "{other}");
+        assert_eq!(next_step("web", Code::Locked, &anyhow!("locked")), None);
+    }
+
+    #[test]
+    fn the_test_message_names_send_on_as_the_config_does() {
+        let (_, body) = cfg(SendOn::Partial).test_message("web");
+        assert!(body.contains("Reports are sent on: send_on = \"partial\" ("), "{body}");
+        let (_, body) = cfg(SendOn::Failure).test_message("web");
+        assert!(body.contains("send_on = \"failure\""), "{body}");
+    }
+
     #[test]
     fn the_mail_is_short_and_says_what_to_do() {
         let problems: Vec<Problem> = (0..60)
@@ -296,6 +470,7 @@ mod tests {
             code: Code::Error,
             reason: "cannot reach server\nsecond line".into(),
             error: Some("backup failed\ncannot reach server".into()),
+            next_step: Some("Run `rbackup -j server check`.".into()),
             problems: &problems,
             problem_count: 60,
             state: "server.01-01-26_00-00-00.incomplete is kept: run `rbackup -j server --continue`".into(),
@@ -305,6 +480,7 @@ mod tests {
         assert!(m.subject().ends_with(": FAILED — cannot reach server"));
         let body = m.body();
         assert!(body.contains("Exit code: 1") && body.contains("--continue") && body.contains("and 10 more"));
+        assert!(body.contains("What to do:\n  Run `rbackup -j server check`."), "{body}");
         assert_eq!(body.matches("cannot read: f").count(), 50);
     }
 }

@@ -140,11 +140,37 @@ pub fn server(o: &ServerOptions) -> Result<()> {
     let root = o.root.canonicalize()?;
     let exe = std::env::current_exe()?.canonicalize()?;
     let steps = Steps { dry_run: o.dry_run };
+    let account = lookup_user(&o.user)?;
+    let home = account.as_ref().map_or_else(|| o.home_base.join(&o.user), |(_, _, h, _)| h.clone());
+
+    // Before changing anything: the keys' lines, refused if the key already
+    // carries another forced command (see `plan_key`).
+    let agent = match o.mode {
+        AccessMode::Acl => exe.clone(),
+        AccessMode::Capability => agent_path(&o.agent_dir, &o.user),
+    };
+    let line = format!(
+        "restrict,command=\"{} serve --read-only --root {}\" {kind} {blob} {}",
+        quote(&agent)?,
+        quote(&root)?,
+        comment(&o.key)
+    );
+    let backup_key = plan_key(&home.join(".ssh"), &blob, line.trim_end())?;
+    let restore_key = match &restore {
+        Some((rkind, rblob)) => {
+            let line = format!(
+                "restrict,command=\"{} serve --write --root {}\" {rkind} {rblob} {}",
+                quote(&exe)?,
+                quote(&root)?,
+                comment(o.restore_key.as_deref().unwrap_or_default())
+            );
+            Some(plan_key(Path::new("/root/.ssh"), rblob, line.trim_end())?)
+        }
+        None => None,
+    };
 
     // 1. The user: no password (but not locked: keys work), and rbackup as its
     // shell, which only runs `rbackup serve`.
-    let home = o.home_base.join(&o.user);
-    let account = lookup_user(&o.user)?;
     match &account {
         Some((_, _, h, shell)) => {
             steps.ok(&format!("user {} exists (home {}, shell {shell})", o.user, h.display()));
@@ -168,39 +194,37 @@ pub fn server(o: &ServerOptions) -> Result<()> {
             })?;
         }
     }
-    let (uid, gid, home) = match lookup_user(&o.user)? {
-        Some((u, g, h, _)) => (u, g, h),
-        None if o.dry_run => (u32::MAX, u32::MAX, home),
+    let (uid, gid) = match lookup_user(&o.user)? {
+        Some((u, g, _, _)) => (u, g),
+        None if o.dry_run => (u32::MAX, u32::MAX),
         None => bail!("user {} was not created", o.user),
     };
 
     // 2. Read access.
-    let agent = match o.mode {
-        AccessMode::Acl => {
-            grant_tree(&steps, &root, uid)?;
-            exe.clone()
-        }
-        AccessMode::Capability => install_agent(&steps, &exe, &o.agent_dir, gid)?,
-    };
+    let mut not_granted = 0;
+    match o.mode {
+        AccessMode::Acl => not_granted = grant_tree(&steps, &root, &o.user, uid)?,
+        AccessMode::Capability => install_agent(&steps, &exe, &agent, gid)?,
+    }
     grant_ancestors(&steps, &root, uid)?;
 
     // 3. Keys, confined by forced commands.
-    let line = format!(
-        "restrict,command=\"{} serve --read-only --root {}\" {kind} {blob} {}",
-        quote(&agent)?,
-        quote(&root)?,
-        comment(&o.key)
-    );
-    install_key(&steps, &home.join(".ssh"), &blob, line.trim_end())?;
-    if let Some((rkind, rblob)) = &restore {
-        let line = format!(
-            "restrict,command=\"{} serve --write --root {}\" {rkind} {rblob} {}",
-            quote(&exe)?,
-            quote(&root)?,
-            comment(o.restore_key.as_deref().unwrap_or_default())
-        );
-        install_key(&steps, Path::new("/root/.ssh"), rblob, line.trim_end())?;
+    write_key(&steps, &backup_key)?;
+    if let Some(k) = &restore_key {
+        write_key(&steps, k)?;
         check_root_login();
+    }
+    if o.dry_run {
+        info!("dry run: nothing was changed; run the same command without --dry-run to set up the server");
+        return Ok(());
+    }
+    if not_granted > 0 {
+        bail!(
+            "{} under {} could not be given read access (named above, each with the reason): the backup \
+             user can't read those. Fix what stopped it and run setup-server again, or use --mode capability",
+            entries(not_granted),
+            root.display()
+        );
     }
     info!("server ready: the desktop pulls {}@{}:{}", o.user, crate::notify::hostname(), root.display());
     Ok(())
@@ -210,32 +234,154 @@ fn comment(key: &str) -> String {
     key.split_whitespace().skip(2).collect::<Vec<_>>().join(" ")
 }
 
-/// Adds or replaces (matched by key) the line in `dir/authorized_keys`,
-/// owned by root so the account itself can't change what it may run.
-fn install_key(steps: &Steps, dir: &Path, blob: &str, line: &str) -> Result<()> {
+/// The `authorized_keys` file as it will be, before anything is written.
+struct KeyPlan {
+    file: PathBuf,
+    line: String,
+    /// The new content, or `None` if the file already holds the line.
+    new: Option<String>,
+}
+
+/// The forced command of an `authorized_keys` line, if it has one.
+fn forced_command(line: &str) -> Option<&str> {
+    let start = line.find("command=\"")? + "command=\"".len();
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+/// Plans adding `line` for the key `blob` to `dir/authorized_keys`.
+///
+/// A key can carry one forced command only: sshd uses the first line that
+/// matches it, so a second root for the same key would be a dead line, and
+/// rewriting the existing line would silently cut off the job that uses it.
+/// A line of this key with the same command (the program may differ: another
+/// access mode, a moved binary) is replaced; any other line of this key is a
+/// refusal that names it and says what to do.
+fn plan_key(dir: &Path, blob: &str, line: &str) -> Result<KeyPlan> {
     let file = dir.join("authorized_keys");
-    let old = std::fs::read_to_string(&file).unwrap_or_default();
+    let old = match std::fs::read_to_string(&file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        // A dry run by another user than root: say what can't be checked.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !rustix::process::geteuid().is_root() => {
+            warn!("cannot read {} as this user ({e}): run the dry run as root to check it", file.display());
+            String::new()
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let wanted = forced_command(line).and_then(split_words).unwrap_or_default();
     let mut lines: Vec<String> = Vec::new();
     let mut present = false;
-    for l in old.lines() {
-        if l.split_whitespace().any(|w| w == blob) {
-            if !present {
-                lines.push(line.to_string());
-            }
-            present = true;
-        } else {
+    for (n, l) in old.lines().enumerate() {
+        if !l.split_whitespace().any(|w| w == blob) {
             lines.push(l.to_string());
+            continue;
         }
+        let existing = forced_command(l).and_then(split_words);
+        if existing.as_ref().is_none_or(|w| w.get(1..) != wanted.get(1..)) {
+            bail!(usage!("{}", key_conflict(&file, n + 1, l, existing.as_deref(), &wanted)));
+        }
+        if !present {
+            lines.push(keep_options(l, line));
+        }
+        present = true;
     }
     if !present {
         lines.push(line.to_string());
     }
     let new = lines.join("\n") + "\n";
-    if new == old {
-        steps.ok(&format!("{} already holds the key, confined", file.display()));
-        return Ok(());
+    Ok(KeyPlan { file, line: line.to_string(), new: (new != old).then_some(new) })
+}
+
+/// The line to write over `existing`, a line of the same key with the same
+/// command: options the admin added (`from="…"`) stay if the line is
+/// `restrict`ed; the program in the command becomes the one `ours` runs.
+fn keep_options(existing: &str, ours: &str) -> String {
+    let options = options_field(existing);
+    let restricted = split_options(options).contains(&"restrict");
+    match (restricted, forced_command(existing), forced_command(ours)) {
+        (true, Some(old), Some(new)) => {
+            existing.replacen(&format!("command=\"{old}\""), &format!("command=\"{new}\""), 1)
+        }
+        _ => ours.to_string(),
     }
-    steps.run(&format!("write {}: {line}", file.display()), || {
+}
+
+/// The options field of an `authorized_keys` line: everything before the
+/// first blank outside quotes, unless the line starts with the key type.
+fn options_field(line: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                let first = &line[..i];
+                let is_key_type = ["ssh-", "ecdsa-", "sk-"].iter().any(|t| first.starts_with(t));
+                return if is_key_type { "" } else { first };
+            }
+            _ => {}
+        }
+    }
+    ""
+}
+
+/// The options, split on commas outside quotes.
+fn split_options(options: &str) -> Vec<&str> {
+    let (mut out, mut quoted, mut start) = (Vec::new(), false, 0);
+    for (i, c) in options.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&options[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if start < options.len() {
+        out.push(&options[start..]);
+    }
+    out
+}
+
+/// Why a key's existing line is kept, and the ways forward.
+fn key_conflict(file: &Path, n: usize, line: &str, existing: Option<&[String]>, wanted: &[String]) -> String {
+    let root_of = |w: &[String]| w.iter().position(|a| a == "--root").and_then(|i| w.get(i + 1)).map(PathBuf::from);
+    let what = match existing {
+        None => "without a forced command (a key someone logs in with?)".to_string(),
+        Some(w) => format!("for `{}`", w.join(" ")),
+    };
+    let mut text = format!(
+        "{} line {n} already holds this key {what}:\n  {line}\n\
+         sshd uses only the first line that matches a key, so one key can serve one directory; \
+         the line is kept, nothing was changed. Either:\n\
+         - give this tree its own key: on the desktop, `rbackup -j NEWJOB setup-client --remote …` \
+         makes a key per job; run the setup-server line it prints;",
+        file.display()
+    );
+    let old_root = existing.and_then(root_of);
+    if let (Some(old), Some(new)) = (&old_root, root_of(wanted)) {
+        let common = old.ancestors().find(|a| new.starts_with(a)).unwrap_or(Path::new("/"));
+        text.push_str(&format!(
+            "\n- or serve one directory that holds both: delete line {n} of {}, then run setup-server with \
+             `--root {}` (each job's path beneath it);",
+            file.display(),
+            common.display()
+        ));
+    }
+    text.push_str(&format!("\n- or, to move this key here, delete line {n} of {} and run this again.", file.display()));
+    text
+}
+
+/// Writes the planned `authorized_keys`, owned by root so the account itself
+/// can't change what it may run.
+fn write_key(steps: &Steps, plan: &KeyPlan) -> Result<()> {
+    let Some(new) = &plan.new else {
+        steps.ok(&format!("{} already holds the key, confined", plan.file.display()));
+        return Ok(());
+    };
+    let dir = plan.file.parent().expect("a file in a directory");
+    steps.run(&format!("write {}: {}", plan.file.display(), plan.line), || {
         std::fs::create_dir_all(dir)?;
         let owner = if dir.starts_with("/root") { 0o700 } else { 0o755 };
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(owner))?;
@@ -270,36 +416,52 @@ fn check_root_login() {
     }
 }
 
-/// Copies the agent where only the backup user's group can run it, with
-/// `CAP_DAC_READ_SEARCH` as a file capability.
-fn install_agent(steps: &Steps, exe: &Path, dir: &Path, gid: u32) -> Result<PathBuf> {
-    let agent = dir.join("rbackup-agent");
+/// The capability agent of one backup user. Each user has its own copy: the
+/// copy's group is what lets the user run it, and one file has one group.
+/// (A shared copy re-owned by each setup locked out the users before.) Its
+/// name starts with `rbackup`: the account's shell runs nothing else.
+fn agent_path(dir: &Path, user: &str) -> PathBuf {
+    dir.join(format!("rbackup-agent-{user}"))
+}
+
+/// Copies the agent to `agent`, where only the backup user's group can run
+/// it, with `CAP_DAC_READ_SEARCH` as a file capability.
+fn install_agent(steps: &Steps, exe: &Path, agent: &Path, gid: u32) -> Result<()> {
+    let dir = agent.parent().expect("the agent is in a directory");
     // VFS_CAP_REVISION_2 | effective; permitted = CAP_DAC_READ_SEARCH (2).
     let mut cap = Vec::new();
     for word in [0x0200_0001u32, 1 << 2, 0, 0, 0] {
         cap.extend_from_slice(&word.to_le_bytes());
     }
-    let same = std::fs::read(&agent).ok() == std::fs::read(exe).ok()
-        && xattr::get(&agent, "security.capability").ok().flatten().as_deref() == Some(&cap[..])
-        && rustix::fs::stat(&agent).is_ok_and(|st| st.st_gid == gid && st.st_mode & 0o7777 == 0o750);
+    let same = std::fs::read(agent).ok() == std::fs::read(exe).ok()
+        && xattr::get(agent, "security.capability").ok().flatten().as_deref() == Some(&cap[..])
+        && rustix::fs::stat(agent).is_ok_and(|st| st.st_uid == 0 && st.st_gid == gid && st.st_mode & 0o7777 == 0o750);
+    let shared = dir.join("rbackup-agent");
+    if shared.exists() {
+        info!(
+            "{} (one copy for every backup user, from an older rbackup) is no longer used by keys set up now; \
+             once setup-server has been run again for each backup user, remove it",
+            shared.display()
+        );
+    }
     if same {
         steps.ok(&format!("{} is installed with cap_dac_read_search", agent.display()));
-        return Ok(agent);
+        return Ok(());
     }
     steps.run(
         &format!("install {} (root, group of the backup user, 0750) with cap_dac_read_search", agent.display()),
         || {
             std::fs::create_dir_all(dir)?;
-            let tmp = dir.join(".rbackup-agent.new");
+            let name = agent.file_name().expect("a file name").to_string_lossy();
+            let tmp = dir.join(format!(".{name}.new"));
             std::fs::copy(exe, &tmp)?;
             rustix::fs::chown(&tmp, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::from_raw(gid)))?;
             std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o750))?;
             xattr::set(&tmp, "security.capability", &cap)?;
-            std::fs::rename(&tmp, &agent)?;
+            std::fs::rename(&tmp, agent)?;
             Ok(())
         },
-    )?;
-    Ok(agent)
+    )
 }
 
 /// Every directory above the root must let the user through.
@@ -330,58 +492,73 @@ fn current_acl(path: &Path, name: &[u8], mode: u32) -> Result<Acl> {
 /// Gives `uid` read access to everything beneath `root` (`rX`), and a default
 /// ACL on directories so new files get it too. Walks with directory handles:
 /// no symlink is followed, and paths longer than `PATH_MAX` work (where
-/// `setfacl -R` gives up).
-fn grant_tree(steps: &Steps, root: &Path, uid: u32) -> Result<()> {
-    let top = Dir::open_path(root)?;
-    let (mut seen, mut granted) = (0u64, 0u64);
-    let mut stack = vec![(top, Vec::<u8>::new())];
+/// `setfacl -R` gives up). An entry that can't be given access is named with
+/// the reason and the walk goes on; returns how many there were.
+fn grant_tree(steps: &Steps, root: &Path, user: &str, uid: u32) -> Result<u64> {
+    let mut g = Grants { steps, user, seen: 0, granted: 0, failed: 0 };
+    let mut stack = vec![(Dir::open_path(root)?, Vec::<u8>::new())];
     while let Some((dir, rel)) = stack.pop() {
         // The directory itself: access and default ACL.
         let st = dir.stat_self()?;
         let path = proc_of(&dir);
-        let mut writes = grant_one(&path, ACL_ACCESS, st.st_mode, uid, acl::R | acl::X)?.unwrap_or_default();
-        writes.extend(grant_one(&path, ACL_DEFAULT, st.st_mode, uid, acl::R | acl::X)?.unwrap_or_default());
-        seen += 1;
-        if !writes.is_empty() {
-            write_acls(steps, &path, &rel, writes, granted)?;
-            granted += 1;
-        }
-        for name in dir.names()? {
+        g.seen += 1;
+        let writes = grant_one(&path, ACL_ACCESS, st.st_mode, uid, acl::R | acl::X).and_then(|a| {
+            let d = grant_one(&path, ACL_DEFAULT, st.st_mode, uid, acl::R | acl::X)?;
+            Ok(a.into_iter().chain(d).flatten().collect::<Writes>())
+        });
+        g.apply(&path, &rel, writes.map(|w| (!w.is_empty()).then_some(w)))?;
+        let names = match dir.names() {
+            Ok(n) => n,
+            Err(e) => {
+                g.fail(&rel, &format!("listing it: {e}"));
+                continue;
+            }
+        };
+        for name in names {
             let child_rel = join(&rel, &name);
-            let Ok(cst) = dir.stat(&name) else { continue };
+            let cst = match dir.stat(&name) {
+                Ok(st) => st,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // gone meanwhile
+                Err(e) => {
+                    g.seen += 1;
+                    g.fail(&child_rel, &e.to_string());
+                    continue;
+                }
+            };
             match file_type(&cst) {
                 FileType::Directory => match dir.open_dir(&name) {
                     Ok(d) => stack.push((d, child_rel)),
-                    Err(e) => warn!("skipping {}: {e}", Shown(&child_rel)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        g.seen += 1;
+                        g.fail(&child_rel, &e.to_string());
+                    }
                 },
                 FileType::Symlink => {}
                 _ => {
-                    let fd = rustix::fs::openat(
+                    g.seen += 1;
+                    let fd = match rustix::fs::openat(
                         &dir,
                         name.as_slice(),
                         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         Mode::empty(),
-                    )?;
+                    ) {
+                        Ok(fd) => fd,
+                        Err(rustix::io::Errno::NOENT) => continue,
+                        Err(e) => {
+                            g.fail(&child_rel, &e.to_string());
+                            continue;
+                        }
+                    };
                     let path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
                     let perm = if cst.st_mode & 0o111 != 0 { acl::R | acl::X } else { acl::R };
-                    seen += 1;
-                    if let Some(w) = grant_one(&path, ACL_ACCESS, cst.st_mode, uid, perm)? {
-                        write_acls(steps, &path, &child_rel, w, granted)?;
-                        granted += 1;
-                    }
+                    g.apply(&path, &child_rel, grant_one(&path, ACL_ACCESS, cst.st_mode, uid, perm))?;
                 }
             }
         }
     }
-    if granted == 0 {
-        steps.ok(&format!("the backup user can read all {seen} entries under {}", root.display()));
-    } else {
-        println!(
-            "{} the backup user read access to {granted} of {seen} entries",
-            if steps.dry_run { "would give" } else { "gave" }
-        );
-    }
-    Ok(())
+    g.summary(root);
+    Ok(g.failed)
 }
 
 /// The ACL attributes to write for one entry.
@@ -395,25 +572,98 @@ fn grant_one(path: &Path, name: &'static [u8], mode: u32, uid: u32, perm: u16) -
     Ok(acl.grant_user(uid, perm).then(|| vec![(name, acl.to_bytes())]))
 }
 
-/// Entries a dry run names before it only counts.
-const DRY_RUN_LISTED: u64 = 20;
+/// Entries named (in a dry run and a real one) before the rest are counted.
+const LISTED: u64 = 20;
 
-fn write_acls(steps: &Steps, path: &Path, rel: &[u8], writes: Writes, n: u64) -> Result<()> {
-    let shown = if rel.is_empty() { ".".to_string() } else { Shown(rel).to_string() };
-    if steps.dry_run {
-        if n == 0 {
-            println!("would: give the backup user read access (ACL u:UID:rX, and a default ACL on directories):");
+/// The ACL walk's counts, and what it says as it goes.
+struct Grants<'a> {
+    steps: &'a Steps,
+    user: &'a str,
+    seen: u64,
+    granted: u64,
+    failed: u64,
+}
+
+impl Grants<'_> {
+    /// Writes the ACLs one entry needs (or says it would), and names it.
+    fn apply(&mut self, path: &Path, rel: &[u8], writes: Result<Option<Writes>>) -> Result<()> {
+        let writes = match writes {
+            Ok(Some(w)) => w,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                self.fail(rel, &format!("reading its ACL: {e:#}"));
+                return Ok(());
+            }
+        };
+        if !self.steps.dry_run {
+            for (name, value) in writes {
+                if let Err(e) = xattr::set_deref(path, std::ffi::OsStr::from_bytes(name), &value) {
+                    if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) {
+                        bail!(
+                            "setting the ACL of {}: the filesystem does not support ACLs ({e}); mount it with \
+                             ACLs, or use --mode capability",
+                            shown(rel)
+                        );
+                    }
+                    let hint = if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) {
+                        " (an immutable or append-only file? see `lsattr`)"
+                    } else {
+                        ""
+                    };
+                    self.fail(rel, &format!("{e}{hint}"));
+                    return Ok(());
+                }
+            }
         }
-        if n < DRY_RUN_LISTED {
-            println!("would:   {shown}");
+        let prefix = if self.steps.dry_run { "would: " } else { "" };
+        if self.granted == 0 {
+            println!(
+                "{prefix}give the backup user read access (ACL u:{}:rX, and a default ACL on directories):",
+                self.user
+            );
         }
-        return Ok(());
+        if self.granted < LISTED {
+            println!("{prefix}  {}", shown(rel));
+        }
+        self.granted += 1;
+        Ok(())
     }
-    for (name, value) in writes {
-        xattr::set_deref(path, std::ffi::OsStr::from_bytes(name), &value)
-            .with_context(|| format!("setting the ACL of {shown}"))?;
+
+    /// An entry the user will not read, said with the reason.
+    fn fail(&mut self, rel: &[u8], why: &str) {
+        self.failed += 1;
+        warn!("could not give the backup user read access to {}: {why}", shown(rel));
     }
-    Ok(())
+
+    fn summary(&self, root: &Path) {
+        let prefix = if self.steps.dry_run { "would: " } else { "" };
+        if self.granted > LISTED {
+            println!("{prefix}  … and {} more", self.granted - LISTED);
+        }
+        let already = self.seen.saturating_sub(self.granted + self.failed);
+        if self.granted == 0 && self.failed == 0 {
+            self.steps.ok(&format!("the backup user can read all {} entries under {}", self.seen, root.display()));
+            return;
+        }
+        let mut line = format!(
+            "{} the backup user read access to {} under {} ({already} already had it",
+            if self.steps.dry_run { "would give" } else { "gave" },
+            entries(self.granted),
+            root.display()
+        );
+        if self.failed > 0 {
+            line.push_str(&format!(", {} could not be given it: named above", self.failed));
+        }
+        println!("{line})");
+    }
+}
+
+fn entries(n: u64) -> String {
+    if n == 1 { "1 entry".into() } else { format!("{n} entries") }
+}
+
+fn shown(rel: &[u8]) -> String {
+    if rel.is_empty() { ".".to_string() } else { Shown(rel).to_string() }
 }
 
 fn proc_of(dir: &Dir) -> PathBuf {
@@ -693,6 +943,40 @@ mod tests {
             ["/bin/sh", "rbackup backup", "/usr/bin/python3 -c x", "sh -c 'rbackup serve'", "rbackup serve | cat"]
         {
             assert!(shell(cmd).is_err(), "{cmd}");
+        }
+    }
+
+    const BLOB: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIE1ypdKLd+1Yy8R0nK0Zz3cA";
+
+    fn plan_over(existing: &str, line: &str) -> Result<Option<String>> {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("authorized_keys"), existing).unwrap();
+        Ok(plan_key(tmp.path(), BLOB, line)?.new)
+    }
+
+    #[test]
+    fn a_key_keeps_one_forced_command() {
+        let ours = format!("restrict,command=\"/usr/bin/rbackup serve --read-only --root /srv\" ssh-ed25519 {BLOB} d");
+        let other = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ other\n";
+        // New key: appended, other lines kept.
+        assert_eq!(plan_over(other, &ours).unwrap().unwrap(), format!("{other}{ours}\n"));
+        // Same line: nothing to write.
+        assert_eq!(plan_over(&format!("{ours}\n"), &ours).unwrap(), None);
+        // Another program for the same root (another access mode): updated in
+        // place, keeping the options the admin added.
+        let old = format!(
+            "from=\"10.0.0.5\",restrict,command=\"/opt/rbackup-agent serve --read-only --root /srv\" ssh-ed25519 {BLOB} d"
+        );
+        let new = plan_over(&format!("{old}\n"), &ours).unwrap().unwrap();
+        assert_eq!(new, old.replace("/opt/rbackup-agent", "/usr/bin/rbackup") + "\n");
+        // Another root, no forced command, or another command: refused.
+        for existing in [
+            ours.replace("--root /srv", "--root /home"),
+            format!("ssh-ed25519 {BLOB} admin"),
+            ours.replace("--read-only", "--write"),
+        ] {
+            let err = plan_over(&format!("{existing}\n"), &ours).unwrap_err().to_string();
+            assert!(err.contains("line 1 already holds this key") && err.contains(&existing), "{err}");
         }
     }
 

@@ -41,13 +41,34 @@ fn a_test_message_goes_through_plain_smtp() {
     require_root();
     let tmp = scratch();
     let smtp = Smtp::start(tmp.path(), "plain", None, None);
-    let cfg = config(tmp.path(), "/srv", &format!("host = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n", smtp.port));
+    let cfg = config(
+        tmp.path(),
+        "/srv",
+        &format!("host = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nsend_on = \"partial\"\n", smtp.port),
+    );
     let (code, _, err) = rb(&cfg, &["test-email"]);
     assert_eq!(code, 0, "{err}");
     let msgs = smtp.messages();
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0]["subject"], format!("[rbackup] web on {}: test message", hostname()));
     assert_eq!(msgs[0]["rcpt_tos"], serde_json::json!(["admin@example.org", "oncall@example.org"]));
+    // Regression: it said "Reports are sent on: Partial." (the Rust name).
+    let body = msgs[0]["body"].as_str().unwrap();
+    assert!(body.contains("Reports are sent on: send_on = \"partial\" (runs that fail"), "{body}");
+    assert_mime(&msgs[0]);
+}
+
+/// Regression: mails had no MIME-Version, Content-Type nor Message-ID
+/// although the body was quoted-printable and the subject an encoded word.
+fn assert_mime(msg: &serde_json::Value) {
+    let h = &msg["headers"];
+    assert_eq!(h["mime-version"], "1.0", "{h}");
+    let ct = h["content-type"].as_str().unwrap_or_default().to_lowercase().replace([' ', '"'], "");
+    assert!(ct.starts_with("text/plain;charset=utf-8"), "{h}");
+    assert!(h["content-transfer-encoding"].is_string(), "{h}");
+    let id = h["message-id"].as_str().unwrap_or_default();
+    assert!(id.starts_with('<') && id.ends_with('>') && id.contains('@'), "{h}");
+    assert!(h["date"].is_string(), "{h}");
 }
 
 #[test]
@@ -75,7 +96,10 @@ fn starttls_with_a_private_ca_and_auth_from_a_password_file() {
     let cfg = config(tmp.path(), "/srv", &settings(false));
     let (code, _, err) = rb(&cfg, &["test-email"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.to_lowercase().contains("certificate") || err.contains("tls") || err.contains("TLS"), "{err}");
+    // Regression: the error said "invalid peer certificate: UnknownIssuer" twice.
+    assert_eq!(err.matches("UnknownIssuer").count(), 1, "{err}");
+    assert!(err.contains(&format!("sending mail through localhost:{}", smtp.port)), "{err}");
+    assert!(err.contains("put your CA's certificate (PEM) in `ca_file`"), "{err}");
     assert!(smtp.messages().is_empty());
 
     let cfg = config(tmp.path(), "/srv", &settings(true));
@@ -120,6 +144,8 @@ fn a_failed_backup_sends_exactly_one_mail_that_says_what_failed() {
     let body = msgs[0]["body"].as_str().unwrap();
     assert!(body.contains("Exit code: 1") && body.contains("No such file or directory"), "{body}");
     assert!(body.contains("Last ") && body.contains("log lines"), "{body}");
+    assert!(body.contains("What to do:\n  Run `rbackup -j web check`"), "{body}");
+    assert_mime(&msgs[0]);
 
     // SSH refused: nothing listens where the source points.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -136,6 +162,10 @@ fn a_failed_backup_sends_exactly_one_mail_that_says_what_failed() {
     assert_eq!(msgs.len(), 2, "{msgs:?}");
     let subject = msgs[1]["subject"].as_str().unwrap();
     assert!(subject.contains(": FAILED — cannot reach nowhere"), "{subject}");
+    // Regression: it said what failed, not what to do about it.
+    let body = msgs[1]["body"].as_str().unwrap();
+    assert!(body.contains("What to do:\n  The server could not be reached from this machine"), "{body}");
+    assert!(body.contains("Check the network and ssh") && body.contains("then run `rbackup -j web check`"), "{body}");
 
     // A successful run sends nothing (send_on = failure is the default).
     let src = tmp.path().join("src");
@@ -181,4 +211,100 @@ fn an_unreachable_smtp_server_does_not_change_the_exit_code() {
     let (code, _, err) = rb(&cfg, &["--backup"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("could not send the report mail"), "{err}");
+}
+
+/// The ```sh blocks of docs/email.md that make a certificate (they start
+/// with `HOST=`), with HOST set to `host`.
+fn documented_certificate_commands(host: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/email.md")).unwrap();
+    let blocks: Vec<String> = doc
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .filter(|b| b.starts_with("HOST=smtp.example.org\n"))
+        .map(|b| b.replacen("HOST=smtp.example.org", &format!("HOST={host}"), 1))
+        .collect();
+    assert_eq!(blocks.len(), 2, "docs/email.md shows a CA + server certificate, and a self-signed one");
+    blocks
+}
+
+/// The openssl commands docs/email.md gives make certificates that rustls
+/// accepts: a CA and a server certificate (ca_file = the CA), and one
+/// self-signed server certificate (ca_file = the certificate itself).
+#[test]
+fn the_certificates_docs_email_md_makes_are_accepted() {
+    require_root();
+    for (i, commands) in documented_certificate_commands("localhost").into_iter().enumerate() {
+        let tmp = scratch();
+        let d = tmp.path();
+        let out = std::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &commands])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "block {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let ca = if d.join("ca.pem").exists() { d.join("ca.pem") } else { d.join("server.pem") };
+        let pki = Pki { ca: ca.clone(), cert: d.join("server.pem"), key: d.join("server.key") };
+        let smtp = Smtp::start(d, "starttls", Some(&pki), None);
+        let settings = format!(
+            "host = \"localhost\"\nport = {}\nsecurity = \"starttls\"\nca_file = \"{}\"\n",
+            smtp.port,
+            ca.display()
+        );
+        let cfg = config(d, "/srv", &settings);
+        let (code, _, err) = rb(&cfg, &["test-email"]);
+        assert_eq!(code, 0, "block {i}: {err}");
+        let msgs = smtp.messages();
+        assert_eq!(msgs.len(), 1, "block {i}");
+        assert_eq!(msgs[0]["tls"], true);
+    }
+}
+
+/// Regression: a certificate from a plain `openssl req -x509` (a CA
+/// certificate) was refused as `CaUsedAsEndEntity` with no word on what to
+/// do instead.
+#[test]
+fn a_plain_openssl_self_signed_certificate_is_refused_with_the_fix() {
+    require_root();
+    let tmp = scratch();
+    let d = tmp.path();
+    sh(&format!(
+        "cd '{}' && openssl req -x509 -newkey rsa:2048 -nodes -keyout server.key -out server.pem -days 2 \
+         -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>/dev/null",
+        d.display()
+    ));
+    let pki = Pki { ca: d.join("server.pem"), cert: d.join("server.pem"), key: d.join("server.key") };
+    let smtp = Smtp::start(d, "starttls", Some(&pki), None);
+    let settings = format!(
+        "host = \"localhost\"\nport = {}\nsecurity = \"starttls\"\nca_file = \"{}\"\n",
+        smtp.port,
+        pki.ca.display()
+    );
+    let (code, _, err) = rb(&config(d, "/srv", &settings), &["test-email"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.matches("CaUsedAsEndEntity").count(), 1, "{err}");
+    assert!(err.contains("basicConstraints=CA:FALSE") && err.contains("docs/email.md"), "{err}");
+    assert!(smtp.messages().is_empty());
+}
+
+/// Regression: a server that accepts the connection and never answers was
+/// reported after 30 s as "Resource temporarily unavailable (os error 11)".
+#[test]
+fn a_stalled_smtp_server_is_reported_as_a_timeout_naming_it() {
+    require_root();
+    let tmp = scratch();
+    // The kernel completes the handshake for the backlog; nobody ever answers.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stalled.local_addr().unwrap().port();
+    let mail = format!("host = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\ntimeout_seconds = 1\n");
+    let cfg = config(tmp.path(), "/srv", &mail);
+    let (code, _, err) = rb(&cfg, &["test-email"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("no answer from 127.0.0.1:{port} within 1 s (timeout)")), "{err}");
+    assert!(!err.contains("os error 11"), "{err}");
+    // `check` says the same.
+    let (code, out, _) = rb(&cfg, &["-j", "web", "check"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("no answer from 127.0.0.1:{port} within 1 s (timeout)")), "{out}");
+    drop(stalled);
 }

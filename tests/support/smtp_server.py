@@ -2,8 +2,8 @@
 """A real SMTP server on loopback for rbackup's mail tests (aiosmtpd).
 
 Every message received is written to OUT/NNNN.json with its decoded subject,
-body, envelope and the authenticated user, so tests assert on what a mail
-client would show. Prints READY once it listens.
+body, headers (lower-case names), envelope and the authenticated user, so
+tests assert on what a mail client would show. Prints READY once it listens.
 
   smtp_server.py --port P --out DIR [--mode plain|starttls|tls]
                  [--cert CERT --key KEY] [--user U --password PW]
@@ -34,11 +34,13 @@ class Saver:
             "subject": str(msg["subject"]),
             "from": str(msg["from"]),
             "to": str(msg["to"]),
-            "body": body.get_content() if body is not None else "",
+            # Lines as a mail client shows them (the wire has CRLF).
+            "body": body.get_content().replace("\r\n", "\n") if body is not None else "",
             "mail_from": envelope.mail_from,
             "rcpt_tos": envelope.rcpt_tos,
             "auth_user": session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None,
             "tls": session.ssl is not None,
+            "headers": {k.lower(): str(v) for k, v in msg.items()},
         }
         with self.lock:
             self.count += 1
