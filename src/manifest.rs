@@ -38,6 +38,9 @@ const MAGIC: &str = "rbackup-manifest";
 const RECORD_MAX: usize = 8 << 20;
 /// Records between two flushes of the zstd stream.
 const FLUSH_EVERY: u64 = 4096;
+/// Longest time records stay in the zstd stream's buffer: what a `kill -9`
+/// may cost a resumed run (files it must hash again, see `sink::record`).
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Infix of the manifests of runs still going (or interrupted).
 pub const PARTIAL: &str = ".partial-";
 
@@ -142,6 +145,8 @@ pub struct ManifestWriter {
     /// Records waiting for each ticket, by sequence number.
     waiting: HashMap<u64, Vec<u64>>,
     entries: u64,
+    /// When the zstd stream was last flushed.
+    flushed_at: std::time::Instant,
     dir: Dir,
     temp: Vec<u8>,
     name: String,
@@ -178,6 +183,7 @@ impl ManifestWriter {
             front: 0,
             waiting: HashMap::new(),
             entries: 0,
+            flushed_at: std::time::Instant::now(),
             dir: dir.clone(),
             temp,
             name,
@@ -230,19 +236,29 @@ impl ManifestWriter {
     }
 
     fn flush_ready(&mut self) -> io::Result<()> {
+        let mut wrote = false;
         while self.held.front().is_some_and(|h| h.waiting.is_none()) {
             let h = self.held.pop_front().expect("checked");
             self.front += 1;
             let Some(record) = h.record else { continue };
             write_item(&mut self.out, &Item::Entry(record))?;
             self.entries += 1;
-            // End a zstd block now and then, so that an interrupted run's
-            // manifest holds most of what it wrote (a resumed run reuses it).
+            wrote = true;
             if self.entries.is_multiple_of(FLUSH_EVERY) {
-                self.out.flush()?;
+                self.flush()?;
             }
         }
+        if wrote && self.flushed_at.elapsed() >= FLUSH_AFTER {
+            self.flush()?;
+        }
         Ok(())
+    }
+
+    /// Ends a zstd block, so that an interrupted run's manifest holds what
+    /// it wrote (a resumed run reuses it).
+    fn flush(&mut self) -> io::Result<()> {
+        self.flushed_at = std::time::Instant::now();
+        self.out.flush()
     }
 
     /// Writes the footer and flushes the file to disk; the manifest keeps its

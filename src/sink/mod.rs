@@ -169,6 +169,8 @@ pub struct Sink<'e> {
     warned_devices: bool,
     /// A file was hashed again because its basis manifest is of format 1.
     noted_rehash: bool,
+    /// A file was hashed because its basis manifest had no hash for it.
+    noted_unhashed: bool,
     stats: Stats,
 }
 
@@ -204,6 +206,7 @@ impl<'e> Sink<'e> {
             listing_done: false,
             warned_devices: false,
             noted_rehash: false,
+            noted_unhashed: false,
             stats: Stats::default(),
         }
     }
@@ -634,8 +637,12 @@ impl<'e> Sink<'e> {
 
     /// The content hash of a file kept, linked or copied from `from` (the
     /// destination, or basis `i`), now `name` in node `d`'s directory: the
-    /// one that tree's manifest recorded, or — when that manifest holds an
-    /// older digest — the file's digest computed now, once (see `record`).
+    /// one that tree's manifest recorded; for a file kept in a resumed
+    /// snapshot whose run's manifest was cut short, the one of the basis it
+    /// is a hardlink of (one inode, one content: DESIGN rule 1); otherwise —
+    /// no manifest, no record, or an older digest — its digest computed now
+    /// from the file in the snapshot, once, in proportion to its data. So no
+    /// file of a snapshot is left without a hash (see `record`).
     fn carried_hash(
         &mut self,
         from: Option<usize>,
@@ -645,9 +652,11 @@ impl<'e> Sink<'e> {
         size: u64,
         want: &Meta,
     ) -> Option<[u8; 32]> {
+        if !self.rec.active() {
+            return None;
+        }
         match self.rec.carried(from, rel, size, want) {
-            Carried::Hash(h) => Some(h),
-            Carried::None => None,
+            Carried::Hash(h) => return Some(h),
             Carried::Legacy => {
                 if !self.noted_rehash {
                     self.noted_rehash = true;
@@ -656,16 +665,55 @@ impl<'e> Sink<'e> {
                          linked from it are hashed once more (see docs/retention.md, Manifests)",
                     );
                 }
-                let dest = self.dest_of(d)?;
-                let digest = dest.open_file(name).and_then(|f| crate::digest::of_file(&f, crate::digest::Version::V2));
-                match digest {
-                    Ok(digest) => Some(digest.hash),
-                    Err(e) => {
-                        crate::warn!("{}: could not be hashed for the manifest: {e}", Shown(rel));
-                        None
-                    }
+            }
+            Carried::None => {
+                if let Some(h) = self.hash_of_basis_inode(from, d, name, rel, size, want) {
+                    return Some(h);
+                }
+                if from.is_some() && !self.noted_unhashed {
+                    self.noted_unhashed = true;
+                    self.events.note(
+                        "the previous snapshot's manifest is missing or lacks some files: files linked from it \
+                         are hashed now, once (see docs/retention.md, Manifests)",
+                    );
                 }
             }
+        }
+        let dest = self.dest_of(d)?;
+        let digest = dest.open_file(name).and_then(|f| crate::digest::of_file(&f, crate::digest::Version::V2));
+        match digest {
+            Ok(digest) => Some(digest.hash),
+            Err(e) => {
+                crate::warn!("{}: could not be hashed for the manifest: {e}", Shown(rel));
+                None
+            }
+        }
+    }
+
+    /// The hash another basis's manifest (not `from`'s) records for `name`,
+    /// when the destination's `name` is the same inode as that basis's file:
+    /// a file an interrupted run linked, kept or linked again from it.
+    #[allow(clippy::too_many_arguments)]
+    fn hash_of_basis_inode(
+        &mut self,
+        from: Option<usize>,
+        d: usize,
+        name: &[u8],
+        rel: &[u8],
+        size: u64,
+        want: &Meta,
+    ) -> Option<[u8; 32]> {
+        let node = self.node(d);
+        let st = node.dest.as_ref()?.try_stat(name).ok()??;
+        let i = node.bases.iter().enumerate().position(|(i, b)| {
+            Some(i) != from
+                && b.as_ref()
+                    .and_then(|b| b.try_stat(name).ok().flatten())
+                    .is_some_and(|b| b.st_ino == st.st_ino && b.st_dev == st.st_dev)
+        })?;
+        match self.rec.carried(Some(i), rel, size, want) {
+            Carried::Hash(h) => Some(h),
+            Carried::Legacy | Carried::None => None,
         }
     }
 
