@@ -120,6 +120,19 @@ impl ContentHasher {
         }
     }
 
+    /// Adds the first `end` bytes of `file`, reading only its data extents
+    /// (a hole costs nothing): the start of a file, given to a new hasher.
+    /// Returns the bytes read (fewer if the file is shorter than `end`).
+    pub fn update_from_file(&mut self, file: &File, end: u64) -> io::Result<u64> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut read = 0;
+        for extent in DataExtents::new(file, end) {
+            let (start, stop) = extent?;
+            read += read_range(file, start, stop, &mut buf, |at, data| self.update_at(at, data))?;
+        }
+        Ok(read)
+    }
+
     /// Bytes of data fed to BLAKE3 so far (the last block is fed by
     /// [`finish`](Self::finish)).
     pub fn hashed(&self) -> u64 {

@@ -83,6 +83,12 @@ pub struct Stats {
     pub fetched_delta: u64,
     /// Delta results that failed the BLAKE3 check and were fetched whole.
     pub delta_retries: u64,
+    /// Files an interrupted run had partly received, finished from there.
+    pub resumed: u64,
+    /// Bytes those files kept from the interrupted run (not fetched again).
+    pub bytes_resumed: u64,
+    /// Resumed files that failed the digest check and were fetched whole.
+    pub resume_retries: u64,
     /// Hardlinks within the tree recreated.
     pub hardlinks: u64,
     /// Entries removed because the source no longer has them.

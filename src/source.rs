@@ -585,13 +585,25 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf:
         return Err(Served::Failed(ReadError::Other("no longer a regular file".into())));
     }
     let size = before.st_size as u64;
-    out.send(enc.msg(&SourceMsg::FileBegin { id: fetch.id, size }))?;
+    // A resumed fetch starts where the sink's data ends, unless the file is
+    // now shorter than that: then it is sent whole.
+    let from = if fetch.offset <= size { fetch.offset } else { 0 };
+    let begin = if from > 0 {
+        SourceMsg::FileResume { id: fetch.id, size, offset: from }
+    } else {
+        SourceMsg::FileBegin { id: fetch.id, size }
+    };
+    out.send(enc.msg(&begin))?;
 
-    // The digest of what is sent, for the sink to check what it rebuilt.
+    // The digest of the whole file, for the sink to check what it rebuilt
+    // or kept: the prefix it already has is read here, not sent.
     let mut hasher = ContentHasher::new();
+    if from > 0 {
+        hasher.update_from_file(&file, from).map_err(|e| Served::Failed(read_error(&e)))?;
+    }
     let read = match &fetch.signature {
-        Some(sig) => send_delta(&file, size, sig, enc, out, buf, &mut hasher)?,
-        None => send_whole(&file, size, (before.st_blocks as u64) * 512 < size, enc, out, &mut hasher)?,
+        Some(sig) => send_delta(&file, size, from, sig, enc, out, buf, &mut hasher)?,
+        None => send_whole(&file, size, from, (before.st_blocks as u64) * 512 < size, enc, out, &mut hasher)?,
     };
     let hash = Some(hasher.finish(size));
     let after = rustix::fs::fstat(&file).map_err(|e| Served::Failed(read_error(&e.into())))?;
@@ -606,17 +618,18 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf:
     out.send(enc.msg(&SourceMsg::FileEnd { id: fetch.id, status, hash }))
 }
 
-/// Sends the file's data extents; returns how many bytes of it could be read
-/// before EOF (less than `size` if it shrank).
+/// Sends the file's data extents from `from` on; returns how many bytes of
+/// it could be read before EOF (less than `size` if it shrank).
 fn send_whole(
     file: &File,
     size: u64,
+    from: u64,
     sparse: bool,
     enc: &mut Encoder,
     out: &mut Batch,
     hasher: &mut ContentHasher,
 ) -> Result<u64, Served> {
-    let mut offset = 0u64;
+    let mut offset = from;
     while offset < size {
         let (start, end) = if sparse {
             match rustix::fs::seek(file, SeekFrom::Data(offset)) {
@@ -629,10 +642,9 @@ fn send_whole(
             (offset, size)
         };
         let mut pos = start;
-        if sparse {
-            // Data is read from the file's position, which SEEK_HOLE moved.
-            rustix::fs::seek(file, SeekFrom::Start(pos)).map_err(|e| Served::Failed(read_error(&e.into())))?;
-        }
+        // Data is read from the file's position, which SEEK_HOLE moved (here
+        // or when the prefix of a resumed fetch was hashed).
+        rustix::fs::seek(file, SeekFrom::Start(pos)).map_err(|e| Served::Failed(read_error(&e.into())))?;
         while pos < end {
             let want = ((end - pos) as usize).min(CHUNK);
             match enc.data_from(file, pos, want, |data| hasher.update_at(pos, data)) {
@@ -653,9 +665,11 @@ fn send_whole(
 /// is a malformed request.
 const SIG_BLOCK_RANGE: std::ops::RangeInclusive<u32> = 64..=(1 << 20);
 
+#[allow(clippy::too_many_arguments)]
 fn send_delta(
     file: &File,
     size: u64,
+    from: u64,
     signature: &[u8],
     enc: &mut Encoder,
     out: &mut Batch,
@@ -673,7 +687,7 @@ fn send_delta(
     }
     let sig = fast_rsync::Signature::deserialize(signature.to_vec()).map_err(|_| bad())?;
     let index = sig.index();
-    let mut pos = 0u64;
+    let mut pos = from;
     let mut delta = Vec::with_capacity(DELTA_WINDOW + 1024);
     while pos < size {
         let want = ((size - pos) as usize).min(buf.len());

@@ -5,6 +5,13 @@
 //! half-written file under a real name. Temporary entries are removed on drop;
 //! those a crash leaves behind are removed by the next run, which deletes
 //! every name its source did not list.
+//!
+//! The one exception is the file a snapshot's fetch writes: its temporary
+//! name is derived from the entry ([`partial_name`]) and it stays when
+//! dropped, so that what an interrupted run received is still there for the
+//! next one to resume from (`sink::receive`). It is never renamed into place
+//! before the whole file checks out, and the next run removes it like any
+//! leftover once it no longer needs it.
 
 use std::fs::File;
 use std::io;
@@ -24,6 +31,8 @@ pub struct TempEntry {
     file: Option<File>,
     kind: FileType,
     done: bool,
+    /// Left in place when dropped: partial data to resume from.
+    keep: bool,
 }
 
 impl TempEntry {
@@ -42,15 +51,88 @@ impl TempEntry {
                 file: Some(File::from(fd)),
                 kind: FileType::RegularFile,
                 done: false,
+                keep: false,
             })
         })
+    }
+
+    /// Creates an empty regular file named `name` (a [`partial_name`]),
+    /// replacing a leftover of that name, and kept when dropped (see the
+    /// module doc): [`discard`](Self::discard) removes it. `None` if the name
+    /// is taken by something that is not a file (say, a directory the
+    /// source lists under that name).
+    pub fn resumable(dir: &Dir, name: &[u8]) -> io::Result<Option<TempEntry>> {
+        match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let fd = match rustix::fs::openat(
+            dir,
+            name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::EXIST) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(TempEntry {
+            dir: dir.clone(),
+            name: name.to_vec(),
+            file: Some(File::from(fd)),
+            kind: FileType::RegularFile,
+            done: false,
+            keep: true,
+        }))
+    }
+
+    /// The partial file `name` an interrupted fetch left in `dir`, and how
+    /// many bytes it holds — if it is one: a regular file with one link, so
+    /// that writing to it can never change another snapshot (DESIGN rule 1).
+    pub fn open_partial(dir: &Dir, name: &[u8]) -> io::Result<Option<(TempEntry, u64)>> {
+        let fd = match rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::ISDIR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let st = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
+            return Ok(None);
+        }
+        let entry = TempEntry {
+            dir: dir.clone(),
+            name: name.to_vec(),
+            file: Some(File::from(fd)),
+            kind: FileType::RegularFile,
+            done: false,
+            keep: true,
+        };
+        Ok(Some((entry, st.st_size as u64)))
+    }
+
+    /// Removes the entry (one that would be kept when dropped, too).
+    pub fn discard(mut self) {
+        self.keep = false;
     }
 
     /// Creates a symlink to `target` (raw bytes, never interpreted).
     pub fn symlink(dir: &Dir, target: &[u8]) -> io::Result<TempEntry> {
         retry_on_collision(|name| {
             rustix::fs::symlinkat(target, dir, name)?;
-            Ok(TempEntry { dir: dir.clone(), name: name.to_vec(), file: None, kind: FileType::Symlink, done: false })
+            Ok(TempEntry {
+                dir: dir.clone(),
+                name: name.to_vec(),
+                file: None,
+                kind: FileType::Symlink,
+                done: false,
+                keep: false,
+            })
         })
     }
 
@@ -63,13 +145,25 @@ impl TempEntry {
         };
         retry_on_collision(|name| {
             rustix::fs::mknodat(dir, name, file_type, Mode::from_raw_mode(0o600), rdev)?;
-            Ok(TempEntry { dir: dir.clone(), name: name.to_vec(), file: None, kind: file_type, done: false })
+            Ok(TempEntry {
+                dir: dir.clone(),
+                name: name.to_vec(),
+                file: None,
+                kind: file_type,
+                done: false,
+                keep: false,
+            })
         })
     }
 
     /// The open file (regular files only).
     pub fn file_mut(&mut self) -> &mut File {
         self.file.as_mut().expect("a regular temporary file")
+    }
+
+    /// The open file, to read (regular files only).
+    pub fn file_ref(&self) -> &File {
+        self.file.as_ref().expect("a regular temporary file")
     }
 
     /// The temporary name, for links made to it before it is committed.
@@ -96,7 +190,7 @@ impl TempEntry {
 
 impl Drop for TempEntry {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && !self.keep {
             let _ = rustix::fs::unlinkat(&self.dir, self.name.as_slice(), AtFlags::empty());
         }
     }
@@ -110,6 +204,24 @@ fn retry_on_collision(mut make: impl FnMut(&[u8]) -> io::Result<TempEntry>) -> i
             other => return other,
         }
     }
+}
+
+/// The temporary name of the partial data of `name` (an entry of `size`
+/// bytes and this mtime) in its directory: `.rbk~`, 16 hex digits of a
+/// digest of the four, and `.part` — of another length than the names of
+/// [`temp_name`], so the two never meet. A file that changed at the source
+/// gets another name, and its stale partial is removed as a leftover.
+pub fn partial_name(name: &[u8], size: u64, mtime: i64, mtime_nsec: u32) -> Vec<u8> {
+    let mut h = blake3::Hasher::new_derive_key("rbackup partial file name v1");
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name);
+    h.update(&size.to_le_bytes());
+    h.update(&mtime.to_le_bytes());
+    h.update(&mtime_nsec.to_le_bytes());
+    let d = h.finalize();
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&d.as_bytes()[..8]);
+    format!(".rbk~{:016x}.part", u64::from_le_bytes(n)).into_bytes()
 }
 
 /// Replaces the small file `name` in `dir` with `contents` atomically: a
@@ -262,6 +374,35 @@ impl Drop for Flusher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_partial_file_survives_its_drop_and_is_never_a_shared_inode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        let name = partial_name(b"big.bin", 1 << 30, 1_700_000_000, 5);
+        assert!(name.starts_with(b".rbk~") && name.len() != temp_name().len());
+        assert_ne!(name, partial_name(b"big.bin", 1 << 30, 1_700_000_000, 6), "another mtime, another name");
+        let mut t = TempEntry::resumable(&dir, &name).unwrap().unwrap();
+        t.file_mut().write_all_at(b"received", 0).unwrap();
+        drop(t);
+        let (t, len) = TempEntry::open_partial(&dir, &name).unwrap().expect("kept when dropped");
+        assert_eq!(len, 8);
+        t.discard();
+        assert!(dir.try_stat(&name).unwrap().is_none(), "discard removes it");
+        // A second link (say, into an older snapshot) is never written to.
+        std::fs::write(tmp.path().join("other"), b"shared").unwrap();
+        std::fs::hard_link(tmp.path().join("other"), tmp.path().join(OsStr::from_bytes(&name))).unwrap();
+        assert!(TempEntry::open_partial(&dir, &name).unwrap().is_none());
+        // Creating one replaces a leftover file, not a directory.
+        let t = TempEntry::resumable(&dir, &name).unwrap().unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("other")).unwrap(), b"shared");
+        t.discard();
+        std::fs::create_dir(tmp.path().join(OsStr::from_bytes(&name))).unwrap();
+        assert!(TempEntry::resumable(&dir, &name).unwrap().is_none());
+        assert!(TempEntry::open_partial(&dir, &name).unwrap().is_none());
+    }
 
     #[test]
     fn the_flusher_asks_once_per_step_and_stops_cleanly() {

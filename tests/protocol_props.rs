@@ -136,14 +136,19 @@ fn source_msg() -> impl Strategy<Value = SourceMsg> {
         )
             .prop_map(|(id, error)| SourceMsg::FileFailed { id, error }),
         ".*".prop_map(SourceMsg::Fatal),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, size, offset)| SourceMsg::FileResume {
+            id,
+            size,
+            offset
+        }),
     ]
 }
 
 fn sink_msg() -> impl Strategy<Value = SinkMsg> {
     prop_oneof![
         any::<u32>().prop_map(SinkMsg::Credit),
-        (any::<u64>(), bytes(100), proptest::option::of(bytes(200)))
-            .prop_map(|(id, path, signature)| SinkMsg::Fetch(Fetch { id, path, signature })),
+        (any::<u64>(), bytes(100), proptest::option::of(bytes(200)), any::<u64>())
+            .prop_map(|(id, path, signature, offset)| SinkMsg::Fetch(Fetch { id, path, signature, offset })),
         (prop_oneof![Just(LogKind::Action), Just(LogKind::Problem), Just(LogKind::Note)], ".*")
             .prop_map(|(kind, text)| SinkMsg::Log { kind, text }),
         vec((".*", any::<u64>()), 0..5).prop_map(|summary| SinkMsg::Finish { summary }),

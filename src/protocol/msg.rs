@@ -187,8 +187,9 @@ pub enum SourceMsg {
     FileEnd {
         id: u64,
         status: ReadStatus,
-        /// The content digest (version 2, [`crate::digest`]) of what was
-        /// sent, as a file of the size `FileBegin` announced.
+        /// The content digest (version 2, [`crate::digest`]) of the whole
+        /// file, as a file of the size `FileBegin` announced: of what was
+        /// sent, and of the prefix a resumed fetch did not send.
         hash: Option<[u8; 32]>,
     },
     FileFailed {
@@ -197,6 +198,15 @@ pub enum SourceMsg {
     },
     /// The source hit an error it can't go on from.
     Fatal(String),
+    /// Like `FileBegin`, for a fetch that asked to resume at `offset`: the
+    /// data frames start there, the sink keeps its first `offset` bytes. (A
+    /// source that can't resume — the file is now shorter — answers with
+    /// `FileBegin` and sends the whole file.)
+    FileResume {
+        id: u64,
+        size: u64,
+        offset: u64,
+    },
 }
 
 /// Sink to source.
@@ -239,6 +249,9 @@ pub struct Fetch {
     /// An rsync signature of the sink's basis: answer with delta windows.
     #[serde(with = "serde_bytes")]
     pub signature: Option<Vec<u8>>,
+    /// The sink holds the file's first `offset` bytes from an interrupted
+    /// fetch: send from there (`SourceMsg::FileResume`); 0 for the whole file.
+    pub offset: u64,
 }
 
 /// What is wrong with a received entry.

@@ -124,6 +124,8 @@ struct Pending {
     meta: Meta,
     size: u64,
     basis: Option<receive::Basis>,
+    /// Data an interrupted fetch of this file left: asked from its end on.
+    partial: Option<receive::Partial>,
     /// Bytes of the signature sent with the request.
     sig_len: usize,
     group: Option<u64>,
@@ -270,7 +272,8 @@ impl<'e> Sink<'e> {
                 self.events.progress(&self.stats);
                 Ok(())
             }
-            SourceMsg::FileBegin { id, size } => self.on_begin(id, size),
+            SourceMsg::FileBegin { id, size } => self.on_begin(id, size, None),
+            SourceMsg::FileResume { id, size, offset } => self.on_begin(id, size, Some(offset)),
             SourceMsg::FileEnd { id, status, hash } => self.on_end(id, &status, hash),
             SourceMsg::FileFailed { id, error } => self.on_failed(id, &error),
             SourceMsg::Fatal(msg) => bail!("the sending side failed: {msg}"),
@@ -942,7 +945,11 @@ impl<'e> Sink<'e> {
             }
             return Ok(ticket);
         }
-        let p = Pending { id: 0, ticket, dir: d, name, meta, size, basis, sig_len: 0, group, waiters: Vec::new() };
+        // A snapshot's file that an interrupted run was receiving goes on
+        // from where it stopped (see `receive`).
+        let partial = if self.cfg.policy == Policy::Snapshot { self.find_partial(d, &name, size, &meta) } else { None };
+        let p =
+            Pending { id: 0, ticket, dir: d, name, meta, size, basis, partial, sig_len: 0, group, waiters: Vec::new() };
         self.node_mut(d).pending += 1;
         if delta && (self.sig_outstanding >= SIGNATURE_BUDGET || !self.deferred.is_empty()) {
             // Signatures already on their way are enough; this one waits.
@@ -964,7 +971,8 @@ impl<'e> Sink<'e> {
         p.sig_len = signature.as_ref().map_or(0, Vec::len);
         self.sig_outstanding += p.sig_len;
         let path = join(&self.node(p.dir).rel, &p.name);
-        self.send(&SinkMsg::Fetch(Fetch { id: p.id, path, signature }))?;
+        let offset = p.partial.as_ref().map_or(0, receive::Partial::len);
+        self.send(&SinkMsg::Fetch(Fetch { id: p.id, path, signature, offset }))?;
         self.pending.push_back(p);
         Ok(())
     }

@@ -12,6 +12,32 @@
 //! costs nothing for holes. A size the destination filesystem can't hold is
 //! known before any data arrives: that file is left out of the snapshot as a
 //! per-file problem, its data read and dropped, and the run goes on.
+//!
+//! ## Resuming an interrupted fetch
+//!
+//! A snapshot's fetch writes to a temporary file named after the entry
+//! ([`writer::partial_name`]: name, size and mtime) whose length is always
+//! the data received so far, and which stays when the run is killed or its
+//! connection drops. The next run that fetches the same file — `--continue`,
+//! or a new backup that supersedes the interrupted one (its partial file is
+//! then copied, reflinked where the filesystem can) — asks for the data from
+//! that length on (`Fetch::offset`); the source reads and hashes the prefix
+//! itself, so its digest still covers the whole file, and the sink hashes
+//! the prefix it kept. A mismatch (the file changed with the same size and
+//! mtime, or the disk flipped a bit) means the file is fetched again whole;
+//! a partial file is never renamed into place unchecked. It is new data of
+//! this snapshot, never a shared inode (one link, DESIGN rule 1), and once of
+//! no use it is removed with the other leftovers of its directory.
+//!
+//! Why resume from the prefix rather than send a delta against the partial
+//! file: the prefix costs the sink one local read of it and the wire nothing
+//! but the rest of the file; a delta would cost a signature over the partial
+//! file, a rolling-checksum pass over the whole file at the source, and
+//! bytes of matches on the wire — to learn what the prefix rule knows
+//! already: the data received is the file's start. It also works for a
+//! local source (which gets no deltas), and for sparse files, whose holes a
+//! signature would read as data. A delta basis and a resume combine: the
+//! delta windows start at the offset.
 
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -20,6 +46,7 @@ use anyhow::{Context, Result};
 
 use super::{Group, Pending, Sink, violation};
 use crate::digest::ContentHasher;
+use crate::meta::Meta;
 use crate::plan::{Policy, signature_block_size};
 use crate::protocol::msg::{ReadError, ReadStatus};
 use crate::report::ProblemKind;
@@ -112,13 +139,35 @@ pub(super) struct Receiving {
     size: u64,
     /// Set for a delta transfer.
     base: Option<BaseData>,
-    /// A delta window failed to apply: fetch again whole at the end.
+    /// A delta window failed to apply, or the prefix kept could not be read:
+    /// fetch again whole at the end.
     bad_delta: bool,
+    /// Bytes kept from an interrupted fetch (0: none).
+    resumed: u64,
     buf: Vec<u8>,
 }
 
+/// Data an interrupted fetch left for a file: its first `len` bytes.
+pub(super) struct Partial {
+    temp: TempEntry,
+    len: u64,
+}
+
+impl Partial {
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Removes it (no longer of use).
+    pub(super) fn discard(self) {
+        self.temp.discard();
+    }
+}
+
 impl Sink<'_> {
-    pub(super) fn on_begin(&mut self, id: u64, size: u64) -> Result<()> {
+    /// A file's data begins: from 0 (`FileBegin`), or after the partial data
+    /// the request offered (`FileResume`, `resume` is its offset).
+    pub(super) fn on_begin(&mut self, id: u64, size: u64, resume: Option<u64>) -> Result<()> {
         if self.receiving.is_some() {
             return Err(violation(format!("file {id} started while another file is in progress")));
         }
@@ -129,14 +178,33 @@ impl Sink<'_> {
         if size > i64::MAX as u64 {
             return Err(violation(format!("file size {size} out of range")));
         }
+        let offered = self.pending.front().and_then(|p| p.partial.as_ref()).map(|p| p.len);
+        if resume.is_some_and(|at| Some(at) != offered || at > size) {
+            return Err(violation(format!(
+                "file {id} resumed at {resume:?} where {offered:?} was offered, of {size} bytes"
+            )));
+        }
         let mut pending = self.pending.pop_front().expect("checked above");
         self.sig_outstanding -= pending.sig_len;
         let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
         let rel = join(&self.node(pending.dir).rel, &pending.name);
-        let mut temp = TempEntry::file(&dest).with_context(|| format!("creating a file for {}", Shown(&rel)))?;
-        // Sized now, as a hole: free, and a size this filesystem can't hold
-        // shows before any data is written.
-        let (temp, refused) = match temp.file_mut().set_len(size) {
+        let from = resume.unwrap_or(0);
+        let mut temp = match (pending.partial.take(), resume) {
+            (Some(partial), Some(_)) => partial.temp,
+            (partial, _) => {
+                // The source could not resume: what it offered is of no use.
+                if let Some(p) = partial {
+                    p.discard();
+                }
+                self.fetch_temp(&dest, &pending).with_context(|| format!("creating a file for {}", Shown(&rel)))?
+            }
+        };
+        // Sized to the announced size first: free (a hole), and a size this
+        // filesystem can't hold shows before any data is written. Then cut
+        // to the data kept, so that the file's length always says how much
+        // of it was received (what a resumed run may keep).
+        let sized = temp.file_mut().set_len(size).and_then(|()| temp.file_mut().set_len(from));
+        let (temp, refused) = match sized {
             Ok(()) => (Some(temp), None),
             Err(e)
                 if matches!(
@@ -144,11 +212,23 @@ impl Sink<'_> {
                     Some(rustix::io::Errno::FBIG | rustix::io::Errno::INVAL)
                 ) =>
             {
+                temp.discard();
                 let why = format!("its size, {size} bytes, is more than the destination filesystem can hold ({e})");
                 (None, Some(why))
             }
             Err(e) => return Err(e).with_context(|| format!("sizing {}", Shown(&rel))),
         };
+        let mut hasher = ContentHasher::new();
+        let mut bad_prefix = false;
+        if from > 0
+            && let Some(t) = &temp
+        {
+            // The whole file is checked against the source's digest: the
+            // prefix kept is hashed here (a local read of it).
+            crate::debug!("{}: resuming after the {from} bytes an interrupted run received", Shown(&rel));
+            bad_prefix = hasher.update_from_file(t.file_ref(), from).is_err();
+            self.stats.bytes_to_fetch = self.stats.bytes_to_fetch.saturating_sub(from);
+        }
         let base = match pending.basis.take() {
             None => None,
             Some(Basis::Mapped(m)) => Some(BaseData::Mapped(m)),
@@ -159,14 +239,69 @@ impl Sink<'_> {
             pending,
             temp,
             refused,
-            hasher: ContentHasher::new(),
-            next: 0,
+            hasher,
+            next: from,
             size,
             base,
-            bad_delta: false,
+            bad_delta: bad_prefix,
+            resumed: from,
             buf: Vec::new(),
         });
         Ok(())
+    }
+
+    /// The temporary file a fetch writes to: in a snapshot, under the name
+    /// an interrupted run would resume from ([`writer::partial_name`]).
+    fn fetch_temp(&self, dest: &Dir, pending: &Pending) -> std::io::Result<TempEntry> {
+        if self.cfg.policy == Policy::Snapshot {
+            let name = writer::partial_name(&pending.name, pending.size, pending.meta.mtime, pending.meta.mtime_nsec);
+            if let Some(temp) = TempEntry::resumable(dest, &name)? {
+                return Ok(temp);
+            }
+        }
+        TempEntry::file(dest)
+    }
+
+    /// The data an interrupted fetch of `name` (of `size` bytes, modified at
+    /// `meta`'s mtime) left: in the destination (a resumed snapshot), or in
+    /// a basis — an interrupted run this one supersedes — whose data is then
+    /// copied (reflinked where the filesystem can) to a file of this
+    /// snapshot's own. `None` when there is none worth resuming from.
+    pub(super) fn find_partial(&mut self, d: usize, name: &[u8], size: u64, meta: &Meta) -> Option<Partial> {
+        let pname = writer::partial_name(name, size, meta.mtime, meta.mtime_nsec);
+        let node = self.node(d);
+        let dest = node.dest.clone()?;
+        if node.existed {
+            match TempEntry::open_partial(&dest, &pname) {
+                Ok(Some((temp, len))) if len > 0 && len <= size => return Some(Partial { temp, len }),
+                Ok(Some((temp, _))) => temp.discard(),
+                Ok(None) => {}
+                Err(e) => crate::debug!("{}: partial data not usable: {e}", Shown(name)),
+            }
+        }
+        let src = node.bases.iter().flatten().find_map(|b| {
+            let f = b.open_file(&pname).ok()?;
+            let md = f.metadata().ok()?;
+            (md.is_file() && md.len() > 0 && md.len() <= size).then_some((f, md.len()))
+        })?;
+        let (src, len) = src;
+        let copied = TempEntry::resumable(&dest, &pname).and_then(|temp| {
+            let mut temp = temp.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::AlreadyExists))?;
+            match writer::copy_contents(&src, temp.file_mut(), len) {
+                Ok(()) => Ok(temp),
+                Err(e) => {
+                    temp.discard();
+                    Err(e)
+                }
+            }
+        });
+        match copied {
+            Ok(temp) => Some(Partial { temp, len }),
+            Err(e) => {
+                crate::debug!("{}: the partial data of the interrupted run could not be copied: {e}", Shown(name));
+                None
+            }
+        }
     }
 
     pub(super) fn on_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
@@ -222,29 +357,41 @@ impl Sink<'_> {
         if r.pending.id != id {
             return Err(violation(format!("end of file {id} while file {} is in progress", r.pending.id)));
         }
-        let Receiving { pending, temp, refused, hasher, size, base, bad_delta, .. } = r;
+        let Receiving { pending, temp, refused, hasher, size, base, bad_delta, resumed, .. } = r;
         let rel = join(&self.node(pending.dir).rel, &pending.name);
-        let Some(temp) = temp else {
+        let Some(mut temp) = temp else {
             let why = refused.unwrap_or_default();
             return self.give_up(pending, ProblemKind::Failed, format!("{why}: not in the snapshot"));
         };
-        // The file was sized when it began: a trailing hole, or the end of a
-        // file that shrank while read, is already there and costs nothing.
+        // A trailing hole, or the end of a file that shrank while read, costs
+        // nothing.
+        temp.file_mut().set_len(size).with_context(|| format!("sizing {}", Shown(&rel)))?;
         let delta = base.is_some();
         let content = hasher.finish(size);
-        if delta && (bad_delta || hash != Some(content)) {
-            // MD4 matched blocks that differ, or the delta was unusable:
-            // fetch the file again, whole.
-            drop(temp);
-            self.stats.delta_retries += 1;
+        if (delta || resumed > 0) && (bad_delta || hash != Some(content)) {
+            // MD4 matched blocks that differ, the delta was unusable, or the
+            // data kept from an interrupted run is not the start of this
+            // file (it changed, or the disk did): fetch it again, whole.
+            temp.discard();
+            if delta {
+                self.stats.delta_retries += 1;
+            }
+            if resumed > 0 {
+                self.stats.resume_retries += 1;
+            }
             return self.refetch_whole(pending);
         }
         if !delta && hash.is_some_and(|h| h != content) {
             // The source hashes exactly the bytes it sends.
+            temp.discard();
             return Err(violation(format!(
                 "the data received for {} does not match the digest the source sent",
                 Shown(&rel)
             )));
+        }
+        if resumed > 0 {
+            self.stats.resumed += 1;
+            self.stats.bytes_resumed += resumed;
         }
         if *status == ReadStatus::Changed || size != pending.size {
             self.problem(ProblemKind::Changed, &rel, "stored as read; it is fetched again next run");
@@ -265,6 +412,9 @@ impl Sink<'_> {
 
     fn refetch_whole(&mut self, mut pending: Pending) -> Result<()> {
         pending.basis = None;
+        if let Some(p) = pending.partial.take() {
+            p.discard();
+        }
         self.send_fetch(pending)
     }
 
@@ -320,7 +470,13 @@ impl Sink<'_> {
 
     pub(super) fn on_failed(&mut self, id: u64, error: &ReadError) -> Result<()> {
         let pending = match self.receiving.take() {
-            Some(r) if r.pending.id == id => r.pending,
+            Some(r) if r.pending.id == id => {
+                // Of no use to a later run: the file is not as it was.
+                if let Some(t) = r.temp {
+                    t.discard();
+                }
+                r.pending
+            }
             Some(r) => {
                 return Err(violation(format!("file {id} failed while file {} is in progress", r.pending.id)));
             }
@@ -344,7 +500,10 @@ impl Sink<'_> {
         let rel = join(&self.node(pending.dir).rel, &pending.name);
         self.problem(kind, &rel, detail);
         self.rec.drop_entry(pending.ticket, &rel);
-        let Pending { dir, group, mut waiters, meta, size, ticket, .. } = pending;
+        let Pending { dir, group, mut waiters, meta, size, ticket, partial, .. } = pending;
+        if let Some(p) = partial {
+            p.discard();
+        }
         if waiters.is_empty() {
             if let Some(g) = group {
                 self.groups.remove(&g);
@@ -354,8 +513,19 @@ impl Sink<'_> {
             // the group now, and the others wait for it. Its directory already
             // counts it as pending.
             let (wd, wname) = waiters.remove(0);
-            let lead =
-                Pending { id: 0, ticket, dir: wd, name: wname, meta, size, basis: None, sig_len: 0, group, waiters };
+            let lead = Pending {
+                id: 0,
+                ticket,
+                dir: wd,
+                name: wname,
+                meta,
+                size,
+                basis: None,
+                partial: None,
+                sig_len: 0,
+                group,
+                waiters,
+            };
             self.send_fetch(lead)?;
         }
         self.node_mut(dir).pending -= 1;
