@@ -606,3 +606,65 @@ fn a_sparse_basis_is_never_read_for_a_delta() {
     .unwrap();
     assert_eq!((report.stats.fetched_whole, report.stats.fetched_delta), (1, 0));
 }
+
+#[test]
+fn a_resume_the_desktop_did_not_offer_is_refused() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"a", 100), Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        let f = a.next_fetch().unwrap();
+        assert_eq!(f.offset, 0, "nothing to resume from");
+        // Skipping data the desktop never had: it would keep a hole.
+        a.send(&SourceMsg::FileResume { id: f.id, size: 100, offset: 50 });
+        a.data(50, &[1; 50]);
+    });
+    expect_error(result, &["resumed at Some(50) where None was offered"]);
+    area.assert_outside_untouched();
+    area.assert_resumable();
+}
+
+#[test]
+fn a_resumed_prefix_the_whole_file_digest_disowns_is_fetched_again_whole() {
+    let area = Area::new();
+    let first = noise(5, 300_000);
+    let kept = 100_000;
+    let sent = first.clone();
+    // The first run dies after a third of the file: the connection drops.
+    let result = run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![dir(b""), file(b"f", sent.len() as u64), Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        let f = a.next_fetch().unwrap();
+        a.send(&SourceMsg::FileBegin { id: f.id, size: sent.len() as u64 });
+        a.data(0, &sent[..kept]);
+    });
+    expect_error(result, &[]);
+
+    // The file changed since, with the same size and mtime: the prefix the
+    // desktop kept is not the start of it any more.
+    let mut second = first.clone();
+    second[10] ^= 1;
+    let right = second.clone();
+    let report = run_hostile(&area.bk(), true, move |a| {
+        a.entries(vec![dir(b""), file(b"f", right.len() as u64), Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+        let f = a.next_fetch().unwrap();
+        assert_eq!(f.offset, kept as u64, "the desktop offers what it kept");
+        a.send(&SourceMsg::FileResume { id: f.id, size: right.len() as u64, offset: f.offset });
+        a.data(f.offset, &right[kept..]);
+        let hash = Some(rbackup::digest::of_bytes(&right));
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash });
+        let again = a.next_fetch().expect("a second request");
+        assert_eq!(again.offset, 0, "the retry is a whole-file fetch");
+        a.send(&SourceMsg::FileBegin { id: again.id, size: right.len() as u64 });
+        a.data(0, &right);
+        a.send(&SourceMsg::FileEnd { id: again.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash });
+    })
+    .unwrap();
+    assert_eq!((report.stats.resume_retries, report.stats.resumed, report.stats.fetched_whole), (1, 0, 1));
+    let snap = complete(&area.bk(), "h")[0].clone();
+    assert_eq!(std::fs::read(snap.join("f")).unwrap(), second);
+    let names: Vec<_> = std::fs::read_dir(&snap).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("f")], "no partial data left in the snapshot");
+    area.assert_outside_untouched();
+}

@@ -362,3 +362,43 @@ fn a_new_backup_after_a_killed_run_resumes_from_its_partial_file() {
     assert_same_tree(&src, &complete(&bk, "srv")[0], &[]);
     verify_all(&bk);
 }
+
+#[test]
+fn a_delta_transfer_killed_midway_resumes_as_a_delta() {
+    let sshd = common::sshd::Sshd::start();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    let size = tree_with_large_file(&src, 256);
+    sshd.grant_read(&src);
+    sshd.authorize(&sshd.forced_read_only(&src));
+    let out = over_ssh(&sshd, "--backup", &src, &bk, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // 4 KiB changed in every 8 MiB: a delta against the first snapshot.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(src.join("m/large.bin")).unwrap();
+        for i in 0..(size >> 23) {
+            f.write_all_at(&noise(i, 4096), (i << 23) + 4096).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1100)); // a new snapshot name
+
+    let mut child =
+        over_ssh(&sshd, "--backup", &src, &bk, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    kill_when(&mut child, "half of the large file was rebuilt", || {
+        incomplete(&bk).and_then(|inc| partial_in(&inc.join("m"))).is_some_and(|(_, len)| len >= size / 2)
+    });
+    let inc = incomplete(&bk).unwrap();
+    let (_, kept) = partial_in(&inc.join("m")).unwrap();
+
+    let json = tmp.path().join("stats.json");
+    let out = over_ssh(&sshd, "--continue", &src, &bk, &["--stats-json", json.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = stats(&json);
+    assert_eq!((stat(&s, "resumed"), stat(&s, "bytes_resumed"), stat(&s, "fetched_delta")), (1, kept, 1), "{s}");
+    assert_eq!(stat(&s, "delta_retries") + stat(&s, "resume_retries"), 0, "{s}");
+    let wire = stat(&s, "wire_bytes_received");
+    assert!(wire < size / 20, "the rest came as a delta, yet {wire} bytes were received");
+    assert_same_tree(&src, complete(&bk, "srv").last().unwrap(), &["trusted."]);
+    verify_all(&bk);
+}
