@@ -103,6 +103,7 @@ fn job(bk: &Path) -> Job {
         compress: false,
         remote_bin: "rbackup".into(),
         ssh_config: None,
+        io_timeout: Some(std::time::Duration::from_secs(rbackup::config::DEFAULT_IO_TIMEOUT)),
         restore_to: None,
         metrics_file: None,
         email: None,
@@ -129,9 +130,9 @@ fn run_hostile(bk: &Path, resume: bool, script: impl FnOnce(&mut Agent) + Send +
         drop(agent.output);
         while let Ok(Some(_)) = agent.input.read() {}
     });
-    let conn = Connection::from_streams(Box::new(desk_r), Box::new(desk_w), "the hostile agent");
-    let result =
-        backup::run_with(&job(bk), &RunOptions { resume, dry_run: false }, |_| Ok((conn, PathBuf::from("/srv"))));
+    let job = job(bk);
+    let conn = Connection::from_streams(desk_r, desk_w, "the hostile agent", job.io_timeout).unwrap();
+    let result = backup::run_with(&job, &RunOptions { resume, dry_run: false }, |_| Ok((conn, PathBuf::from("/srv"))));
     agent.join().unwrap();
     result
 }
@@ -405,7 +406,7 @@ fn a_version_mismatch_names_both_versions() {
         let mut sink = Vec::new();
         let _ = agent_r.read_to_end(&mut sink);
     });
-    let conn = Connection::from_streams(Box::new(desk_r), Box::new(desk_w), "the old agent");
+    let conn = Connection::from_streams(desk_r, desk_w, "the old agent", None).unwrap();
     let result =
         backup::run_with(&job(&tmp.path().join("bk")), &RunOptions::default(), |_| Ok((conn, PathBuf::from("/srv"))));
     let err = format!("{:#}", result.unwrap_err());
