@@ -17,7 +17,7 @@ use rbackup::backup::{self, RunOptions, RunReport};
 use rbackup::config::{Job, SourceSpec};
 use rbackup::meta::Meta;
 use rbackup::protocol::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
-use rbackup::protocol::msg::{Entry, Fetch, Reply, SinkMsg, SourceMsg, SpecialKind};
+use rbackup::protocol::msg::{Entry, Fetch, Reply, SinkMsg, SkipReason, SourceMsg, SpecialKind};
 use rbackup::protocol::{decode, read_preamble, write_preamble};
 use rbackup::transport::Connection;
 
@@ -635,4 +635,35 @@ fn the_desktops_own_error_is_not_shown_as_the_agents() {
     let err = format!("{:#}", result.unwrap_err());
     assert!(err.contains("Too many open files"), "{err}");
     assert!(!err.contains("said:") && !err.contains("connection was closed"), "{err}");
+}
+
+#[test]
+fn only_a_refused_read_gets_the_acl_hint_not_a_walk_race() {
+    let skipped = |name: &[u8], error: &str| Entry::Skipped {
+        name: name.to_vec(),
+        reason: SkipReason::Unreadable(error.to_string()),
+    };
+    let area = Area::new();
+    // An entry replaced while the agent looked at it.
+    let race = skipped(b"race", "Invalid argument (os error 22)");
+    let report = run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![dir(b""), race, Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+    })
+    .unwrap();
+    assert_eq!(report.code, rbackup::exit::Code::Partial);
+    let log = rbackup::log::tail().join("\n");
+    assert!(log.contains("cannot read: race: Invalid argument"), "{log}");
+    assert!(!log.contains("setfacl") && !log.contains("ACL"), "an ACL hint for a race: {log}");
+
+    let denied = skipped(b"secret", "Permission denied (os error 13)");
+    let report = run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![dir(b""), denied, Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+    })
+    .unwrap();
+    assert_eq!(report.code, rbackup::exit::Code::Partial);
+    let log = rbackup::log::tail().join("\n");
+    assert!(log.contains("1 entries could not be read at the source: permission denied"), "{log}");
+    assert!(log.contains("setfacl -Rm u:USER:rX DIR"), "{log}");
 }
