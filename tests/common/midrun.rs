@@ -51,17 +51,48 @@ fn children(pid: Pid) -> Vec<Pid> {
     out
 }
 
+/// The processes of `uid` named `comm` (an agent the test's sshd started).
+pub fn processes_of(uid: u32, comm: &str) -> Vec<Pid> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()).and_then(Pid::from_raw) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).map(str::to_string);
+        let real_uid = field("Uid:").and_then(|u| u.split_whitespace().next().map(str::to_string));
+        if field("Name:").as_deref() == Some(comm) && real_uid == Some(uid.to_string()) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// Starts `cmd` (a backup of a local source into `bk` under `name`) and
 /// stops its agent once `NAME.….incomplete/DIR` exists. `None` if the run
 /// ended first (the caller tries again).
-pub fn hold_mid_run(mut cmd: Command, bk: &Path, name: &str, dir: &str) -> Option<Held> {
+pub fn hold_mid_run(cmd: Command, bk: &Path, name: &str, dir: &str) -> Option<Held> {
+    hold_mid_run_with(cmd, bk, name, dir, |child| match children(pid(child))[..] {
+        [agent] => Some(agent),
+        _ => None,
+    })
+}
+
+/// The same, with `agent_of` finding the agent to stop.
+pub fn hold_mid_run_with(
+    mut cmd: Command,
+    bk: &Path,
+    name: &str,
+    dir: &str,
+    agent_of: impl Fn(&Child) -> Option<Pid>,
+) -> Option<Held> {
     let mut child = cmd.spawn().expect("start rbackup");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let inc = snapshots(bk, name).into_iter().find(|(_, complete)| !complete);
         if let Some((inc, _)) = inc
             && bk.join(inc).join(dir).exists()
-            && let [agent] = children(pid(&child))[..]
+            && let Some(agent) = agent_of(&child)
         {
             send(agent, Signal::STOP);
             if child.try_wait().unwrap().is_some() {
