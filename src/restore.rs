@@ -190,8 +190,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
             handle.stop();
             let what = format!("restore of {} to {target}", snapshot.folder);
             if let Some(signal) = crate::interrupt::received() {
-                return Err(anyhow!(signal)
-                    .context(format!("{what} stopped; what is restored is whole (run the restore again to finish)")));
+                return Err(anyhow!(signal).context(format!("{what} stopped (run the restore again to finish it)")));
             }
             let said = if crate::transport::from_peer(&e) { handle.agent_said() } else { String::new() };
             return Err(anyhow!("{what} failed: {e:#}{said}"));
