@@ -28,9 +28,10 @@ Examples:
   rbackup -j server --list
 
 Every command is also a long flag: `rbackup --backup` is `rbackup backup`.
-Exit codes: 0 ok, 1 failed, 2 usage or config error, 23 partial (some
-files could not be read), 24 files changed or vanished during the run,
-75 another run holds the lock. See docs/exit-codes.md.";
+Exit codes: 0 ok, 1 failed, 2 usage or config error, 20 stopped by
+SIGINT/SIGTERM (`--continue` finishes it), 23 partial (some files could
+not be read), 24 files changed or vanished during the run, 75 another run
+holds the lock. See docs/exit-codes.md.";
 
 /// Pull-snapshot backups over SSH: every snapshot a full browsable tree,
 /// unchanged files hardlinked to the previous one.
@@ -170,6 +171,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
 
+    /// End the run as failed when the agent sends nothing (or takes nothing) for this
+    /// long; 0 waits forever [default: 300, or io_timeout in the job]
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<u64>,
+
     /// Write the end-of-run summary as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
@@ -263,6 +269,11 @@ pub struct RestoreArgs {
     /// An ssh config file for this job (ssh -F)
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
+
+    /// End the run as failed when the agent sends nothing (or takes nothing) for this
+    /// long; 0 waits forever [default: 300, or io_timeout in the job]
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<u64>,
 }
 
 const RESTORE_EXAMPLES: &str = "\
@@ -361,6 +372,11 @@ pub struct CheckArgs {
     /// An ssh config file for this job (ssh -F)
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
+
+    /// End the run as failed when the agent sends nothing (or takes nothing) for this
+    /// long; 0 waits forever [default: 300, or io_timeout in the job]
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<u64>,
 }
 
 /// Options of the agent.
