@@ -326,8 +326,8 @@ pub struct SetupClientArgs {
     #[arg(long, value_name = "SRC")]
     pub remote: String,
 
-    /// The server's SSH port
-    #[arg(long)]
+    /// The server's SSH port, written into the job's ssh config [default: 22]
+    #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
 
     /// Where the snapshots go
@@ -338,6 +338,16 @@ pub struct SetupClientArgs {
     /// server first: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub
     #[arg(long, value_name = "FINGERPRINT")]
     pub accept_host_key: Option<String>,
+
+    /// Also set up restores: a second key (keys/JOB-restore) for root on the server, its
+    /// `Host JOB-restore` in the job's ssh config, and the job's restore_to; the printed
+    /// setup-server line then has --restore-key
+    #[arg(long)]
+    pub restore: bool,
+
+    /// The job's log file [default: /var/log/rbackup/JOB.log]
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 
     /// Print every step, do nothing
     #[arg(long)]

@@ -120,6 +120,8 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 backups_folder: a.backups_folder.clone(),
                 config: cli.config.clone().unwrap_or_else(|| config::DEFAULT_CONFIG.into()),
                 accept_host_key: a.accept_host_key.clone(),
+                restore: a.restore,
+                log_file: a.log_file.clone(),
                 dry_run: a.dry_run,
             })?;
             Ok(Code::Ok)
