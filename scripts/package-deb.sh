@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the Debian package: the binary, the systemd units, the man page,
+# Builds the Debian package: the binary, the systemd units, the man pages,
 # shell completions, the example config and the docs (see
 # [package.metadata.deb] in Cargo.toml). Needs cargo-deb
 # (`cargo install cargo-deb`). The .deb lands in target/debian/.
@@ -10,7 +10,8 @@ scripts/install-deps.sh
 cargo build --release --locked
 mkdir -p target/assets
 bin=target/release/rbackup
-"$bin" man > target/assets/rbackup.1
+rm -rf target/assets/man
+"$bin" man --dir target/assets/man >/dev/null    # rbackup.1, rbackup-COMMAND.1, rbackup.toml.5
 "$bin" completions bash > target/assets/rbackup.bash
 "$bin" completions zsh > target/assets/_rbackup
 "$bin" completions fish > target/assets/rbackup.fish

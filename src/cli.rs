@@ -28,6 +28,7 @@ Examples:
   rbackup -j server --list
 
 Every command is also a long flag: `rbackup --backup` is `rbackup backup`.
+
 Exit codes: 0 ok, 1 failed, 2 usage or config error, 23 partial (some
 files could not be read), 24 files changed or vanished during the run,
 75 another run holds the lock. See docs/exit-codes.md.";
@@ -104,8 +105,13 @@ pub enum Command {
     #[command(long_flag = "check")]
     Check(CheckArgs),
 
-    /// Print the man page (roff) on stdout: `rbackup man > rbackup.1`
-    Man,
+    /// Print the man page rbackup(1) on stdout: `rbackup man > rbackup.1`; with --dir,
+    /// write every page there: rbackup.1, rbackup-COMMAND.1 per command, rbackup.toml.5
+    Man {
+        /// Write all the pages into this folder (created if missing) and list them
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 
     /// Print shell completions on stdout: `rbackup completions bash > /etc/bash_completion.d/rbackup`
     Completions {

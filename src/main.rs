@@ -130,10 +130,12 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let job = job(cli, &check_overrides(args))?;
             check::run(&job)
         }
-        Command::Man => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
-            print_all(&page)
+        Command::Man { dir: None } => print_all(rbackup::manpages::main_page()?.roff.as_bytes()),
+        Command::Man { dir: Some(dir) } => {
+            for path in rbackup::manpages::write_to(dir)? {
+                println!("{}", path.display());
+            }
+            Ok(Code::Ok)
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
