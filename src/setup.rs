@@ -432,7 +432,7 @@ pub struct ClientOptions {
     /// A host key fingerprint (`SHA256:…`) accepted without asking.
     pub accept_host_key: Option<String>,
     /// Also prepare restores: a second key, its `Host JOB-restore` and the
-    /// job's `restore_to`. Kept on later runs once its key exists.
+    /// job's `restore_to`. Kept on later runs once the job restores there.
     pub restore: bool,
     /// The job's `log_file`; `/var/log/rbackup/JOB.log` if not given.
     pub log_file: Option<PathBuf>,
@@ -466,9 +466,23 @@ pub fn client(o: &ClientOptions) -> Result<()> {
 
     let alias = restore_alias(&o.job);
     let restore_key = keys.join(&alias);
+    let restore_to = format!("{alias}:{}", path.display());
+    let existing = match std::fs::read_to_string(&o.config) {
+        Ok(text) => crate::config::parse(&text).map_err(|e| usage!("config file {}: {e}", o.config.display()))?,
+        Err(_) => crate::config::FileConfig::default(),
+    };
     // Once set up, restores stay set up: a later run without --restore must
     // not drop the restore host from the ssh config.
-    let restore = o.restore || restore_key.exists();
+    let restore =
+        o.restore || existing.job.get(&o.job).and_then(|j| j.restore_to.as_deref()) == Some(restore_to.as_str());
+    if restore && existing.job.contains_key(&alias) {
+        bail!(usage!(
+            "{} has a job named {alias}, whose key would be the restore key of job {} ({}): rename one of them",
+            o.config.display(),
+            o.job,
+            restore_key.display()
+        ));
+    }
 
     // 1. A key for this job only, and one for its restores (root on the
     // server, confined there to `serve --write`).
@@ -552,8 +566,7 @@ pub fn client(o: &ClientOptions) -> Result<()> {
     }
 
     // 4. The job in the config file.
-    let restore_to = restore.then(|| format!("{alias}:{}", path.display()));
-    add_job(&steps, o, &ssh_config, restore_to.as_deref())?;
+    add_job(&steps, o, &ssh_config, restore.then_some(restore_to.as_str()))?;
 
     // 5. What to run on the server.
     let public = |key: &Path| {

@@ -522,3 +522,18 @@ fn the_by_hand_setup_steps_as_documented_give_a_working_backup() {
     assert_same_tree(&s.path("src"), &snap, &["trusted."]);
     assert!(s.path("log/server.log").is_file());
 }
+
+/// The restore key of job `web` is keys/web-restore, which is also the key a
+/// job named `web-restore` would get: setup-client refuses to mix them up.
+#[test]
+fn setup_client_restore_refuses_a_job_named_like_its_restore_key() {
+    require_root();
+    let tmp = scratch();
+    let cfg = tmp.path().join("etc/rbackup.toml");
+    write(&cfg, b"[job.web-restore]\nsource = \"/srv\"\nbackups_folder = \"/backups\"\n");
+    let args = ["-c", cfg.to_str().unwrap(), "-j", "web", "setup-client", "--remote", "127.0.0.1:/srv", "--restore"];
+    let (code, out, err) = run(&args.iter().map(OsStr::new).collect::<Vec<_>>());
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("has a job named web-restore"), "{err}");
+    assert!(!tmp.path().join("etc/keys").exists(), "nothing was made");
+}
