@@ -7,7 +7,7 @@
 use anyhow::Result;
 
 use crate::backup::human_bytes;
-use crate::config::Job;
+use crate::config::{Job, SourceSpec};
 use crate::exit::Code;
 use crate::meta::Privileges;
 use crate::plan::Policy;
@@ -79,7 +79,7 @@ fn check_source(job: &Job, r: &mut Report) {
     let conn = match transport::connect(job, Role::Source) {
         Ok(c) => c,
         Err(e) => {
-            r.bad(&format!("connect to {source}: {e:#}"), "see docs/setup.md");
+            r.bad(&format!("connect to {source}: {e:#}"), &connect_fix(source, &e));
             return;
         }
     };
@@ -193,6 +193,26 @@ fn report_unreadable(events: &Unreadable, entries: u64, user: &str, r: &mut Repo
                 list(&other, others)
             ),
         );
+    }
+}
+
+/// What to do about a failed connection.
+fn connect_fix(source: &SourceSpec, err: &anyhow::Error) -> String {
+    match err.downcast_ref::<transport::SshError>() {
+        // sshd without PAM refuses every login to an account locked with
+        // `passwd -l` (`!` in /etc/shadow), keys included, and says so only
+        // in its own log: the classic setup step is the likely cause.
+        Some(transport::SshError::AuthRefused { .. }) => {
+            let user = match source {
+                SourceSpec::Remote { user: Some(u), .. } => u.as_str(),
+                _ => "BACKUPUSER",
+            };
+            format!(
+                "if the account is locked with passwd -l, use `usermod -p '*' {user}` instead: it has no \
+                 password but is not locked, so sshd lets its key in\nsee docs/setup.md"
+            )
+        }
+        _ => "see docs/setup.md".into(),
     }
 }
 

@@ -32,6 +32,7 @@ pub mod list;
 pub mod lock;
 pub mod log;
 pub mod manifest;
+pub mod manpages;
 pub mod meta;
 pub mod notify;
 pub mod plan;

@@ -125,6 +125,8 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 backups_folder: a.backups_folder.clone(),
                 config: cli.config.clone().unwrap_or_else(|| config::DEFAULT_CONFIG.into()),
                 accept_host_key: a.accept_host_key.clone(),
+                restore: a.restore,
+                log_file: a.log_file.clone(),
                 dry_run: a.dry_run,
             })?;
             Ok(Code::Ok)
@@ -133,10 +135,12 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let job = job(cli, &check_overrides(args))?;
             check::run(&job)
         }
-        Command::Man => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
-            print_all(&page)
+        Command::Man { dir: None } => print_all(rbackup::manpages::main_page()?.roff.as_bytes()),
+        Command::Man { dir: Some(dir) } => {
+            for path in rbackup::manpages::write_to(dir)? {
+                println!("{}", path.display());
+            }
+            Ok(Code::Ok)
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
