@@ -20,11 +20,11 @@ use crate::plan::Policy;
 use crate::progress::Progress;
 use crate::protocol::msg::{Hello, Role, SessionOptions};
 use crate::protocol::{SOFTWARE, spawn_writer};
-use crate::report::{Events, Problem, ProblemKind, Stats};
+use crate::report::{Events, Problem, Stats};
 use crate::safefs::{Dir, Shown};
 use crate::sink::{ManifestSet, Recorder, Sink, SinkConfig};
 use crate::store::{Snapshot, Store};
-use crate::transport::{self, Connection};
+use crate::transport::{self, Connection, Handle};
 use crate::{info, lock, usage, warn};
 
 /// How to run.
@@ -53,7 +53,8 @@ pub struct DesktopEvents {
     dry_run: bool,
     progress: Progress,
     pub problems: Vec<Problem>,
-    pub unreadable: u64,
+    /// Entries the source was refused access to (the ACL hint is for those).
+    pub denied: u64,
     pub serious: u64,
     pub live: u64,
     /// Writes data back while the run goes on (not in a dry run).
@@ -63,7 +64,7 @@ pub struct DesktopEvents {
 impl DesktopEvents {
     pub fn new(dry_run: bool) -> DesktopEvents {
         let progress = Progress::new(dry_run || !crate::log::on_stderr(crate::log::Level::Info));
-        DesktopEvents { dry_run, progress, problems: Vec::new(), unreadable: 0, serious: 0, live: 0, flusher: None }
+        DesktopEvents { dry_run, progress, problems: Vec::new(), denied: 0, serious: 0, live: 0, flusher: None }
     }
 
     /// The exit code these problems call for.
@@ -98,8 +99,8 @@ impl Events for DesktopEvents {
         } else {
             self.serious += 1;
         }
-        if problem.kind == ProblemKind::Unreadable {
-            self.unreadable += 1;
+        if problem.is_permission_denied() {
+            self.denied += 1;
         }
         if self.problems.len() < PROBLEMS_KEPT {
             self.problems.push(problem);
@@ -270,23 +271,23 @@ pub fn run_with(
     let (mut stats, manifest) = match result {
         Ok(outcome) => (outcome.stats, outcome.manifest),
         Err(e) => {
-            // Stop the agent first: the writer may be blocked on a peer that
-            // no longer reads.
-            let (_, detail) = handle.stop();
+            // Nothing may wait on what waits on it: let go of the channel (the
+            // reader may be blocked on it, full), hang up (a thread blocked on
+            // the agent lets go), join the threads, then stop the agent.
             drop(incoming);
+            handle.hang_up();
             let _ = writer_thread.join();
             let _ = reader_thread.join();
-            if !opts.dry_run {
-                warn!("{} stays for `rbackup --continue` (or the next backup) to finish", target.folder);
-            }
-            return Err(e.context(format!("backup from {source} failed{detail}")));
+            handle.stop();
+            return Err(failed(e, &source, &handle, dest.as_ref().filter(|_| !opts.dry_run), &target.folder));
         }
     };
     let written = writer_thread.join().expect("writer thread");
     drop(incoming);
     written.with_context(|| format!("sending to {}", handle.peer))?;
+    let finished = handle.finish();
     let _ = reader_thread.join();
-    handle.finish()?;
+    finished?;
     stats.wire_bytes_received = wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
 
     let snapshot = match (&store, &dest) {
@@ -307,6 +308,11 @@ pub fn run_with(
             }
             store.remove_partial_manifests(&target.folder);
             for old in snapshots.iter().filter(|s| !s.complete && s.time < done.time) {
+                if let Some(signal) = crate::interrupt::received() {
+                    // The snapshot is complete; the next run removes the rest.
+                    info!("{signal}: {} is left for the next run to remove", old.folder);
+                    continue;
+                }
                 info!("removing {}, superseded by {}", old.folder, done.folder);
                 store.delete(old).with_context(|| format!("removing the superseded {}", old.folder))?;
             }
@@ -314,13 +320,13 @@ pub fn run_with(
         }
         _ => None,
     };
-    if events.unreadable > 0 {
+    if events.denied > 0 {
         warn!(
-            "{} entries could not be read at the source. On an ACL setup, a chmod may have shrunk the ACL \
+            "{} entries could not be read at the source: permission denied. On an ACL setup, a chmod may have shrunk the ACL \
              mask, or files were moved in without the default ACL: check with `getfacl`, fix with \
              `setfacl -Rm u:USER:rX DIR` and `setfacl -Rdm u:USER:rX DIR`, or use the capability setup \
              (docs/setup.md)",
-            events.unreadable
+            events.denied
         );
     }
     Ok(RunReport {
@@ -330,6 +336,30 @@ pub fn run_with(
         problems: std::mem::take(&mut events.problems),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The error of a run that stopped in the session. A signal wins over
+/// whatever it caused (the agent dies of the same Ctrl-C); the agent's words
+/// go only with an error on its side (see [`transport::from_peer`]).
+fn failed(e: anyhow::Error, source: &SourceSpec, handle: &Handle, dest: Option<&Dir>, folder: &str) -> anyhow::Error {
+    if let Some(signal) = crate::interrupt::received() {
+        // What is complete is made durable: the machine may be shutting down.
+        if let Some(dest) = dest
+            && let Err(e) = dest.syncfs()
+        {
+            warn!("flushing {folder} to disk: {e}");
+        }
+        if dest.is_some() {
+            warn!("{signal}: {folder} is kept; `rbackup --continue` finishes it (or the next backup links from it)");
+        }
+        return anyhow!(signal).context(format!("backup from {source} stopped"));
+    }
+    if dest.is_some() {
+        warn!("{folder} stays for `rbackup --continue` (or the next backup) to finish");
+    }
+    let said = if transport::from_peer(&e) { handle.agent_said() } else { String::new() };
+    let context = format!("backup from {source} failed");
+    if said.is_empty() { e.context(context) } else { anyhow!("{e:#}{said}").context(context) }
 }
 
 /// The manifest of `target`, and those of the trees it links from.

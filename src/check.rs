@@ -7,7 +7,7 @@
 use anyhow::Result;
 
 use crate::backup::human_bytes;
-use crate::config::Job;
+use crate::config::{Job, SourceSpec};
 use crate::exit::Code;
 use crate::meta::Privileges;
 use crate::plan::Policy;
@@ -41,6 +41,8 @@ impl Report {
 struct Unreadable {
     paths: Vec<Problem>,
     count: u64,
+    /// Of those, the ones the backup user was refused.
+    denied: u64,
 }
 
 impl Events for Unreadable {
@@ -49,6 +51,7 @@ impl Events for Unreadable {
     fn problem(&mut self, problem: Problem) {
         if problem.kind == ProblemKind::Unreadable {
             self.count += 1;
+            self.denied += u64::from(problem.is_permission_denied());
             if self.paths.len() < 50 {
                 self.paths.push(problem);
             }
@@ -76,7 +79,7 @@ fn check_source(job: &Job, r: &mut Report) {
     let conn = match transport::connect(job, Role::Source) {
         Ok(c) => c,
         Err(e) => {
-            r.bad(&format!("connect to {source}: {e:#}"), "see docs/setup.md");
+            r.bad(&format!("connect to {source}: {e:#}"), &connect_fix(source, &e));
             return;
         }
     };
@@ -99,7 +102,7 @@ fn check_source(job: &Job, r: &mut Report) {
 
     // Walk the whole tree as the backup user would, opening every file.
     let transport::Session { reader, writer, conn: mut handle, .. } = session;
-    let mut events = Unreadable { paths: Vec::new(), count: 0 };
+    let mut events = Unreadable { paths: Vec::new(), count: 0, denied: 0 };
     let cfg = SinkConfig {
         dest: None,
         fresh: true,
@@ -121,35 +124,19 @@ fn check_source(job: &Job, r: &mut Report) {
             let stats = outcome.stats;
             let _ = writer_thread.join();
             drop(incoming);
-            let _ = reader_thread.join();
             let _ = handle.finish();
-            if events.count == 0 {
-                r.good(&format!(
-                    "every entry under the path is readable by the backup user ({} entries)",
-                    stats.entries
-                ));
-            } else {
-                let mut list: String = events.paths.iter().map(|p| format!("{}: {}\n", p.path, p.detail)).collect();
-                if events.count > events.paths.len() as u64 {
-                    list.push_str(&format!("… and {} more\n", events.count - events.paths.len() as u64));
-                }
-                let user = backup_user(job).unwrap_or_else(|| "USER".into());
-                r.bad(
-                    &format!("{} entries can't be read by the backup user", events.count),
-                    &format!(
-                        "{list}fix: on the server, `setfacl -m u:{user}:rX PATH` (a chmod may have shrunk the ACL \
-                         mask; a file moved in may lack the default ACL), or re-run `rbackup setup-server`, or \
-                         use --mode capability"
-                    ),
-                );
-            }
+            let _ = reader_thread.join();
+            report_unreadable(&events, stats.entries, &backup_user(job).unwrap_or_else(|| "USER".into()), r);
         }
         Err(e) => {
-            let (_, detail) = handle.stop();
+            // The order of backup's: channel, connection, threads, agent.
             drop(incoming);
+            handle.hang_up();
             let _ = writer_thread.join();
             let _ = reader_thread.join();
-            r.bad(&format!("walking {source}: {e:#}{detail}"), "see docs/troubleshooting.md");
+            handle.stop();
+            let said = if transport::from_peer(&e) { handle.agent_said() } else { String::new() };
+            r.bad(&format!("walking {source}: {e:#}{said}"), "see docs/troubleshooting.md");
         }
     }
 }
@@ -170,6 +157,63 @@ fn backup_user(job: &Job) -> Option<String> {
     let text = String::from_utf8_lossy(&out.stdout);
     let user = text.lines().find_map(|l| l.strip_prefix("user "))?.trim();
     (out.status.success() && !user.is_empty()).then(|| user.to_string())
+}
+
+/// What the walk could not read: refusals get the ACL fix; other errors
+/// (an entry replaced while the walk looked at it) are only listed.
+fn report_unreadable(events: &Unreadable, entries: u64, user: &str, r: &mut Report) {
+    let list = |problems: &[&Problem], count: u64| -> String {
+        let mut list: String = problems.iter().map(|p| format!("{}: {}\n", p.path, p.detail)).collect();
+        if count > problems.len() as u64 {
+            list.push_str(&format!("… and {} more\n", count - problems.len() as u64));
+        }
+        list
+    };
+    let (denied, other): (Vec<&Problem>, Vec<&Problem>) = events.paths.iter().partition(|p| p.is_permission_denied());
+    if events.count == 0 {
+        r.good(&format!("every entry under the path is readable by the backup user ({entries} entries)"));
+    }
+    if events.denied > 0 {
+        r.bad(
+            &format!("{} entries can't be read by the backup user", events.denied),
+            &format!(
+                "{}fix: on the server, `setfacl -m u:{user}:rX PATH` (a chmod may have shrunk the ACL mask; a file \
+                 moved in may lack the default ACL), or re-run `rbackup setup-server`, or use --mode capability",
+                list(&denied, events.denied)
+            ),
+        );
+    }
+    let others = events.count - events.denied;
+    if others > 0 {
+        r.bad(
+            &format!("{others} entries could not be read for another reason than permissions"),
+            &format!(
+                "{}they may have changed while the check read them: run it again; if they stay, look at \
+                 them on the server",
+                list(&other, others)
+            ),
+        );
+    }
+}
+
+/// What to do about a failed connection.
+fn connect_fix(source: &SourceSpec, err: &anyhow::Error) -> String {
+    match err.downcast_ref::<transport::SshError>() {
+        // sshd without PAM refuses every login to an account locked with
+        // `passwd -l` (`!` in /etc/shadow), keys included, and says so only
+        // in its own log: the classic setup step is the likely cause.
+        Some(transport::SshError::AuthRefused { .. }) => {
+            let user = match source {
+                SourceSpec::Remote { user: Some(u), .. } => u.as_str(),
+                _ => "BACKUPUSER",
+            };
+            format!(
+                "if the account is locked with passwd -l, use `usermod -p '*' {user}` instead: it has no \
+                 password but is not locked, so sshd lets its key in\nsee docs/setup.md"
+            )
+        }
+        _ => "see docs/setup.md".into(),
+    }
 }
 
 fn check_folder(job: &Job, r: &mut Report) {

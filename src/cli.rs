@@ -28,9 +28,11 @@ Examples:
   rbackup -j server --list
 
 Every command is also a long flag: `rbackup --backup` is `rbackup backup`.
-Exit codes: 0 ok, 1 failed, 2 usage or config error, 23 partial (some
-files could not be read), 24 files changed or vanished during the run,
-75 another run holds the lock. See docs/exit-codes.md.";
+
+Exit codes: 0 ok, 1 failed, 2 usage or config error, 20 stopped by
+SIGINT/SIGTERM (`--continue` finishes it), 23 partial (some files could
+not be read), 24 files changed or vanished during the run, 75 another run
+holds the lock. See docs/exit-codes.md.";
 
 /// Pull-snapshot backups over SSH: every snapshot a full browsable tree,
 /// unchanged files hardlinked to the previous one.
@@ -104,8 +106,13 @@ pub enum Command {
     #[command(long_flag = "check")]
     Check(CheckArgs),
 
-    /// Print the man page (roff) on stdout: `rbackup man > rbackup.1`
-    Man,
+    /// Print the man page rbackup(1) on stdout: `rbackup man > rbackup.1`; with --dir,
+    /// write every page there: rbackup.1, rbackup-COMMAND.1 per command, rbackup.toml.5
+    Man {
+        /// Write all the pages into this folder (created if missing) and list them
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 
     /// Print shell completions on stdout: `rbackup completions bash > /etc/bash_completion.d/rbackup`
     Completions {
@@ -169,6 +176,11 @@ pub struct RunArgs {
     /// An ssh config file for this job (ssh -F): host, port, identity, `known_hosts`
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
+
+    /// End the run as failed when the agent sends nothing (or takes nothing) for this
+    /// long; 0 waits forever [default: 300, or io_timeout in the job]
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<u64>,
 
     /// Write the end-of-run summary as JSON to this file
     #[arg(long, value_name = "FILE")]
@@ -263,6 +275,11 @@ pub struct RestoreArgs {
     /// An ssh config file for this job (ssh -F)
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
+
+    /// End the run as failed when the agent sends nothing (or takes nothing) for this
+    /// long; 0 waits forever [default: 300, or io_timeout in the job]
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<u64>,
 }
 
 const RESTORE_EXAMPLES: &str = "\
@@ -326,8 +343,8 @@ pub struct SetupClientArgs {
     #[arg(long, value_name = "SRC")]
     pub remote: String,
 
-    /// The server's SSH port
-    #[arg(long)]
+    /// The server's SSH port, written into the job's ssh config [default: 22]
+    #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
 
     /// Where the snapshots go
@@ -338,6 +355,16 @@ pub struct SetupClientArgs {
     /// server first: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub
     #[arg(long, value_name = "FINGERPRINT")]
     pub accept_host_key: Option<String>,
+
+    /// Also set up restores: a second key (keys/JOB-restore) for root on the server, its
+    /// `Host JOB-restore` in the job's ssh config, and the job's restore_to; the printed
+    /// setup-server line then has --restore-key
+    #[arg(long)]
+    pub restore: bool,
+
+    /// The job's log file [default: /var/log/rbackup/JOB.log]
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 
     /// Print every step, do nothing
     #[arg(long)]
@@ -361,6 +388,11 @@ pub struct CheckArgs {
     /// An ssh config file for this job (ssh -F)
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
+
+    /// End the run as failed when the agent sends nothing (or takes nothing) for this
+    /// long; 0 waits forever [default: 300, or io_timeout in the job]
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<u64>,
 }
 
 /// Options of the agent.

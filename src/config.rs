@@ -47,6 +47,9 @@ pub struct JobConfig {
     pub remote_bin: Option<String>,
     /// A job-specific ssh config file (`ssh -F`).
     pub ssh_config: Option<PathBuf>,
+    /// Seconds without data from the agent (or without it taking any) after
+    /// which the run ends as failed; 0 waits forever.
+    pub io_timeout: Option<u64>,
     /// Where `restore` writes by default, if not back to `source`, e.g.
     /// `root@server-restore:/srv/content` with a write-confined key.
     pub restore_to: Option<String>,
@@ -64,6 +67,9 @@ pub struct JobConfig {
     #[serde(default)]
     pub prune_after_backup: bool,
 }
+
+/// The idle timeout when neither the job nor the command line sets one.
+pub const DEFAULT_IO_TIMEOUT: u64 = 300;
 
 /// Where the data comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +132,8 @@ pub struct Job {
     pub compress: bool,
     pub remote_bin: String,
     pub ssh_config: Option<PathBuf>,
+    /// How long the agent may send nothing (and take nothing); `None`: forever.
+    pub io_timeout: Option<std::time::Duration>,
     pub restore_to: Option<String>,
     pub metrics_file: Option<PathBuf>,
     /// The `[email]` settings, if any.
@@ -146,6 +154,8 @@ pub struct Overrides {
     pub compress: bool,
     pub remote_bin: Option<String>,
     pub ssh_config: Option<PathBuf>,
+    /// Seconds; 0 waits forever.
+    pub io_timeout: Option<u64>,
 }
 
 /// Reads and checks a config file.
@@ -236,6 +246,10 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
         compress: cli.compress || base.compress.unwrap_or(false),
         remote_bin: cli.remote_bin.clone().or(base.remote_bin.clone()).unwrap_or_else(|| "rbackup".into()),
         ssh_config: cli.ssh_config.clone().or(base.ssh_config.clone()),
+        io_timeout: match cli.io_timeout.or(base.io_timeout).unwrap_or(DEFAULT_IO_TIMEOUT) {
+            0 => None,
+            secs => Some(std::time::Duration::from_secs(secs)),
+        },
         restore_to: base.restore_to.clone(),
         metrics_file: base.metrics_file.clone(),
         prune: Rules {
@@ -305,6 +319,18 @@ mod tests {
         assert_eq!(job.backups_folder, PathBuf::from("/other"));
         assert_eq!(job.excludes, vec!["*.tmp".to_string(), "/cache".to_string()]);
         assert_eq!(job.source, Some(SourceSpec::Local("/srv".into())));
+    }
+
+    #[test]
+    fn io_timeout_defaults_to_five_minutes_and_zero_waits_forever() {
+        let cfg = parse("[job.a]\nio_timeout = 30\n[job.b]\n").unwrap();
+        let file = (PathBuf::from("/etc/x.toml"), cfg);
+        let cli = Overrides { backups_folder: Some("/b".into()), ..Default::default() };
+        let secs = |job: &str, cli: &Overrides| resolve(Some(&file), Some(job), cli).unwrap().io_timeout;
+        assert_eq!(secs("a", &cli), Some(std::time::Duration::from_secs(30)));
+        assert_eq!(secs("b", &cli), Some(std::time::Duration::from_secs(DEFAULT_IO_TIMEOUT)));
+        assert_eq!(secs("a", &Overrides { io_timeout: Some(0), ..cli.clone() }), None);
+        assert_eq!(secs("b", &Overrides { io_timeout: Some(7), ..cli }), Some(std::time::Duration::from_secs(7)));
     }
 
     #[test]

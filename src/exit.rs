@@ -3,7 +3,8 @@
 //! Error policy: a command returns `Ok(code)` when it ran to its end — the
 //! code says whether some entries had problems — and `Err` when it could not.
 //! Errors that deserve their own code are typed ([`UsageError`],
-//! [`LockedError`]); everything else is a plain error chain and exits 1.
+//! [`LockedError`], [`crate::interrupt::Interrupted`]); everything else is a
+//! plain error chain and exits 1.
 
 use std::process::ExitCode;
 
@@ -22,6 +23,9 @@ pub enum Code {
     Mismatch,
     /// The run failed; a snapshot in progress stays `.incomplete`.
     Error,
+    /// SIGINT or SIGTERM stopped the run at a safe point; the `.incomplete`
+    /// stays for `--continue` (rsync's 20).
+    Interrupted,
     /// Bad command line or configuration; nothing was done.
     Usage,
     /// Another run holds the destination's lock; nothing was done.
@@ -34,6 +38,7 @@ impl Code {
         match self {
             Code::Ok => 0,
             Code::Error => 1,
+            Code::Interrupted => 20,
             Code::Usage => 2,
             Code::Mismatch => 3,
             Code::Partial => 23,
@@ -50,6 +55,7 @@ impl Code {
             Code::Partial => "PARTIAL",
             Code::Mismatch => "MISMATCH",
             Code::Error => "FAILED",
+            Code::Interrupted => "INTERRUPTED",
             Code::Usage => "FAILED (configuration)",
             Code::Locked => "SKIPPED (locked)",
         }
@@ -81,6 +87,9 @@ pub fn code_of(err: &anyhow::Error) -> Code {
         if cause.is::<LockedError>() {
             return Code::Locked;
         }
+        if cause.is::<crate::interrupt::Interrupted>() {
+            return Code::Interrupted;
+        }
     }
     Code::Error
 }
@@ -104,11 +113,22 @@ mod tests {
         assert_eq!(code_of(&e.context("running backup").unwrap_err()), Code::Locked);
         assert_eq!(code_of(&usage!("bad {}", 1)), Code::Usage);
         assert_eq!(code_of(&anyhow::anyhow!("x")), Code::Error);
+        let e = anyhow::Error::new(crate::interrupt::Interrupted(15)).context("backup from /srv stopped");
+        assert_eq!(code_of(&e), Code::Interrupted);
     }
 
     #[test]
     fn codes_are_distinct() {
-        let all = [Code::Ok, Code::Vanished, Code::Partial, Code::Mismatch, Code::Error, Code::Usage, Code::Locked];
+        let all = [
+            Code::Ok,
+            Code::Vanished,
+            Code::Partial,
+            Code::Mismatch,
+            Code::Error,
+            Code::Interrupted,
+            Code::Usage,
+            Code::Locked,
+        ];
         let mut seen: Vec<u8> = all.iter().map(|c| c.status()).collect();
         seen.sort_unstable();
         seen.dedup();

@@ -5,7 +5,8 @@
 //!
 //! 1. `main` parses the command line ([`cli`]) and the config ([`config`]) into a [`config::Job`].
 //! 2. [`backup`] locks the destination ([`lock`]) and picks the basis snapshots ([`store`]).
-//! 3. [`transport`] starts the agent — over SSH, or as a local child — and shakes hands ([`protocol`]).
+//! 3. [`transport`] starts the agent — over SSH, or as a local child — and shakes hands ([`protocol`]);
+//!    every wait on it is bounded ([`link`]), and SIGINT/SIGTERM stop a run at a safe point ([`interrupt`]).
 //! 4. The agent ([`serve`]) runs the [`source`]: it walks its root and streams the listing.
 //! 5. The desktop runs the [`sink`]: for each entry [`plan`] decides keep / link / copy / fetch.
 //! 6. Fetches are pipelined; changed files come as rsync deltas against the basis.
@@ -25,10 +26,13 @@ pub mod diff;
 pub mod digest;
 pub mod exit;
 pub mod finish;
+pub mod interrupt;
+pub mod link;
 pub mod list;
 pub mod lock;
 pub mod log;
 pub mod manifest;
+pub mod manpages;
 pub mod meta;
 pub mod notify;
 pub mod plan;

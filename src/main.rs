@@ -7,7 +7,7 @@ use clap::Parser;
 use rbackup::cli::{CheckArgs, Cli, Command, RestoreArgs, RunArgs, StoreArgs};
 use rbackup::config::{self, Job, Overrides};
 use rbackup::exit::{Code, code_of};
-use rbackup::{backup, check, diff, error, finish, list, log, prune, restore, serve, setup, store, verify};
+use rbackup::{backup, check, diff, error, finish, interrupt, list, log, prune, restore, serve, setup, store, verify};
 
 fn main() -> ExitCode {
     // As the backup user's login shell, sshd runs `rbackup -c COMMAND`.
@@ -35,6 +35,14 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
     match &cli.command {
         Command::Serve(args) => {
             log::set_tag(log::AGENT_TAG);
+            if args.write {
+                // A restore's agent writes: a Ctrl-C (which reaches a local
+                // agent too) or a stop ends its sink at a safe point, so no
+                // temporary file is left in the destination. (A read-only
+                // agent has nothing to clean up, and ends when the desktop
+                // hangs up.)
+                interrupt::install()?;
+            }
             serve::run(args)?;
             Ok(Code::Ok)
         }
@@ -45,6 +53,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                     .map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
             }
             log::set_tag(&job.job);
+            interrupt::install()?;
             let resume = matches!(cli.command, Command::Continue(_));
             let opts = backup::RunOptions { resume, dry_run: args.dry_run };
             let started = chrono::Utc::now();
@@ -63,6 +72,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             }
             if job.prune_after_backup
                 && report.snapshot.is_some()
+                && interrupt::received().is_none()
                 && let Err(e) = prune::run(&job, &job.prune, false)
             {
                 error!("prune after the backup failed (the snapshot is complete): {e:#}");
@@ -73,6 +83,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
         Command::Restore(args) => {
             let job = job(cli, &restore_overrides(args))?;
             log::set_tag(&job.job);
+            interrupt::install()?;
             let opts = restore::RestoreOptions {
                 snapshot: args.snapshot.clone(),
                 paths: args.paths.clone(),
@@ -114,6 +125,8 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 backups_folder: a.backups_folder.clone(),
                 config: cli.config.clone().unwrap_or_else(|| config::DEFAULT_CONFIG.into()),
                 accept_host_key: a.accept_host_key.clone(),
+                restore: a.restore,
+                log_file: a.log_file.clone(),
                 dry_run: a.dry_run,
             })?;
             Ok(Code::Ok)
@@ -122,10 +135,12 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let job = job(cli, &check_overrides(args))?;
             check::run(&job)
         }
-        Command::Man => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
-            print_all(&page)
+        Command::Man { dir: None } => print_all(rbackup::manpages::main_page()?.roff.as_bytes()),
+        Command::Man { dir: Some(dir) } => {
+            for path in rbackup::manpages::write_to(dir)? {
+                println!("{}", path.display());
+            }
+            Ok(Code::Ok)
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -176,6 +191,7 @@ fn check_overrides(args: &CheckArgs) -> Overrides {
         source: args.source.clone(),
         remote_bin: args.remote_bin.clone(),
         ssh_config: args.ssh_config.clone(),
+        io_timeout: args.io_timeout,
         ..store_overrides(&args.store)
     }
 }
@@ -185,6 +201,7 @@ fn restore_overrides(args: &RestoreArgs) -> Overrides {
         compress: args.compress,
         remote_bin: args.remote_bin.clone(),
         ssh_config: args.ssh_config.clone(),
+        io_timeout: args.io_timeout,
         ..store_overrides(&args.store)
     }
 }
@@ -198,6 +215,7 @@ fn run_overrides(args: &RunArgs) -> Overrides {
         compress: args.compress,
         remote_bin: args.remote_bin.clone(),
         ssh_config: args.ssh_config.clone(),
+        io_timeout: args.io_timeout,
         ..store_overrides(&args.store)
     }
 }

@@ -48,6 +48,21 @@ impl Problem {
     }
 }
 
+impl Problem {
+    /// The source was refused access (`EACCES`, `EPERM`): what the ACL mask
+    /// and default ACL hints are about. Other read errors — a file replaced
+    /// while the walk looked at it gives `EINVAL` or `ESTALE` — are not.
+    /// The detail is the source's `io::Error` text, as it sent it.
+    pub fn is_permission_denied(&self) -> bool {
+        let d = &self.detail;
+        self.kind == ProblemKind::Unreadable
+            && (d.contains("(os error 13)")
+                || d.contains("(os error 1)")
+                || d.contains("Permission denied")
+                || d.contains("Operation not permitted"))
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match self.kind {
@@ -183,6 +198,17 @@ pub trait Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_access_refusals_are_permission_problems() {
+        let p = |kind, detail: &str| Problem::new(kind, b"f", detail).is_permission_denied();
+        assert!(p(ProblemKind::Unreadable, "Permission denied (os error 13)"));
+        assert!(p(ProblemKind::Unreadable, "directory not listed: Permission denied (os error 13)"));
+        assert!(p(ProblemKind::Unreadable, "Operation not permitted (os error 1)"));
+        assert!(!p(ProblemKind::Unreadable, "Invalid argument (os error 22)"));
+        assert!(!p(ProblemKind::Unreadable, "Stale file handle (os error 116)"));
+        assert!(!p(ProblemKind::Failed, "Permission denied (os error 13)"));
+    }
 
     #[test]
     fn stats_roundtrip_through_pairs() {

@@ -146,7 +146,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
             if !opts.dry_run {
                 std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
             }
-            (Connection::local(p, Role::Sink)?, p.clone())
+            (Connection::local(p, Role::Sink, job.io_timeout)?, p.clone())
         }
         SourceSpec::Remote { user, host, path } => {
             (Connection::ssh(user.as_deref(), host, job, Role::Sink)?, path.clone())
@@ -186,8 +186,14 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     let summary = match result {
         Ok(s) => s,
         Err(e) => {
-            let (_, detail) = handle.stop();
-            return Err(anyhow!("restore of {} to {target} failed: {e:#}{detail}", snapshot.folder));
+            // `source::run` has joined its threads: every wait in it is bounded.
+            handle.stop();
+            let what = format!("restore of {} to {target}", snapshot.folder);
+            if let Some(signal) = crate::interrupt::received() {
+                return Err(anyhow!(signal).context(format!("{what} stopped (run the restore again to finish it)")));
+            }
+            let said = if crate::transport::from_peer(&e) { handle.agent_said() } else { String::new() };
+            return Err(anyhow!("{what} failed: {e:#}{said}"));
         }
     };
     handle.finish()?;

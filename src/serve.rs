@@ -102,11 +102,15 @@ fn receive(root: Dir, options: &SessionOptions, reader: FrameReader<File>, stdou
     if let Err(e) = &result {
         let _ = out.send(Encoder::new(options.compress).msg(&SinkMsg::Fatal(format!("{e:#}"))));
     }
+    // Let go of the channel first (the reader may be blocked on it, full).
+    // The reader is not waited for: it may be blocked on a desktop that
+    // keeps the connection open without sending, and the process ends right
+    // after this, which ends it too.
     drop(events);
     drop(out);
     drop(incoming);
     let written = writer_thread.join().expect("writer thread");
-    let _ = reader_thread.join();
+    drop(reader_thread);
     result?;
     written.context("writing to the desktop")?;
     Ok(())

@@ -681,7 +681,23 @@ pub struct ClientOptions {
     pub config: PathBuf,
     /// A host key fingerprint (`SHA256:…`) accepted without asking.
     pub accept_host_key: Option<String>,
+    /// Also prepare restores: a second key, its `Host JOB-restore` and the
+    /// job's `restore_to`. Kept on later runs once the job restores there.
+    pub restore: bool,
+    /// The job's `log_file`; `/var/log/rbackup/JOB.log` if not given.
+    pub log_file: Option<PathBuf>,
     pub dry_run: bool,
+}
+
+/// The job's `log_file` unless `--log-file` says otherwise: the systemd
+/// unit's `LogsDirectory`.
+pub fn default_log_file(job: &str) -> PathBuf {
+    PathBuf::from(format!("/var/log/rbackup/{job}.log"))
+}
+
+/// The ssh host alias of a job's restore key.
+pub fn restore_alias(job: &str) -> String {
+    format!("{job}-restore")
 }
 
 /// `setup-client`: see the module doc and docs/setup.md.
@@ -698,17 +714,32 @@ pub fn client(o: &ClientOptions) -> Result<()> {
     let known_hosts = base.join("known_hosts");
     let ssh_config = base.join(format!("{}.ssh_config", o.job));
 
-    // 1. A key for this job only.
-    if key.exists() {
-        steps.ok(&format!("key {} exists", key.display()));
-    } else {
-        let comment = format!("rbackup-{}@{}", o.job, crate::notify::hostname());
-        steps.run(&format!("create the key {} (ed25519, no passphrase: cron runs it)", key.display()), || {
-            std::fs::create_dir_all(&keys)?;
-            std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-            let k = key.to_string_lossy();
-            command("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-C", &comment, "-f", &k])
-        })?;
+    let alias = restore_alias(&o.job);
+    let restore_key = keys.join(&alias);
+    let restore_to = format!("{alias}:{}", path.display());
+    let existing = match std::fs::read_to_string(&o.config) {
+        Ok(text) => crate::config::parse(&text).map_err(|e| usage!("config file {}: {e}", o.config.display()))?,
+        Err(_) => crate::config::FileConfig::default(),
+    };
+    // Once set up, restores stay set up: a later run without --restore must
+    // not drop the restore host from the ssh config.
+    let restore =
+        o.restore || existing.job.get(&o.job).and_then(|j| j.restore_to.as_deref()) == Some(restore_to.as_str());
+    if restore && existing.job.contains_key(&alias) {
+        bail!(usage!(
+            "{} has a job named {alias}, whose key would be the restore key of job {} ({}): rename one of them",
+            o.config.display(),
+            o.job,
+            restore_key.display()
+        ));
+    }
+
+    // 1. A key for this job only, and one for its restores (root on the
+    // server, confined there to `serve --write`).
+    create_key(&steps, &key, &format!("rbackup-{}@{}", o.job, crate::notify::hostname()), "")?;
+    if restore {
+        let comment = format!("rbackup-{alias}@{}", crate::notify::hostname());
+        create_key(&steps, &restore_key, &comment, " for restores")?;
     }
 
     // 2. The server's host key, after its fingerprint is checked.
@@ -755,15 +786,25 @@ pub fn client(o: &ClientOptions) -> Result<()> {
     }
 
     // 3. The job's ssh config: this key, this known_hosts, strict checking.
-    let mut cfg = format!("# rbackup job {}: written by `rbackup setup-client`\nHost {host}\n", o.job);
-    if let Some(u) = &user {
-        cfg.push_str(&format!("  User {u}\n"));
+    // `ssh -F` reads only this file (not root's ~/.ssh/config), so the
+    // restore host is here too, first: the first value ssh reads wins.
+    let mut cfg = format!("# rbackup job {}: written by `rbackup setup-client`\n", o.job);
+    let block = |cfg: &mut String, user: Option<&str>, key: &Path| {
+        if let Some(u) = user {
+            cfg.push_str(&format!("  User {u}\n"));
+        }
+        cfg.push_str(&format!(
+            "  Port {port}\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n",
+            key.display(),
+            known_hosts.display()
+        ));
+    };
+    if restore {
+        cfg.push_str(&format!("Host {alias}\n  HostName {host}\n"));
+        block(&mut cfg, Some("root"), &restore_key);
     }
-    cfg.push_str(&format!(
-        "  Port {port}\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n",
-        key.display(),
-        known_hosts.display()
-    ));
+    cfg.push_str(&format!("Host {host}\n"));
+    block(&mut cfg, user.as_deref(), &key);
     if std::fs::read_to_string(&ssh_config).ok().as_deref() == Some(&cfg) {
         steps.ok(&format!("{} is up to date", ssh_config.display()));
     } else {
@@ -775,19 +816,43 @@ pub fn client(o: &ClientOptions) -> Result<()> {
     }
 
     // 4. The job in the config file.
-    add_job(&steps, o, &ssh_config)?;
+    add_job(&steps, o, &ssh_config, restore.then_some(restore_to.as_str()))?;
 
     // 5. What to run on the server.
-    let pubkey = std::fs::read_to_string(key.with_extension("pub"))
-        .unwrap_or_else(|_| "ssh-ed25519 AAAA… (created at the real run)".into());
-    println!(
-        "\nnow, on {host} as root:\n  rbackup setup-server --user {} --root {} --key '{}'",
+    let public = |key: &Path| {
+        let pub_file = PathBuf::from(format!("{}.pub", key.display()));
+        std::fs::read_to_string(pub_file).unwrap_or_else(|_| "ssh-ed25519 AAAA… (created at the real run)".into())
+    };
+    let mut line = format!(
+        "rbackup setup-server --user {} --root {} --key '{}'",
         user.as_deref().unwrap_or("backupuser"),
         path.display(),
-        pubkey.trim()
+        public(&key).trim()
     );
+    if restore {
+        line.push_str(&format!(" --restore-key '{}'", public(&restore_key).trim()));
+    }
+    println!("\nnow, on {host} as root:\n  {line}");
     println!("then check the job with: rbackup -j {} check", o.job);
+    if restore {
+        println!("and restore with: rbackup -j {} restore (through {alias}, as root on {host})", o.job);
+    }
     Ok(())
+}
+
+/// Creates an ed25519 key without a passphrase (cron runs it) unless it exists.
+fn create_key(steps: &Steps, key: &Path, comment: &str, purpose: &str) -> Result<()> {
+    if key.exists() {
+        steps.ok(&format!("key {}{purpose} exists", key.display()));
+        return Ok(());
+    }
+    let keys = key.parent().unwrap_or(Path::new("."));
+    steps.run(&format!("create the key {}{purpose} (ed25519, no passphrase: cron runs it)", key.display()), || {
+        std::fs::create_dir_all(keys)?;
+        std::fs::set_permissions(keys, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let k = key.to_string_lossy();
+        command("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", &k])
+    })
 }
 
 /// `ssh-keyscan` the host: (`known_hosts` line, SHA256 fingerprint) of its
@@ -821,41 +886,85 @@ fn scan_host_key(host: &str, port: u16) -> Result<(String, String)> {
     Ok((line, fingerprint))
 }
 
-fn add_job(steps: &Steps, o: &ClientOptions, ssh_config: &Path) -> Result<()> {
+/// A TOML string literal (quotes and backslashes escaped).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Adds the job to the config file, or checks the one there; with
+/// `restore_to`, sees that the job has it.
+fn add_job(steps: &Steps, o: &ClientOptions, ssh_config: &Path, restore_to: Option<&str>) -> Result<()> {
     let text = std::fs::read_to_string(&o.config).unwrap_or_default();
-    if !text.is_empty() {
-        let parsed = crate::config::parse(&text).map_err(|e| usage!("config file {}: {e}", o.config.display()))?;
-        if let Some(job) = parsed.job.get(&o.job) {
-            if job.source.as_deref() == Some(o.remote.as_str()) {
-                steps.ok(&format!("job {} is in {}", o.job, o.config.display()));
-                return Ok(());
-            }
-            bail!(usage!(
-                "{} already has a job {} with source {:?}: choose another name or edit the file",
-                o.config.display(),
-                o.job,
-                job.source.as_deref().unwrap_or("")
-            ));
+    let write = |new: String| -> Result<()> {
+        let parsed = crate::config::parse(&new).map_err(|e| anyhow!("the new job would not parse: {e}"))?;
+        if restore_to.is_some() && parsed.job.get(&o.job).and_then(|j| j.restore_to.as_deref()) != restore_to {
+            bail!("the job's restore_to did not land in [job.{}]", o.job);
         }
-    }
-    let table = format!(
-        "\n[job.{}]\nsource = \"{}\"\nbackups_folder = \"{}\"\nssh_config = \"{}\"\n",
-        o.job,
-        o.remote,
-        o.backups_folder.display(),
-        ssh_config.display()
-    );
-    steps.run(&format!("add job {} to {}", o.job, o.config.display()), || {
-        let new = text.clone() + &table;
-        crate::config::parse(&new).map_err(|e| anyhow!("the new job would not parse: {e}"))?;
         if let Some(dir) = o.config.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let dir = Dir::open_path(o.config.parent().unwrap_or(Path::new(".")))?;
+        let dir = Dir::open_path(o.config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
         let name = o.config.file_name().ok_or_else(|| anyhow!("no file name"))?.as_bytes().to_vec();
         crate::writer::replace_file(&dir, &name, new.as_bytes(), 0o644)?;
         Ok(())
-    })
+    };
+    if !text.is_empty() {
+        let parsed = crate::config::parse(&text).map_err(|e| usage!("config file {}: {e}", o.config.display()))?;
+        if let Some(job) = parsed.job.get(&o.job) {
+            if job.source.as_deref() != Some(o.remote.as_str()) {
+                bail!(usage!(
+                    "{} already has a job {} with source {:?}: choose another name or edit the file",
+                    o.config.display(),
+                    o.job,
+                    job.source.as_deref().unwrap_or("")
+                ));
+            }
+            let Some(want) = restore_to else {
+                steps.ok(&format!("job {} is in {}", o.job, o.config.display()));
+                return Ok(());
+            };
+            match job.restore_to.as_deref() {
+                Some(have) if have == want => {
+                    steps.ok(&format!("job {} is in {}, restoring to {want}", o.job, o.config.display()));
+                    return Ok(());
+                }
+                Some(have) => bail!(usage!(
+                    "job {} in {} restores to {have:?}, not to {want:?} (the restore key's host): change or \
+                     remove its restore_to",
+                    o.job,
+                    o.config.display()
+                )),
+                None => {}
+            }
+            // Under the job's header, so the rest of the file stays as it is.
+            let header = format!("[job.{}]", o.job);
+            let mut lines: Vec<&str> = text.lines().collect();
+            let Some(at) = lines.iter().position(|l| l.trim() == header) else {
+                bail!(usage!(
+                    "add `restore_to = {}` to the job {} in {} (its table has no `{header}` line to add it under)",
+                    toml_string(want),
+                    o.job,
+                    o.config.display()
+                ));
+            };
+            let entry = format!("restore_to = {}", toml_string(want));
+            lines.insert(at + 1, &entry);
+            let new = lines.join("\n") + "\n";
+            return steps.run(&format!("add {entry} to job {} in {}", o.job, o.config.display()), || write(new));
+        }
+    }
+    let mut table = format!(
+        "\n[job.{}]\nsource = {}\nbackups_folder = {}\nssh_config = {}\nlog_file = {}\n",
+        o.job,
+        toml_string(&o.remote),
+        toml_string(&o.backups_folder.to_string_lossy()),
+        toml_string(&ssh_config.to_string_lossy()),
+        toml_string(&o.log_file.clone().unwrap_or_else(|| default_log_file(&o.job)).to_string_lossy()),
+    );
+    if let Some(to) = restore_to {
+        table.push_str(&format!("restore_to = {}\n", toml_string(to)));
+    }
+    steps.run(&format!("add job {} to {}", o.job, o.config.display()), || write(text.clone() + &table))
 }
 
 /// The account shell mode: sshd runs `SHELL -c "COMMAND"`. With rbackup as

@@ -209,7 +209,7 @@ fn read_sink<R: Read>(
             }
             SinkMsg::Log { kind, text } => on_log(kind, &text),
             SinkMsg::Finish { summary } => return Ok(summary),
-            SinkMsg::Fatal(msg) => bail!("the receiving side failed: {msg}"),
+            SinkMsg::Fatal(message) => bail!(crate::protocol::PeerFailed { side: "receiving", message }),
         }
     }
 }

@@ -7,27 +7,42 @@
 //! local source is served by the agent run as a child process over pipes, so
 //! it speaks exactly the protocol the SSH agent speaks.
 //!
+//! Every read and write on the agent's pipes is bounded by the job's
+//! `io_timeout` ([`crate::link`]); ssh's keepalives are derived from it, so a
+//! dead connection is noticed in about the same time.
+//!
 //! The agent's stderr is drained on its own thread — a full stderr pipe would
 //! otherwise stall the agent mid-run — and its last lines are kept for error
-//! messages.
+//! messages, shown as the agent's words. That thread is never waited for
+//! long: something other than the agent can hold its stderr open (an ssh
+//! multiplexing master, a process the agent started), and shutdown must not
+//! depend on it.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::config::Job;
+use crate::link::{Link, LinkError};
 use crate::protocol::frame::{Encoder, FrameReader};
 use crate::protocol::msg::{Hello, Reply, Role};
-use crate::protocol::{HandshakeError, read_msg, read_preamble, write_preamble};
+use crate::protocol::{HandshakeError, PeerFailed, ProtocolError, read_msg, read_preamble, write_preamble};
 
 /// Lines of the agent's stderr kept for messages.
 const STDERR_TAIL: usize = 20;
+/// How long a stopped agent may take to exit by itself before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+/// How long the agent's last words may take to arrive once it is gone.
+const STDERR_GRACE: Duration = Duration::from_secs(2);
+/// How long ssh gets to close the connection.
+const SSH_CLOSE: Duration = Duration::from_secs(5);
 
 /// Frames from the agent.
 pub type Frames = FrameReader<Box<dyn Read + Send>>;
@@ -90,6 +105,21 @@ pub fn classify_ssh_error(host: &str, text: &str) -> SshError {
     }
 }
 
+/// Whether `e` is about the agent's side of a session — a protocol
+/// violation, the connection lost or stalled, the agent reporting its own
+/// failure — rather than the desktop's own (its disk, its limits). Only
+/// errors about the agent's side are shown with what the agent printed:
+/// after the desktop gives up, the agent only complains that it hung up.
+pub fn from_peer(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<ProtocolError>()
+            || c.is::<PeerFailed>()
+            || c.is::<HandshakeError>()
+            || c.is::<LinkError>()
+            || c.downcast_ref::<std::io::Error>().and_then(LinkError::of).is_some()
+    })
+}
+
 /// The process on the other side.
 enum Agent {
     /// A local child, or nothing (streams supplied by the caller).
@@ -121,19 +151,22 @@ pub struct Session {
 }
 
 /// What is left of the connection once its streams are in use: the agent to
-/// wait for and its stderr.
+/// wait for and its stderr. Dropped without [`Handle::finish`], it stops the
+/// agent.
 pub struct Handle {
     /// Who the agent is, for messages.
     pub peer: String,
     stderr: Arc<Mutex<VecDeque<String>>>,
     stderr_thread: Option<JoinHandle<()>>,
     agent: Agent,
+    link: Arc<Link>,
+    timeout: Option<Duration>,
 }
 
 /// Connects to the agent for `job`'s source: over SSH, or a local child.
 pub fn connect(job: &Job, role: Role) -> Result<(Connection, std::path::PathBuf)> {
     match job.source.as_ref().ok_or_else(|| anyhow!("no source"))? {
-        crate::config::SourceSpec::Local(p) => Ok((Connection::local(p, role)?, p.clone())),
+        crate::config::SourceSpec::Local(p) => Ok((Connection::local(p, role, job.io_timeout)?, p.clone())),
         crate::config::SourceSpec::Remote { user, host, path } => {
             Ok((Connection::ssh(user.as_deref(), host, job, role)?, path.clone()))
         }
@@ -142,22 +175,33 @@ pub fn connect(job: &Job, role: Role) -> Result<(Connection, std::path::PathBuf)
 
 impl Connection {
     /// Starts this binary as the agent for a local `root`.
-    pub fn local(root: &Path, role: Role) -> Result<Connection> {
+    pub fn local(root: &Path, role: Role, timeout: Option<Duration>) -> Result<Connection> {
         let exe = std::env::current_exe().context("cannot find the rbackup binary to start the local agent")?;
         let mut cmd = Command::new(exe);
         cmd.arg("serve").arg(if role == Role::Source { "--read-only" } else { "--write" }).arg("--root").arg(root);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let peer = format!("the local agent for {}", root.display());
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {peer}"))?;
-        let reader = Box::new(child.stdout.take().expect("piped stdout"));
-        let writer = Box::new(child.stdin.take().expect("piped stdin"));
-        let stderr_pipe = child.stderr.take().expect("piped stderr");
-        Ok(Connection::new(reader, writer, Some(Box::new(stderr_pipe)), peer, Agent::Local(Some(child))))
+        Connection::spawn(cmd, &format!("the local agent for {}", root.display()), timeout)
     }
 
-    /// A connection over streams the caller set up (tests play the agent).
-    pub fn from_streams(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, peer: &str) -> Connection {
-        Connection::new(reader, writer, None, peer.to_string(), Agent::Local(None))
+    /// Starts `cmd` as the agent, speaking the protocol on its stdin and
+    /// stdout (tests start hostile agents this way).
+    pub fn spawn(mut cmd: Command, peer: &str, timeout: Option<Duration>) -> Result<Connection> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {peer}"))?;
+        let reader = child.stdout.take().expect("piped stdout").into();
+        let writer = child.stdin.take().expect("piped stdin").into();
+        let stderr_pipe = child.stderr.take().expect("piped stderr").into();
+        Connection::new(reader, writer, Some(stderr_pipe), peer.to_string(), Agent::Local(Some(child)), timeout)
+    }
+
+    /// A connection over pipes or sockets the caller set up (tests play the
+    /// agent).
+    pub fn from_streams(
+        reader: impl Into<OwnedFd>,
+        writer: impl Into<OwnedFd>,
+        peer: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Connection> {
+        Connection::new(reader.into(), writer.into(), None, peer.to_string(), Agent::Local(None), timeout)
     }
 
     /// Starts `<remote_bin> serve` on `host` over SSH. With a forced command in
@@ -169,7 +213,7 @@ impl Connection {
         b.known_hosts_check(openssh::KnownHosts::Strict)
             .control_directory(std::env::temp_dir())
             .control_persist(openssh::ControlPersist::IdleFor(std::num::NonZeroUsize::new(30).expect("nonzero")))
-            .server_alive_interval(Duration::from_secs(15))
+            .server_alive_interval(keepalive(job.io_timeout))
             .connect_timeout(Duration::from_secs(30));
         if let Some(u) = user {
             b.user(u.to_string());
@@ -200,25 +244,29 @@ impl Connection {
             child: Some(child),
             remote_bin: job.remote_bin.clone(),
         }));
-        Ok(Connection::new(
-            Box::new(std::fs::File::from(stdout)),
-            Box::new(std::fs::File::from(stdin)),
-            Some(Box::new(std::fs::File::from(stderr))),
-            format!("the agent on {shown}"),
-            agent,
-        ))
+        Connection::new(stdout, stdin, Some(stderr), format!("the agent on {shown}"), agent, job.io_timeout)
     }
 
     fn new(
-        reader: Box<dyn Read + Send>,
-        writer: Box<dyn Write + Send>,
-        stderr_pipe: Option<Box<dyn Read + Send>>,
+        reader: OwnedFd,
+        writer: OwnedFd,
+        stderr_pipe: Option<OwnedFd>,
         peer: String,
         agent: Agent,
-    ) -> Connection {
+        timeout: Option<Duration>,
+    ) -> Result<Connection> {
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr_thread = stderr_pipe.map(|p| drain_stderr(p, stderr.clone()));
-        Connection { reader, writer, handle: Handle { peer, stderr, stderr_thread, agent } }
+        let stderr_thread = stderr_pipe.map(|p| drain_stderr(std::fs::File::from(p), stderr.clone()));
+        let link = Link::new(&peer, timeout);
+        let mut handle = Handle { peer, stderr, stderr_thread, agent, link: link.clone(), timeout };
+        let halves = link.reader(reader).and_then(|r| Ok((r, link.writer(writer)?)));
+        match halves {
+            Ok((r, w)) => Ok(Connection { reader: Box::new(r), writer: Box::new(w), handle }),
+            Err(e) => {
+                handle.stop();
+                Err(anyhow!("cannot set up the pipes to {}: {e}", handle.peer))
+            }
+        }
     }
 
     /// Exchanges preambles and `Hello`/`Reply`. Errors carry what the agent
@@ -241,7 +289,11 @@ impl Connection {
             Ok((reader, root)) => Ok(Session { reader, writer, root, conn: handle }),
             Err(e) => {
                 drop(writer);
-                let (status, detail) = handle.stop();
+                let status = handle.stop();
+                if let Some(signal) = crate::interrupt::received() {
+                    return Err(anyhow!(signal).context(format!("no session with {}", handle.peer)));
+                }
+                let detail = handle.agent_said();
                 if let Some(reason) = e.downcast_ref::<Refused>() {
                     bail!("{} refused the request: {}", handle.peer, reason.0);
                 }
@@ -266,55 +318,71 @@ impl Connection {
 struct Refused(String);
 
 impl Handle {
-    /// Waits for the agent to exit; an error if it failed.
+    /// Ends the connection from this side: every thread reading from or
+    /// writing to the agent stops within a fraction of a second.
+    pub fn hang_up(&self) {
+        self.link.close();
+    }
+
+    /// After the session ended: waits for the agent to exit (within the
+    /// idle timeout); an error if it failed, or had to be killed.
     pub fn finish(mut self) -> Result<()> {
         let status = match &mut self.agent {
             Agent::Local(None) => None,
-            Agent::Local(Some(child)) => {
-                let st = child.wait().with_context(|| format!("waiting for {}", self.peer))?;
-                (!st.success()).then(|| st.to_string())
-            }
+            Agent::Local(Some(child)) => match wait_for(child, self.timeout)? {
+                Some(st) => (!st.success()).then(|| format!("exited with {st}")),
+                None => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    Some("did not exit within the io_timeout after the session, and was killed".into())
+                }
+            },
             Agent::Ssh(ssh) => {
                 let child = ssh.child.take().expect("an SSH agent");
-                let st = ssh.rt.block_on(child.wait()).with_context(|| format!("waiting for {}", self.peer))?;
-                if let Some(session) = ssh.session.take().and_then(Arc::into_inner) {
-                    let _ = ssh.rt.block_on(session.close());
-                }
-                (!st.success()).then(|| st.to_string())
+                let timeout = self.timeout;
+                let waited = ssh.rt.block_on(async move {
+                    match timeout {
+                        Some(t) => tokio::time::timeout(t, child.wait()).await.ok(),
+                        None => Some(child.wait().await),
+                    }
+                });
+                let status = match waited {
+                    Some(st) => {
+                        let st = st.with_context(|| format!("waiting for {}", self.peer))?;
+                        (!st.success()).then(|| format!("exited with {st}"))
+                    }
+                    None => Some("did not exit within the io_timeout after the session".into()),
+                };
+                ssh.close();
+                status
             }
         };
-        if let Some(t) = self.stderr_thread.take() {
-            let _ = t.join();
-        }
+        self.link.close();
+        self.join_stderr();
         if let Some(status) = status {
-            return Err(anyhow!("{} exited with {status}{}", self.peer, self.stderr_excerpt()));
+            return Err(anyhow!("{} {status}{}", self.peer, self.agent_said()));
         }
         Ok(())
     }
 
-    /// After a failed session: stops the agent and returns its exit code (if
-    /// it exited by itself) and its last words for the message.
-    pub fn stop(&mut self) -> (Option<i32>, String) {
+    /// After a failed session: hangs up, stops the agent (it gets a moment to
+    /// exit by itself, then it is killed) and returns its exit code if it
+    /// exited by itself. Every wait here is bounded.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.link.close();
         let mut code = None;
         match &mut self.agent {
             Agent::Local(None) => {}
             Agent::Local(Some(child)) => {
                 // The agent sees EOF once our end of the pipes is gone; give it
                 // a moment to say why it stopped, then make sure it is gone.
-                for _ in 0..50 {
-                    if let Ok(Some(st)) = child.try_wait() {
-                        code = st.code();
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                code = wait_for(child, Some(EXIT_GRACE)).ok().flatten().and_then(|st| st.code());
                 let _ = child.kill();
                 let _ = child.wait();
             }
             Agent::Ssh(ssh) => {
                 if let Some(child) = ssh.child.take() {
-                    let waited =
-                        ssh.rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), child.wait()).await });
+                    let waited = ssh.rt.block_on(async { tokio::time::timeout(3 * EXIT_GRACE, child.wait()).await });
                     code = match waited {
                         Ok(Ok(st)) => st.code(),
                         // The crate turns the shell's 127 into this error.
@@ -322,28 +390,82 @@ impl Handle {
                         _ => None,
                     };
                 }
-                if let Some(session) = ssh.session.take().and_then(Arc::into_inner) {
-                    let _ = ssh.rt.block_on(session.close());
-                }
+                ssh.close();
             }
         }
-        if let Some(t) = self.stderr_thread.take() {
-            let _ = t.join();
-        }
-        (code, self.stderr_excerpt())
+        self.join_stderr();
+        code
     }
 
-    fn stderr_excerpt(&self) -> String {
+    /// Waits a little for the stderr thread to reach the end of the agent's
+    /// last words, never long: whatever else holds the pipe open (an ssh
+    /// master, a process the agent left behind) must not hold up shutdown.
+    /// A thread still blocked then is left to end with the process.
+    fn join_stderr(&mut self) {
+        let Some(t) = self.stderr_thread.take() else { return };
+        let deadline = Instant::now() + STDERR_GRACE;
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            crate::debug!("{}'s stderr is still open; not waiting for it", self.peer);
+        }
+    }
+
+    /// What the agent printed on stderr, as its words, for an error message
+    /// about the agent's side: `\n  the agent on … said: …`. Empty if it said
+    /// nothing. Not for the desktop's own errors: what the agent says after
+    /// the desktop gave up is about the desktop hanging up.
+    pub fn agent_said(&self) -> String {
         let lines = self.stderr.lock().expect("stderr lock");
         if lines.is_empty() {
             String::new()
         } else {
-            format!("\n  the agent said: {}", lines.iter().cloned().collect::<Vec<_>>().join("\n  "))
+            format!("\n  {} said: {}", self.peer, lines.iter().cloned().collect::<Vec<_>>().join("\n  "))
         }
     }
 }
 
-fn drain_stderr(pipe: Box<dyn Read + Send>, tail: Arc<Mutex<VecDeque<String>>>) -> JoinHandle<()> {
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl SshAgent {
+    /// Closes the master connection, if this was its last user.
+    fn close(&mut self) {
+        if let Some(session) = self.session.take().and_then(Arc::into_inner) {
+            let _ = self.rt.block_on(async { tokio::time::timeout(SSH_CLOSE, session.close()).await });
+        }
+    }
+}
+
+/// Waits for `child` to exit, at most `bound`: `None` if it is still running.
+fn wait_for(child: &mut std::process::Child, bound: Option<Duration>) -> std::io::Result<Option<ExitStatus>> {
+    let Some(bound) = bound else { return child.wait().map(Some) };
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// ssh's `ServerAliveInterval` for an idle timeout: with ssh's default
+/// `ServerAliveCountMax` of 3, a dead connection is dropped after about
+/// `io_timeout`. (The openssh crate can't set the count; an ssh config may.)
+fn keepalive(io_timeout: Option<Duration>) -> Duration {
+    io_timeout.map_or(Duration::from_secs(15), |t| Duration::from_secs((t.as_secs() / 3).max(1)))
+}
+
+fn drain_stderr(pipe: impl Read + Send + 'static, tail: Arc<Mutex<VecDeque<String>>>) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name("rbackup-agent-stderr".into())
         .spawn(move || {
@@ -364,6 +486,13 @@ fn drain_stderr(pipe: Box<dyn Read + Send>, tail: Arc<Mutex<VecDeque<String>>>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keepalives_follow_the_io_timeout() {
+        assert_eq!(keepalive(Some(Duration::from_secs(300))), Duration::from_secs(100));
+        assert_eq!(keepalive(Some(Duration::from_secs(2))), Duration::from_secs(1));
+        assert_eq!(keepalive(None), Duration::from_secs(15));
+    }
 
     #[test]
     fn ssh_failures_are_told_apart() {

@@ -308,3 +308,32 @@ fn a_stalled_smtp_server_is_reported_as_a_timeout_naming_it() {
     assert!(out.contains(&format!("no answer from 127.0.0.1:{port} within 1 s (timeout)")), "{out}");
     drop(stalled);
 }
+
+#[test]
+fn a_run_stopped_by_sigterm_mails_that_it_was_interrupted_and_how_to_continue() {
+    use common::midrun::{Held, busy_source, hold_mid_run, pid, send, wait_by_itself};
+    require_root();
+    let tmp = scratch();
+    let smtp = Smtp::start(tmp.path(), "plain", None, None);
+    let mail = format!("host = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n", smtp.port);
+    let src = tmp.path().join("src");
+    busy_source(&src);
+    let cfg = config(tmp.path(), src.to_str().unwrap(), &mail);
+    let bk = tmp.path().join("bk");
+    let held = (0..5).find_map(|_| {
+        let _ = std::fs::remove_dir_all(&bk);
+        let mut cmd = rbackup(&["-c".as_ref(), cfg.as_os_str(), "--backup".as_ref()]);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        hold_mid_run(cmd, &bk, "web", "d02")
+    });
+    let Held { mut child, .. } = held.expect("a run held in its middle");
+    send(pid(&child), rustix::process::Signal::TERM);
+    assert_eq!(wait_by_itself(&mut child).code(), Some(20));
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    let subject = msgs[0]["subject"].as_str().unwrap();
+    assert_eq!(subject, format!("[rbackup] web on {}: INTERRUPTED — interrupted by SIGTERM", hostname()));
+    let body = msgs[0]["body"].as_str().unwrap();
+    assert!(body.contains("Exit code: 20"), "{body}");
+    assert!(body.contains(".incomplete is kept; run `rbackup -j web --continue`"), "{body}");
+}

@@ -17,7 +17,7 @@ use rbackup::backup::{self, RunOptions, RunReport};
 use rbackup::config::{Job, SourceSpec};
 use rbackup::meta::Meta;
 use rbackup::protocol::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
-use rbackup::protocol::msg::{Entry, Fetch, Reply, SinkMsg, SourceMsg, SpecialKind};
+use rbackup::protocol::msg::{Entry, Fetch, Reply, SinkMsg, SkipReason, SourceMsg, SpecialKind};
 use rbackup::protocol::{decode, read_preamble, write_preamble};
 use rbackup::transport::Connection;
 
@@ -103,6 +103,7 @@ fn job(bk: &Path) -> Job {
         compress: false,
         remote_bin: "rbackup".into(),
         ssh_config: None,
+        io_timeout: Some(std::time::Duration::from_secs(rbackup::config::DEFAULT_IO_TIMEOUT)),
         restore_to: None,
         metrics_file: None,
         email: None,
@@ -113,6 +114,15 @@ fn job(bk: &Path) -> Job {
 
 /// Runs a backup against an agent that follows `script` after the handshake.
 fn run_hostile(bk: &Path, resume: bool, script: impl FnOnce(&mut Agent) + Send + 'static) -> anyhow::Result<RunReport> {
+    run_hostile_with(job(bk), resume, script)
+}
+
+/// The same for `job` (its `io_timeout` applies).
+fn run_hostile_with(
+    job: Job,
+    resume: bool,
+    script: impl FnOnce(&mut Agent) + Send + 'static,
+) -> anyhow::Result<RunReport> {
     let (desk_r, agent_w) = std::io::pipe().unwrap();
     let (agent_r, desk_w) = std::io::pipe().unwrap();
     let agent = std::thread::spawn(move || {
@@ -129,9 +139,8 @@ fn run_hostile(bk: &Path, resume: bool, script: impl FnOnce(&mut Agent) + Send +
         drop(agent.output);
         while let Ok(Some(_)) = agent.input.read() {}
     });
-    let conn = Connection::from_streams(Box::new(desk_r), Box::new(desk_w), "the hostile agent");
-    let result =
-        backup::run_with(&job(bk), &RunOptions { resume, dry_run: false }, |_| Ok((conn, PathBuf::from("/srv"))));
+    let conn = Connection::from_streams(desk_r, desk_w, "the hostile agent", job.io_timeout).unwrap();
+    let result = backup::run_with(&job, &RunOptions { resume, dry_run: false }, |_| Ok((conn, PathBuf::from("/srv"))));
     agent.join().unwrap();
     result
 }
@@ -430,7 +439,7 @@ fn a_version_mismatch_names_both_versions() {
         let mut sink = Vec::new();
         let _ = agent_r.read_to_end(&mut sink);
     });
-    let conn = Connection::from_streams(Box::new(desk_r), Box::new(desk_w), "the old agent");
+    let conn = Connection::from_streams(desk_r, desk_w, "the old agent", None).unwrap();
     let result =
         backup::run_with(&job(&tmp.path().join("bk")), &RunOptions::default(), |_| Ok((conn, PathBuf::from("/srv"))));
     let err = format!("{:#}", result.unwrap_err());
@@ -498,12 +507,8 @@ fn a_delta_that_fails_the_hash_check_is_fetched_again_whole() {
 /// within two minutes fails the test instead of hanging it (a harness
 /// bound, not a timing assertion: the run must simply terminate).
 fn run_hostile_bounded(bk: &Path, script: impl FnOnce(&mut Agent) + Send + 'static) -> anyhow::Result<RunReport> {
-    let (tx, rx) = std::sync::mpsc::channel();
     let bk = bk.to_path_buf();
-    std::thread::spawn(move || {
-        let _ = tx.send(run_hostile(&bk, false, script));
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the run did not end by itself within 120 s")
+    returns_by_itself(move || run_hostile(&bk, false, script))
 }
 
 #[test]
@@ -574,6 +579,55 @@ fn whole_data_that_does_not_match_the_sources_digest_is_refused() {
     area.assert_resumable();
 }
 
+// ------------------------------------------------ agents that stop answering
+
+/// Runs `f` on its own thread; fails the test if it has not returned after
+/// a bound far beyond anything it should take (no timing is asserted: only
+/// that it ends by itself).
+fn returns_by_itself<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the desktop hung: it did not return within 120 s"),
+        Err(e) => panic!("the run panicked: {e}"),
+    }
+}
+
+fn job_with_timeout(bk: &Path, secs: u64) -> Job {
+    Job { io_timeout: Some(std::time::Duration::from_secs(secs)), ..job(bk) }
+}
+
+/// No temporary entry (`.rbk~…`) anywhere under `dir`.
+fn assert_no_temporaries(dir: &Path) {
+    let out = std::process::Command::new("find").arg(dir).args(["-name", ".rbk~*"]).output().unwrap();
+    let found = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && found.is_empty(), "temporary entries left: {found}");
+}
+
+#[test]
+fn an_agent_that_stops_sending_mid_listing_ends_the_run_by_its_idle_timeout() {
+    let area = Area::new();
+    let job = job_with_timeout(&area.bk(), 2);
+    let result = returns_by_itself(move || {
+        run_hostile_with(job, false, |a| {
+            a.entries(vec![dir(b""), file(b"good", 3)]);
+            a.serve(b"abc");
+            a.entries(vec![file(b"more", 4)]);
+            // Silent from here on, with both pipes open, until the desktop
+            // hangs up.
+            a.drain();
+        })
+    });
+    let err = result.as_ref().map(|_| ()).unwrap_err();
+    assert_eq!(rbackup::exit::code_of(err), rbackup::exit::Code::Error);
+    expect_error(result, &["no data from the hostile agent for 2 s (io_timeout)"]);
+    area.assert_outside_untouched();
+    area.assert_resumable();
+}
+
 #[test]
 fn a_sparse_basis_is_never_read_for_a_delta() {
     // Its signature would read every byte of its holes: work in proportion
@@ -605,6 +659,154 @@ fn a_sparse_basis_is_never_read_for_a_delta() {
     })
     .unwrap();
     assert_eq!((report.stats.fetched_whole, report.stats.fetched_delta), (1, 0));
+}
+
+#[test]
+fn an_agent_that_stops_sending_mid_file_ends_the_run_and_keeps_the_data_for_continue() {
+    let area = Area::new();
+    let job = job_with_timeout(&area.bk(), 2);
+    let result = returns_by_itself(move || {
+        run_hostile_with(job, false, |a| {
+            a.entries(vec![dir(b""), file(b"big", 100_000), file(b"good", 3), Entry::End]);
+            a.send(&SourceMsg::ListingDone);
+            let f = a.next_fetch().unwrap();
+            a.send(&SourceMsg::FileBegin { id: f.id, size: 100_000 });
+            a.data(0, &[7u8; 1000]);
+            a.drain();
+        })
+    });
+    expect_error(result, &["no data from the hostile agent for 2 s (io_timeout)"]);
+    let inc = snapshots(&area.bk(), "h").into_iter().find(|(_, c)| !c).unwrap().0;
+    assert!(!area.bk().join(&inc).join("big").exists());
+    // What arrived stays under a temporary name, for `--continue` to resume
+    // from; nothing else is left.
+    let out = std::process::Command::new("find").arg(area.bk()).args(["-name", ".rbk~*"]).output().unwrap();
+    let found = String::from_utf8_lossy(&out.stdout).into_owned();
+    let found: Vec<&str> = found.lines().collect();
+    assert!(found.len() == 1 && found[0].ends_with(".part"), "temporary entries left: {found:?}");
+    assert_eq!(std::fs::metadata(found[0]).unwrap().len(), 1000, "the data received, and only that");
+    area.assert_resumable();
+    assert_no_temporaries(&area.bk());
+}
+
+/// The bytes an agent sends: preamble, welcome, then `frames`.
+fn agent_stream(frames: &[SourceMsg]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_preamble(&mut out).unwrap();
+    let mut enc = Encoder::new(false);
+    out.extend(enc.msg(&Reply::Welcome { root: b"/srv".to_vec(), version: "hostile".into() }));
+    for f in frames {
+        out.extend(enc.msg(f));
+    }
+    out
+}
+
+/// A child process as the agent: `script` (sh) with `$STREAM` the file
+/// holding `stream`.
+fn run_scripted_agent(area: &Area, stream: &[u8], script: &str, secs: u64) -> anyhow::Result<RunReport> {
+    let file = area.tmp.path().join("outside/stream");
+    std::fs::write(&file, stream).unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c").arg(script).env("STREAM", &file).env("PIDFILE", area.tmp.path().join("outside/pid"));
+    let job = job_with_timeout(&area.bk(), secs);
+    returns_by_itself(move || {
+        backup::run_with(&job, &RunOptions::default(), move |job| {
+            Ok((Connection::spawn(cmd, "the hostile agent", job.io_timeout)?, PathBuf::from("/srv")))
+        })
+    })
+}
+
+#[test]
+fn an_agent_that_dies_with_its_stderr_held_open_and_a_full_channel_does_not_hang_the_desktop() {
+    let area = Area::new();
+    // Many directories for the desktop to create: its reader thread runs
+    // ahead and fills the channel, and is blocked on it when the agent is
+    // gone (the listing never ends).
+    let mut frames = vec![SourceMsg::Entries(vec![dir(b"")])];
+    for batch in 0..40 {
+        frames.push(SourceMsg::Entries(
+            (0..200).flat_map(|i| [dir(format!("d{batch:02}-{i:03}").as_bytes()), Entry::End]).collect(),
+        ));
+    }
+    // The agent leaves a process holding its stderr (and only that), says
+    // why it gives up, sends part of a listing and exits.
+    let script = "sleep 1000 </dev/null >/dev/null & echo $! > \"$PIDFILE\"; \
+                  echo 'error: the hostile agent gives up' >&2; exec cat \"$STREAM\"";
+    let result = run_scripted_agent(&area, &agent_stream(&frames), script, 300);
+    let held = std::fs::read_to_string(area.tmp.path().join("outside/pid")).unwrap();
+    sh(&format!("kill {}", held.trim()));
+    std::fs::remove_file(area.tmp.path().join("outside/stream")).unwrap();
+    std::fs::remove_file(area.tmp.path().join("outside/pid")).unwrap();
+    // A lost connection is about the agent's side: its words go with it.
+    expect_error(result, &["closed", "the hostile agent said: error: the hostile agent gives up"]);
+    area.assert_resumable();
+}
+
+#[test]
+fn the_desktops_own_error_is_not_shown_as_the_agents() {
+    let area = Area::new();
+    // Directories nested deeper than the desktop has descriptors for: the
+    // desktop fails on its own (EMFILE) while the agent has only said
+    // something misleading on stderr.
+    let depth = 200;
+    let mut entries = vec![dir(b"")];
+    entries.extend((0..depth).map(|i| dir(format!("n{i}").as_bytes())));
+    entries.extend((0..=depth).map(|_| Entry::End));
+    let stream = agent_stream(&[SourceMsg::Entries(entries), SourceMsg::ListingDone]);
+    let file = area.tmp.path().join("outside/stream");
+    std::fs::write(&file, &stream).unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("echo 'error: the connection was closed before the run finished' >&2; cat \"$STREAM\"; sleep 1000")
+        .env("STREAM", &file);
+    let job = job_with_timeout(&area.bk(), 300);
+    let result = returns_by_itself(move || {
+        backup::run_with(&job, &RunOptions::default(), move |job| {
+            let conn = Connection::spawn(cmd, "the hostile agent", job.io_timeout)?;
+            // The test runs in a process of its own (nextest): the limit
+            // is the desktop's alone. Room for what is open, not for the tree.
+            let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+            let lower = rustix::process::Rlimit { current: Some(open + 40), ..limit };
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, lower).unwrap();
+            Ok((conn, PathBuf::from("/srv")))
+        })
+    });
+    std::fs::remove_file(&file).unwrap();
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(err.contains("Too many open files"), "{err}");
+    assert!(!err.contains("said:") && !err.contains("connection was closed"), "{err}");
+}
+
+#[test]
+fn only_a_refused_read_gets_the_acl_hint_not_a_walk_race() {
+    let skipped = |name: &[u8], error: &str| Entry::Skipped {
+        name: name.to_vec(),
+        reason: SkipReason::Unreadable(error.to_string()),
+    };
+    let area = Area::new();
+    // An entry replaced while the agent looked at it.
+    let race = skipped(b"race", "Invalid argument (os error 22)");
+    let report = run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![dir(b""), race, Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+    })
+    .unwrap();
+    assert_eq!(report.code, rbackup::exit::Code::Partial);
+    let log = rbackup::log::tail().join("\n");
+    assert!(log.contains("cannot read: race: Invalid argument"), "{log}");
+    assert!(!log.contains("setfacl") && !log.contains("ACL"), "an ACL hint for a race: {log}");
+
+    let denied = skipped(b"secret", "Permission denied (os error 13)");
+    let report = run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![dir(b""), denied, Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+    })
+    .unwrap();
+    assert_eq!(report.code, rbackup::exit::Code::Partial);
+    let log = rbackup::log::tail().join("\n");
+    assert!(log.contains("1 entries could not be read at the source: permission denied"), "{log}");
+    assert!(log.contains("setfacl -Rm u:USER:rX DIR"), "{log}");
 }
 
 #[test]

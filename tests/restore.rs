@@ -279,3 +279,70 @@ fn a_dry_run_lists_exactly_what_the_real_run_does_and_writes_nothing() {
     assert_eq!(actions(&err), planned, "the real run did something else than the dry run said");
     assert_same_tree(&snap, &dest, &[]);
 }
+
+/// The temporary entries (`.rbk~…`) under `dir`.
+fn temporaries(dir: &Path) -> Vec<PathBuf> {
+    let out = std::process::Command::new("find").arg(dir).args(["-name", ".rbk~*"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from).collect()
+}
+
+#[test]
+fn a_ctrl_c_during_a_local_restore_leaves_no_temporary_file_in_the_destination() {
+    use common::midrun::{busy_source, pid, send, wait_by_itself};
+    use rustix::process::Signal;
+    require_root();
+    let tmp = scratch();
+    let (src, bk, dest) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("dest"));
+    busy_source(&src);
+    assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
+
+    // Caught while the agent writes a file: it is stopped then, and a
+    // Ctrl-C reaches both processes, as a terminal sends it to its
+    // foreground group.
+    let caught = (0..5).find_map(|_| {
+        let _ = std::fs::remove_dir_all(&dest);
+        let args: [&OsStr; 7] = [
+            "--restore".as_ref(),
+            "--backups-folder".as_ref(),
+            bk.as_os_str(),
+            "--name".as_ref(),
+            "srv".as_ref(),
+            "--to".as_ref(),
+            dest.as_os_str(),
+        ];
+        let mut child = rbackup(&args).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()));
+            let agent = children.ok().and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()));
+            if let Some(agent) = agent.and_then(rustix::process::Pid::from_raw)
+                && dest.exists()
+                && !temporaries(&dest).is_empty()
+            {
+                send(agent, Signal::STOP);
+                if temporaries(&dest).is_empty() || child.try_wait().unwrap().is_some() {
+                    send(agent, Signal::CONT);
+                    let _ = wait_by_itself(&mut child);
+                    return None;
+                }
+                return Some((child, agent));
+            }
+            assert!(std::time::Instant::now() < deadline, "the restore never got going");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    });
+    let (mut child, agent) = caught.expect("a restore caught while writing a file");
+    send(agent, Signal::INT);
+    send(pid(&child), Signal::INT);
+    send(agent, Signal::CONT);
+    let status = wait_by_itself(&mut child);
+    assert_eq!(status.code(), Some(20));
+    assert_eq!(temporaries(&dest), Vec::<PathBuf>::new(), "temporary files left in the destination");
+    // Run again, it finishes.
+    let (code, _, err) = restore(&bk, &["--to".into(), dest.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&complete(&bk, "srv")[0], &dest, &[]);
+}

@@ -53,6 +53,8 @@ impl Setup {
         let cfg = self.path("etc/rbackup.toml");
         let remote = format!("{user}@127.0.0.1:{}", self.path(root).display());
         let (port, fp, bk) = (self.sshd.port.to_string(), fingerprint(&self.sshd), self.path("bk"));
+        // The log in the scratch folder, not the machine's /var/log/rbackup.
+        let log = self.path("log/web.log");
         let mut args = vec![
             "-c",
             cfg.to_str().unwrap(),
@@ -67,6 +69,8 @@ impl Setup {
             bk.to_str().unwrap(),
             "--accept-host-key",
             &fp,
+            "--log-file",
+            log.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
         run(&args.iter().map(OsStr::new).collect::<Vec<_>>())
@@ -373,4 +377,325 @@ fn setup_server_refuses_bad_input() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(Path::new(root).read_dir().unwrap().next().is_none(), "nothing was written");
+}
+
+/// Root's `authorized_keys` on this machine, where `setup-server
+/// --restore-key` puts the restore key (as on a real server). Held under a
+/// lock between test processes; the lines a test added are removed after it.
+struct RootKeys {
+    _lock: std::fs::File,
+    marker: String,
+}
+
+const ROOT_KEYS: &str = "/root/.ssh/authorized_keys";
+
+impl RootKeys {
+    /// `marker`: a string in every line the test adds (its scratch path).
+    fn hold(marker: &Path) -> RootKeys {
+        let lock = std::fs::File::options()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open("/tmp/rbackup-tests-rootkeys.lock")
+            .unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        RootKeys { _lock: lock, marker: marker.display().to_string() }
+    }
+}
+
+impl Drop for RootKeys {
+    fn drop(&mut self) {
+        let Ok(text) = std::fs::read_to_string(ROOT_KEYS) else { return };
+        let kept: Vec<&str> = text.lines().filter(|l| !l.contains(&self.marker)).collect();
+        if kept.is_empty() {
+            let _ = std::fs::remove_file(ROOT_KEYS);
+        } else {
+            let _ = std::fs::write(ROOT_KEYS, kept.join("\n") + "\n");
+        }
+    }
+}
+
+/// Regression (docs/restore.md): a `Host server-restore` block in
+/// /root/.ssh/config was never read, because the job's own ssh_config
+/// (`ssh -F`) replaces it, and nothing made the restore key. Now the
+/// documented flow is: `setup-client --restore`, the `setup-server` line it
+/// prints (with `--restore-key`), a backup, and a restore that goes through
+/// root's write-confined agent, by the job's `restore_to` alone.
+#[test]
+fn setup_client_restore_then_the_printed_setup_server_line_gives_a_working_restore() {
+    let s = Setup::new();
+    rich_tree(&s.path("src"));
+    let _root_keys = RootKeys::hold(&s.path("src"));
+
+    let (code, out, err) = s.client(&["--restore"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // What it made: the second key, the restore host in the job's own ssh
+    // config (the only one ssh reads with -F), and the job's restore_to.
+    let restore_key = s.path("etc/keys/web-restore");
+    assert!(restore_key.is_file() && s.path("etc/keys/web-restore.pub").is_file());
+    let ssh_config = std::fs::read_to_string(s.path("etc/web.ssh_config")).unwrap();
+    let block = format!(
+        "Host web-restore\n  HostName 127.0.0.1\n  User root\n  Port {}\n  IdentityFile {}\n",
+        s.sshd.port,
+        restore_key.display()
+    );
+    assert!(ssh_config.contains(&block), "{ssh_config}");
+    let cfg = std::fs::read_to_string(s.path("etc/rbackup.toml")).unwrap();
+    assert!(cfg.contains(&format!("restore_to = \"web-restore:{}\"", s.path("src").display())), "{cfg}");
+    // docs/restore.md shows these very files, for doing it by hand.
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/restore.md")).unwrap();
+    documented(&doc, "setup-client --remote backupuser@server.example.org:/srv/content --restore\n");
+    let as_here = |text: &str| {
+        text.replace("server-restore", "web-restore")
+            .replace("server.example.org", "127.0.0.1")
+            .replace("Port 22\n", &format!("Port {}\n", s.sshd.port))
+            .replace("/etc/rbackup", s.path("etc").to_str().unwrap())
+            .replace("/srv/content", s.path("src").to_str().unwrap())
+    };
+    let doc_block = documented(
+        &doc,
+        "Host server-restore\n  HostName server.example.org\n  User root\n  Port 22\n  \
+         IdentityFile /etc/rbackup/keys/server-restore\n  IdentitiesOnly yes\n  \
+         UserKnownHostsFile /etc/rbackup/known_hosts\n  StrictHostKeyChecking yes\n",
+    );
+    assert!(ssh_config.contains(&as_here(doc_block)), "docs/restore.md:\n{doc_block}\nwritten:\n{ssh_config}");
+    assert!(ssh_config.find("Host web-restore") < ssh_config.find("Host 127.0.0.1"), "{ssh_config}");
+    assert!(cfg.contains(&as_here(documented(&doc, "restore_to = \"server-restore:/srv/content\"\n"))), "{cfg}");
+
+    // The line it prints for the server, run as printed (the agent copy
+    // stands for the server's rbackup; the home base keeps the test's user
+    // out of /var/lib).
+    let line = out.lines().map(str::trim).find(|l| l.starts_with("rbackup setup-server ")).expect(&out);
+    assert!(line.contains(" --restore-key 'ssh-ed25519 "), "{line}");
+    let line = line.replacen("rbackup", &s.sshd.agent.display().to_string(), 1);
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{line} --home-base '{}'", s.path("home").display()))
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}{}", String::from_utf8_lossy(&st.stdout), String::from_utf8_lossy(&st.stderr));
+    let root_keys = std::fs::read_to_string(ROOT_KEYS).unwrap();
+    let restore_pub = std::fs::read_to_string(s.path("etc/keys/web-restore.pub")).unwrap();
+    let blob = restore_pub.split_whitespace().nth(1).unwrap();
+    let root_line = root_keys.lines().find(|l| l.contains(blob)).expect(&root_keys);
+    assert!(
+        root_line.starts_with("restrict,command=\"") && root_line.contains(" serve --write --root "),
+        "{root_line}"
+    );
+
+    let (code, _, err) = s.rb(&["--backup"]);
+    assert_eq!(code, 0, "{err}\n{}", s.sshd.log());
+    let snap = complete(&s.path("bk"), "web")[0].clone();
+    let log = std::fs::read_to_string(s.path("log/web.log")).unwrap();
+    assert!(log.contains(&format!("writing {}", snap.file_name().unwrap().to_string_lossy())), "{log}");
+
+    // Ransomware: a file overwritten, one deleted, a mode changed.
+    write(&s.path("src/etc/motd"), b"encrypted");
+    std::fs::remove_file(s.path("src/names/with space.txt")).unwrap();
+    sh(&format!("chmod 666 '{}'", s.path("src/etc/shadow-like").display()));
+
+    let (code, out, err) = s.rb(&["restore"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", s.sshd.log());
+    assert!(s.sshd.log().contains("Accepted publickey for root"), "the restore logs in as root:\n{}", s.sshd.log());
+    assert_same_tree(&snap, &s.path("src"), &["trusted."]);
+
+    // Once set up, a later setup-client without --restore keeps it.
+    let (code, out, err) = s.client(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("--restore-key"), "{out}");
+    assert!(std::fs::read_to_string(s.path("etc/web.ssh_config")).unwrap().contains("Host web-restore\n"));
+}
+
+/// setup-client gives the job the log file docs/scheduling.md promises,
+/// where the systemd unit may write (`LogsDirectory=rbackup`).
+#[test]
+fn setup_client_writes_the_log_file_the_scheduling_doc_promises() {
+    let s = Setup::new();
+    let cfg = s.path("etc/rbackup.toml");
+    let remote = format!("{}@127.0.0.1:{}", s.sshd.user.name, s.path("src").display());
+    let (port, fp, bk) = (s.sshd.port.to_string(), fingerprint(&s.sshd), s.path("bk"));
+    let args = [
+        "-c",
+        cfg.to_str().unwrap(),
+        "-j",
+        "web",
+        "setup-client",
+        "--remote",
+        &remote,
+        "--port",
+        &port,
+        "--backups-folder",
+        bk.to_str().unwrap(),
+        "--accept-host-key",
+        &fp,
+    ];
+    let (code, out, err) = run(&args.iter().map(OsStr::new).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{out}{err}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("log_file = \"/var/log/rbackup/web.log\"\n"), "{text}");
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/scheduling.md")).unwrap();
+    assert!(doc.contains("/var/log/rbackup/JOB.log"), "docs/scheduling.md names the log file setup-client sets");
+    let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/rbackup@.service")).unwrap();
+    assert!(unit.contains("LogsDirectory=rbackup\n"), "the unit may write /var/log/rbackup");
+}
+
+/// A snippet of a doc, which must be there word for word.
+fn documented<'a>(doc: &str, snippet: &'a str) -> &'a str {
+    assert!(doc.contains(snippet), "the doc no longer says:\n{snippet}");
+    snippet
+}
+
+/// Regression (docs/setup.md, by hand): the steps gave the user `--shell
+/// /bin/sh` (setup-server sets rbackup, docs/security.md says it has no
+/// shell), put its key under a home of /nonexistent, and kept the desktop's
+/// key in /root/.ssh, which the systemd unit can't see (`ProtectHome=yes`).
+/// The documented commands, run as written on this machine (example names
+/// replaced by the test's), give a working backup through a shell-less user.
+#[test]
+fn the_by_hand_setup_steps_as_documented_give_a_working_backup() {
+    let s = Setup::new();
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/setup.md")).unwrap();
+    let by_hand = &doc[doc.find("## Server").unwrap()..];
+    for (file, setting) in [("systemd/rbackup@.service", "ProtectHome=yes\n"), ("docs/security.md", "no shell")] {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
+        assert!(text.contains(setting), "{file} no longer says {setting:?}");
+    }
+    let desktop = &by_hand[by_hand.find("## Desktop").unwrap()..];
+    assert!(!desktop.contains("/root/.ssh/rbackup") && !desktop.contains("/root/.ssh/known_hosts"), "{desktop}");
+    write(&s.path("src/etc/motd"), b"welcome\n");
+    write(&s.path("src/home/alice/notes.txt"), b"notes\n");
+    sh(&format!("chmod 600 '{}'", s.path("src/home/alice/notes.txt").display()));
+
+    let user = s.sshd.user.name.clone();
+    let (agent, port) = (s.sshd.agent.display().to_string(), s.sshd.port.to_string());
+    let (src, home, etc, bk, log) = (s.path("src"), s.path("home"), s.path("etc"), s.path("bk"), s.path("log"));
+    let subst = |text: &str, pubkey: &str| -> String {
+        let mut t = text.replace("sudo ", "");
+        if !pubkey.is_empty() {
+            t = t.replace("ssh-ed25519 AAAA… rbackup-server@desktop", pubkey.trim());
+        }
+        for (from, to) in [
+            ("backupuser", user.as_str()),
+            ("/usr/local/bin/rbackup", agent.as_str()),
+            ("/var/lib/rbackup", home.to_str().unwrap()),
+            ("/etc/rbackup", etc.to_str().unwrap()),
+            ("/srv/content", src.to_str().unwrap()),
+            ("/var/log/rbackup", log.to_str().unwrap()),
+            ("\"/backups\"", &format!("\"{}\"", bk.display())),
+            ("server.example.org", "127.0.0.1"),
+            ("ssh-keyscan ", &format!("ssh-keyscan -p {port} ")),
+            ("Port 22\n", &format!("Port {port}\n")),
+        ] {
+            t = t.replace(from, to);
+        }
+        t
+    };
+    let shell = |commands: &str, pubkey: &str| {
+        let script = subst(commands, pubkey);
+        let out = Command::new("sh").arg("-ec").arg(&script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{script}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // Desktop, step 1: the key (the server's steps need its public half).
+    shell(
+        documented(
+            desktop,
+            "sudo install -d -m 700 /etc/rbackup/keys\n\
+             sudo ssh-keygen -t ed25519 -N '' -C rbackup-server@desktop -f /etc/rbackup/keys/server\n",
+        ),
+        "",
+    );
+    let pubkey = std::fs::read_to_string(s.path("etc/keys/server.pub")).unwrap();
+
+    // Server: the user, read access, the confined key.
+    shell(
+        documented(
+            by_hand,
+            "sudo mkdir -p /var/lib/rbackup\n\
+             sudo useradd --system --home-dir /var/lib/rbackup/backupuser --create-home --shell /usr/local/bin/rbackup backupuser\n\
+             sudo usermod -p '*' backupuser\n",
+        ),
+        "",
+    );
+    shell(
+        documented(
+            by_hand,
+            "sudo setfacl -R -m u:backupuser:rX /srv/content\nsudo setfacl -R -d -m u:backupuser:rX /srv/content\n",
+        ),
+        "",
+    );
+    shell(
+        documented(
+            by_hand,
+            "sudo install -d -o root -g root -m 755 /var/lib/rbackup/backupuser/.ssh\n\
+             echo 'restrict,command=\"/usr/local/bin/rbackup serve --read-only --root /srv/content\" ssh-ed25519 AAAA… rbackup-server@desktop' | sudo tee /var/lib/rbackup/backupuser/.ssh/authorized_keys\n",
+        ),
+        &pubkey,
+    );
+
+    // Desktop: the host key, the job's ssh config, the job.
+    shell(
+        documented(
+            desktop,
+            "sudo ssh-keyscan -t ed25519 server.example.org | sudo tee -a /etc/rbackup/known_hosts\n\
+             sudo ssh-keygen -lf /etc/rbackup/known_hosts\n",
+        ),
+        "",
+    );
+    let ssh_config = documented(
+        desktop,
+        "Host server.example.org\n  User backupuser\n  Port 22\n  IdentityFile /etc/rbackup/keys/server\n  \
+         IdentitiesOnly yes\n  UserKnownHostsFile /etc/rbackup/known_hosts\n  StrictHostKeyChecking yes\n",
+    );
+    std::fs::write(s.path("etc/server.ssh_config"), subst(ssh_config, "")).unwrap();
+    let job = documented(
+        desktop,
+        "[job.server]\nsource = \"backupuser@server.example.org:/srv/content\"\nbackups_folder = \"/backups\"\n\
+         ssh_config = \"/etc/rbackup/server.ssh_config\"\nlog_file = \"/var/log/rbackup/server.log\"\n",
+    );
+    std::fs::write(s.path("etc/rbackup.toml"), subst(job, "")).unwrap();
+
+    // The account: rbackup is its shell, which runs nothing but `serve`.
+    let entry = Command::new("getent").args(["passwd", &user]).output().unwrap();
+    let entry = String::from_utf8_lossy(&entry.stdout).trim().to_string();
+    assert!(entry.ends_with(&format!(":{agent}")), "{entry}");
+    let out = Command::new("su").args(["-c", "id", &user]).output().unwrap();
+    assert!(!out.status.success(), "its login shell must refuse anything but `rbackup serve`");
+
+    let cfg = s.path("etc/rbackup.toml");
+    let rb = |args: &[&str]| {
+        let mut all = vec!["-c", cfg.to_str().unwrap(), "-j", "server"];
+        all.extend_from_slice(args);
+        run(&all.iter().map(OsStr::new).collect::<Vec<_>>())
+    };
+    for command in ["sudo rbackup -j server check\n", "sudo rbackup -j server --backup\n"] {
+        documented(desktop, command);
+    }
+    let (code, out, err) = rb(&["check"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", s.sshd.log());
+    let (code, _, err) = rb(&["--backup"]);
+    assert_eq!(code, 0, "{err}\n{}", s.sshd.log());
+    let snap = complete(&s.path("bk"), "server")[0].clone();
+    assert_same_tree(&s.path("src"), &snap, &["trusted."]);
+    assert!(s.path("log/server.log").is_file());
+}
+
+/// The restore key of job `web` is keys/web-restore, which is also the key a
+/// job named `web-restore` would get: setup-client refuses to mix them up.
+#[test]
+fn setup_client_restore_refuses_a_job_named_like_its_restore_key() {
+    require_root();
+    let tmp = scratch();
+    let cfg = tmp.path().join("etc/rbackup.toml");
+    write(&cfg, b"[job.web-restore]\nsource = \"/srv\"\nbackups_folder = \"/backups\"\n");
+    let args = ["-c", cfg.to_str().unwrap(), "-j", "web", "setup-client", "--remote", "127.0.0.1:/srv", "--restore"];
+    let (code, out, err) = run(&args.iter().map(OsStr::new).collect::<Vec<_>>());
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("has a job named web-restore"), "{err}");
+    assert!(!tmp.path().join("etc/keys").exists(), "nothing was made");
 }

@@ -292,3 +292,51 @@ fn a_connection_lost_mid_run_leaves_a_resumable_snapshot() {
     let diffs = diff_trees(&first_before, &read_tree(&first), &[]);
     assert!(diffs.is_empty(), "the previous snapshot changed:\n{}", diffs.join("\n"));
 }
+
+#[test]
+fn sigterm_with_the_agent_stuck_over_ssh_ends_the_run_and_the_agent_goes_too() {
+    use common::midrun::{Held, alive, busy_source, hold_mid_run_with, pid, processes_of, send};
+    use rustix::process::Signal;
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    busy_source(&src);
+    sshd.grant_read(&src);
+    sshd.authorize(&sshd.forced_read_only(&src));
+    let err_file = tmp.path().join("stderr");
+    let uid = sshd.user.uid();
+    let held = (0..5).find_map(|_| {
+        let _ = std::fs::remove_dir_all(&bk);
+        let mut args: Vec<String> = vec!["--backup".into(), "--source".into(), sshd.source(&src)];
+        args.extend(["--backups-folder".into(), bk.display().to_string(), "--name".into(), "srv".into()]);
+        args.extend(sshd.args());
+        let mut cmd = rbackup(&args.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>());
+        cmd.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&err_file).unwrap());
+        // The agent on the server stops answering, its connection open.
+        hold_mid_run_with(cmd, &bk, "srv", "d02", |_| match processes_of(uid, "rbackup")[..] {
+            [agent] => Some(agent),
+            _ => None,
+        })
+    });
+    let Held { mut child, agent } = held.expect("a run held in its middle");
+    send(pid(&child), Signal::TERM);
+    let status = common::midrun::wait_by_itself(&mut child);
+    let err = std::fs::read_to_string(&err_file).unwrap();
+    assert_eq!(status.code(), Some(20), "{err}");
+    assert!(err.contains("interrupted by SIGTERM"), "{err}");
+
+    // Let go, the agent finds the desktop gone and ends by itself.
+    send(agent, Signal::CONT);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while alive(agent) {
+        assert!(std::time::Instant::now() < deadline, "the agent kept running after the desktop stopped");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let mut args: Vec<String> = vec!["--continue".into(), "--source".into(), sshd.source(&src)];
+    args.extend(["--backups-folder".into(), bk.display().to_string(), "--name".into(), "srv".into()]);
+    args.extend(sshd.args());
+    let (code, _, err) = run(&args.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&src, &complete(&bk, "srv")[0], &["trusted."]);
+}

@@ -112,6 +112,15 @@ pub enum ProtocolError {
     Unexpected(String),
 }
 
+/// The peer said it failed (its `Fatal` message), in its own words.
+#[derive(Debug, thiserror::Error)]
+#[error("the {side} side failed: {message}")]
+pub struct PeerFailed {
+    /// "sending" or "receiving".
+    pub side: &'static str,
+    pub message: String,
+}
+
 /// Starts a thread that reads frames, turns each into what the consumer
 /// wants (`stage`, run on that thread, in parallel with the consumer's own
 /// work) and hands them over, ending with `Err(Closed)` or the error that

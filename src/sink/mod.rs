@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -50,6 +50,8 @@ const SIGNATURE_BUDGET: usize = 64 << 20;
 const INITIAL_CREDIT: u32 = 4096;
 /// Credit is returned in steps of at least this many entries.
 const CREDIT_STEP: u32 = 1024;
+/// How often a sink waiting for input looks for a signal.
+const TICK: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Starts the thread that reads the source's frames for [`Sink::run`],
 /// comparing listed files with the bases on the way (see `ahead`).
@@ -224,7 +226,20 @@ impl<'e> Sink<'e> {
             && self.deferred.is_empty()
             && self.receiving.is_none())
         {
-            match incoming.recv().map_err(|_| ProtocolError::Closed)?? {
+            // A signal stops the run here, between two inputs: what is
+            // written is whole, and a file still arriving is a temporary
+            // entry — a snapshot's stays as partial data for the next run to
+            // resume from (see `receive`), a restore's is removed.
+            crate::interrupt::check()?;
+            let input = match incoming.recv_timeout(TICK) {
+                Ok(input) => input,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => Err(ProtocolError::Closed),
+            };
+            // The connection may fail because of the signal (a Ctrl-C reaches
+            // the agent too): say that the signal stopped the run.
+            let input = input.map_err(|e| crate::interrupt::check().map_or_else(anyhow::Error::from, |()| e.into()))?;
+            match input {
                 Input::Entries(batch, sims) => self.on_entries(batch, sims)?,
                 Input::Msg(msg) => self.on_message(msg)?,
                 Input::Data { offset, data } => self.on_data(offset, &data)?,
@@ -276,7 +291,7 @@ impl<'e> Sink<'e> {
             SourceMsg::FileResume { id, size, offset } => self.on_begin(id, size, Some(offset)),
             SourceMsg::FileEnd { id, status, hash } => self.on_end(id, &status, hash),
             SourceMsg::FileFailed { id, error } => self.on_failed(id, &error),
-            SourceMsg::Fatal(msg) => bail!("the sending side failed: {msg}"),
+            SourceMsg::Fatal(message) => bail!(crate::protocol::PeerFailed { side: "sending", message }),
         }
     }
 

@@ -13,6 +13,7 @@ use std::process::Command;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
 pub mod bench;
+pub mod midrun;
 pub mod smtp;
 pub mod sshd;
 
