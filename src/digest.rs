@@ -120,13 +120,13 @@ impl ContentHasher {
         }
     }
 
-    /// Adds the first `end` bytes of `file`, reading only its data extents
-    /// (a hole costs nothing): the start of a file, given to a new hasher.
-    /// Returns the bytes read (fewer if the file is shorter than `end`).
-    pub fn update_from_file(&mut self, file: &File, end: u64) -> io::Result<u64> {
+    /// Adds bytes `start..end` of `file`, reading only its data extents (a
+    /// hole costs nothing), after what was given before `start`. Returns the
+    /// bytes read (fewer if the file is shorter than `end`).
+    pub fn update_from_file(&mut self, file: &File, start: u64, end: u64) -> io::Result<u64> {
         let mut buf = vec![0u8; 1 << 20];
         let mut read = 0;
-        for extent in DataExtents::new(file, end) {
+        for extent in (DataExtents { file, size: end, offset: start }) {
             let (start, stop) = extent?;
             read += read_range(file, start, stop, &mut buf, |at, data| self.update_at(at, data))?;
         }

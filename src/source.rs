@@ -598,8 +598,16 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf:
     // The digest of the whole file, for the sink to check what it rebuilt
     // or kept: the prefix it already has is read here, not sent.
     let mut hasher = ContentHasher::new();
-    if from > 0 {
-        hasher.update_from_file(&file, from).map_err(|e| Served::Failed(read_error(&e)))?;
+    let mut done = 0;
+    while done < from {
+        let to = (done + PREFIX_STEP).min(from);
+        hasher.update_from_file(&file, done, to).map_err(|e| Served::Failed(read_error(&e)))?;
+        done = to;
+        if done < from {
+            // Nothing moves on the wire meanwhile: say that this is work.
+            out.send(enc.msg(&SourceMsg::Hashing { id: fetch.id, done }))?;
+            out.flush()?;
+        }
     }
     let read = match &fetch.signature {
         Some(sig) => send_delta(&file, size, from, sig, enc, out, buf, &mut hasher)?,
@@ -617,6 +625,9 @@ fn serve_one(root: &Dir, fetch: &Fetch, out: &mut Batch, enc: &mut Encoder, buf:
     let status = if changed { ReadStatus::Changed } else { ReadStatus::Complete };
     out.send(enc.msg(&SourceMsg::FileEnd { id: fetch.id, status, hash }))
 }
+
+/// Bytes of a resumed fetch's prefix hashed between two signs of life.
+const PREFIX_STEP: u64 = 64 << 20;
 
 /// Sends the file's data extents from `from` on; returns how many bytes of
 /// it could be read before EOF (less than `size` if it shrank).

@@ -136,6 +136,7 @@ fn source_msg() -> impl Strategy<Value = SourceMsg> {
         )
             .prop_map(|(id, error)| SourceMsg::FileFailed { id, error }),
         ".*".prop_map(SourceMsg::Fatal),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, done)| SourceMsg::Hashing { id, done }),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, size, offset)| SourceMsg::FileResume {
             id,
             size,

@@ -207,6 +207,13 @@ pub enum SourceMsg {
         size: u64,
         offset: u64,
     },
+    /// The source is still reading the prefix of resumed fetch `id` to hash
+    /// it (`done` bytes so far): a sign of life while no data moves, so that
+    /// a long prefix never looks like a dead peer (`io_timeout`).
+    Hashing {
+        id: u64,
+        done: u64,
+    },
 }
 
 /// Sink to source.

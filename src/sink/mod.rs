@@ -289,6 +289,7 @@ impl<'e> Sink<'e> {
             }
             SourceMsg::FileBegin { id, size } => self.on_begin(id, size, None),
             SourceMsg::FileResume { id, size, offset } => self.on_begin(id, size, Some(offset)),
+            SourceMsg::Hashing { id, done } => self.on_hashing(id, done),
             SourceMsg::FileEnd { id, status, hash } => self.on_end(id, &status, hash),
             SourceMsg::FileFailed { id, error } => self.on_failed(id, &error),
             SourceMsg::Fatal(message) => bail!(crate::protocol::PeerFailed { side: "sending", message }),

@@ -226,7 +226,7 @@ impl Sink<'_> {
             // The whole file is checked against the source's digest: the
             // prefix kept is hashed here (a local read of it).
             crate::debug!("{}: resuming after the {from} bytes an interrupted run received", Shown(&rel));
-            bad_prefix = hasher.update_from_file(t.file_ref(), from).is_err();
+            bad_prefix = hasher.update_from_file(t.file_ref(), 0, from).is_err();
             self.stats.bytes_to_fetch = self.stats.bytes_to_fetch.saturating_sub(from);
         }
         let base = match pending.basis.take() {
@@ -301,6 +301,14 @@ impl Sink<'_> {
                 crate::debug!("{}: the partial data of the interrupted run could not be copied: {e}", Shown(name));
                 None
             }
+        }
+    }
+
+    /// The source reads the prefix of the resumed file in progress.
+    pub(super) fn on_hashing(&mut self, id: u64, done: u64) -> Result<()> {
+        match &self.receiving {
+            Some(r) if r.pending.id == id && done < r.resumed && r.next == r.resumed => Ok(()),
+            _ => Err(violation(format!("file {id} is not a resumed file whose prefix is being read ({done} bytes)"))),
         }
     }
 
