@@ -402,3 +402,39 @@ fn a_delta_transfer_killed_midway_resumes_as_a_delta() {
     assert_same_tree(&src, complete(&bk, "srv").last().unwrap(), &["trusted."]);
     verify_all(&bk);
 }
+
+#[test]
+fn a_sparse_file_resumes_and_keeps_its_holes() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    tree_with_large_file(&src, 1);
+    // 512 MiB apparent, 64 MiB of data: 8 MiB at the start of every 64 MiB.
+    let size: u64 = 512 << 20;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(src.join("m/large.bin")).unwrap();
+        f.set_len(size).unwrap();
+        for i in 0..8u64 {
+            f.write_all_at(&noise(40 + i, 8 << 20), i << 26).unwrap();
+        }
+    }
+    let mut child = start("--backup", &src, &bk);
+    kill_when(&mut child, "the sparse file's data began to arrive", || {
+        incomplete(&bk).and_then(|inc| partial_in(&inc.join("m"))).is_some_and(|(_, len)| len > 0)
+    });
+    let (_, kept) = partial_in(&incomplete(&bk).unwrap().join("m")).unwrap();
+    assert!(kept < size, "{kept}");
+
+    let json = tmp.path().join("stats.json");
+    let (code, _, err) = continue_backup(&src, &bk, "srv", &["--stats-json", json.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let s = stats(&json);
+    assert_eq!((stat(&s, "resumed"), stat(&s, "bytes_resumed")), (1, kept), "{s}");
+    assert!(stat(&s, "bytes_fetched") <= 64 << 20, "only data is sent: {s}");
+    let snap = complete(&bk, "srv")[0].clone();
+    assert_same_tree(&src, &snap, &[]);
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(snap.join("m/large.bin")).unwrap());
+    assert!(blocks * 512 <= 72 << 20, "holes stay holes: {} bytes allocated", blocks * 512);
+    verify_all(&bk);
+}
