@@ -182,6 +182,19 @@ impl Dir {
         Ok(rustix::fs::fstat(self)?)
     }
 
+    /// Pins the entry `name` with an `O_PATH | O_NOFOLLOW` descriptor and
+    /// checks, on that descriptor, that it is a `kind`. Metadata applied
+    /// through the [`Pinned`] lands on this very inode, whatever is renamed
+    /// over `name` meanwhile: a symlink swapped in is never followed.
+    pub fn pin(&self, name: &[u8], kind: FileType) -> io::Result<Pinned> {
+        let fd = rustix::fs::openat(self, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        let found = file_type(&rustix::fs::fstat(&fd)?);
+        if found != kind {
+            return Err(io::Error::other(Swapped { found, wanted: kind }));
+        }
+        Ok(Pinned { fd, kind })
+    }
+
     /// Reads the symlink `name` as raw bytes.
     pub fn read_link(&self, name: &[u8]) -> io::Result<Vec<u8>> {
         let target = rustix::fs::readlinkat(self, name, Vec::new())?;
@@ -333,6 +346,52 @@ impl Dir {
     pub fn fsync(&self) -> io::Result<()> {
         rustix::fs::fsync(self)?;
         Ok(())
+    }
+}
+
+/// An entry held by an `O_PATH` descriptor (see [`Dir::pin`]). Such a
+/// descriptor can't be read, written, `fchmod`ed or `fchown`ed; the calls go
+/// through `AT_EMPTY_PATH` or through `/proc/self/fd/N`, a magic link that
+/// resolves to the pinned inode itself (a pinned symlink is not followed).
+#[derive(Debug)]
+pub struct Pinned {
+    fd: OwnedFd,
+    kind: FileType,
+}
+
+impl AsFd for Pinned {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Pinned {
+    /// What it was checked to be.
+    pub fn kind(&self) -> FileType {
+        self.kind
+    }
+
+    /// `/proc/self/fd/N`: for the path-only calls (chmod, utimensat, xattrs),
+    /// which must *follow* it to reach the entry.
+    pub fn proc_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// A pinned entry turned out to be of another type than expected: it was
+/// replaced since it was looked at.
+#[derive(Debug, thiserror::Error)]
+#[error("it was replaced while being worked on (it is now a {found:?}, not a {wanted:?}); left alone")]
+pub struct Swapped {
+    pub found: FileType,
+    pub wanted: FileType,
+}
+
+impl Swapped {
+    /// Whether `e` is a [`Swapped`] error of [`Dir::pin`].
+    pub fn is(e: &io::Error) -> bool {
+        matches!(e.get_ref(), Some(inner) if inner.is::<Swapped>())
     }
 }
 

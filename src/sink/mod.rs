@@ -727,6 +727,12 @@ impl<'e> Sink<'e> {
             return Ok(());
         }
         let file = dest.open_file(name).with_context(|| format!("opening {}", Shown(rel)))?;
+        // Opened without following; what was opened must still be the file
+        // that was compared, not something renamed over it since.
+        if file_type(&rustix::fs::fstat(&file)?) != FileType::RegularFile {
+            self.problem(ProblemKind::Changed, rel, "replaced while it was restored; left alone");
+            return Ok(());
+        }
         let problems = meta::apply(&Target::Fd(&file), meta, self.cfg.privs)?;
         self.apply_problems(rel, problems);
         Ok(())
@@ -899,7 +905,7 @@ impl<'e> Sink<'e> {
                 return Ok(());
             }
             if self.cfg.policy == Policy::Restore {
-                return self.fix_meta_at(&dest, name, &rel, meta, true);
+                return self.fix_meta_at(&dest, name, &rel, meta, FileType::Symlink);
             }
         }
         self.create_at(d, name, &rel, meta, existing.as_ref(), |dir| TempEntry::symlink(dir, target))
@@ -941,7 +947,7 @@ impl<'e> Sink<'e> {
                 return Ok(());
             }
             if self.cfg.policy == Policy::Restore {
-                return self.fix_meta_at(&dest, name, &rel, meta, false);
+                return self.fix_meta_at(&dest, name, &rel, meta, wanted_type);
             }
         }
         self.create_at(d, name, &rel, meta, existing.as_ref(), |dir| TempEntry::special(dir, kind, rdev))
@@ -956,13 +962,28 @@ impl<'e> Sink<'e> {
         }
     }
 
-    fn fix_meta_at(&mut self, dest: &Dir, name: &[u8], rel: &[u8], meta: &Meta, symlink: bool) -> Result<()> {
+    /// Fixes the metadata of the symlink, FIFO or device node `name` in place
+    /// (a restore), through a descriptor of the entry that is checked to be
+    /// a `kind`: someone who can write the directory may swap it meanwhile.
+    fn fix_meta_at(&mut self, dest: &Dir, name: &[u8], rel: &[u8], meta: &Meta, kind: FileType) -> Result<()> {
         self.act(Action::Meta, rel, true);
         self.stats.metadata_fixed += 1;
         if self.cfg.dry_run {
             return Ok(());
         }
-        let problems = meta::apply(&Target::At { dir: dest, name, symlink }, meta, self.cfg.privs)?;
+        let pinned = match dest.pin(name, kind) {
+            Ok(p) => p,
+            Err(e) if e.raw_os_error() == Some(crate::safefs::libc_errno::ENOENT) => {
+                self.problem(ProblemKind::Vanished, rel, "disappeared while it was restored");
+                return Ok(());
+            }
+            Err(e) if crate::safefs::Swapped::is(&e) => {
+                self.problem(ProblemKind::Changed, rel, e.to_string());
+                return Ok(());
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", Shown(rel))),
+        };
+        let problems = meta::apply(&Target::Pinned(&pinned), meta, self.cfg.privs)?;
         self.apply_problems(rel, problems);
         Ok(())
     }
