@@ -128,7 +128,7 @@ impl Sink<'_> {
         }
         let mut pending = self.pending.pop_front().expect("checked above");
         self.sig_outstanding -= pending.sig_len;
-        let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
+        let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
         let rel = join(&self.node(pending.dir).rel, &pending.name);
         let temp = TempEntry::file(&dest).with_context(|| format!("creating a file for {}", Shown(&rel)))?;
         let base = match pending.basis.take() {
@@ -251,7 +251,7 @@ impl Sink<'_> {
             let left = *left;
             self.groups.insert(g, Group::Done { rel: rel.to_vec(), left, kept: false, hash: Some(hash) });
         }
-        let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
+        let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
         for (wd, wname) in &pending.waiters {
             let wrel = join(&self.node(*wd).rel, wname);
             self.link_waiter(&dest, &pending.name, *wd, wname, &wrel, rel)?;
@@ -273,7 +273,7 @@ impl Sink<'_> {
         wrel: &[u8],
         rel: &[u8],
     ) -> Result<()> {
-        let wdest = self.dest_of(wd).expect("fetches only happen outside dry runs");
+        let wdest = self.dest_of(wd)?.expect("fetches only happen outside dry runs");
         let existing = wdest.try_stat(wname)?;
         self.act(super::Action::Hardlink, wrel, existing.is_some());
         if existing.as_ref().is_some_and(|st| crate::safefs::file_type(st) == rustix::fs::FileType::Directory) {
