@@ -100,7 +100,10 @@ struct DirNode {
     /// (`st_dev`, `st_ino`) of the destination directory; `None` only in a
     /// dry run, for a directory that doesn't exist yet.
     dest_id: Option<(u64, u64)>,
-    rel: Vec<u8>,
+    /// Its name in its parent (empty for the root). Its path is found
+    /// through the parents: a path per node would cost memory quadratic in
+    /// the depth (a 20,000-deep chain's paths are 400 MB).
+    name: Vec<u8>,
     meta: Meta,
     parent: Option<usize>,
     /// Unwritten fetches and unfinished subdirectories.
@@ -150,6 +153,10 @@ pub struct Sink<'e> {
     dirs: Vec<Option<DirNode>>,
     free: Vec<usize>,
     stack: Vec<usize>,
+    /// The path of the directory on top of the stack, and where each
+    /// level's path ends in it.
+    cwd: Vec<u8>,
+    cwd_ends: Vec<usize>,
     next_serial: u64,
     /// The destination directories along the stack, and the same directory
     /// in each basis, with a bounded number of descriptors (see `handles`).
@@ -198,6 +205,8 @@ impl<'e> Sink<'e> {
             dirs: Vec::new(),
             free: Vec::new(),
             stack: Vec::new(),
+            cwd: Vec::new(),
+            cwd_ends: Vec::new(),
             next_serial: 0,
             dest,
             bases,
@@ -357,17 +366,16 @@ impl<'e> Sink<'e> {
     fn enter_name(&mut self, name: &[u8]) -> Result<(usize, Vec<u8>)> {
         let d = *self.stack.last().expect("inside a directory");
         let delete = self.cfg.delete;
-        let node = self.node_mut(d);
+        let node = self.dirs[d].as_mut().expect("live directory node");
         if node.last.as_deref().is_some_and(|last| name <= last) {
-            let (dir, name) = (Shown(&node.rel).to_string(), Shown(name).to_string());
+            let (dir, name) = (Shown(&self.cwd).to_string(), Shown(name).to_string());
             return Err(violation(format!("entry {name:?} in directory {dir:?} is out of order or listed twice")));
         }
         node.last = Some(name.to_vec());
         if node.existed && delete && !node.partial {
             node.seen.push(name.to_vec());
         }
-        let rel = join(&node.rel, name);
-        Ok((d, rel))
+        Ok((d, join(&self.cwd, name)))
     }
 
     fn on_dir(&mut self, name: &[u8], meta: Meta, unreadable: Option<String>, partial: bool) -> Result<()> {
@@ -376,6 +384,7 @@ impl<'e> Sink<'e> {
         self.next_serial += 1;
         let serial = self.next_serial;
         let mut dest_stat = None;
+        let mut rel = Vec::new();
         let node = if self.stack.is_empty() {
             self.saw_root = true;
             if let Some(root) = &self.cfg.dest {
@@ -385,7 +394,7 @@ impl<'e> Sink<'e> {
                 serial,
                 depth: 0,
                 dest_id: dest_stat.as_ref().map(id),
-                rel: Vec::new(),
+                name: Vec::new(),
                 meta,
                 parent: None,
                 pending: 0,
@@ -397,7 +406,8 @@ impl<'e> Sink<'e> {
                 meta_differs: false,
             }
         } else {
-            let (parent, rel) = self.enter_name(name)?;
+            let parent;
+            (parent, rel) = self.enter_name(name)?;
             let (dest, existed) = self.open_child_dir(parent, name, &rel)?;
             match dest {
                 Some(dir) => {
@@ -415,7 +425,7 @@ impl<'e> Sink<'e> {
                 serial,
                 depth: self.stack.len(),
                 dest_id: dest_stat.as_ref().map(id),
-                rel,
+                name: name.to_vec(),
                 meta,
                 parent: Some(parent),
                 pending: 0,
@@ -429,7 +439,7 @@ impl<'e> Sink<'e> {
         };
         let mut node = node;
         let stored = self.cfg.privs.storable(&node.meta);
-        self.rec.push(record(&node.rel, crate::manifest::Kind::Dir, 0, &stored), Content::Known(None));
+        self.rec.push(record(&rel, crate::manifest::Kind::Dir, 0, &stored), Content::Known(None));
         if node.existed
             && let Some(st) = &dest_stat
             && let Some(dest) = self.dest.top()?
@@ -439,7 +449,7 @@ impl<'e> Sink<'e> {
             node.meta_differs = !(meta::stat_matches(st, &want) && meta::read_dir_xattrs(&dest)? == want.xattrs);
         }
         if let Some(err) = unreadable {
-            self.problem(ProblemKind::Unreadable, &node.rel, format!("directory not listed: {err}"));
+            self.problem(ProblemKind::Unreadable, &rel, format!("directory not listed: {err}"));
         }
         let idx = match self.free.pop() {
             Some(i) => {
@@ -452,6 +462,10 @@ impl<'e> Sink<'e> {
             }
         };
         self.stack.push(idx);
+        if !rel.is_empty() {
+            self.cwd_ends.push(self.cwd.len());
+            self.cwd = rel;
+        }
         Ok(())
     }
 
@@ -488,6 +502,9 @@ impl<'e> Sink<'e> {
     fn on_end_dir(&mut self) -> Result<()> {
         let idx = self.stack.pop().ok_or_else(|| violation("end of a directory that was never opened"))?;
         self.node_mut(idx).ended = true;
+        if let Some(end) = self.cwd_ends.pop() {
+            self.cwd.truncate(end);
+        }
         if !self.stack.is_empty() {
             // Off the stack, its handle waits with the others reopened.
             if let Some(dir) = self.dest.top()? {
@@ -513,20 +530,27 @@ impl<'e> Sink<'e> {
             let node = self.dirs[idx].take().expect("live directory node");
             self.free.push(idx);
             if let Some(dest) = &dest {
+                // Its path, only where it is needed.
+                let rel = |sink: &Self| node.parent.map_or_else(Vec::new, |p| sink.path_of(p, &node.name));
                 if node.existed && self.cfg.delete && !node.partial {
-                    self.remove_extras(dest, &node)?;
+                    let rel = rel(self);
+                    self.remove_extras(dest, &node, &rel)?;
                 }
                 // A restore of chosen paths leaves the metadata of directories
                 // that were already there on the way to them.
                 let leave = self.cfg.policy == Policy::Restore && node.partial && node.existed;
                 if node.meta_differs && !leave {
-                    self.act(Action::Meta, &node.rel, true);
+                    let rel = rel(self);
+                    self.act(Action::Meta, &rel, true);
                     self.stats.metadata_fixed += 1;
                 }
                 if !self.cfg.dry_run && !leave {
                     let problems = meta::apply(&Target::Dir(dest), &node.meta, self.cfg.privs)
-                        .with_context(|| format!("setting metadata of directory {}", Shown(&node.rel)))?;
-                    self.apply_problems(&node.rel, problems);
+                        .with_context(|| format!("setting metadata of directory {}", Shown(&rel(self))))?;
+                    if !problems.is_empty() {
+                        let rel = rel(self);
+                        self.apply_problems(&rel, problems);
+                    }
                 }
             }
             match node.parent {
@@ -542,13 +566,13 @@ impl<'e> Sink<'e> {
         }
     }
 
-    fn remove_extras(&mut self, dest: &Dir, node: &DirNode) -> Result<()> {
-        let names = dest.names().with_context(|| format!("listing {}", Shown(&node.rel)))?;
+    fn remove_extras(&mut self, dest: &Dir, node: &DirNode, dir_rel: &[u8]) -> Result<()> {
+        let names = dest.names().with_context(|| format!("listing {}", Shown(dir_rel)))?;
         for name in names {
             if node.seen.binary_search(&name).is_ok() {
                 continue;
             }
-            let rel = join(&node.rel, &name);
+            let rel = join(dir_rel, &name);
             self.act(Action::Remove, &rel, true);
             self.stats.removed += 1;
             if !self.cfg.dry_run {
@@ -594,6 +618,26 @@ impl<'e> Sink<'e> {
         self.reopen(d).map(Some)
     }
 
+    /// The path of directory node `d`, from the root.
+    fn rel_of(&self, d: usize) -> Vec<u8> {
+        if self.stack.last() == Some(&d) {
+            return self.cwd.clone();
+        }
+        let mut names = Vec::new();
+        let mut n = d;
+        while let Some(p) = self.node(n).parent {
+            names.push(&self.node(n).name[..]);
+            n = p;
+        }
+        names.reverse();
+        names.join(&b'/')
+    }
+
+    /// The path of `name` in directory node `d`.
+    fn path_of(&self, d: usize, name: &[u8]) -> Vec<u8> {
+        join(&self.rel_of(d), name)
+    }
+
     /// A handle of node `d`'s destination directory without opening
     /// anything: the root's, a held one of the stack, or a spare one.
     fn handle_of(&self, d: usize) -> Option<Dir> {
@@ -631,14 +675,13 @@ impl<'e> Sink<'e> {
         };
         for &n in lost.iter().rev() {
             let node = self.node(n);
-            let rel = node.rel.clone();
             let opened = match &dir {
-                Some(parent) => parent.open_dir(split_parent(&rel).1),
-                None => self.cfg.dest.as_ref().expect("a destination").resolve_dir(&rel),
+                Some(parent) => parent.open_dir(&node.name),
+                None => self.cfg.dest.as_ref().expect("a destination").resolve_dir(&self.rel_of(n)),
             };
-            let opened = opened.with_context(|| format!("opening directory {} again", Shown(&rel)))?;
+            let opened = opened.with_context(|| format!("opening directory {} again", Shown(&self.rel_of(n))))?;
             if Some(id(&opened.stat_self()?)) != node.dest_id {
-                bail!(crate::safefs::Moved { path: Shown(&rel).to_string() });
+                bail!(crate::safefs::Moved { path: Shown(&self.rel_of(n)).to_string() });
             }
             self.keep_spare(node.serial, opened.clone());
             dir = Some(opened);
@@ -997,7 +1040,7 @@ impl<'e> Sink<'e> {
         }
         p.sig_len = signature.as_ref().map_or(0, Vec::len);
         self.sig_outstanding += p.sig_len;
-        let path = join(&self.node(p.dir).rel, &p.name);
+        let path = self.path_of(p.dir, &p.name);
         self.send(&SinkMsg::Fetch(Fetch { id: p.id, path, signature }))?;
         self.pending.push_back(p);
         Ok(())

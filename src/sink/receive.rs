@@ -16,7 +16,7 @@ use super::{Group, Pending, Sink, violation};
 use crate::plan::{Policy, signature_block_size};
 use crate::protocol::msg::{ReadError, ReadStatus};
 use crate::report::ProblemKind;
-use crate::safefs::{Dir, Shown, join};
+use crate::safefs::{Dir, Shown};
 use crate::sys::Mapped;
 use crate::writer::{self, Linked, TempEntry};
 
@@ -129,7 +129,7 @@ impl Sink<'_> {
         let mut pending = self.pending.pop_front().expect("checked above");
         self.sig_outstanding -= pending.sig_len;
         let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let rel = self.path_of(pending.dir, &pending.name);
         let temp = TempEntry::file(&dest).with_context(|| format!("creating a file for {}", Shown(&rel)))?;
         let base = match pending.basis.take() {
             None => None,
@@ -203,7 +203,7 @@ impl Sink<'_> {
             return Err(violation(format!("end of file {id} while file {} is in progress", r.pending.id)));
         }
         let Receiving { pending, mut temp, mut hasher, next, size, base, bad_delta, .. } = r;
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let rel = self.path_of(pending.dir, &pending.name);
         if next < size {
             // A trailing hole, or a file that shrank while read. (Otherwise
             // the new file already ends at `size`: it was empty, and every
@@ -253,7 +253,7 @@ impl Sink<'_> {
         }
         let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
         for (wd, wname) in &pending.waiters {
-            let wrel = join(&self.node(*wd).rel, wname);
+            let wrel = self.path_of(*wd, wname);
             self.link_waiter(&dest, &pending.name, *wd, wname, &wrel, rel)?;
             self.node_mut(*wd).pending -= 1;
             self.maybe_finish_dir(*wd)?;
@@ -305,7 +305,7 @@ impl Sink<'_> {
                 self.pending.pop_front().expect("checked above")
             }
         };
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let rel = self.path_of(pending.dir, &pending.name);
         match error {
             ReadError::Vanished => self.problem(ProblemKind::Vanished, &rel, "disappeared before it could be read"),
             ReadError::Unreadable(e) => self.problem(ProblemKind::Unreadable, &rel, e.clone()),
