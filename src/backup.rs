@@ -81,7 +81,7 @@ impl DesktopEvents {
 impl Events for DesktopEvents {
     fn action(&mut self, verb: &str, path: &[u8]) {
         if self.dry_run {
-            println!("{verb:<8} {}", if path.is_empty() { ".".to_string() } else { Shown(path).to_string() });
+            println!("{verb:<8} {}", if path.is_empty() { ".".to_string() } else { format!("{:#}", Shown(path)) });
         } else {
             crate::trace!("{verb:<8} {}", Shown(path));
         }
