@@ -468,3 +468,48 @@ fn a_delta_that_fails_the_hash_check_is_fetched_again_whole() {
     let snap = complete(&area.bk(), "h")[1].clone();
     assert_eq!(std::fs::read(snap.join("f")).unwrap(), new);
 }
+
+/// A lie deep down: the error names the directory with its path cut short,
+/// and an honest `continue` with 256 descriptors removes the chain the lie
+/// left. (3,000 levels: more than 10 times the descriptors, a 6 kB path;
+/// tests/depth.rs goes to 20,000 on tmpfs, since this disk is slow to remove
+/// that many directories.)
+#[test]
+fn a_lie_3000_directories_deep_is_refused_with_its_path_cut_short_and_continue_removes_the_chain() {
+    let area = Area::new();
+    // 3,000 nested `z`, then a name listed twice.
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"good", 3)]);
+        a.serve(b"abc");
+        for _ in 0..(3000 / 500) {
+            a.entries((0..500).map(|_| dir(b"z")).collect());
+        }
+        a.entries(vec![file(b"x", 1), file(b"x", 1)]);
+    });
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(err.contains("out of order or listed twice"), "{}", &err[..err.len().min(1000)]);
+    assert!(err.len() < 1000, "a {}-byte error: {}", err.len(), &err[..err.len().min(1000)]);
+    assert!(err.contains(&format!("{}…(5799 bytes)…", "z/".repeat(50))), "{err}");
+    area.assert_outside_untouched();
+
+    // The honest server has a file `z`: continue, with few descriptors,
+    // removes the chain first.
+    let src = area.tmp.path().join("src");
+    write(&src.join("good"), b"abc");
+    write(&src.join("z"), b"a file");
+    let bk = area.bk();
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--continue".as_ref(),
+        "--source".as_ref(),
+        src.as_os_str(),
+        "--backups-folder".as_ref(),
+        bk.as_os_str(),
+        "--name".as_ref(),
+        "h".as_ref(),
+    ];
+    let out = rbackup_with_fds(256, &args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = complete(&area.bk(), "h");
+    assert_eq!(done.len(), 1);
+    assert_same_tree(&src, &done[0], &[]);
+}
