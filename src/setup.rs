@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rustix::fs::{FileType, Mode, OFlags};
+use rustix::fs::FileType;
 
 use crate::acl::{self, Acl};
 use crate::meta::{ACL_ACCESS, ACL_DEFAULT};
-use crate::safefs::{Dir, Shown, file_type, join};
+use crate::safefs::{Dir, Shown, file_type};
 use crate::{info, usage, warn};
 
 /// How the backup user gets to read the tree.
@@ -328,49 +328,53 @@ fn current_acl(path: &Path, name: &[u8], mode: u32) -> Result<Acl> {
 }
 
 /// Gives `uid` read access to everything beneath `root` (`rX`), and a default
-/// ACL on directories so new files get it too. Walks with directory handles:
-/// no symlink is followed, and paths longer than `PATH_MAX` work (where
-/// `setfacl -R` gives up).
+/// ACL on directories so new files get it too. Walks with directory handles
+/// ([`crate::tree::Walk`]): no symlink is followed, paths longer than
+/// `PATH_MAX` work (where `setfacl -R` gives up), and a bounded number of
+/// descriptors is open however deep or wide the tree. Each entry's ACL is
+/// read and written through an `O_PATH` descriptor checked to be what the
+/// walk saw, so an entry swapped for a symlink meanwhile is left alone.
 fn grant_tree(steps: &Steps, root: &Path, uid: u32) -> Result<()> {
     let top = Dir::open_path(root)?;
     let (mut seen, mut granted) = (0u64, 0u64);
-    let mut stack = vec![(top, Vec::<u8>::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        // The directory itself: access and default ACL.
-        let st = dir.stat_self()?;
-        let path = proc_of(&dir);
-        let mut writes = grant_one(&path, ACL_ACCESS, st.st_mode, uid, acl::R | acl::X)?.unwrap_or_default();
-        writes.extend(grant_one(&path, ACL_DEFAULT, st.st_mode, uid, acl::R | acl::X)?.unwrap_or_default());
-        seen += 1;
-        if !writes.is_empty() {
-            write_acls(steps, &path, &rel, writes, granted)?;
-            granted += 1;
-        }
-        for name in dir.names()? {
-            let child_rel = join(&rel, &name);
-            let Ok(cst) = dir.stat(&name) else { continue };
-            match file_type(&cst) {
-                FileType::Directory => match dir.open_dir(&name) {
-                    Ok(d) => stack.push((d, child_rel)),
-                    Err(e) => warn!("skipping {}: {e}", Shown(&child_rel)),
-                },
-                FileType::Symlink => {}
-                _ => {
-                    let fd = rustix::fs::openat(
-                        &dir,
-                        name.as_slice(),
-                        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )?;
-                    let path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
-                    let perm = if cst.st_mode & 0o111 != 0 { acl::R | acl::X } else { acl::R };
-                    seen += 1;
-                    if let Some(w) = grant_one(&path, ACL_ACCESS, cst.st_mode, uid, perm)? {
-                        write_acls(steps, &path, &child_rel, w, granted)?;
-                        granted += 1;
-                    }
-                }
+    for item in crate::tree::Walk::new(top.clone()) {
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                warn!("skipping {e}");
+                continue;
             }
+        };
+        let kind = file_type(&item.stat);
+        if kind == FileType::Symlink {
+            continue;
+        }
+        let pinned;
+        let path = if item.rel.is_empty() {
+            proc_of(&top)
+        } else {
+            pinned = match item.parent.pin(&item.name, kind) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!("skipping {}: {e}", Shown(&item.rel));
+                    continue;
+                }
+            };
+            pinned.proc_path()
+        };
+        seen += 1;
+        let mode = item.stat.st_mode;
+        let writes = if kind == FileType::Directory {
+            let mut w = grant_one(&path, ACL_ACCESS, mode, uid, acl::R | acl::X)?.unwrap_or_default();
+            w.extend(grant_one(&path, ACL_DEFAULT, mode, uid, acl::R | acl::X)?.unwrap_or_default());
+            w
+        } else {
+            let perm = if mode & 0o111 != 0 { acl::R | acl::X } else { acl::R };
+            grant_one(&path, ACL_ACCESS, mode, uid, perm)?.unwrap_or_default()
+        };
+        if !writes.is_empty() {
+            write_acls(steps, &path, &item.rel, writes, granted)?;
+            granted += 1;
         }
     }
     if granted == 0 {

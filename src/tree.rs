@@ -10,7 +10,7 @@ use rustix::fs::{FileType, Stat};
 
 use crate::manifest::{Kind, Record, xattr_digest};
 use crate::meta;
-use crate::safefs::{Chain, Dir, file_type, join};
+use crate::safefs::{Chain, Dir, Shown, file_type, join};
 
 /// One entry of a tree.
 pub struct Item {
@@ -111,13 +111,14 @@ impl Walk {
                 }
                 continue;
             };
-            let dir = chain.top()?.expect("a walked directory exists");
             let rel = join(&self.rel, &name);
-            let stat = dir.stat(&name)?;
+            let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", Shown(&rel)));
+            let dir = chain.top().map_err(at)?.expect("a walked directory exists");
+            let stat = dir.stat(&name).map_err(at)?;
             if file_type(&stat) == FileType::Directory {
-                let child = dir.open_dir(&name)?;
-                let names = child.names()?;
-                chain.push(&name, child.clone(), &child.stat_self()?);
+                let child = dir.open_dir(&name).map_err(at)?;
+                let names = child.names().map_err(at)?;
+                chain.push(&name, child.clone(), &child.stat_self().map_err(at)?);
                 self.names.push(names.into_iter());
                 self.rel_ends.push(self.rel.len());
                 self.rel.clone_from(&rel);

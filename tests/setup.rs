@@ -67,6 +67,11 @@ impl Setup {
     }
 
     fn server(&self, extra: &[&str]) -> (i32, String, String) {
+        self.server_with_fds(None, extra)
+    }
+
+    /// `setup-server`, under `ulimit -n FDS` if given.
+    fn server_with_fds(&self, fds: Option<u32>, extra: &[&str]) -> (i32, String, String) {
         let key = std::fs::read_to_string(self.path("etc/keys/web.pub")).unwrap();
         let (src, home) = (self.path("src"), self.path("home"));
         let mut args = vec![
@@ -81,7 +86,19 @@ impl Setup {
             home.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        agent_run(&self.sshd, &args)
+        let Some(fds) = fds else { return agent_run(&self.sshd, &args) };
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+            .arg(&self.sshd.agent)
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     fn rb(&self, args: &[&str]) -> (i32, String, String) {
@@ -182,6 +199,21 @@ fn the_capability_mode_reads_what_acls_do_not_cover() {
     let snap = complete(&s.path("bk"), "web")[0].clone();
     assert_eq!(std::fs::read(snap.join("private/secret.txt")).unwrap(), b"secret");
     assert_same_tree(&s.path("src"), &snap, &["trusted."]);
+}
+
+#[test]
+fn setup_server_grants_a_tree_wider_than_its_descriptor_limit() {
+    let s = Setup::new();
+    for i in 0..600 {
+        write(&s.path(&format!("src/d{i:03}/f")), b"x");
+    }
+    sh(&format!("chmod -R go-rwx '{}'", s.path("src").display()));
+    assert_eq!(s.client(&[]).0, 0);
+    let (code, out, err) = s.server_with_fds(Some(256), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = s.rb(&["check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("readable by the backup user"), "{out}");
 }
 
 #[test]
