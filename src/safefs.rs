@@ -4,7 +4,22 @@
 //! no symlink is ever followed below a root, and paths longer than `PATH_MAX`
 //! work. Where the kernel only offers a path-based call (extended attributes of
 //! a symlink or FIFO), the path goes through `/proc/self/fd/N/NAME`, which names
-//! the already-opened directory and so cannot be redirected.
+//! the already-opened directory and so cannot be redirected — for reading,
+//! with the `l*` calls that don't follow `NAME`. Metadata is never *applied*
+//! by name: a symlink, FIFO or device node is first pinned by an `O_PATH`
+//! descriptor checked for its type ([`Dir::pin`]), and every call goes
+//! through that descriptor, so a symlink renamed over the name meanwhile is
+//! never followed (docs/security.md, "Every call on a name acts on the entry
+//! itself").
+//!
+//! Descriptors are bounded whatever the depth. A walk keeps handles for its
+//! root and its deepest [`HELD_LEVELS`] levels only, and opens a level again
+//! beneath the root when it climbs back to it, checking that it is the
+//! directory it entered ([`Chain`]); a removal descends at most
+//! [`REMOVE_DEPTH`] levels and first moves anything deeper up to the top of
+//! the doomed tree ([`Dir::clear`]). Nothing deep costs quadratic time: one
+//! path walk from the root serves [`HELD_LEVELS`] climbs, and a removal never
+//! walks a long path at all.
 //!
 //! Names that come from a peer are checked by [`check_name`] before they reach
 //! any syscall.

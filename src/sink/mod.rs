@@ -10,8 +10,18 @@
 //! creation can't disturb its mtime. Fetches are pipelined: requests go out
 //! as soon as the plan says so, data comes back in request order, and the
 //! listing keeps flowing as long as fewer than [`WINDOW`] fetches are waiting.
-//! Memory is flat in the number of files: per open directory, the names seen
-//! (only where extra entries must be found), and the pending fetches.
+//! Memory is flat in the number of files: per open directory, its name and
+//! the names seen (only where extra entries must be found), and the pending
+//! fetches.
+//!
+//! Descriptors are bounded whatever the depth: the destination and each
+//! basis are walked as [`Chain`]s (handles for the root and the deepest
+//! `HELD_LEVELS` directories of the stack), and a directory off that part of
+//! the stack — a finished listing still waiting for its fetches, or a level
+//! whose handle was let go — is opened again when a fetch or its metadata
+//! needs it, with up to `HELD_LEVELS - 1` ancestors at once, into a spare set
+//! of at most `HELD_LEVELS` handles. About 100 descriptors in all, with two
+//! bases and the look-ahead's own chains.
 
 mod ahead;
 mod receive;
