@@ -544,11 +544,12 @@ impl Chain {
             path = join(&path, &l.name);
         }
         let moved = |path: &[u8]| io::Error::other(Moved { path: Shown(path).to_string() });
-        let mut dir = root.resolve_dir(&path)?;
+        let at = |path: &[u8], e: io::Error| io::Error::new(e.kind(), format!("opening {} again: {e}", Shown(path)));
+        let mut dir = root.resolve_dir(&path).map_err(|e| at(&path, e))?;
         for i in from..self.levels.len() {
             if i > from {
                 path = join(&path, &self.levels[i].name);
-                dir = dir.open_dir(&self.levels[i].name)?;
+                dir = dir.open_dir(&self.levels[i].name).map_err(|e| at(&path, e))?;
             }
             let st = dir.stat_self()?;
             if (st.st_dev, st.st_ino) != self.levels[i].id {
