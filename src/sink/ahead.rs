@@ -42,6 +42,8 @@ pub struct Ahead {
     bases: Vec<Dir>,
     privs: Privileges,
     chains: Vec<Chain>,
+    /// The current directory in each basis, once a file asked for it.
+    tops: Option<Vec<Option<Dir>>>,
     /// Directories open in the listing, the root included.
     depth: usize,
     /// Off (no bases), or stopped by a listing the sink will refuse.
@@ -52,7 +54,7 @@ impl Ahead {
     /// Compares with `bases` (none: only decodes).
     pub fn new(bases: Vec<Dir>, privs: Privileges) -> Ahead {
         let off = bases.is_empty();
-        Ahead { bases, privs, chains: Vec::new(), depth: 0, off }
+        Ahead { bases, privs, chains: Vec::new(), tops: None, depth: 0, off }
     }
 
     /// Turns a frame into the sink's input, comparing a listing batch's files.
@@ -81,6 +83,7 @@ impl Ahead {
         }
         match entry {
             Entry::Dir { name, .. } => {
+                self.tops = None;
                 if is_root {
                     self.chains = self.bases.iter().cloned().map(Chain::new).collect();
                 } else {
@@ -92,6 +95,7 @@ impl Ahead {
                 None
             }
             Entry::End => {
+                self.tops = None;
                 self.depth = self.depth.saturating_sub(1);
                 if self.depth == 0 {
                     // The root ended: anything after it is the sink's to refuse.
@@ -107,9 +111,10 @@ impl Ahead {
                 if self.depth == 0 {
                     return None;
                 }
-                let dirs: Vec<Option<Dir>> = self.chains.iter_mut().map(|c| c.top().ok().flatten()).collect();
+                let chains = &mut self.chains;
+                let dirs = self.tops.get_or_insert_with(|| chains.iter_mut().map(|c| c.top().ok().flatten()).collect());
                 let want = self.privs.storable(meta);
-                Some(super::base_similarities(&dirs, name, *size, &want))
+                Some(super::base_similarities(dirs, name, *size, &want))
             }
             Entry::Symlink { .. } | Entry::Special { .. } | Entry::Skipped { .. } => None,
         }
