@@ -23,7 +23,7 @@ use crate::digest::ContentHasher;
 use crate::plan::{Policy, signature_block_size};
 use crate::protocol::msg::{ReadError, ReadStatus};
 use crate::report::ProblemKind;
-use crate::safefs::{Dir, Shown, join};
+use crate::safefs::{Dir, Shown};
 use crate::sys::Mapped;
 use crate::writer::{self, Linked, TempEntry};
 
@@ -131,8 +131,8 @@ impl Sink<'_> {
         }
         let mut pending = self.pending.pop_front().expect("checked above");
         self.sig_outstanding -= pending.sig_len;
-        let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
+        let rel = self.path_of(pending.dir, &pending.name);
         let mut temp = TempEntry::file(&dest).with_context(|| format!("creating a file for {}", Shown(&rel)))?;
         // Sized now, as a hole: free, and a size this filesystem can't hold
         // shows before any data is written.
@@ -223,7 +223,7 @@ impl Sink<'_> {
             return Err(violation(format!("end of file {id} while file {} is in progress", r.pending.id)));
         }
         let Receiving { pending, temp, refused, hasher, size, base, bad_delta, .. } = r;
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let rel = self.path_of(pending.dir, &pending.name);
         let Some(temp) = temp else {
             let why = refused.unwrap_or_default();
             return self.give_up(pending, ProblemKind::Failed, format!("{why}: not in the snapshot"));
@@ -277,9 +277,9 @@ impl Sink<'_> {
             let left = *left;
             self.groups.insert(g, Group::Done { rel: rel.to_vec(), left, kept: false, hash: Some(hash) });
         }
-        let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
+        let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
         for (wd, wname) in &pending.waiters {
-            let wrel = join(&self.node(*wd).rel, wname);
+            let wrel = self.path_of(*wd, wname);
             self.link_waiter(&dest, &pending.name, *wd, wname, &wrel, rel)?;
             self.node_mut(*wd).pending -= 1;
             self.maybe_finish_dir(*wd)?;
@@ -299,7 +299,7 @@ impl Sink<'_> {
         wrel: &[u8],
         rel: &[u8],
     ) -> Result<()> {
-        let wdest = self.dest_of(wd).expect("fetches only happen outside dry runs");
+        let wdest = self.dest_of(wd)?.expect("fetches only happen outside dry runs");
         let existing = wdest.try_stat(wname)?;
         self.act(super::Action::Hardlink, wrel, existing.is_some());
         if existing.as_ref().is_some_and(|st| crate::safefs::file_type(st) == rustix::fs::FileType::Directory) {
@@ -341,7 +341,7 @@ impl Sink<'_> {
     /// The file of `pending` is not in the snapshot: report it, and let
     /// another name of the same inode try.
     fn give_up(&mut self, pending: Pending, kind: ProblemKind, detail: impl Into<String>) -> Result<()> {
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let rel = self.path_of(pending.dir, &pending.name);
         self.problem(kind, &rel, detail);
         self.rec.drop_entry(pending.ticket, &rel);
         let Pending { dir, group, mut waiters, meta, size, ticket, .. } = pending;
