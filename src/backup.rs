@@ -86,7 +86,7 @@ impl Events for DesktopEvents {
         // is a summary, not one line per entry.
         let unchanged = matches!(verb, "link" | "mkdir");
         if self.dry_run && (!unchanged || crate::log::on_stderr(crate::log::Level::Debug)) {
-            println!("{verb:<8} {}", if path.is_empty() { ".".to_string() } else { Shown(path).to_string() });
+            println!("{verb:<8} {}", if path.is_empty() { ".".to_string() } else { format!("{:#}", Shown(path)) });
         } else {
             crate::trace!("{verb:<8} {}", Shown(path));
         }

@@ -81,7 +81,7 @@ pub fn run(job: &Job, a: &str, b: &str) -> Result<Code> {
     let changes = diff(&store, &sa, &sb)?;
     let mut counts = [0u64; 4];
     for (change, path) in &changes {
-        println!("{:<9}{}", change.word(), if path.is_empty() { ".".into() } else { Shown(path).to_string() });
+        println!("{:<9}{}", change.word(), if path.is_empty() { ".".into() } else { format!("{:#}", Shown(path)) });
         counts[*change as usize] += 1;
     }
     info!(

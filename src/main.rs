@@ -32,6 +32,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<Code> {
+    rbackup::safefs::raise_descriptor_limit();
     match &cli.command {
         Command::Serve(args) => {
             log::set_tag(log::AGENT_TAG);

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use xattr::FileExt;
 
-use crate::safefs::{Dir, libc_errno};
+use crate::safefs::{Dir, Pinned, libc_errno};
 
 /// The part of `st_mode` rbackup keeps besides the file type.
 pub const MODE_BITS: u32 = 0o7777;
@@ -120,12 +120,14 @@ pub fn stat_matches(st: &Stat, meta: &Meta) -> bool {
 }
 
 /// Where xattrs are read and written: an open file or directory (by
-/// descriptor, so the call can't land anywhere else), or an entry named in
-/// its directory through procfs, for symlinks and special files that can't be
-/// opened. Path calls never follow the last component.
+/// descriptor, so the call can't land anywhere else); a pinned entry through
+/// its `/proc/self/fd/N` magic link, which the calls follow to the pinned
+/// inode and no further; or, for reading only, an entry named in its
+/// directory, whose last component is never followed.
 enum Xattrs<'a> {
     File(&'a std::fs::File),
     Dir(&'a Dir),
+    Pinned(std::path::PathBuf),
     Path(std::path::PathBuf),
 }
 
@@ -135,6 +137,7 @@ impl Xattrs<'_> {
         sized(|buf| match self {
             Xattrs::File(f) => rustix::fs::flistxattr(f, buf),
             Xattrs::Dir(d) => rustix::fs::flistxattr(d, buf),
+            Xattrs::Pinned(p) => rustix::fs::listxattr(p, buf),
             Xattrs::Path(p) => rustix::fs::llistxattr(p, buf),
         })
     }
@@ -143,6 +146,7 @@ impl Xattrs<'_> {
         sized(|buf| match self {
             Xattrs::File(f) => rustix::fs::fgetxattr(f, name, buf),
             Xattrs::Dir(d) => rustix::fs::fgetxattr(d, name, buf),
+            Xattrs::Pinned(p) => rustix::fs::getxattr(p, name, buf),
             Xattrs::Path(p) => rustix::fs::lgetxattr(p, name, buf),
         })
     }
@@ -151,7 +155,10 @@ impl Xattrs<'_> {
         match self {
             Xattrs::File(f) => f.set_xattr(name, value),
             Xattrs::Dir(d) => d.set_xattr(name, value),
-            Xattrs::Path(p) => xattr::set(p, name, value),
+            Xattrs::Pinned(p) => {
+                rustix::fs::setxattr(p, name, value, rustix::fs::XattrFlags::empty()).map_err(io::Error::from)
+            }
+            Xattrs::Path(_) => unreachable!("entries are pinned before their xattrs are written"),
         }
     }
 
@@ -159,7 +166,8 @@ impl Xattrs<'_> {
         match self {
             Xattrs::File(f) => f.remove_xattr(name),
             Xattrs::Dir(d) => d.remove_xattr(name),
-            Xattrs::Path(p) => xattr::remove(p, name),
+            Xattrs::Pinned(p) => rustix::fs::removexattr(p, name).map_err(io::Error::from),
+            Xattrs::Path(_) => unreachable!("entries are pinned before their xattrs are written"),
         }
     }
 
@@ -234,12 +242,14 @@ pub fn read_file_xattrs(file: &std::fs::File) -> io::Result<Vec<Xattr>> {
 }
 
 /// How an entry's metadata is applied: through an open file descriptor
-/// (regular files and directories) or by name in its directory (symlinks,
-/// FIFOs, device nodes, which can't be opened safely).
+/// (regular files and directories), or through the `O_PATH` descriptor of a
+/// symlink, FIFO or device node, which can't be opened safely
+/// ([`Dir::pin`]). Never by name: a name can be swapped for a symlink between
+/// one call and the next, and `chmod` by name would follow it.
 pub enum Target<'a> {
     Fd(&'a std::fs::File),
     Dir(&'a Dir),
-    At { dir: &'a Dir, name: &'a [u8], symlink: bool },
+    Pinned(&'a Pinned),
 }
 
 /// One thing that could not be applied; the entry is still written.
@@ -251,7 +261,7 @@ pub struct ApplyProblem {
 
 /// Applies `meta` in the DESIGN order. Returns what could not be applied
 /// (e.g. a `trusted.*` attribute on a filesystem that refuses it); the caller
-/// reports those as warnings. Fails only if the entry itself is gone.
+/// reports those as warnings.
 pub fn apply(target: &Target<'_>, meta: &Meta, privs: Privileges) -> io::Result<Vec<ApplyProblem>> {
     Ok(apply_over(target, meta, privs, None))
 }
@@ -278,7 +288,8 @@ fn apply_over(target: &Target<'_>, meta: &Meta, privs: Privileges, now: Option<&
         let res = match target {
             Target::Fd(f) => rustix::fs::fchown(f, uid, gid),
             Target::Dir(d) => rustix::fs::fchown(d, uid, gid),
-            Target::At { dir, name, .. } => rustix::fs::chownat(dir, *name, uid, gid, AtFlags::SYMLINK_NOFOLLOW),
+            // fchown refuses an O_PATH descriptor; this form takes it.
+            Target::Pinned(p) => rustix::fs::chownat(p, c"", uid, gid, AtFlags::EMPTY_PATH),
         };
         if let Err(e) = res {
             note(format!("owner {}:{}", meta.uid, meta.gid), e.into());
@@ -292,10 +303,14 @@ fn apply_over(target: &Target<'_>, meta: &Meta, privs: Privileges, now: Option<&
         _ if !chown && now.is_some_and(|st| st.st_mode & MODE_BITS == meta.mode) => Ok(()),
         Target::Fd(f) => rustix::fs::fchmod(f, mode).map_err(io::Error::from),
         Target::Dir(d) => rustix::fs::fchmod(d, mode).map_err(io::Error::from),
-        Target::At { symlink: true, .. } => Ok(()),
-        // A FIFO or device node we just created in a directory only we write to.
-        Target::At { dir, name, symlink: false } => {
-            rustix::fs::chmodat(dir, *name, mode, AtFlags::empty()).map_err(io::Error::from)
+        Target::Pinned(p) if p.kind() == rustix::fs::FileType::Symlink => Ok(()),
+        // fchmod refuses an O_PATH descriptor (and fchmodat2 with
+        // AT_EMPTY_PATH needs Linux 6.6): chmod its magic link, which
+        // resolves to the pinned FIFO or device node itself.
+        Target::Pinned(p) => {
+            #[cfg(debug_assertions)]
+            test_hook::pause_before_chmod();
+            rustix::fs::chmodat(rustix::fs::CWD, p.proc_path(), mode, AtFlags::empty()).map_err(io::Error::from)
         }
     };
     if let Err(e) = res {
@@ -313,7 +328,7 @@ fn apply_over(target: &Target<'_>, meta: &Meta, privs: Privileges, now: Option<&
     let res = match target {
         Target::Fd(f) => rustix::fs::futimens(f, &times),
         Target::Dir(d) => rustix::fs::futimens(d, &times),
-        Target::At { dir, name, .. } => rustix::fs::utimensat(dir, *name, &times, AtFlags::SYMLINK_NOFOLLOW),
+        Target::Pinned(p) => rustix::fs::utimensat(rustix::fs::CWD, p.proc_path(), &times, AtFlags::empty()),
     };
     if let Err(e) = res {
         note("modification time".to_string(), e.into());
@@ -325,7 +340,7 @@ fn apply_xattrs(target: &Target<'_>, meta: &Meta, privs: Privileges, note: &mut 
     let handle = match target {
         Target::Fd(f) => Xattrs::File(f),
         Target::Dir(d) => Xattrs::Dir(d),
-        Target::At { dir, name, .. } => Xattrs::Path(dir.proc_path(name)),
+        Target::Pinned(p) => Xattrs::Pinned(p.proc_path()),
     };
     // What is there already: inherited default ACLs in a new file, or the old
     // attributes of an entry fixed in place.
@@ -381,6 +396,30 @@ pub fn read_xattrs_of(dir: &Dir, name: &[u8], st: &Stat, tree: Tree) -> io::Resu
 /// xattrs in `wanted`.
 pub fn xattrs_match(dir: &Dir, name: &[u8], st: &Stat, wanted: &[Xattr], tree: Tree) -> io::Result<bool> {
     Ok(read_xattrs_of(dir, name, st, tree)? == wanted)
+}
+
+/// A pause between two metadata steps, for the regression test of a race
+/// (tests/races.rs): with `RBACKUP_TEST_PAUSE_BEFORE_CHMOD=FIFO` set, the first
+/// chmod of a pinned FIFO or device node waits until a writer has opened and closed FIFO,
+/// so that the test can swap the entry for a symlink in between. Compiled in
+/// debug builds only: a release binary has no such door.
+#[cfg(debug_assertions)]
+mod test_hook {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static DONE: AtomicBool = AtomicBool::new(false);
+
+    pub fn pause_before_chmod() {
+        if DONE.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(fifo) = std::env::var_os("RBACKUP_TEST_PAUSE_BEFORE_CHMOD")
+            && let Ok(mut f) = std::fs::File::open(fifo)
+        {
+            let _ = f.read_to_end(&mut Vec::new());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,22 @@
 //! no symlink is ever followed below a root, and paths longer than `PATH_MAX`
 //! work. Where the kernel only offers a path-based call (extended attributes of
 //! a symlink or FIFO), the path goes through `/proc/self/fd/N/NAME`, which names
-//! the already-opened directory and so cannot be redirected.
+//! the already-opened directory and so cannot be redirected — for reading,
+//! with the `l*` calls that don't follow `NAME`. Metadata is never *applied*
+//! by name: a symlink, FIFO or device node is first pinned by an `O_PATH`
+//! descriptor checked for its type ([`Dir::pin`]), and every call goes
+//! through that descriptor, so a symlink renamed over the name meanwhile is
+//! never followed (docs/security.md, "Every call on a name acts on the entry
+//! itself").
+//!
+//! Descriptors are bounded whatever the depth. A walk keeps handles for its
+//! root and its deepest [`HELD_LEVELS`] levels only, and opens a level again
+//! beneath the root when it climbs back to it, checking that it is the
+//! directory it entered ([`Chain`]); a removal descends at most
+//! [`REMOVE_DEPTH`] levels and first moves anything deeper up to the top of
+//! the doomed tree ([`Dir::clear`]). Nothing deep costs quadratic time: one
+//! path walk from the root serves [`HELD_LEVELS`] climbs, and a removal never
+//! walks a long path at all.
 //!
 //! Names that come from a peer are checked by [`check_name`] before they reach
 //! any syscall.
@@ -17,7 +32,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, Stat};
 
 /// Longest single name Linux accepts (`NAME_MAX`).
 pub const NAME_MAX: usize = 255;
@@ -57,25 +72,54 @@ pub fn check_name(name: &[u8]) -> Result<(), NameError> {
     Ok(())
 }
 
-/// A relative path as raw bytes, printed with non-UTF-8 bytes escaped.
+/// A relative path as raw bytes, printed with non-UTF-8 bytes and control
+/// characters escaped. In messages a long path is cut in the middle: its
+/// first and last [`SHOWN_KEEP`] bytes around `…(N bytes)…`, N the bytes
+/// left out (a hostile server's 40 kB path must not flood a log or a mail).
+/// The alternate form (`{:#}`) prints it whole, for listings whose lines are
+/// the paths themselves.
 pub struct Shown<'a>(pub &'a [u8]);
+
+/// Bytes kept at each end of a long path in messages.
+pub const SHOWN_KEEP: usize = 100;
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for chunk in self.0.utf8_chunks() {
-            for c in chunk.valid().chars() {
-                if c.is_control() {
-                    write!(f, "{}", c.escape_default())?;
-                } else {
-                    write!(f, "{c}")?;
-                }
-            }
-            for b in chunk.invalid() {
-                write!(f, "\\x{b:02x}")?;
+        let p = self.0;
+        // Cutting saves something only beyond the length of the marker.
+        if f.alternate() || p.len() <= 2 * SHOWN_KEEP + 24 {
+            return escaped(f, p);
+        }
+        // Cut between characters, never inside one.
+        let continuation = |b: u8| b & 0xc0 == 0x80;
+        let mut head = SHOWN_KEEP;
+        while head > SHOWN_KEEP - 3 && continuation(p[head]) {
+            head -= 1;
+        }
+        let mut tail = p.len() - SHOWN_KEEP;
+        while tail < p.len() - SHOWN_KEEP + 3 && continuation(p[tail]) {
+            tail += 1;
+        }
+        escaped(f, &p[..head])?;
+        write!(f, "…({} bytes)…", tail - head)?;
+        escaped(f, &p[tail..])
+    }
+}
+
+fn escaped(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
             }
         }
-        Ok(())
+        for b in chunk.invalid() {
+            write!(f, "\\x{b:02x}")?;
+        }
     }
+    Ok(())
 }
 
 /// Joins a relative directory path and a name with `/`.
@@ -182,6 +226,19 @@ impl Dir {
         Ok(rustix::fs::fstat(self)?)
     }
 
+    /// Pins the entry `name` with an `O_PATH | O_NOFOLLOW` descriptor and
+    /// checks, on that descriptor, that it is a `kind`. Metadata applied
+    /// through the [`Pinned`] lands on this very inode, whatever is renamed
+    /// over `name` meanwhile: a symlink swapped in is never followed.
+    pub fn pin(&self, name: &[u8], kind: FileType) -> io::Result<Pinned> {
+        let fd = rustix::fs::openat(self, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        let found = file_type(&rustix::fs::fstat(&fd)?);
+        if found != kind {
+            return Err(io::Error::other(Swapped { found, wanted: kind }));
+        }
+        Ok(Pinned { fd, kind })
+    }
+
     /// Reads the symlink `name` as raw bytes.
     pub fn read_link(&self, name: &[u8]) -> io::Result<Vec<u8>> {
         let target = rustix::fs::readlinkat(self, name, Vec::new())?;
@@ -255,8 +312,13 @@ impl Dir {
         }
     }
 
-    /// Removes everything in this directory, depth first, with an explicit
-    /// stack so that a deep tree can't overflow ours.
+    /// Removes everything in this directory, depth first, iteratively and
+    /// with a bounded number of descriptors and bounded work per entry,
+    /// however deep the tree: it descends at most [`REMOVE_DEPTH`] levels
+    /// (a handle each); a directory found deeper is renamed into this one
+    /// under a temporary name (everything in here is going anyway) and
+    /// cleared from there. So each entry is unlinked once, and each
+    /// directory opened twice and renamed at most once.
     pub fn clear(&self) -> io::Result<()> {
         let mut stack: Vec<(Dir, Vec<Vec<u8>>)> = vec![(self.clone(), self.names()?)];
         while let Some((dir, mut names)) = stack.pop() {
@@ -272,11 +334,24 @@ impl Dir {
                         drop(child);
                         rustix::fs::unlinkat(&dir, name.as_slice(), AtFlags::REMOVEDIR)?;
                         stack.push((dir, names));
-                    } else {
+                    } else if stack.len() + 1 < REMOVE_DEPTH {
                         // Revisit this name once its contents are gone.
                         names.push(name);
                         stack.push((dir, names));
                         stack.push((child, child_names));
+                    } else {
+                        // Too deep: up to the top, to be cleared from there.
+                        drop(child);
+                        let temp = temp_name();
+                        rustix::fs::renameat_with(
+                            &dir,
+                            name.as_slice(),
+                            self,
+                            temp.as_slice(),
+                            RenameFlags::NOREPLACE,
+                        )?;
+                        stack.push((dir, names));
+                        stack[0].1.push(temp);
                     }
                 }
                 Err(e) => return Err(e.into()),
@@ -333,6 +408,219 @@ impl Dir {
     pub fn fsync(&self) -> io::Result<()> {
         rustix::fs::fsync(self)?;
         Ok(())
+    }
+}
+
+/// Most levels below its root for which a [`Chain`] keeps a descriptor.
+pub const HELD_LEVELS: usize = 16;
+
+/// Deepest level a removal works at in place (see [`Dir::clear`]).
+pub const REMOVE_DEPTH: usize = 16;
+
+/// Where a depth-first walk is: the directories from a root down to the
+/// current one, with a descriptor for the root and for the deepest
+/// [`HELD_LEVELS`] levels only, so that a walk holds a bounded number of
+/// descriptors however deep the tree (a hostile server can make it as deep
+/// as it likes; `RLIMIT_NOFILE` is often 1024).
+///
+/// A level keeps its name and the identity (`st_dev`, `st_ino`) of the
+/// directory entered. When the walk climbs back to a level whose descriptor
+/// was let go, that level and the ones just above it (up to
+/// [`HELD_LEVELS`] of them) are opened again: the shallowest by its path
+/// from the root through [`Dir::resolve_dir`] (`RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS`, so it can't leave the root or follow a symlink),
+/// the others by name from the one above, and each must be the directory
+/// first entered, else the walk fails with [`Moved`]. Descriptors are let
+/// go shallowest first, so the held levels are always the deepest ones, and
+/// one path walk serves [`HELD_LEVELS`] climbs: climbing out of a chain `D`
+/// deep costs about `D² / (2 × HELD_LEVELS)` name lookups in the kernel (a
+/// few million for 20,000 levels), and nothing for trees less deep than
+/// [`HELD_LEVELS`].
+///
+/// Levels below a directory that doesn't exist (a basis without it, a dry
+/// run's directory not yet created) are absent: [`Chain::top`] is `None`.
+pub struct Chain {
+    root: Option<Dir>,
+    levels: Vec<Level>,
+    /// Absent levels below the last present one.
+    absent: usize,
+}
+
+struct Level {
+    name: Vec<u8>,
+    id: (u64, u64),
+    dir: Option<Dir>,
+}
+
+/// A directory a [`Chain`] opened again is not the one it entered: it was
+/// moved or replaced during the run.
+#[derive(Debug, thiserror::Error)]
+#[error("directory {path} was moved or replaced during the run")]
+pub struct Moved {
+    pub path: String,
+}
+
+impl Chain {
+    /// A walk standing at `root`.
+    pub fn new(root: Dir) -> Chain {
+        Chain { root: Some(root), levels: Vec::new(), absent: 0 }
+    }
+
+    /// A walk of a tree that doesn't exist: every level is absent.
+    pub fn absent() -> Chain {
+        Chain { root: None, levels: Vec::new(), absent: 0 }
+    }
+
+    /// Levels below the root.
+    pub fn depth(&self) -> usize {
+        self.levels.len() + self.absent
+    }
+
+    /// Enters `dir`, the directory `name` in the current one (the caller
+    /// opened it from [`Chain::top`]); `st` is its `fstat`.
+    pub fn push(&mut self, name: &[u8], dir: Dir, st: &Stat) {
+        debug_assert!(self.absent == 0 && self.root.is_some(), "a present level below an absent one");
+        self.levels.push(Level { name: name.to_vec(), id: (st.st_dev, st.st_ino), dir: Some(dir) });
+        if let Some(i) = self.levels.len().checked_sub(HELD_LEVELS + 1) {
+            self.levels[i].dir = None;
+        }
+    }
+
+    /// Enters the directory `name` of the current one if there is one (not
+    /// a symlink or anything else), else an absent level: for trees only
+    /// read to compare with (bases), where an unreadable directory is as
+    /// good as a missing one.
+    pub fn enter_if_dir(&mut self, name: &[u8]) {
+        let found = self.top().ok().flatten().and_then(|d| d.try_open_dir(name).ok().flatten());
+        match found.and_then(|d| d.stat_self().ok().map(|st| (d, st))) {
+            Some((d, st)) => self.push(name, d, &st),
+            None => self.push_absent(),
+        }
+    }
+
+    /// Enters a level that doesn't exist.
+    pub fn push_absent(&mut self) {
+        self.absent += 1;
+    }
+
+    /// Climbs back to the level above.
+    pub fn pop(&mut self) {
+        if self.absent > 0 {
+            self.absent -= 1;
+        } else {
+            self.levels.pop();
+        }
+    }
+
+    /// The current directory, opened again if its descriptor was let go;
+    /// `None` if it is absent.
+    pub fn top(&mut self) -> io::Result<Option<Dir>> {
+        if self.absent > 0 {
+            return Ok(None);
+        }
+        match self.levels.last() {
+            None => Ok(self.root.clone()),
+            Some(Level { dir: Some(d), .. }) => Ok(Some(d.clone())),
+            Some(_) => self.reopen().map(Some),
+        }
+    }
+
+    /// The directory `depth` levels below the root, if it has a descriptor
+    /// (never opens anything).
+    pub fn held(&self, depth: usize) -> Option<Dir> {
+        match depth.checked_sub(1) {
+            None => self.root.clone(),
+            Some(i) => self.levels.get(i).and_then(|l| l.dir.clone()),
+        }
+    }
+
+    /// Opens the deepest [`HELD_LEVELS`] levels again (none of them has a
+    /// descriptor: descriptors are let go shallowest first).
+    fn reopen(&mut self) -> io::Result<Dir> {
+        let root = self.root.clone().expect("present levels have a root");
+        let from = self.levels.len().saturating_sub(HELD_LEVELS);
+        let mut path = Vec::new();
+        for l in &self.levels[..=from] {
+            path = join(&path, &l.name);
+        }
+        let moved = |path: &[u8]| io::Error::other(Moved { path: Shown(path).to_string() });
+        let at = |path: &[u8], e: io::Error| io::Error::new(e.kind(), format!("opening {} again: {e}", Shown(path)));
+        let mut dir = root.resolve_dir(&path).map_err(|e| at(&path, e))?;
+        for i in from..self.levels.len() {
+            if i > from {
+                path = join(&path, &self.levels[i].name);
+                dir = dir.open_dir(&self.levels[i].name).map_err(|e| at(&path, e))?;
+            }
+            let st = dir.stat_self()?;
+            if (st.st_dev, st.st_ino) != self.levels[i].id {
+                return Err(moved(&path));
+            }
+            self.levels[i].dir = Some(dir.clone());
+        }
+        Ok(dir)
+    }
+}
+
+/// An entry held by an `O_PATH` descriptor (see [`Dir::pin`]). Such a
+/// descriptor can't be read, written, `fchmod`ed or `fchown`ed; the calls go
+/// through `AT_EMPTY_PATH` or through `/proc/self/fd/N`, a magic link that
+/// resolves to the pinned inode itself (a pinned symlink is not followed).
+#[derive(Debug)]
+pub struct Pinned {
+    fd: OwnedFd,
+    kind: FileType,
+}
+
+impl AsFd for Pinned {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Pinned {
+    /// What it was checked to be.
+    pub fn kind(&self) -> FileType {
+        self.kind
+    }
+
+    /// `/proc/self/fd/N`: for the path-only calls (chmod, utimensat, xattrs),
+    /// which must *follow* it to reach the entry.
+    pub fn proc_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// A pinned entry turned out to be of another type than expected: it was
+/// replaced since it was looked at.
+#[derive(Debug, thiserror::Error)]
+#[error("it was replaced while being worked on (it is now a {found:?}, not a {wanted:?}); left alone")]
+pub struct Swapped {
+    pub found: FileType,
+    pub wanted: FileType,
+}
+
+impl Swapped {
+    /// Whether `e` is a [`Swapped`] error of [`Dir::pin`].
+    pub fn is(e: &io::Error) -> bool {
+        matches!(e.get_ref(), Some(inner) if inner.is::<Swapped>())
+    }
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit
+/// (capped at 65,536: children inherit the limit, and some programs loop over
+/// every possible descriptor). rbackup holds a bounded number of directory
+/// handles whatever the depth (see [`Chain`]), but a soft limit of 1024 —
+/// sshd's and many services' default — leaves little room around them. Best
+/// effort: a sandbox may forbid `setrlimit` (the systemd unit sets
+/// `LimitNOFILE=` instead).
+pub fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), Some(maximum)) = (limit.current, limit.maximum) else { return };
+    let wanted = maximum.min(1 << 16);
+    if current < wanted {
+        let _ = setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(wanted), maximum: Some(maximum) });
     }
 }
 
@@ -413,6 +701,21 @@ mod tests {
     }
 
     #[test]
+    fn a_long_path_is_shown_cut_in_the_middle_and_whole_in_listings() {
+        let path: Vec<u8> = b"a/".repeat(20_000);
+        let short = Shown(&path).to_string();
+        assert_eq!(short, format!("{}…({} bytes)…{}", "a/".repeat(50), 40_000 - 200, "a/".repeat(50)));
+        assert_eq!(format!("{:#}", Shown(&path)).len(), 40_000);
+        // Never cut inside a character.
+        let path = "é".repeat(500);
+        let short = Shown(path.as_bytes()).to_string();
+        assert!(short.starts_with(&"é".repeat(50)) && short.ends_with(&"é".repeat(50)), "{short}");
+        assert!(!short.contains("\\x"), "{short}");
+        // Short paths are whole.
+        assert_eq!(Shown(&[b'x'; 224]).to_string().len(), 224);
+    }
+
+    #[test]
     fn join_handles_root() {
         assert_eq!(join(b"", b"a"), b"a");
         assert_eq!(join(b"a/b", b"c"), b"a/b/c");
@@ -446,6 +749,98 @@ mod tests {
         }
         assert!(rel.len() > 4096);
         assert!(dir.resolve_dir(&rel).is_ok());
+    }
+
+    /// A chain `depth` deep of directories `dNNN`, each holding a file.
+    fn chain_of(root: &Dir, depth: usize) {
+        let mut d = root.clone();
+        for i in 0..depth {
+            rustix::fs::openat(
+                &d,
+                "file",
+                OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .unwrap();
+            d = d.create_dir(format!("d{i:03}").as_bytes()).unwrap();
+        }
+    }
+
+    fn held_levels(c: &Chain) -> usize {
+        c.levels.iter().filter(|l| l.dir.is_some()).count()
+    }
+
+    #[test]
+    fn a_chain_holds_few_descriptors_and_reopens_the_directories_it_entered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Dir::open_path(tmp.path()).unwrap();
+        chain_of(&root, 100);
+        let mut chain = Chain::new(root.clone());
+        let mut ids = Vec::new();
+        for i in 0..100 {
+            let dir = chain.top().unwrap().unwrap().open_dir(format!("d{i:03}").as_bytes()).unwrap();
+            let st = dir.stat_self().unwrap();
+            ids.push((st.st_dev, st.st_ino));
+            chain.push(format!("d{i:03}").as_bytes(), dir, &st);
+            assert!(held_levels(&chain) <= HELD_LEVELS);
+        }
+        // Climbing back, every level is the directory entered there.
+        for i in (0..100).rev() {
+            let st = chain.top().unwrap().unwrap().stat_self().unwrap();
+            assert_eq!((st.st_dev, st.st_ino), ids[i], "level {i}");
+            assert!(held_levels(&chain) <= HELD_LEVELS);
+            chain.pop();
+        }
+        assert_eq!(chain.depth(), 0);
+
+        // A directory moved away while the walk was below it is not taken
+        // for another one that now has its path.
+        let mut chain = Chain::new(root.clone());
+        let mut rel = Vec::new();
+        for i in 0..40 {
+            let name = format!("d{i:03}");
+            let dir = chain.top().unwrap().unwrap().open_dir(name.as_bytes()).unwrap();
+            chain.push(name.as_bytes(), dir.clone(), &dir.stat_self().unwrap());
+            rel = join(&rel, name.as_bytes());
+        }
+        let parent = root.resolve_dir(b"d000/d001/d002").unwrap();
+        parent.rename(b"d003", b"moved").unwrap();
+        parent.create_dir(b"d003").unwrap();
+        for _ in 0..(40 - 4) {
+            chain.pop();
+        }
+        let err = chain.top().unwrap_err();
+        assert!(matches!(err.get_ref(), Some(e) if e.is::<Moved>()), "{err}");
+    }
+
+    #[test]
+    fn absent_levels_have_no_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Dir::open_path(tmp.path()).unwrap();
+        root.create_dir(b"here").unwrap();
+        let mut chain = Chain::new(root);
+        chain.enter_if_dir(b"here");
+        assert!(chain.top().unwrap().is_some());
+        chain.enter_if_dir(b"missing");
+        chain.enter_if_dir(b"below");
+        assert_eq!(chain.depth(), 3);
+        assert!(chain.top().unwrap().is_none());
+        chain.pop();
+        chain.pop();
+        assert!(chain.top().unwrap().is_some());
+        assert!(Chain::absent().top().unwrap().is_none());
+    }
+
+    #[test]
+    fn removing_a_deep_tree_moves_its_depths_up_and_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = Dir::open_path(tmp.path()).unwrap();
+        let doomed = top.create_dir(b"doomed").unwrap();
+        chain_of(&doomed, 5 * REMOVE_DEPTH);
+        std::os::unix::fs::symlink(tmp.path(), tmp.path().join("doomed/d000/up")).unwrap();
+        top.create_dir(b"kept").unwrap();
+        top.remove_all(b"doomed").unwrap();
+        assert_eq!(top.names().unwrap(), vec![b"kept".to_vec()]);
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl Forward {
 
 impl Events for Forward {
     fn action(&mut self, verb: &str, path: &[u8]) {
-        let path = if path.is_empty() { ".".to_string() } else { Shown(path).to_string() };
+        let path = if path.is_empty() { ".".to_string() } else { format!("{:#}", Shown(path)) };
         self.send(LogKind::Action, format!("{verb:<8} {path}"));
     }
 

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rustix::fs::{FileType, Mode, OFlags};
+use rustix::fs::FileType;
 
 use crate::acl::{self, Acl};
 use crate::meta::{ACL_ACCESS, ACL_DEFAULT};
-use crate::safefs::{Dir, Shown, file_type, join};
+use crate::safefs::{Dir, Shown, file_type};
 use crate::{info, usage, warn};
 
 /// How the backup user gets to read the tree.
@@ -490,72 +490,57 @@ fn current_acl(path: &Path, name: &[u8], mode: u32) -> Result<Acl> {
 }
 
 /// Gives `uid` read access to everything beneath `root` (`rX`), and a default
-/// ACL on directories so new files get it too. Walks with directory handles:
-/// no symlink is followed, and paths longer than `PATH_MAX` work (where
-/// `setfacl -R` gives up). An entry that can't be given access is named with
-/// the reason and the walk goes on; returns how many there were.
+/// ACL on directories so new files get it too. Walks with directory handles
+/// ([`crate::tree::Walk`]): no symlink is followed, paths longer than
+/// `PATH_MAX` work (where `setfacl -R` gives up), and a bounded number of
+/// descriptors is open however deep or wide the tree. Each entry's ACL is
+/// read and written through an `O_PATH` descriptor checked to be what the
+/// walk saw, so an entry swapped for a symlink meanwhile is left alone. An
+/// entry that can't be given access is named with the reason and the walk
+/// goes on; returns how many there were.
 fn grant_tree(steps: &Steps, root: &Path, user: &str, uid: u32) -> Result<u64> {
+    let top = Dir::open_path(root)?;
     let mut g = Grants { steps, user, seen: 0, granted: 0, failed: 0 };
-    let mut stack = vec![(Dir::open_path(root)?, Vec::<u8>::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        // The directory itself: access and default ACL.
-        let st = dir.stat_self()?;
-        let path = proc_of(&dir);
-        g.seen += 1;
-        let writes = grant_one(&path, ACL_ACCESS, st.st_mode, uid, acl::R | acl::X).and_then(|a| {
-            let d = grant_one(&path, ACL_DEFAULT, st.st_mode, uid, acl::R | acl::X)?;
-            Ok(a.into_iter().chain(d).flatten().collect::<Writes>())
-        });
-        g.apply(&path, &rel, writes.map(|w| (!w.is_empty()).then_some(w)))?;
-        let names = match dir.names() {
-            Ok(n) => n,
+    for item in crate::tree::Walk::new(top.clone()) {
+        let item = match item {
+            Ok(item) => item,
             Err(e) => {
-                g.fail(&rel, &format!("listing it: {e}"));
+                g.seen += 1;
+                g.failed += 1;
+                warn!("could not give the backup user read access: {e}");
                 continue;
             }
         };
-        for name in names {
-            let child_rel = join(&rel, &name);
-            let cst = match dir.stat(&name) {
-                Ok(st) => st,
+        let kind = file_type(&item.stat);
+        if kind == FileType::Symlink {
+            continue;
+        }
+        g.seen += 1;
+        let pinned;
+        let path = if item.rel.is_empty() {
+            proc_of(&top)
+        } else {
+            pinned = match item.parent.pin(&item.name, kind) {
+                Ok(p) => p,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // gone meanwhile
                 Err(e) => {
-                    g.seen += 1;
-                    g.fail(&child_rel, &e.to_string());
+                    g.fail(&item.rel, &e.to_string());
                     continue;
                 }
             };
-            match file_type(&cst) {
-                FileType::Directory => match dir.open_dir(&name) {
-                    Ok(d) => stack.push((d, child_rel)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        g.seen += 1;
-                        g.fail(&child_rel, &e.to_string());
-                    }
-                },
-                FileType::Symlink => {}
-                _ => {
-                    g.seen += 1;
-                    let fd = match rustix::fs::openat(
-                        &dir,
-                        name.as_slice(),
-                        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    ) {
-                        Ok(fd) => fd,
-                        Err(rustix::io::Errno::NOENT) => continue,
-                        Err(e) => {
-                            g.fail(&child_rel, &e.to_string());
-                            continue;
-                        }
-                    };
-                    let path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
-                    let perm = if cst.st_mode & 0o111 != 0 { acl::R | acl::X } else { acl::R };
-                    g.apply(&path, &child_rel, grant_one(&path, ACL_ACCESS, cst.st_mode, uid, perm))?;
-                }
-            }
-        }
+            pinned.proc_path()
+        };
+        let mode = item.stat.st_mode;
+        let writes = if kind == FileType::Directory {
+            grant_one(&path, ACL_ACCESS, mode, uid, acl::R | acl::X).and_then(|a| {
+                let d = grant_one(&path, ACL_DEFAULT, mode, uid, acl::R | acl::X)?;
+                Ok(a.into_iter().chain(d).flatten().collect::<Writes>())
+            })
+        } else {
+            let perm = if mode & 0o111 != 0 { acl::R | acl::X } else { acl::R };
+            grant_one(&path, ACL_ACCESS, mode, uid, perm).map(Option::unwrap_or_default)
+        };
+        g.apply(&path, &item.rel, writes.map(|w| (!w.is_empty()).then_some(w)))?;
     }
     g.summary(root);
     Ok(g.failed)

@@ -5,9 +5,13 @@
 //! Three threads besides the caller's: the walker streams the listing as far
 //! as the sink's credit allows; the server answers fetches in order; the
 //! writer puts their frames on the wire. The caller's thread reads the sink's
-//! messages. The walker never follows a symlink: it holds a handle on each
-//! directory and opens children with `O_NOFOLLOW`, so a directory swapped for
-//! a symlink mid-run is reported as changed, never entered. Fetches resolve
+//! messages. The walker never follows a symlink: it opens each directory
+//! from its parent's handle with `O_NOFOLLOW`, so a directory swapped for a
+//! symlink mid-run is reported as changed, never entered. It keeps a bounded
+//! number of those handles whatever the depth ([`Chain`]): a directory deep
+//! in the tree is opened again beneath the root when the walk climbs back
+//! to it, and what it held is reported as vanished if it is no longer the
+//! directory the walk entered. Fetches resolve
 //! their path beneath the root with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`.
 
 use std::collections::HashMap;
@@ -29,7 +33,7 @@ use crate::protocol::msg::{
     Entry, Fetch, Link, LogKind, ReadError, ReadStatus, SinkMsg, SkipReason, SourceMsg, SpecialKind,
 };
 use crate::protocol::{Outbox, ProtocolError, decode, spawn_writer};
-use crate::safefs::{Dir, file_type, join, libc_errno};
+use crate::safefs::{Chain, Dir, file_type, join, libc_errno};
 
 /// Size of the windows a delta is computed in (DESIGN: one signature, diffed
 /// window by window, so memory stays flat for any file size).
@@ -235,11 +239,11 @@ struct Walker {
     own_cwd: bool,
 }
 
-/// One directory being walked.
+/// A directory just entered: its handle, `fstat` and names.
 struct Level {
     dir: Dir,
-    rel: Vec<u8>,
-    names: std::vec::IntoIter<Vec<u8>>,
+    st: rustix::fs::Stat,
+    names: Vec<Vec<u8>>,
 }
 
 impl Walker {
@@ -280,17 +284,38 @@ impl Walker {
         let names = root.names().context("listing the root directory")?;
         let partial = !self.selection.only.is_empty() && self.selection.chosen(b"") != Some(true);
         self.push(Entry::Dir { name: Vec::new(), meta: meta::from_stat(&st, xattrs), unreadable: None, partial })?;
-        let mut stack = vec![Level { dir: root.clone(), rel: Vec::new(), names: names.into_iter() }];
-        while let Some(level) = stack.last_mut() {
-            let Some(name) = level.names.next() else {
+        // The names left at each level, the directories' handles (a bounded
+        // number of them, see `Chain`), and the current directory's path.
+        let mut stack = vec![names.into_iter()];
+        let mut chain = Chain::new(root.clone());
+        let (mut rel, mut rel_ends) = (Vec::new(), Vec::new());
+        while let Some(names) = stack.last_mut() {
+            let Some(name) = names.next() else {
                 stack.pop();
+                if let Some(end) = rel_ends.pop() {
+                    chain.pop();
+                    rel.truncate(end);
+                }
                 self.push(Entry::End)?;
                 continue;
             };
-            let rel = join(&level.rel, &name);
-            let dir = level.dir.clone();
-            if let Some(next) = self.visit(&dir, name, rel)? {
-                stack.push(next);
+            let dir = match chain.top() {
+                Ok(dir) => dir.expect("a walked directory exists"),
+                Err(_) => {
+                    // Opened again deep in the tree, it was gone or another
+                    // directory: what it still held has vanished.
+                    for name in std::iter::once(name).chain(names.by_ref()) {
+                        self.push(Entry::Skipped { name, reason: SkipReason::Vanished })?;
+                    }
+                    continue;
+                }
+            };
+            let child_rel = join(&rel, &name);
+            if let Some(next) = self.visit(&dir, name.clone(), &child_rel)? {
+                chain.push(&name, next.dir, &next.st);
+                stack.push(next.names.into_iter());
+                rel_ends.push(rel.len());
+                rel = child_rel;
             }
         }
         self.flush()?;
@@ -298,8 +323,8 @@ impl Walker {
     }
 
     /// Lists one entry; returns the level to descend into for a directory.
-    fn visit(&mut self, dir: &Dir, name: Vec<u8>, rel: Vec<u8>) -> Result<Option<Level>> {
-        let Some(whole) = self.selection.chosen(&rel) else {
+    fn visit(&mut self, dir: &Dir, name: Vec<u8>, rel: &[u8]) -> Result<Option<Level>> {
+        let Some(whole) = self.selection.chosen(rel) else {
             return Ok(None);
         };
         let st = match dir.stat(&name) {
@@ -310,14 +335,14 @@ impl Walker {
             }
         };
         let ft = file_type(&st);
-        if self.selection.excluded(&rel, ft == FileType::Directory) {
+        if self.selection.excluded(rel, ft == FileType::Directory) {
             return Ok(None);
         }
         if !whole && ft != FileType::Directory {
             return Ok(None);
         }
         if ft == FileType::Directory {
-            return self.visit_dir(dir, name, rel, whole);
+            return self.visit_dir(dir, name, whole);
         }
         let xattrs = match self.xattrs(dir, &name) {
             Ok(x) => x,
@@ -352,7 +377,7 @@ impl Walker {
         Ok(None)
     }
 
-    fn visit_dir(&mut self, parent: &Dir, name: Vec<u8>, rel: Vec<u8>, whole: bool) -> Result<Option<Level>> {
+    fn visit_dir(&mut self, parent: &Dir, name: Vec<u8>, whole: bool) -> Result<Option<Level>> {
         // Open first and describe what was opened, so the metadata and the
         // children belong to the same directory even if it is being replaced.
         let child = match parent.open_dir(&name) {
@@ -384,7 +409,7 @@ impl Walker {
             }
         };
         self.push(Entry::Dir { name, meta, unreadable: None, partial: !whole })?;
-        Ok(Some(Level { dir: child, rel, names: names.into_iter() }))
+        Ok(Some(Level { dir: child, st, names }))
     }
 
     fn unreadable_dir(&mut self, parent: &Dir, name: Vec<u8>, err: &io::Error) -> Result<Option<Level>> {

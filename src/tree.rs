@@ -1,7 +1,8 @@
 //! Reading a snapshot on the desktop, entry by entry, in the listing's order
 //! (depth first, names sorted bytewise): what `verify`, `diff` and `list`
 //! walk. Through directory handles like everything else: nothing followed,
-//! long paths fine.
+//! long paths fine, and a bounded number of them open whatever the depth
+//! ([`Chain`]).
 
 use std::io;
 
@@ -10,7 +11,7 @@ use rustix::fs::{FileType, Stat};
 use crate::digest::{FileDigest, Version};
 use crate::manifest::{Kind, Record, xattr_digest};
 use crate::meta;
-use crate::safefs::{Dir, file_type, join};
+use crate::safefs::{Chain, Dir, Shown, file_type, join};
 
 /// One entry of a tree.
 pub struct Item {
@@ -68,43 +69,52 @@ impl Item {
     }
 }
 
-struct Level {
-    dir: Dir,
-    rel: Vec<u8>,
-    names: std::vec::IntoIter<Vec<u8>>,
-}
-
 /// Iterates a tree; see the module doc.
 pub struct Walk {
     root: Option<Dir>,
-    stack: Vec<Level>,
+    /// Where the walk is, holding a bounded number of descriptors.
+    chain: Option<Chain>,
+    /// The names still to visit at each level, the root's first.
+    names: Vec<std::vec::IntoIter<Vec<u8>>>,
+    /// The current directory's path, and where it ended one level up.
+    rel: Vec<u8>,
+    rel_ends: Vec<usize>,
 }
 
 impl Walk {
     pub fn new(root: Dir) -> Walk {
-        Walk { root: Some(root), stack: Vec::new() }
+        Walk { root: Some(root), chain: None, names: Vec::new(), rel: Vec::new(), rel_ends: Vec::new() }
     }
 
     fn step(&mut self) -> io::Result<Option<Item>> {
         if let Some(root) = self.root.take() {
             let stat = root.stat_self()?;
-            let names = root.names()?;
-            self.stack.push(Level { dir: root.clone(), rel: Vec::new(), names: names.into_iter() });
+            self.names.push(root.names()?.into_iter());
+            self.chain = Some(Chain::new(root.clone()));
             return Ok(Some(Item { rel: Vec::new(), parent: root, name: Vec::new(), stat }));
         }
+        let Some(chain) = self.chain.as_mut() else { return Ok(None) };
         loop {
-            let Some(level) = self.stack.last_mut() else { return Ok(None) };
-            let Some(name) = level.names.next() else {
-                self.stack.pop();
+            let Some(level) = self.names.last_mut() else { return Ok(None) };
+            let Some(name) = level.next() else {
+                self.names.pop();
+                if let Some(end) = self.rel_ends.pop() {
+                    chain.pop();
+                    self.rel.truncate(end);
+                }
                 continue;
             };
-            let dir = level.dir.clone();
-            let rel = join(&level.rel, &name);
-            let stat = dir.stat(&name)?;
+            let rel = join(&self.rel, &name);
+            let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", Shown(&rel)));
+            let dir = chain.top().map_err(at)?.expect("a walked directory exists");
+            let stat = dir.stat(&name).map_err(at)?;
             if file_type(&stat) == FileType::Directory {
-                let child = dir.open_dir(&name)?;
-                let names = child.names()?;
-                self.stack.push(Level { dir: child, rel: rel.clone(), names: names.into_iter() });
+                let child = dir.open_dir(&name).map_err(at)?;
+                let names = child.names().map_err(at)?;
+                chain.push(&name, child.clone(), &child.stat_self().map_err(at)?);
+                self.names.push(names.into_iter());
+                self.rel_ends.push(self.rel.len());
+                self.rel.clone_from(&rel);
             }
             return Ok(Some(Item { rel, parent: dir, name, stat }));
         }

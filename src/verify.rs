@@ -170,5 +170,5 @@ pub fn verify_one(
 }
 
 fn shown(p: &[u8]) -> String {
-    if p.is_empty() { ".".into() } else { Shown(p).to_string() }
+    if p.is_empty() { ".".into() } else { format!("{:#}", Shown(p)) }
 }

@@ -176,11 +176,9 @@ impl TempEntry {
     pub fn commit(mut self, final_name: &[u8], meta: &Meta, privs: Privileges) -> io::Result<Vec<ApplyProblem>> {
         let problems = match &self.file {
             Some(f) => meta::apply_new(f, meta, privs)?,
-            None => meta::apply(
-                &Target::At { dir: &self.dir, name: &self.name, symlink: self.kind == FileType::Symlink },
-                meta,
-                privs,
-            )?,
+            // In a live directory (a restore) others may write, and may swap
+            // the temporary entry for a symlink: pinned, it is never followed.
+            None => meta::apply(&Target::Pinned(&self.dir.pin(&self.name, self.kind)?), meta, privs)?,
         };
         self.dir.rename(&self.name, final_name)?;
         self.done = true;

@@ -745,8 +745,9 @@ fn an_agent_that_dies_with_its_stderr_held_open_and_a_full_channel_does_not_hang
 #[test]
 fn the_desktops_own_error_is_not_shown_as_the_agents() {
     let area = Area::new();
-    // Directories nested deeper than the desktop has descriptors for: the
-    // desktop fails on its own (EMFILE) while the agent has only said
+    // A descriptor limit too low for the desktop's own work (it holds a
+    // bounded number of directories, so depth alone no longer exhausts it):
+    // the desktop fails on its own (EMFILE) while the agent has only said
     // something misleading on stderr.
     let depth = 200;
     let mut entries = vec![dir(b"")];
@@ -764,10 +765,10 @@ fn the_desktops_own_error_is_not_shown_as_the_agents() {
         backup::run_with(&job, &RunOptions::default(), move |job| {
             let conn = Connection::spawn(cmd, "the hostile agent", job.io_timeout)?;
             // The test runs in a process of its own (nextest): the limit
-            // is the desktop's alone. Room for what is open, not for the tree.
+            // is the desktop's alone. Barely room beyond what is open.
             let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
             let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-            let lower = rustix::process::Rlimit { current: Some(open + 40), ..limit };
+            let lower = rustix::process::Rlimit { current: Some(open + 4), ..limit };
             rustix::process::setrlimit(rustix::process::Resource::Nofile, lower).unwrap();
             Ok((conn, PathBuf::from("/srv")))
         })
@@ -807,6 +808,51 @@ fn only_a_refused_read_gets_the_acl_hint_not_a_walk_race() {
     let log = rbackup::log::tail().join("\n");
     assert!(log.contains("1 entries could not be read at the source: permission denied"), "{log}");
     assert!(log.contains("setfacl -Rm u:USER:rX DIR"), "{log}");
+}
+
+/// A lie deep down: the error names the directory with its path cut short,
+/// and an honest `continue` with 256 descriptors removes the chain the lie
+/// left. (3,000 levels: more than 10 times the descriptors, a 6 kB path;
+/// tests/depth.rs goes to 20,000 on tmpfs, since this disk is slow to remove
+/// that many directories.)
+#[test]
+fn a_lie_3000_directories_deep_is_refused_with_its_path_cut_short_and_continue_removes_the_chain() {
+    let area = Area::new();
+    // 3,000 nested `z`, then a name listed twice.
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b""), file(b"good", 3)]);
+        a.serve(b"abc");
+        for _ in 0..(3000 / 500) {
+            a.entries((0..500).map(|_| dir(b"z")).collect());
+        }
+        a.entries(vec![file(b"x", 1), file(b"x", 1)]);
+    });
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(err.contains("out of order or listed twice"), "{}", &err[..err.len().min(1000)]);
+    assert!(err.len() < 1000, "a {}-byte error: {}", err.len(), &err[..err.len().min(1000)]);
+    assert!(err.contains(&format!("{}…(5799 bytes)…", "z/".repeat(50))), "{err}");
+    area.assert_outside_untouched();
+
+    // The honest server has a file `z`: continue, with few descriptors,
+    // removes the chain first.
+    let src = area.tmp.path().join("src");
+    write(&src.join("good"), b"abc");
+    write(&src.join("z"), b"a file");
+    let bk = area.bk();
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--continue".as_ref(),
+        "--source".as_ref(),
+        src.as_os_str(),
+        "--backups-folder".as_ref(),
+        bk.as_os_str(),
+        "--name".as_ref(),
+        "h".as_ref(),
+    ];
+    let out = rbackup_with_fds(256, &args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = complete(&area.bk(), "h");
+    assert_eq!(done.len(), 1);
+    assert_same_tree(&src, &done[0], &[]);
 }
 
 #[test]

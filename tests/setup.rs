@@ -77,12 +77,18 @@ impl Setup {
     }
 
     fn server(&self, extra: &[&str]) -> (i32, String, String) {
-        self.server_for("web", &self.sshd.user.name, "src", extra)
+        self.server_with_fds(None, extra)
+    }
+
+    /// `setup-server` for the test's user with job web's key, under
+    /// `ulimit -n FDS` if given.
+    fn server_with_fds(&self, fds: Option<u32>, extra: &[&str]) -> (i32, String, String) {
+        self.server_for("web", &self.sshd.user.name, "src", fds, extra)
     }
 
     /// `setup-server` for `user` with the key of job `job` and `root`
-    /// (relative to the scratch folder).
-    fn server_for(&self, job: &str, user: &str, root: &str, extra: &[&str]) -> (i32, String, String) {
+    /// (relative to the scratch folder), under `ulimit -n FDS` if given.
+    fn server_for(&self, job: &str, user: &str, root: &str, fds: Option<u32>, extra: &[&str]) -> (i32, String, String) {
         let key = std::fs::read_to_string(self.path(&format!("etc/keys/{job}.pub"))).unwrap();
         let (src, home) = (self.path(root), self.path("home"));
         let mut args = vec![
@@ -97,7 +103,19 @@ impl Setup {
             home.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        agent_run(&self.sshd, &args)
+        let Some(fds) = fds else { return agent_run(&self.sshd, &args) };
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+            .arg(&self.sshd.agent)
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     fn authorized_keys(&self, user: &str) -> String {
@@ -221,7 +239,7 @@ fn setup_server_refuses_a_second_root_for_a_key_and_keeps_the_first_line() {
     let user = s.sshd.user.name.clone();
     let before = s.authorized_keys(&user);
 
-    let (code, out, err) = s.server_for("web", &user, "other", &[]);
+    let (code, out, err) = s.server_for("web", &user, "other", None, &[]);
     assert_eq!(code, 2, "{out}{err}");
     let file = s.path(&format!("home/{user}/.ssh/authorized_keys"));
     assert!(err.contains(&format!("{} line 1 already holds this key", file.display())), "{err}");
@@ -269,7 +287,7 @@ fn two_backup_users_in_capability_mode_each_get_their_own_agent() {
     for (job, user, root) in [("web", &users[0], "src"), ("web2", &users[1], "src2")] {
         let (code, out, err) = s.client_for(job, user, root, &[]);
         assert_eq!(code, 0, "{out}{err}");
-        let (code, out, err) = s.server_for(job, user, root, &cap);
+        let (code, out, err) = s.server_for(job, user, root, None, &cap);
         assert_eq!(code, 0, "{out}{err}");
     }
     // Both back up, the first one after the second user's setup.
@@ -348,6 +366,21 @@ fn setup_server_names_what_it_grants_counts_the_rest_and_says_what_failed() {
     assert!(out.contains("\n  f07\n"), "the entry it gave access to is named: {out}");
     assert!(err.contains("server ready"), "{err}");
     assert_eq!(s.rb(&["check"]).0, 0);
+}
+
+#[test]
+fn setup_server_grants_a_tree_wider_than_its_descriptor_limit() {
+    let s = Setup::new();
+    for i in 0..600 {
+        write(&s.path(&format!("src/d{i:03}/f")), b"x");
+    }
+    sh(&format!("chmod -R go-rwx '{}'", s.path("src").display()));
+    assert_eq!(s.client(&[]).0, 0);
+    let (code, out, err) = s.server_with_fds(Some(256), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = s.rb(&["check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("readable by the backup user"), "{out}");
 }
 
 #[test]

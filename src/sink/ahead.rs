@@ -17,7 +17,7 @@ use crate::plan::Similarity;
 use crate::protocol::frame::Frame;
 use crate::protocol::msg::{Entry, SourceMsg};
 use crate::protocol::{ProtocolError, decode};
-use crate::safefs::Dir;
+use crate::safefs::{Chain, Dir};
 
 /// What the sink gets from the reader thread.
 pub enum Input {
@@ -37,11 +37,15 @@ pub enum Input {
 }
 
 /// The look-ahead's state: the same directory in each basis, along the path
-/// of the entry being listed.
+/// of the entry being listed (a bounded number of descriptors, see [`Chain`]).
 pub struct Ahead {
     bases: Vec<Dir>,
     privs: Privileges,
-    stack: Vec<Vec<Option<Dir>>>,
+    chains: Vec<Chain>,
+    /// The current directory in each basis, once a file asked for it.
+    tops: Option<Vec<Option<Dir>>>,
+    /// Directories open in the listing, the root included.
+    depth: usize,
     /// Off (no bases), or stopped by a listing the sink will refuse.
     off: bool,
 }
@@ -50,7 +54,7 @@ impl Ahead {
     /// Compares with `bases` (none: only decodes).
     pub fn new(bases: Vec<Dir>, privs: Privileges) -> Ahead {
         let off = bases.is_empty();
-        Ahead { bases, privs, stack: Vec::new(), off }
+        Ahead { bases, privs, chains: Vec::new(), tops: None, depth: 0, off }
     }
 
     /// Turns a frame into the sink's input, comparing a listing batch's files.
@@ -72,32 +76,43 @@ impl Ahead {
         if self.off {
             return None;
         }
-        let is_root = self.stack.is_empty();
+        let is_root = self.depth == 0;
         if entry.validate(is_root).is_err() {
             self.off = true;
             return None;
         }
         match entry {
             Entry::Dir { name, .. } => {
-                let dirs = match self.stack.last() {
-                    None => self.bases.iter().cloned().map(Some).collect(),
-                    Some(parent) => {
-                        parent.iter().map(|b| b.as_ref().and_then(|b| b.try_open_dir(name).ok().flatten())).collect()
+                self.tops = None;
+                if is_root {
+                    self.chains = self.bases.iter().cloned().map(Chain::new).collect();
+                } else {
+                    for chain in &mut self.chains {
+                        chain.enter_if_dir(name);
                     }
-                };
-                self.stack.push(dirs);
+                }
+                self.depth += 1;
                 None
             }
             Entry::End => {
-                self.stack.pop();
-                if self.stack.is_empty() {
+                self.tops = None;
+                self.depth = self.depth.saturating_sub(1);
+                if self.depth == 0 {
                     // The root ended: anything after it is the sink's to refuse.
                     self.off = true;
+                } else {
+                    for chain in &mut self.chains {
+                        chain.pop();
+                    }
                 }
                 None
             }
             Entry::File { name, meta, size, .. } => {
-                let dirs = self.stack.last()?;
+                if self.depth == 0 {
+                    return None;
+                }
+                let chains = &mut self.chains;
+                let dirs = self.tops.get_or_insert_with(|| chains.iter_mut().map(|c| c.top().ok().flatten()).collect());
                 let want = self.privs.storable(meta);
                 Some(super::base_similarities(dirs, name, *size, &want))
             }

@@ -10,8 +10,18 @@
 //! creation can't disturb its mtime. Fetches are pipelined: requests go out
 //! as soon as the plan says so, data comes back in request order, and the
 //! listing keeps flowing as long as fewer than [`WINDOW`] fetches are waiting.
-//! Memory is flat in the number of files: per open directory, the names seen
-//! (only where extra entries must be found), and the pending fetches.
+//! Memory is flat in the number of files: per open directory, its name and
+//! the names seen (only where extra entries must be found), and the pending
+//! fetches.
+//!
+//! Descriptors are bounded whatever the depth: the destination and each
+//! basis are walked as [`Chain`]s (handles for the root and the deepest
+//! `HELD_LEVELS` directories of the stack), and a directory off that part of
+//! the stack — a finished listing still waiting for its fetches, or a level
+//! whose handle was let go — is opened again when a fetch or its metadata
+//! needs it, with up to `HELD_LEVELS - 1` ancestors at once, into a spare set
+//! of at most `HELD_LEVELS` handles. About 100 descriptors in all, with two
+//! bases and the look-ahead's own chains.
 
 mod ahead;
 mod receive;
@@ -38,7 +48,7 @@ use crate::protocol::frame::{Encoder, FrameReader};
 use crate::protocol::msg::{Entry, Fetch, Link, SinkMsg, SkipReason, SourceMsg, SpecialKind};
 use crate::protocol::{Outbox, ProtocolError};
 use crate::report::{Action, Events, Problem, ProblemKind, Stats};
-use crate::safefs::{Dir, Shown, file_type, join};
+use crate::safefs::{Chain, Dir, HELD_LEVELS, Shown, file_type, join};
 use crate::writer::{self, Linked, TempEntry};
 
 /// Most fetches waiting for data before the listing is held back.
@@ -95,9 +105,17 @@ pub struct SinkOutcome {
 }
 
 struct DirNode {
-    /// `None` only in a dry run, for a directory that doesn't exist yet.
-    dest: Option<Dir>,
-    rel: Vec<u8>,
+    /// Unique for the run (node indices are reused).
+    serial: u64,
+    /// Its position in the stack while its listing runs (the root's is 0).
+    depth: usize,
+    /// (`st_dev`, `st_ino`) of the destination directory; `None` only in a
+    /// dry run, for a directory that doesn't exist yet.
+    dest_id: Option<(u64, u64)>,
+    /// Its name in its parent (empty for the root). Its path is found
+    /// through the parents: a path per node would cost memory quadratic in
+    /// the depth (a 20,000-deep chain's paths are 400 MB).
+    name: Vec<u8>,
     meta: Meta,
     parent: Option<usize>,
     /// Unwritten fetches and unfinished subdirectories.
@@ -110,8 +128,6 @@ struct DirNode {
     /// Names listed, kept only where extra entries must be removed.
     seen: Vec<Vec<u8>>,
     last: Option<Vec<u8>>,
-    /// The same directory in each basis, while its listing runs.
-    bases: Vec<Option<Dir>>,
     /// It existed with other metadata than the source's when first seen.
     meta_differs: bool,
 }
@@ -151,6 +167,19 @@ pub struct Sink<'e> {
     dirs: Vec<Option<DirNode>>,
     free: Vec<usize>,
     stack: Vec<usize>,
+    /// The path of the directory on top of the stack, and where each
+    /// level's path ends in it.
+    cwd: Vec<u8>,
+    cwd_ends: Vec<usize>,
+    next_serial: u64,
+    /// The destination directories along the stack, and the same directory
+    /// in each basis, with a bounded number of descriptors (see `handles`).
+    dest: Chain,
+    bases: Vec<Chain>,
+    /// Directories opened again off the held part of the stack (finished
+    /// listings waiting for their fetches), by node serial; at most
+    /// `HELD_LEVELS`.
+    spare: VecDeque<(u64, Dir)>,
     /// Requests sent, in the order the source answers them.
     pending: VecDeque<Pending>,
     /// Delta requests waiting for the signature budget.
@@ -186,12 +215,20 @@ impl<'e> Sink<'e> {
     pub fn new(mut cfg: SinkConfig, out: Outbox, events: &'e mut dyn Events) -> Sink<'e> {
         let enc = Encoder::new(cfg.compress);
         let rec = std::mem::take(&mut cfg.recorder);
+        let dest = cfg.dest.clone().map_or_else(Chain::absent, Chain::new);
+        let bases = cfg.bases.iter().cloned().map(Chain::new).collect();
         Sink {
             cfg,
             events,
             dirs: Vec::new(),
             free: Vec::new(),
             stack: Vec::new(),
+            cwd: Vec::new(),
+            cwd_ends: Vec::new(),
+            next_serial: 0,
+            dest,
+            bases,
+            spare: VecDeque::new(),
             pending: VecDeque::new(),
             deferred: VecDeque::new(),
             sig_outstanding: 0,
@@ -375,27 +412,35 @@ impl<'e> Sink<'e> {
     fn enter_name(&mut self, name: &[u8]) -> Result<(usize, Vec<u8>)> {
         let d = *self.stack.last().expect("inside a directory");
         let delete = self.cfg.delete;
-        let node = self.node_mut(d);
+        let node = self.dirs[d].as_mut().expect("live directory node");
         if node.last.as_deref().is_some_and(|last| name <= last) {
-            let (dir, name) = (Shown(&node.rel).to_string(), Shown(name).to_string());
+            let (dir, name) = (Shown(&self.cwd).to_string(), Shown(name).to_string());
             return Err(violation(format!("entry {name:?} in directory {dir:?} is out of order or listed twice")));
         }
         node.last = Some(name.to_vec());
         if node.existed && delete && !node.partial {
             node.seen.push(name.to_vec());
         }
-        let rel = join(&node.rel, name);
-        Ok((d, rel))
+        Ok((d, join(&self.cwd, name)))
     }
 
     fn on_dir(&mut self, name: &[u8], meta: Meta, unreadable: Option<String>, partial: bool) -> Result<()> {
         self.stats.directories += 1;
         let partial = partial || unreadable.is_some();
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let mut dest_stat = None;
+        let mut rel = Vec::new();
         let node = if self.stack.is_empty() {
             self.saw_root = true;
+            if let Some(root) = &self.cfg.dest {
+                dest_stat = Some(root.stat_self()?);
+            }
             DirNode {
-                dest: self.cfg.dest.clone(),
-                rel: Vec::new(),
+                serial,
+                depth: 0,
+                dest_id: dest_stat.as_ref().map(id),
+                name: Vec::new(),
                 meta,
                 parent: None,
                 pending: 0,
@@ -404,22 +449,29 @@ impl<'e> Sink<'e> {
                 partial,
                 seen: Vec::new(),
                 last: None,
-                bases: self.cfg.bases.iter().cloned().map(Some).collect(),
                 meta_differs: false,
             }
         } else {
-            let (parent, rel) = self.enter_name(name)?;
+            let parent;
+            (parent, rel) = self.enter_name(name)?;
             let (dest, existed) = self.open_child_dir(parent, name, &rel)?;
-            let bases = self
-                .node(parent)
-                .bases
-                .iter()
-                .map(|b| b.as_ref().and_then(|b| b.try_open_dir(name).ok().flatten()))
-                .collect();
+            match dest {
+                Some(dir) => {
+                    let st = dir.stat_self().with_context(|| format!("looking at directory {}", Shown(&rel)))?;
+                    self.dest.push(name, dir, &st);
+                    dest_stat = Some(st);
+                }
+                None => self.dest.push_absent(),
+            }
+            for chain in &mut self.bases {
+                chain.enter_if_dir(name);
+            }
             self.node_mut(parent).pending += 1;
             DirNode {
-                dest,
-                rel,
+                serial,
+                depth: self.stack.len(),
+                dest_id: dest_stat.as_ref().map(id),
+                name: name.to_vec(),
                 meta,
                 parent: Some(parent),
                 pending: 0,
@@ -428,23 +480,22 @@ impl<'e> Sink<'e> {
                 partial,
                 seen: Vec::new(),
                 last: None,
-                bases,
                 meta_differs: false,
             }
         };
         let mut node = node;
         let stored = self.cfg.privs.storable(&node.meta);
-        self.rec.push(record(&node.rel, crate::manifest::Kind::Dir, 0, &stored), Content::Known(None));
+        self.rec.push(record(&rel, crate::manifest::Kind::Dir, 0, &stored), Content::Known(None));
         if node.existed
-            && let Some(dest) = &node.dest
+            && let Some(st) = &dest_stat
+            && let Some(dest) = self.dest.top()?
         {
             // Decided now, before this run writes inside it and moves its mtime.
             let want = self.cfg.privs.storable(&node.meta);
-            node.meta_differs =
-                !(meta::stat_matches(&dest.stat_self()?, &want) && meta::read_dir_xattrs(dest)? == want.xattrs);
+            node.meta_differs = !(meta::stat_matches(st, &want) && meta::read_dir_xattrs(&dest)? == want.xattrs);
         }
         if let Some(err) = unreadable {
-            self.problem(ProblemKind::Unreadable, &node.rel, format!("directory not listed: {err}"));
+            self.problem(ProblemKind::Unreadable, &rel, format!("directory not listed: {err}"));
         }
         let idx = match self.free.pop() {
             Some(i) => {
@@ -457,19 +508,23 @@ impl<'e> Sink<'e> {
             }
         };
         self.stack.push(idx);
+        if !rel.is_empty() {
+            self.cwd_ends.push(self.cwd.len());
+            self.cwd = rel;
+        }
         Ok(())
     }
 
     /// Opens or creates the destination directory `name`; returns it (absent
     /// in a dry run when it would be created) and whether it already existed.
     fn open_child_dir(&mut self, parent: usize, name: &[u8], rel: &[u8]) -> Result<(Option<Dir>, bool)> {
-        let node = self.node(parent);
-        let Some(pdest) = node.dest.clone() else {
+        // The parent is the current directory.
+        let Some(pdest) = self.dest.top().with_context(|| format!("opening the directory of {}", Shown(rel)))? else {
             // A dry run inside a directory that would be created.
             self.act(Action::Mkdir, rel, false);
             return Ok((None, false));
         };
-        if node.existed
+        if self.node(parent).existed
             && let Some(st) = pdest.try_stat(name).with_context(|| format!("looking at {}", Shown(rel)))?
         {
             if file_type(&st) == FileType::Directory {
@@ -492,9 +547,20 @@ impl<'e> Sink<'e> {
 
     fn on_end_dir(&mut self) -> Result<()> {
         let idx = self.stack.pop().ok_or_else(|| violation("end of a directory that was never opened"))?;
-        let node = self.node_mut(idx);
-        node.ended = true;
-        node.bases.clear();
+        self.node_mut(idx).ended = true;
+        if let Some(end) = self.cwd_ends.pop() {
+            self.cwd.truncate(end);
+        }
+        if !self.stack.is_empty() {
+            // Off the stack, its handle waits with the others reopened.
+            if let Some(dir) = self.dest.top()? {
+                self.keep_spare(self.node(idx).serial, dir);
+            }
+            self.dest.pop();
+            for chain in &mut self.bases {
+                chain.pop();
+            }
+        }
         self.maybe_finish_dir(idx)
     }
 
@@ -506,23 +572,31 @@ impl<'e> Sink<'e> {
             if !node.ended || node.pending > 0 {
                 return Ok(());
             }
+            let dest = self.dest_of(idx)?;
             let node = self.dirs[idx].take().expect("live directory node");
             self.free.push(idx);
-            if let Some(dest) = &node.dest {
+            if let Some(dest) = &dest {
+                // Its path, only where it is needed.
+                let rel = |sink: &Self| node.parent.map_or_else(Vec::new, |p| sink.path_of(p, &node.name));
                 if node.existed && self.cfg.delete && !node.partial {
-                    self.remove_extras(dest, &node)?;
+                    let rel = rel(self);
+                    self.remove_extras(dest, &node, &rel)?;
                 }
                 // A restore of chosen paths leaves the metadata of directories
                 // that were already there on the way to them.
                 let leave = self.cfg.policy == Policy::Restore && node.partial && node.existed;
                 if node.meta_differs && !leave {
-                    self.act(Action::Meta, &node.rel, true);
+                    let rel = rel(self);
+                    self.act(Action::Meta, &rel, true);
                     self.stats.metadata_fixed += 1;
                 }
                 if !self.cfg.dry_run && !leave {
                     let problems = meta::apply(&Target::Dir(dest), &node.meta, self.cfg.privs)
-                        .with_context(|| format!("setting metadata of directory {}", Shown(&node.rel)))?;
-                    self.apply_problems(&node.rel, problems);
+                        .with_context(|| format!("setting metadata of directory {}", Shown(&rel(self))))?;
+                    if !problems.is_empty() {
+                        let rel = rel(self);
+                        self.apply_problems(&rel, problems);
+                    }
                 }
             }
             match node.parent {
@@ -538,13 +612,13 @@ impl<'e> Sink<'e> {
         }
     }
 
-    fn remove_extras(&mut self, dest: &Dir, node: &DirNode) -> Result<()> {
-        let names = dest.names().with_context(|| format!("listing {}", Shown(&node.rel)))?;
+    fn remove_extras(&mut self, dest: &Dir, node: &DirNode, dir_rel: &[u8]) -> Result<()> {
+        let names = dest.names().with_context(|| format!("listing {}", Shown(dir_rel)))?;
         for name in names {
             if node.seen.binary_search(&name).is_ok() {
                 continue;
             }
-            let rel = join(&node.rel, &name);
+            let rel = join(dir_rel, &name);
             self.act(Action::Remove, &rel, true);
             self.stats.removed += 1;
             if !self.cfg.dry_run {
@@ -569,8 +643,115 @@ impl<'e> Sink<'e> {
         if self.cfg.policy == Policy::Snapshot { Tree::Ours } else { Tree::Live }
     }
 
-    fn dest_of(&self, d: usize) -> Option<Dir> {
-        self.node(d).dest.clone()
+    /// The destination directory of node `d` (`None`: a dry run's directory
+    /// that would be created), opened again if its handle was let go.
+    fn dest_of(&mut self, d: usize) -> Result<Option<Dir>> {
+        let node = self.node(d);
+        if node.dest_id.is_none() {
+            return Ok(None);
+        }
+        if node.parent.is_none() {
+            return Ok(self.cfg.dest.clone());
+        }
+        if !node.ended {
+            if node.depth == self.dest.depth() {
+                return Ok(self.dest.top()?);
+            }
+            if let Some(dir) = self.dest.held(node.depth) {
+                return Ok(Some(dir));
+            }
+        }
+        self.reopen(d).map(Some)
+    }
+
+    /// The path of directory node `d`, from the root.
+    fn rel_of(&self, d: usize) -> Vec<u8> {
+        if self.stack.last() == Some(&d) {
+            return self.cwd.clone();
+        }
+        let mut names = Vec::new();
+        let mut n = d;
+        while let Some(p) = self.node(n).parent {
+            names.push(&self.node(n).name[..]);
+            n = p;
+        }
+        names.reverse();
+        names.join(&b'/')
+    }
+
+    /// The path of `name` in directory node `d`.
+    fn path_of(&self, d: usize, name: &[u8]) -> Vec<u8> {
+        join(&self.rel_of(d), name)
+    }
+
+    /// A handle of node `d`'s destination directory without opening
+    /// anything: the root's, a held one of the stack, or a spare one.
+    fn handle_of(&self, d: usize) -> Option<Dir> {
+        let node = self.node(d);
+        if node.parent.is_none() {
+            return self.cfg.dest.clone();
+        }
+        if !node.ended
+            && let Some(dir) = self.dest.held(node.depth)
+        {
+            return Some(dir);
+        }
+        self.spare.iter().find(|(s, _)| *s == node.serial).map(|(_, dir)| dir.clone())
+    }
+
+    /// Opens node `d`'s destination directory again, with up to
+    /// `HELD_LEVELS - 1` of its ancestors that have no handle either: the
+    /// shallowest by name from the nearest ancestor that has one, or by its
+    /// path from the root (beneath it, no symlink followed); each must be
+    /// the directory first opened. They become the spare handles, so that
+    /// finishing a chain of directories, each after its children, costs one
+    /// path walk per `HELD_LEVELS` of them.
+    fn reopen(&mut self, d: usize) -> Result<Dir> {
+        if let Some(dir) = self.handle_of(d) {
+            return Ok(dir);
+        }
+        let mut lost = vec![d];
+        let mut dir = loop {
+            let parent = self.node(*lost.last().expect("not empty")).parent.expect("the root is always open");
+            let above = self.handle_of(parent);
+            if above.is_some() || lost.len() == HELD_LEVELS {
+                break above;
+            }
+            lost.push(parent);
+        };
+        for &n in lost.iter().rev() {
+            let node = self.node(n);
+            let opened = match &dir {
+                Some(parent) => parent.open_dir(&node.name),
+                None => self.cfg.dest.as_ref().expect("a destination").resolve_dir(&self.rel_of(n)),
+            };
+            let opened = opened.with_context(|| format!("opening directory {} again", Shown(&self.rel_of(n))))?;
+            if Some(id(&opened.stat_self()?)) != node.dest_id {
+                bail!(crate::safefs::Moved { path: Shown(&self.rel_of(n)).to_string() });
+            }
+            self.keep_spare(node.serial, opened.clone());
+            dir = Some(opened);
+        }
+        Ok(dir.expect("at least one directory reopened"))
+    }
+
+    /// Keeps the handle of a directory off the held part of the stack,
+    /// letting go of the oldest beyond `HELD_LEVELS`.
+    fn keep_spare(&mut self, serial: u64, dir: Dir) {
+        if self.spare.len() == HELD_LEVELS {
+            self.spare.pop_front();
+        }
+        self.spare.push_back((serial, dir));
+    }
+
+    /// The current directory in each basis (`None` where a basis lacks it).
+    fn base_dirs(&mut self) -> Vec<Option<Dir>> {
+        self.bases.iter_mut().map(|c| c.top().ok().flatten()).collect()
+    }
+
+    /// The current directory in basis `i`, which the plan chose.
+    fn base_dir(&mut self, i: usize) -> Result<Dir> {
+        self.bases[i].top()?.ok_or_else(|| anyhow!("the basis the plan chose lacks the directory"))
     }
 
     fn on_file(
@@ -591,16 +772,15 @@ impl<'e> Sink<'e> {
             return Ok(());
         }
         let tree = self.tree();
-        let node = self.node(d);
-        let dest_sim = match (&node.dest, node.existed) {
+        let dest_sim = match (self.dest_of(d)?, self.node(d).existed) {
             (Some(dest), true) => {
-                compare_file(dest, &name, size, &want, tree).with_context(|| format!("looking at {}", Shown(&rel)))?
+                compare_file(&dest, &name, size, &want, tree).with_context(|| format!("looking at {}", Shown(&rel)))?
             }
             _ => Similarity::Missing,
         };
         let base_sims = match sims {
-            Some(s) if s.len() == node.bases.len() => s,
-            _ => base_similarities(&node.bases, &name, size, &want),
+            Some(s) if s.len() == self.bases.len() => s,
+            _ => base_similarities(&self.base_dirs(), &name, size, &want),
         };
         let delta = self.cfg.delta && !sparse && size >= plan::DELTA_MIN_SIZE;
         let action = plan::file(dest_sim, &base_sims, self.cfg.policy, delta);
@@ -698,8 +878,12 @@ impl<'e> Sink<'e> {
                 }
             }
         }
-        let dest = self.dest_of(d)?;
-        let digest = dest.open_file(name).and_then(|f| crate::digest::of_file(&f, crate::digest::Version::V2));
+        let digest = match self.dest_of(d) {
+            Ok(Some(dest)) => dest.open_file(name),
+            Ok(None) => return None,
+            Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
+        }
+        .and_then(|f| crate::digest::of_file(&f, crate::digest::Version::V2));
         match digest {
             Ok(digest) => Some(digest.hash),
             Err(e) => {
@@ -722,9 +906,8 @@ impl<'e> Sink<'e> {
         size: u64,
         want: &Meta,
     ) -> Option<[u8; 32]> {
-        let node = self.node(d);
-        let st = node.dest.as_ref()?.try_stat(name).ok()??;
-        let i = node.bases.iter().enumerate().position(|(i, b)| {
+        let st = self.dest_of(d).ok()??.try_stat(name).ok()??;
+        let i = self.base_dirs().iter().enumerate().position(|(i, b)| {
             Some(i) != from
                 && b.as_ref()
                     .and_then(|b| b.try_stat(name).ok().flatten())
@@ -739,7 +922,7 @@ impl<'e> Sink<'e> {
     /// A directory sits where a non-directory must go: remove it first, since
     /// a rename can't replace it.
     fn clear_dir_for_file(&mut self, d: usize, name: &[u8], rel: &[u8]) -> Result<()> {
-        let Some(dest) = self.dest_of(d) else {
+        let Some(dest) = self.dest_of(d)? else {
             return Ok(());
         };
         let is_dir = dest.try_stat(name)?.is_some_and(|st| file_type(&st) == FileType::Directory);
@@ -795,7 +978,7 @@ impl<'e> Sink<'e> {
     /// (`first_kept`: it was in place before this run).
     fn link_member(&mut self, first: &[u8], first_kept: bool, d: usize, name: &[u8], rel: &[u8]) -> Result<()> {
         let (first_dir, first_name) = split_parent(first);
-        let dest = self.dest_of(d);
+        let dest = self.dest_of(d)?;
         let existing = match (&dest, self.node(d).existed) {
             (Some(dest), true) => dest.try_stat(name)?,
             _ => None,
@@ -838,13 +1021,19 @@ impl<'e> Sink<'e> {
     fn fix_meta_in_place(&mut self, d: usize, name: &[u8], rel: &[u8], meta: &Meta) -> Result<()> {
         self.act(Action::Meta, rel, true);
         self.stats.metadata_fixed += 1;
-        let Some(dest) = self.dest_of(d) else {
+        let Some(dest) = self.dest_of(d)? else {
             return Ok(());
         };
         if self.cfg.dry_run {
             return Ok(());
         }
         let file = dest.open_file(name).with_context(|| format!("opening {}", Shown(rel)))?;
+        // Opened without following; what was opened must still be the file
+        // that was compared, not something renamed over it since.
+        if file_type(&rustix::fs::fstat(&file)?) != FileType::RegularFile {
+            self.problem(ProblemKind::Changed, rel, "replaced while it was restored; left alone");
+            return Ok(());
+        }
         let problems = meta::apply(&Target::Fd(&file), meta, self.cfg.privs)?;
         self.apply_problems(rel, problems);
         Ok(())
@@ -864,13 +1053,13 @@ impl<'e> Sink<'e> {
     ) -> Result<()> {
         self.act(Action::Link, rel, dest_sim != Similarity::Missing);
         self.stats.linked += 1;
-        let Some(dest) = self.dest_of(d) else {
+        let Some(dest) = self.dest_of(d)? else {
             return Ok(());
         };
         if self.cfg.dry_run {
             return Ok(());
         }
-        let base = self.node(d).bases[i].clone().expect("the basis the plan chose");
+        let base = self.base_dir(i)?;
         let replace = dest_sim != Similarity::Missing;
         match writer::link(&base, name, &dest, name, replace).with_context(|| format!("hardlinking {}", Shown(rel)))? {
             Linked::Done => {}
@@ -896,7 +1085,7 @@ impl<'e> Sink<'e> {
         replacing: bool,
     ) -> Result<()> {
         self.act(Action::Copy, rel, replacing);
-        let Some(dest) = self.dest_of(d) else {
+        let Some(dest) = self.dest_of(d)? else {
             self.stats.copied_locally += 1;
             return Ok(());
         };
@@ -906,7 +1095,7 @@ impl<'e> Sink<'e> {
         }
         let src_dir = match origin {
             Origin::Dest => dest.clone(),
-            Origin::Basis(i) => self.node(d).bases[i].clone().expect("the basis the plan chose"),
+            Origin::Basis(i) => self.base_dir(i)?,
         };
         let src = src_dir.open_file(name).with_context(|| format!("opening the basis of {}", Shown(rel)))?;
         self.copy_file_into(&dest, &src, name, rel, meta, size)
@@ -944,10 +1133,11 @@ impl<'e> Sink<'e> {
     ) -> Result<u64> {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let basis_dir = delta_base.and_then(|origin| match origin {
-            Origin::Dest => self.dest_of(d),
-            Origin::Basis(i) => self.node(d).bases[i].clone(),
-        });
+        let basis_dir = match delta_base {
+            None => None,
+            Some(Origin::Dest) => self.dest_of(d)?,
+            Some(Origin::Basis(i)) => self.bases[i].top().ok().flatten(),
+        };
         let basis = basis_dir.and_then(|dir| receive::open_basis(&dir, &name, self.cfg.policy));
         let delta = basis.is_some();
         self.act(if delta { Action::Delta } else { Action::Fetch }, rel, replacing);
@@ -986,7 +1176,7 @@ impl<'e> Sink<'e> {
         }
         p.sig_len = signature.as_ref().map_or(0, Vec::len);
         self.sig_outstanding += p.sig_len;
-        let path = join(&self.node(p.dir).rel, &p.name);
+        let path = self.path_of(p.dir, &p.name);
         let offset = p.partial.as_ref().map_or(0, receive::Partial::len);
         self.send(&SinkMsg::Fetch(Fetch { id: p.id, path, signature, offset }))?;
         self.pending.push_back(p);
@@ -1013,7 +1203,7 @@ impl<'e> Sink<'e> {
         };
         self.rec.push(r, Content::Known(None));
         let existing = self.existing(d, name, &rel)?;
-        if let Some(dest) = self.dest_of(d)
+        if let Some(dest) = self.dest_of(d)?
             && let Some(st) = &existing
             && file_type(st) == FileType::Symlink
             && dest.read_link(name).is_ok_and(|t| t == target)
@@ -1023,7 +1213,7 @@ impl<'e> Sink<'e> {
                 return Ok(());
             }
             if self.cfg.policy == Policy::Restore {
-                return self.fix_meta_at(&dest, name, &rel, meta, true);
+                return self.fix_meta_at(&dest, name, &rel, meta, FileType::Symlink);
             }
         }
         self.create_at(d, name, &rel, meta, existing.as_ref(), |dir| TempEntry::symlink(dir, target))
@@ -1055,7 +1245,7 @@ impl<'e> Sink<'e> {
             SpecialKind::Char => FileType::CharacterDevice,
             SpecialKind::Block => FileType::BlockDevice,
         };
-        if let Some(dest) = self.dest_of(d)
+        if let Some(dest) = self.dest_of(d)?
             && let Some(st) = &existing
             && file_type(st) == wanted_type
             && (kind == SpecialKind::Fifo || st.st_rdev == rdev)
@@ -1065,28 +1255,42 @@ impl<'e> Sink<'e> {
                 return Ok(());
             }
             if self.cfg.policy == Policy::Restore {
-                return self.fix_meta_at(&dest, name, &rel, meta, false);
+                return self.fix_meta_at(&dest, name, &rel, meta, wanted_type);
             }
         }
         self.create_at(d, name, &rel, meta, existing.as_ref(), |dir| TempEntry::special(dir, kind, rdev))
     }
 
     /// The destination's current entry `name`, if the directory existed.
-    fn existing(&self, d: usize, name: &[u8], rel: &[u8]) -> Result<Option<Stat>> {
-        let node = self.node(d);
-        match (&node.dest, node.existed) {
+    fn existing(&mut self, d: usize, name: &[u8], rel: &[u8]) -> Result<Option<Stat>> {
+        match (self.dest_of(d)?, self.node(d).existed) {
             (Some(dest), true) => dest.try_stat(name).with_context(|| format!("looking at {}", Shown(rel))),
             _ => Ok(None),
         }
     }
 
-    fn fix_meta_at(&mut self, dest: &Dir, name: &[u8], rel: &[u8], meta: &Meta, symlink: bool) -> Result<()> {
+    /// Fixes the metadata of the symlink, FIFO or device node `name` in place
+    /// (a restore), through a descriptor of the entry that is checked to be
+    /// a `kind`: someone who can write the directory may swap it meanwhile.
+    fn fix_meta_at(&mut self, dest: &Dir, name: &[u8], rel: &[u8], meta: &Meta, kind: FileType) -> Result<()> {
         self.act(Action::Meta, rel, true);
         self.stats.metadata_fixed += 1;
         if self.cfg.dry_run {
             return Ok(());
         }
-        let problems = meta::apply(&Target::At { dir: dest, name, symlink }, meta, self.cfg.privs)?;
+        let pinned = match dest.pin(name, kind) {
+            Ok(p) => p,
+            Err(e) if e.raw_os_error() == Some(crate::safefs::libc_errno::ENOENT) => {
+                self.problem(ProblemKind::Vanished, rel, "disappeared while it was restored");
+                return Ok(());
+            }
+            Err(e) if crate::safefs::Swapped::is(&e) => {
+                self.problem(ProblemKind::Changed, rel, e.to_string());
+                return Ok(());
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", Shown(rel))),
+        };
+        let problems = meta::apply(&Target::Pinned(&pinned), meta, self.cfg.privs)?;
         self.apply_problems(rel, problems);
         Ok(())
     }
@@ -1103,7 +1307,7 @@ impl<'e> Sink<'e> {
         make: impl FnOnce(&Dir) -> std::io::Result<TempEntry>,
     ) -> Result<()> {
         self.act(Action::Create, rel, existing.is_some());
-        let Some(dest) = self.dest_of(d) else {
+        let Some(dest) = self.dest_of(d)? else {
             return Ok(());
         };
         if self.cfg.dry_run {
@@ -1117,6 +1321,11 @@ impl<'e> Sink<'e> {
         self.apply_problems(rel, problems);
         Ok(())
     }
+}
+
+/// What identifies a directory while the run holds no handle on it.
+fn id(st: &Stat) -> (u64, u64) {
+    (st.st_dev, st.st_ino)
 }
 
 /// Splits `a/b/c` into (`a/b`, `c`).

@@ -50,7 +50,7 @@ use crate::meta::Meta;
 use crate::plan::{Policy, signature_block_size};
 use crate::protocol::msg::{ReadError, ReadStatus};
 use crate::report::ProblemKind;
-use crate::safefs::{Dir, Shown, join};
+use crate::safefs::{Dir, Shown};
 use crate::sys::Mapped;
 use crate::writer::{self, Linked, TempEntry};
 
@@ -186,8 +186,8 @@ impl Sink<'_> {
         }
         let mut pending = self.pending.pop_front().expect("checked above");
         self.sig_outstanding -= pending.sig_len;
-        let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
+        let rel = self.path_of(pending.dir, &pending.name);
         let from = resume.unwrap_or(0);
         let mut temp = match (pending.partial.take(), resume) {
             (Some(partial), Some(_)) => partial.temp,
@@ -269,9 +269,8 @@ impl Sink<'_> {
     /// snapshot's own. `None` when there is none worth resuming from.
     pub(super) fn find_partial(&mut self, d: usize, name: &[u8], size: u64, meta: &Meta) -> Option<Partial> {
         let pname = writer::partial_name(name, size, meta.mtime, meta.mtime_nsec);
-        let node = self.node(d);
-        let dest = node.dest.clone()?;
-        if node.existed {
+        let dest = self.dest_of(d).ok()??;
+        if self.node(d).existed {
             match TempEntry::open_partial(&dest, &pname) {
                 Ok(Some((temp, len))) if len > 0 && len <= size => return Some(Partial { temp, len }),
                 Ok(Some((temp, _))) => temp.discard(),
@@ -279,7 +278,7 @@ impl Sink<'_> {
                 Err(e) => crate::debug!("{}: partial data not usable: {e}", Shown(name)),
             }
         }
-        let src = node.bases.iter().flatten().find_map(|b| {
+        let src = self.base_dirs().into_iter().flatten().find_map(|b| {
             let f = b.open_file(&pname).ok()?;
             let md = f.metadata().ok()?;
             (md.is_file() && md.len() > 0 && md.len() <= size).then_some((f, md.len()))
@@ -366,7 +365,7 @@ impl Sink<'_> {
             return Err(violation(format!("end of file {id} while file {} is in progress", r.pending.id)));
         }
         let Receiving { pending, temp, refused, hasher, size, base, bad_delta, resumed, .. } = r;
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let rel = self.path_of(pending.dir, &pending.name);
         let Some(mut temp) = temp else {
             let why = refused.unwrap_or_default();
             return self.give_up(pending, ProblemKind::Failed, format!("{why}: not in the snapshot"));
@@ -435,9 +434,9 @@ impl Sink<'_> {
             let left = *left;
             self.groups.insert(g, Group::Done { rel: rel.to_vec(), left, kept: false, hash: Some(hash) });
         }
-        let dest = self.dest_of(pending.dir).expect("fetches only happen outside dry runs");
+        let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
         for (wd, wname) in &pending.waiters {
-            let wrel = join(&self.node(*wd).rel, wname);
+            let wrel = self.path_of(*wd, wname);
             self.link_waiter(&dest, &pending.name, *wd, wname, &wrel, rel)?;
             self.node_mut(*wd).pending -= 1;
             self.maybe_finish_dir(*wd)?;
@@ -457,7 +456,7 @@ impl Sink<'_> {
         wrel: &[u8],
         rel: &[u8],
     ) -> Result<()> {
-        let wdest = self.dest_of(wd).expect("fetches only happen outside dry runs");
+        let wdest = self.dest_of(wd)?.expect("fetches only happen outside dry runs");
         let existing = wdest.try_stat(wname)?;
         self.act(super::Action::Hardlink, wrel, existing.is_some());
         if existing.as_ref().is_some_and(|st| crate::safefs::file_type(st) == rustix::fs::FileType::Directory) {
@@ -505,7 +504,7 @@ impl Sink<'_> {
     /// The file of `pending` is not in the snapshot: report it, and let
     /// another name of the same inode try.
     fn give_up(&mut self, pending: Pending, kind: ProblemKind, detail: impl Into<String>) -> Result<()> {
-        let rel = join(&self.node(pending.dir).rel, &pending.name);
+        let rel = self.path_of(pending.dir, &pending.name);
         self.problem(kind, &rel, detail);
         self.rec.drop_entry(pending.ticket, &rel);
         let Pending { dir, group, mut waiters, meta, size, ticket, partial, .. } = pending;

@@ -445,3 +445,12 @@ pub fn scratch() -> tempfile::TempDir {
     sh(&format!("chmod 755 '{}'", d.path().display()));
     d
 }
+
+/// A command running rbackup with `args` under `ulimit -n FDS` (soft and hard
+/// limit, so it can't raise it); the agent it starts inherits the limit.
+pub fn rbackup_with_fds(fds: u32, args: &[&OsStr]) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\"")).arg(bin()).args(args);
+    c.env_remove("RUST_BACKTRACE");
+    c
+}
