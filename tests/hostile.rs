@@ -291,6 +291,31 @@ fn more_data_than_announced_is_refused() {
     area.assert_resumable();
 }
 
+/// A source that lists without waiting for credit: the fetch queue would
+/// grow with every entry (3 M entries once took 1.66 GB). The sink refuses
+/// the first batch beyond what it granted, so memory stays flat.
+/// `RBACKUP_FLOOD_ENTRIES` makes the flood bigger, to measure the run's RSS.
+#[test]
+fn a_listing_that_ignores_credit_is_refused() {
+    let area = Area::new();
+    let total: usize = std::env::var("RBACKUP_FLOOD_ENTRIES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let result = run_hostile(&area.bk(), false, move |a| {
+        a.entries(vec![dir(b"")]);
+        let mut sent = 0;
+        while sent < total {
+            let batch: Vec<Entry> =
+                (sent..(sent + 500).min(total)).map(|i| file(format!("f{i:08}").as_bytes(), 1)).collect();
+            sent += batch.len();
+            a.entries(batch);
+        }
+        a.entries(vec![Entry::End]);
+        a.send(&SourceMsg::ListingDone);
+    });
+    expect_error(result, &["were granted", "ignores flow control"]);
+    area.assert_outside_untouched();
+    area.assert_resumable();
+}
+
 #[test]
 fn a_file_that_shrank_is_stored_as_read_with_a_warning() {
     // Documented outcome: a size other than the listing's is a file that

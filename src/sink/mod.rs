@@ -232,6 +232,15 @@ impl<'e> Sink<'e> {
     /// reader thread made it.
     fn on_entries(&mut self, batch: Vec<Entry>, sims: Vec<Option<Vec<Similarity>>>) -> Result<()> {
         let n = batch.len() as u32;
+        // Credit is what keeps memory flat: a source that lists more than it
+        // was granted would grow the fetch queue without bound (DESIGN rule 2).
+        if self.received + u64::from(n) > self.granted {
+            return Err(violation(format!(
+                "{} listing entries sent where {} were granted (the source ignores flow control)",
+                self.received + u64::from(n),
+                self.granted
+            )));
+        }
         let mut sims = sims.into_iter();
         for entry in batch {
             self.on_entry(entry, sims.next().flatten())?;
