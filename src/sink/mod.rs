@@ -46,8 +46,9 @@ pub const WINDOW: usize = 512;
 /// Most bytes of signatures the source holds at once; more delta requests
 /// wait until answers come back.
 const SIGNATURE_BUDGET: usize = 64 << 20;
-/// Listing entries the source may send before it hears from us.
-const INITIAL_CREDIT: u32 = 4096;
+/// Listing entries the source may send before it hears from us. Credit
+/// outstanding never exceeds it, so the protocol refuses longer batches.
+const INITIAL_CREDIT: u32 = crate::protocol::msg::BATCH_MAX as u32;
 /// Credit is returned in steps of at least this many entries.
 const CREDIT_STEP: u32 = 1024;
 
