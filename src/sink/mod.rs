@@ -168,6 +168,9 @@ pub struct Sink<'e> {
     root_done: bool,
     listing_done: bool,
     warned_devices: bool,
+    /// Entries whose mtime the destination can't hold (the first is a problem).
+    unstorable_times: u64,
+    noted_granularity: bool,
     stats: Stats,
 }
 
@@ -202,6 +205,8 @@ impl<'e> Sink<'e> {
             root_done: false,
             listing_done: false,
             warned_devices: false,
+            unstorable_times: 0,
+            noted_granularity: false,
             stats: Stats::default(),
         }
     }
@@ -223,6 +228,10 @@ impl<'e> Sink<'e> {
                 Input::Data { offset, data } => self.on_data(offset, &data)?,
                 Input::Delta { out_len, delta } => self.on_delta(out_len, &delta)?,
             }
+        }
+        if self.unstorable_times > 1 {
+            let n = self.unstorable_times - 1;
+            self.events.note(&format!("{n} more entries have modification times the destination can't hold"));
         }
         let summary = self.stats.pairs();
         self.send(&SinkMsg::Finish { summary })?;
@@ -334,6 +343,7 @@ impl<'e> Sink<'e> {
         if !matches!(entry, Entry::End) {
             self.stats.entries += 1;
         }
+        self.note_unstorable_time(&entry);
         match entry {
             Entry::Dir { name, meta, unreadable, partial } => self.on_dir(&name, meta, unreadable, partial),
             Entry::End => self.on_end_dir(),
@@ -341,6 +351,42 @@ impl<'e> Sink<'e> {
             Entry::Symlink { name, meta, target } => self.on_symlink(&name, &meta, &target),
             Entry::Special { name, meta, kind, rdev } => self.on_special(&name, &meta, kind, rdev),
             Entry::Skipped { name, reason } => self.on_skipped(&name, reason),
+        }
+    }
+
+    /// Warns, once a run, of a modification time the destination's
+    /// filesystem can't hold: the entry is stored with the nearest time it
+    /// can, and compared with that one (`Privileges::storable`), so it is
+    /// linked, not fetched again, on the next run.
+    fn note_unstorable_time(&mut self, entry: &Entry) {
+        let meta = match entry {
+            Entry::Dir { meta, .. } | Entry::File { meta, .. } | Entry::Symlink { meta, .. } => meta,
+            Entry::Special { meta, kind, .. } if *kind == SpecialKind::Fifo || self.cfg.devices => meta,
+            _ => return,
+        };
+        let times = self.cfg.privs.times;
+        let (sec, nsec) = times.clamp(meta.mtime, meta.mtime_nsec);
+        if sec != meta.mtime {
+            self.unstorable_times += 1;
+            if self.unstorable_times == 1 {
+                let rel = match (self.stack.last(), entry.name()) {
+                    (Some(&d), Some(name)) => join(&self.node(d).rel, name),
+                    _ => Vec::new(),
+                };
+                let detail = format!(
+                    "modification time {} is outside what the destination's filesystem holds ({} to {}): stored as {}",
+                    shown_time(meta.mtime),
+                    shown_time(times.min),
+                    shown_time(times.max),
+                    shown_time(sec)
+                );
+                self.problem(ProblemKind::Metadata, &rel, detail);
+            }
+        } else if nsec != meta.mtime_nsec && !self.noted_granularity {
+            self.noted_granularity = true;
+            let g = times.granularity;
+            self.events
+                .note(&format!("the destination's filesystem keeps modification times to {g} ns: finer is dropped"));
         }
     }
 
@@ -1002,6 +1048,14 @@ impl<'e> Sink<'e> {
         let problems = temp.commit(name, meta, self.cfg.privs).with_context(|| format!("writing {}", Shown(rel)))?;
         self.apply_problems(rel, problems);
         Ok(())
+    }
+}
+
+/// A time in seconds since 1970, as a UTC date where it is one.
+fn shown_time(sec: i64) -> String {
+    match chrono::DateTime::from_timestamp(sec, 0) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        None => format!("{sec} s after 1970"),
     }
 }
 
