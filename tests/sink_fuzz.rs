@@ -346,7 +346,7 @@ fn run_session(area: &Area, s: &Setup, wire: Vec<u8>) -> Ran {
         dry_run: s.dry_run,
         devices: s.devices,
         delta: s.delta,
-        privs: Privileges::current(),
+        privs: Privileges::current().storing_on(&Dir::open_path(&area.path("area")).unwrap()),
         compress: s.compress,
         recorder,
     };
