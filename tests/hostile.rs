@@ -493,3 +493,16 @@ fn a_delta_that_fails_the_hash_check_is_fetched_again_whole() {
     let snap = complete(&area.bk(), "h")[1].clone();
     assert_eq!(std::fs::read(snap.join("f")).unwrap(), new);
 }
+
+#[test]
+fn the_agents_error_text_reaches_the_terminal_escaped() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b"")]);
+        a.send(&SourceMsg::Fatal("disk gone\x1b]0;owned\x07\x1b[2J".into()));
+    });
+    let err = format!("{:#}", result.expect_err("a fatal error from the agent"));
+    assert!(err.contains("disk gone"), "{err}");
+    assert!(!err.contains('\x1b') && !err.contains('\x07'), "control characters reach the terminal: {err:?}");
+    area.assert_resumable();
+}

@@ -275,7 +275,7 @@ impl<'e> Sink<'e> {
             SourceMsg::FileBegin { id, size } => self.on_begin(id, size),
             SourceMsg::FileEnd { id, status, hash } => self.on_end(id, &status, hash),
             SourceMsg::FileFailed { id, error } => self.on_failed(id, &error),
-            SourceMsg::Fatal(msg) => bail!("the sending side failed: {msg}"),
+            SourceMsg::Fatal(msg) => bail!("the sending side failed: {}", Shown(msg.as_bytes())),
         }
     }
 
