@@ -254,7 +254,8 @@ pub fn run_with(
         dry_run: opts.dry_run,
         devices: job.devices,
         delta: matches!(source, SourceSpec::Remote { .. }),
-        privs,
+        // Compare with the times the backups' filesystem can hold.
+        privs: store.as_ref().map_or(privs, |s| privs.storing_on(s.dir())),
         compress: job.compress,
         recorder: match (&store, opts.dry_run) {
             (Some(store), false) => recorder(store, &target, &plan)?,

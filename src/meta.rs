@@ -60,29 +60,42 @@ pub fn is_managed_xattr(name: &[u8]) -> bool {
 /// Largest xattr value Linux stores.
 pub const XATTR_VALUE_MAX: usize = 65536;
 
-/// What the running process can preserve on the side that writes.
+/// What the side that writes can preserve: what the running process may
+/// set, and the modification times its filesystem can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Privileges {
     /// Running as root: owners, `trusted.*` and `security.*` can be set.
     pub root: bool,
     pub uid: u32,
     pub gid: u32,
+    pub times: TimeRange,
 }
 
 impl Privileges {
+    /// The running process's, with no limit on times (see [`Self::storing_on`]).
     pub fn current() -> Privileges {
         let uid = rustix::process::geteuid().as_raw();
-        Privileges { root: uid == 0, uid, gid: rustix::process::getegid().as_raw() }
+        Privileges { root: uid == 0, uid, gid: rustix::process::getegid().as_raw(), times: TimeRange::ANY }
+    }
+
+    /// These privileges, writing to the filesystem of `dir`: with the times
+    /// it can hold, asked of it once.
+    #[must_use]
+    pub fn storing_on(self, dir: &Dir) -> Privileges {
+        Privileges { times: TimeRange::probe(dir), ..self }
     }
 
     /// The metadata this process can actually store for an entry that has
     /// `meta` at its source. Comparisons use this, so that a non-root run
     /// doesn't see every file as changed because it can't chown.
     pub fn storable(&self, meta: &Meta) -> Meta {
+        let (mtime, mtime_nsec) = self.times.clamp(meta.mtime, meta.mtime_nsec);
         if self.root {
-            return meta.clone();
+            return Meta { mtime, mtime_nsec, ..meta.clone() };
         }
         Meta {
+            mtime,
+            mtime_nsec,
             uid: self.uid,
             gid: self.gid,
             xattrs: meta
@@ -95,6 +108,68 @@ impl Privileges {
             // on files we write for other owners anyway.
             ..meta.clone()
         }
+    }
+}
+
+/// The modification times a filesystem holds. Linux stores what it is asked
+/// within `[min, max]` seconds and clamps the rest to the nearer bound (ext4:
+/// 1901 to 2446) without an error; at a bound, and below the filesystem's
+/// granularity, nanoseconds are dropped (`timestamp_truncate` in the
+/// kernel). A file whose source time is out of range is therefore stored
+/// with another time: comparisons must expect that value, or such a file
+/// would be fetched again on every run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeRange {
+    pub min: i64,
+    pub max: i64,
+    /// Nanoseconds per unit of stored time (1: exact; 1e9: whole seconds).
+    pub granularity: u32,
+}
+
+impl TimeRange {
+    /// No limit: what the kernel allows (tmpfs, btrfs).
+    pub const ANY: TimeRange = TimeRange { min: i64::MIN, max: i64::MAX, granularity: 1 };
+
+    /// Asks the filesystem of `dir`: sets extreme times on an unnamed file
+    /// (`O_TMPFILE`: nothing appears in the directory, nothing of it changes)
+    /// and reads back what was kept. [`Self::ANY`] where no such file can be
+    /// made (then the kernel still clamps, and comparisons just miss it).
+    pub fn probe(dir: &Dir) -> TimeRange {
+        let flags = rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC;
+        let Ok(fd) = rustix::fs::openat(dir, ".", flags, Mode::from_raw_mode(0o600)) else {
+            return TimeRange::ANY;
+        };
+        let kept = |sec: i64, nsec: u32| -> Option<(i64, u32)> {
+            let times = Timestamps {
+                last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
+                last_modification: Timespec { tv_sec: sec, tv_nsec: i64::from(nsec) },
+            };
+            rustix::fs::futimens(&fd, &times).ok()?;
+            let st = rustix::fs::fstat(&fd).ok()?;
+            Some((st.st_mtime, st.st_mtime_nsec as u32))
+        };
+        let (Some((max, _)), Some((min, _))) = (kept(i64::MAX, 0), kept(i64::MIN, 0)) else {
+            return TimeRange::ANY;
+        };
+        if min >= max {
+            return TimeRange::ANY;
+        }
+        // A time well inside the range, with every nanosecond digit set.
+        let inside = 1_600_000_000i64.clamp(min.saturating_add(1), max.saturating_sub(1));
+        let granularity = match kept(inside, 999_999_999) {
+            Some((_, n)) if n < 999_999_999 && 1_000_000_000 % (1_000_000_000 - n) == 0 => 1_000_000_000 - n,
+            _ => 1,
+        };
+        TimeRange { min, max, granularity }
+    }
+
+    /// The time the filesystem keeps when asked for `sec`.`nsec`.
+    pub fn clamp(&self, sec: i64, nsec: u32) -> (i64, u32) {
+        let sec = sec.clamp(self.min, self.max);
+        if sec == self.min || sec == self.max {
+            return (sec, 0);
+        }
+        (sec, nsec - nsec % self.granularity.max(1))
     }
 }
 
@@ -428,7 +503,7 @@ mod tests {
 
     #[test]
     fn non_root_keeps_user_xattrs_and_acls_only() {
-        let privs = Privileges { root: false, uid: 1000, gid: 1000 };
+        let privs = Privileges { root: false, uid: 1000, gid: 1000, times: TimeRange::ANY };
         let meta = Meta {
             mode: 0o4755,
             uid: 0,
@@ -446,8 +521,43 @@ mod tests {
         assert_eq!((s.uid, s.gid), (1000, 1000));
         let names: Vec<_> = s.xattrs.iter().map(|x| x.name.clone()).collect();
         assert_eq!(names, vec![ACL_ACCESS.to_vec(), b"user.y".to_vec()]);
-        let root = Privileges { root: true, uid: 0, gid: 0 };
+        let root = Privileges { root: true, uid: 0, gid: 0, times: TimeRange::ANY };
         assert_eq!(root.storable(&meta), meta);
+    }
+
+    #[test]
+    fn times_are_clamped_as_the_kernel_stores_them() {
+        let ext4 = TimeRange { min: -(1 << 31), max: 15_032_385_535, granularity: 1 };
+        assert_eq!(ext4.clamp(1_600_000_000, 123), (1_600_000_000, 123));
+        assert_eq!(ext4.clamp(i64::MAX, 999_999_999), (15_032_385_535, 0));
+        assert_eq!(ext4.clamp(i64::MIN, 5), (-(1 << 31), 0));
+        assert_eq!(TimeRange::ANY.clamp(i64::MAX, 7), (i64::MAX, 0), "at the bound, nanoseconds go");
+        let seconds = TimeRange { granularity: 1_000_000_000, ..ext4 };
+        assert_eq!(seconds.clamp(5, 999_999_999), (5, 0));
+        let root = Privileges { root: true, uid: 0, gid: 0, times: ext4 };
+        let meta = Meta { mtime: i64::MAX, mtime_nsec: 1, ..Meta::default() };
+        assert_eq!((root.storable(&meta).mtime, root.storable(&meta).mtime_nsec), (15_032_385_535, 0));
+    }
+
+    #[test]
+    fn the_probe_finds_what_the_filesystem_keeps() {
+        // Whatever the test folder's filesystem is, a time the probe says it
+        // keeps as X is kept as X.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        let range = TimeRange::probe(&dir);
+        assert!(range.min < 0 && range.max > 4_000_000_000, "{range:?}");
+        let f = std::fs::File::create(tmp.path().join("f")).unwrap();
+        for (sec, nsec) in [(i64::MAX, 999_999_999), (i64::MIN, 1), (1_600_000_000, 123_456_789), (17_000_000_000, 5)] {
+            let times = Timestamps {
+                last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
+                last_modification: Timespec { tv_sec: sec, tv_nsec: i64::from(nsec) },
+            };
+            rustix::fs::futimens(&f, &times).unwrap();
+            let st = rustix::fs::fstat(&f).unwrap();
+            assert_eq!((st.st_mtime, st.st_mtime_nsec as u32), range.clamp(sec, nsec), "{sec}.{nsec}");
+        }
+        assert_eq!(dir.names().unwrap(), vec![b"f".to_vec()], "the probe leaves nothing behind");
     }
 
     #[test]

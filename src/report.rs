@@ -38,13 +38,15 @@ pub struct Problem {
     pub kind: ProblemKind,
     /// Relative to the root of the run, escaped for display.
     pub path: String,
+    /// Escaped for display too: it often quotes the peer (an error text the
+    /// server sent), and must not reach a terminal's control sequences.
     pub detail: String,
 }
 
 impl Problem {
     pub fn new(kind: ProblemKind, path: &[u8], detail: impl Into<String>) -> Problem {
         let path = if path.is_empty() { ".".to_string() } else { Shown(path).to_string() };
-        Problem { kind, path, detail: detail.into() }
+        Problem { kind, path, detail: Shown(detail.into().as_bytes()).to_string() }
     }
 }
 
@@ -208,6 +210,14 @@ mod tests {
         assert!(!p(ProblemKind::Unreadable, "Invalid argument (os error 22)"));
         assert!(!p(ProblemKind::Unreadable, "Stale file handle (os error 116)"));
         assert!(!p(ProblemKind::Failed, "Permission denied (os error 13)"));
+    }
+
+    #[test]
+    fn a_problem_shows_control_characters_escaped() {
+        let p = Problem::new(ProblemKind::Unreadable, b"f\x1b", "denied\x1b]0;owned\x07");
+        let shown = p.to_string();
+        assert!(!shown.contains('\x1b') && !shown.contains('\x07'), "{shown:?}");
+        assert!(shown.contains("denied\\u{1b}]0;owned"), "{shown}");
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 /// The write agent: a restore's sink, writing beneath its root. Everything it
 /// does and every problem goes back to the desktop as log lines.
 fn receive(root: Dir, options: &SessionOptions, reader: FrameReader<File>, stdout: File) -> Result<()> {
+    let privs = Privileges::current().storing_on(&root);
     let cfg = SinkConfig {
         dest: Some(root),
         fresh: false,
@@ -91,7 +92,7 @@ fn receive(root: Dir, options: &SessionOptions, reader: FrameReader<File>, stdou
         dry_run: options.dry_run,
         devices: options.devices,
         delta: options.delta,
-        privs: Privileges::current(),
+        privs,
         compress: options.compress,
         recorder: crate::sink::Recorder::default(),
     };

@@ -33,7 +33,7 @@ use crate::protocol::msg::{
     Entry, Fetch, Link, LogKind, ReadError, ReadStatus, SinkMsg, SkipReason, SourceMsg, SpecialKind,
 };
 use crate::protocol::{Outbox, ProtocolError, decode, spawn_writer};
-use crate::safefs::{Chain, Dir, file_type, join, libc_errno};
+use crate::safefs::{Chain, Dir, Shown, file_type, join, libc_errno};
 
 /// Size of the windows a delta is computed in (DESIGN: one signature, diffed
 /// window by window, so memory stays flat for any file size).
@@ -211,9 +211,13 @@ fn read_sink<R: Read>(
                     bail!("the file server stopped");
                 }
             }
-            SinkMsg::Log { kind, text } => on_log(kind, &text),
+            // The peer's text, escaped before it reaches a terminal or a log.
+            SinkMsg::Log { kind, text } => on_log(kind, &Shown(text.as_bytes()).to_string()),
             SinkMsg::Finish { summary } => return Ok(summary),
-            SinkMsg::Fatal(message) => bail!(crate::protocol::PeerFailed { side: "receiving", message }),
+            SinkMsg::Fatal(message) => bail!(crate::protocol::PeerFailed {
+                side: "receiving",
+                message: format!("{:#}", Shown(message.as_bytes()))
+            }),
         }
     }
 }

@@ -348,3 +348,64 @@ fn runs_within_one_second_get_distinct_names_and_no_clock_warning() {
         assert!(t <= now, "{folder} is named after a time to come ({now})");
     }
 }
+
+/// A filesystem mounted for one test, unmounted when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    fn new(what: &str, options: &[&str], at: &Path) -> Mounted {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount").args(options).arg(what).arg(at).status().unwrap();
+        assert!(st.success(), "mount {what} on {} failed", at.display());
+        Mounted(at.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_mtime_the_destination_cant_hold_is_warned_about_and_linked_next_run() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    // The source holds any time (tmpfs); the backups' ext4 holds 1901 to 2446.
+    let image = tmp.path().join("bk.img");
+    std::fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
+    sh(&format!("mkfs.ext4 -q -F -I 256 '{}'", image.display()));
+    let _bk = Mounted::new(image.to_str().unwrap(), &["-o", "loop"], &bk);
+    let _src = Mounted::new("tmpfs", &["-t", "tmpfs", "-o", "size=16m"], &src);
+    write(&src.join("future"), b"far ahead");
+    write(&src.join("normal"), b"now");
+    write(&src.join("past"), b"long ago");
+    set_mtime(&src.join("future"), i64::MAX, 0);
+    set_mtime(&src.join("past"), i64::MIN, 0);
+    assert_eq!(std::fs::symlink_metadata(src.join("future")).unwrap().mtime(), i64::MAX, "tmpfs keeps any time");
+    let json = tmp.path().join("stats.json");
+    let stats = || -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap() };
+
+    // The first run stores what ext4 can and says so, once, as a metadata problem.
+    let (code, _, err) = backup(&src, &bk, "srv", &["--stats-json", json.to_str().unwrap()]);
+    assert_eq!(code, 23, "{err}");
+    assert_eq!(err.matches("outside what the destination's filesystem holds").count(), 1, "{err}");
+    assert!(err.contains("future") && err.contains("stored as 2446-05-10 22:38:55 UTC"), "{err}");
+    assert!(err.contains("1 more entries have modification times"), "{err}");
+    let first = complete(&bk, "srv")[0].clone();
+    assert_eq!(std::fs::symlink_metadata(first.join("future")).unwrap().mtime(), 15_032_385_535);
+    assert_eq!(std::fs::symlink_metadata(first.join("past")).unwrap().mtime(), -(1 << 31));
+
+    // The second compares with what was stored: nothing is fetched again.
+    let (code, _, err) = backup(&src, &bk, "srv", &["--stats-json", json.to_str().unwrap()]);
+    assert_eq!(code, 23, "the snapshot still differs from the source: {err}");
+    let s = stats();
+    assert_eq!(s["stats"]["fetched_whole"], 0, "{s}");
+    assert_eq!(s["stats"]["linked"], 3, "{s}");
+    let second = complete(&bk, "srv")[1].clone();
+    for f in ["future", "normal", "past"] {
+        let ino = |p: &Path| std::fs::symlink_metadata(p.join(f)).unwrap().ino();
+        assert_eq!(ino(&first), ino(&second), "{f} is linked to the first snapshot");
+    }
+}

@@ -7,6 +7,7 @@
 mod common;
 
 use std::ffi::OsStr;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +15,10 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// A source big enough that a run takes a while: 40 directories of 60 small
-/// files, and a few larger files.
+/// files, a few larger files, and a large file listed last (`zz-tail.bin`
+/// sorts after every `dNN`), so that a run that reached any `dNN` still has
+/// that file to fetch: the kill lands mid-run even if the test is slow to
+/// see the directory appear.
 fn big_source(src: &Path) {
     for d in 0..40 {
         for f in 0..60 {
@@ -24,9 +28,19 @@ fn big_source(src: &Path) {
     for i in 0..6 {
         write(&src.join(format!("d{:02}/large{i}.bin", i * 7)), &noise(5000 + i, 6 << 20));
     }
+    write_tail(src, 1);
     sh(&format!("setfacl -m u:{GHOST_UID}:r '{}'", src.join("d03/f01.txt").display()));
     sh(&format!("chown {GHOST_UID}:{GHOST_GID} '{}'", src.join("d05/f05.txt").display()));
 }
+
+/// The last file of the listing, rewritten by every change so each run
+/// fetches it. Cheap to write (a repeated pattern), slow enough to fetch.
+fn write_tail(src: &Path, version: u8) {
+    let block: Vec<u8> = (0..4096u32).map(|i| (i as u8) ^ version).collect();
+    write(&src.join("zz-tail.bin"), &block.repeat(TAIL_BYTES / block.len()));
+}
+
+const TAIL_BYTES: usize = 32 << 20;
 
 /// Changes between the first snapshot and the interrupted one.
 fn change_source(src: &Path) {
@@ -36,6 +50,7 @@ fn change_source(src: &Path) {
     }
     write(&src.join("d39/zz-new.txt"), b"new");
     std::fs::remove_file(src.join("d10/f10.txt")).unwrap();
+    write_tail(src, 2);
 }
 
 fn start(cmd: &str, src: &Path, bk: &Path) -> Child {
@@ -52,20 +67,27 @@ fn incomplete(bk: &Path) -> Option<PathBuf> {
     snapshots(bk, "srv").into_iter().find(|(_, c)| !c).map(|(f, _)| bk.join(f))
 }
 
-/// Kills `child` once the `.incomplete` holds directory `d{k}`; returns
-/// false if the run finished first.
-fn kill_when(child: &mut Child, bk: &Path, k: usize) -> bool {
+/// Kills `child` with SIGKILL once the `.incomplete` holds directory
+/// `d{k}`, and checks that the signal is what ended it: a run that finished
+/// (or failed) by itself first fails the test instead of passing as if
+/// it had been killed.
+fn kill_when(child: &mut Child, bk: &Path, k: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(inc) = incomplete(bk)
             && inc.join(format!("d{k:02}")).exists()
         {
             child.kill().unwrap();
-            child.wait().unwrap();
-            return true;
+            let status = child.wait().unwrap();
+            assert_eq!(
+                status.signal(),
+                Some(rustix::process::Signal::KILL.as_raw()),
+                "the run ended by itself ({status}) before the kill at d{k:02}"
+            );
+            return;
         }
-        if child.try_wait().unwrap().is_some() {
-            return false;
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before it reached d{k:02}");
         }
         assert!(Instant::now() < deadline, "the run never reached d{k:02}");
         std::thread::sleep(Duration::from_millis(1));
@@ -100,7 +122,7 @@ fn kill_9_then_continue_gives_the_source_and_leaves_older_snapshots_alone() {
         change_source(&src);
 
         let mut child = start("--backup", &src, &bk);
-        assert!(kill_when(&mut child, &bk, k), "round {round}: the backup finished before the kill");
+        kill_when(&mut child, &bk, k);
         let inc = incomplete(&bk).expect("the killed run leaves its .incomplete");
         assert_only_whole_entries(&src, &inc);
 
@@ -108,6 +130,7 @@ fn kill_9_then_continue_gives_the_source_and_leaves_older_snapshots_alone() {
         if round == 1 {
             let mut child = start("--continue", &src, &bk);
             kill_when(&mut child, &bk, 35);
+            assert!(inc.exists(), "the killed continue leaves the .incomplete");
             assert_only_whole_entries(&src, &inc);
         }
         let (code, _, err) = continue_backup(&src, &bk, "srv", &[]);
@@ -131,7 +154,7 @@ fn backup_after_a_killed_run_reuses_its_files_and_removes_it() {
     let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
     big_source(&src);
     let mut child = start("--backup", &src, &bk);
-    assert!(kill_when(&mut child, &bk, 39));
+    kill_when(&mut child, &bk, 39);
     let inc = incomplete(&bk).unwrap();
     let before = read_tree(&inc);
 

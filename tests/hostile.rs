@@ -856,6 +856,19 @@ fn a_lie_3000_directories_deep_is_refused_with_its_path_cut_short_and_continue_r
 }
 
 #[test]
+fn the_agents_error_text_reaches_the_terminal_escaped() {
+    let area = Area::new();
+    let result = run_hostile(&area.bk(), false, |a| {
+        a.entries(vec![dir(b"")]);
+        a.send(&SourceMsg::Fatal("disk gone\x1b]0;owned\x07\x1b[2J".into()));
+    });
+    let err = format!("{:#}", result.expect_err("a fatal error from the agent"));
+    assert!(err.contains("disk gone"), "{err}");
+    assert!(!err.contains('\x1b') && !err.contains('\x07'), "control characters reach the terminal: {err:?}");
+    area.assert_resumable();
+}
+
+#[test]
 fn a_resume_the_desktop_did_not_offer_is_refused() {
     let area = Area::new();
     let result = run_hostile(&area.bk(), false, |a| {

@@ -174,10 +174,18 @@ pub enum ReadError {
     Other(String),
 }
 
+/// Most entries one listing batch may hold. A sink never has more listing
+/// credit outstanding than this, so a longer batch is always a violation.
+/// It is refused while decoding, before the entries exist: an entry takes
+/// about ten times its wire size in memory, so one frame of tiny entries
+/// would otherwise cost ~80 MB, and the reader's look-ahead holds dozens of
+/// frames.
+pub const BATCH_MAX: usize = 4096;
+
 /// Source to sink.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub enum SourceMsg {
-    Entries(Vec<Entry>),
+    Entries(#[serde(deserialize_with = "bounded_batch")] Vec<Entry>),
     ListingDone,
     /// Data of fetch `id` follows (data or delta frames), then `FileEnd`.
     FileBegin {
@@ -214,6 +222,34 @@ pub enum SourceMsg {
         id: u64,
         done: u64,
     },
+}
+
+/// Decodes a listing batch of at most [`BATCH_MAX`] entries.
+fn bounded_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
+    struct Batch;
+    impl<'de> serde::de::Visitor<'de> for Batch {
+        type Value = Vec<Entry>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a listing batch of at most {BATCH_MAX} entries")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Entry>, A::Error> {
+            let declared = seq.size_hint().unwrap_or(0);
+            if declared > BATCH_MAX {
+                return Err(serde::de::Error::invalid_length(declared, &self));
+            }
+            let mut batch = Vec::with_capacity(declared);
+            while let Some(entry) = seq.next_element()? {
+                if batch.len() == BATCH_MAX {
+                    return Err(serde::de::Error::invalid_length(BATCH_MAX + 1, &self));
+                }
+                batch.push(entry);
+            }
+            Ok(batch)
+        }
+    }
+    d.deserialize_seq(Batch)
 }
 
 /// Sink to source.
@@ -373,6 +409,15 @@ mod tests {
         let root = Entry::Dir { name: vec![], meta: meta(), unreadable: None, partial: false };
         root.validate(true).unwrap();
         assert!(root.validate(false).is_err());
+    }
+
+    #[test]
+    fn a_batch_longer_than_any_credit_is_refused_while_decoding() {
+        let entry = Entry::File { name: b"f".to_vec(), meta: meta(), size: 0, sparse: false, link: None };
+        let full = postcard::to_stdvec(&SourceMsg::Entries(vec![entry.clone(); BATCH_MAX])).unwrap();
+        assert!(matches!(postcard::from_bytes(&full), Ok(SourceMsg::Entries(b)) if b.len() == BATCH_MAX));
+        let over = postcard::to_stdvec(&SourceMsg::Entries(vec![entry; BATCH_MAX + 1])).unwrap();
+        assert!(postcard::from_bytes::<SourceMsg>(&over).is_err());
     }
 
     #[test]

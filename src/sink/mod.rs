@@ -56,8 +56,9 @@ pub const WINDOW: usize = 512;
 /// Most bytes of signatures the source holds at once; more delta requests
 /// wait until answers come back.
 const SIGNATURE_BUDGET: usize = 64 << 20;
-/// Listing entries the source may send before it hears from us.
-const INITIAL_CREDIT: u32 = 4096;
+/// Listing entries the source may send before it hears from us. Credit
+/// outstanding never exceeds it, so the protocol refuses longer batches.
+const INITIAL_CREDIT: u32 = crate::protocol::msg::BATCH_MAX as u32;
 /// Credit is returned in steps of at least this many entries.
 const CREDIT_STEP: u32 = 1024;
 /// How often a sink waiting for input looks for a signal.
@@ -204,6 +205,9 @@ pub struct Sink<'e> {
     noted_rehash: bool,
     /// A file was hashed because its basis manifest had no hash for it.
     noted_unhashed: bool,
+    /// Entries whose mtime the destination can't hold (the first is a problem).
+    unstorable_times: u64,
+    noted_granularity: bool,
     stats: Stats,
 }
 
@@ -248,6 +252,8 @@ impl<'e> Sink<'e> {
             warned_devices: false,
             noted_rehash: false,
             noted_unhashed: false,
+            unstorable_times: 0,
+            noted_granularity: false,
             stats: Stats::default(),
         }
     }
@@ -282,6 +288,10 @@ impl<'e> Sink<'e> {
                 Input::Data { offset, data } => self.on_data(offset, &data)?,
                 Input::Delta { out_len, delta } => self.on_delta(out_len, &delta)?,
             }
+        }
+        if self.unstorable_times > 1 {
+            let n = self.unstorable_times - 1;
+            self.events.note(&format!("{n} more entries have modification times the destination can't hold"));
         }
         let summary = self.stats.pairs();
         self.send(&SinkMsg::Finish { summary })?;
@@ -329,7 +339,10 @@ impl<'e> Sink<'e> {
             SourceMsg::Hashing { id, done } => self.on_hashing(id, done),
             SourceMsg::FileEnd { id, status, hash } => self.on_end(id, &status, hash),
             SourceMsg::FileFailed { id, error } => self.on_failed(id, &error),
-            SourceMsg::Fatal(message) => bail!(crate::protocol::PeerFailed { side: "sending", message }),
+            SourceMsg::Fatal(message) => bail!(crate::protocol::PeerFailed {
+                side: "sending",
+                message: format!("{:#}", Shown(message.as_bytes()))
+            }),
         }
     }
 
@@ -397,6 +410,7 @@ impl<'e> Sink<'e> {
         if !matches!(entry, Entry::End) {
             self.stats.entries += 1;
         }
+        self.note_unstorable_time(&entry);
         match entry {
             Entry::Dir { name, meta, unreadable, partial } => self.on_dir(&name, meta, unreadable, partial),
             Entry::End => self.on_end_dir(),
@@ -404,6 +418,42 @@ impl<'e> Sink<'e> {
             Entry::Symlink { name, meta, target } => self.on_symlink(&name, &meta, &target),
             Entry::Special { name, meta, kind, rdev } => self.on_special(&name, &meta, kind, rdev),
             Entry::Skipped { name, reason } => self.on_skipped(&name, reason),
+        }
+    }
+
+    /// Warns, once a run, of a modification time the destination's
+    /// filesystem can't hold: the entry is stored with the nearest time it
+    /// can, and compared with that one (`Privileges::storable`), so it is
+    /// linked, not fetched again, on the next run.
+    fn note_unstorable_time(&mut self, entry: &Entry) {
+        let meta = match entry {
+            Entry::Dir { meta, .. } | Entry::File { meta, .. } | Entry::Symlink { meta, .. } => meta,
+            Entry::Special { meta, kind, .. } if *kind == SpecialKind::Fifo || self.cfg.devices => meta,
+            _ => return,
+        };
+        let times = self.cfg.privs.times;
+        let (sec, nsec) = times.clamp(meta.mtime, meta.mtime_nsec);
+        if sec != meta.mtime {
+            self.unstorable_times += 1;
+            if self.unstorable_times == 1 {
+                let rel = match (self.stack.last(), entry.name()) {
+                    (Some(&d), Some(name)) => self.path_of(d, name),
+                    _ => Vec::new(),
+                };
+                let detail = format!(
+                    "modification time {} is outside what the destination's filesystem holds ({} to {}): stored as {}",
+                    shown_time(meta.mtime),
+                    shown_time(times.min),
+                    shown_time(times.max),
+                    shown_time(sec)
+                );
+                self.problem(ProblemKind::Metadata, &rel, detail);
+            }
+        } else if nsec != meta.mtime_nsec && !self.noted_granularity {
+            self.noted_granularity = true;
+            let g = times.granularity;
+            self.events
+                .note(&format!("the destination's filesystem keeps modification times to {g} ns: finer is dropped"));
         }
     }
 
@@ -1326,6 +1376,14 @@ impl<'e> Sink<'e> {
 /// What identifies a directory while the run holds no handle on it.
 fn id(st: &Stat) -> (u64, u64) {
     (st.st_dev, st.st_ino)
+}
+
+/// A time in seconds since 1970, as a UTC date where it is one.
+fn shown_time(sec: i64) -> String {
+    match chrono::DateTime::from_timestamp(sec, 0) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        None => format!("{sec} s after 1970"),
+    }
 }
 
 /// Splits `a/b/c` into (`a/b`, `c`).
