@@ -40,7 +40,23 @@ pub struct Meta {
     pub mtime: i64,
     pub mtime_nsec: u32,
     /// Sorted by name; ACLs are here as `system.posix_acl_access` / `_default`.
+    #[serde(deserialize_with = "bounded_xattrs")]
     pub xattrs: Vec<Xattr>,
+}
+
+/// Most extended attributes one entry can have: Linux lists at most 64 KiB
+/// of names, each at least `user.x` and its NUL. More is a lie, refused
+/// while decoding (one frame of one-byte attributes once decoded to 152 MB).
+pub const XATTRS_MAX: usize = 65_536 / 7;
+
+fn bounded_xattrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Xattr>, D::Error> {
+    d.deserialize_seq(crate::protocol::msg::Bounded {
+        limit: XATTRS_MAX,
+        what: "at most 9362 extended attributes",
+        cost: |_: &Xattr| 0,
+        budget: 0,
+        item: std::marker::PhantomData,
+    })
 }
 
 /// The ACL attributes; applied after the other attributes.

@@ -30,7 +30,7 @@ use crate::digest::ContentHasher;
 use crate::meta::{self, Meta};
 use crate::protocol::frame::{CHUNK, Encoder, Frame, FrameReader};
 use crate::protocol::msg::{
-    Entry, Fetch, Link, LogKind, ReadError, ReadStatus, SinkMsg, SkipReason, SourceMsg, SpecialKind,
+    BATCH_XATTRS_MAX, Entry, Fetch, Link, LogKind, ReadError, ReadStatus, SinkMsg, SkipReason, SourceMsg, SpecialKind,
 };
 use crate::protocol::{Outbox, ProtocolError, decode, spawn_writer};
 use crate::safefs::{Chain, Dir, Shown, file_type, join, libc_errno};
@@ -234,6 +234,8 @@ struct Walker {
     selection: Selection,
     batch: Vec<Entry>,
     batch_bytes: usize,
+    /// Extended attributes in the batch (bounded: `BATCH_XATTRS_MAX`).
+    batch_xattrs: usize,
     /// (dev, ino) of multiply-linked files seen → (group id, links still to see).
     links: HashMap<(u64, u64), (u64, u32)>,
     next_link: u64,
@@ -260,6 +262,7 @@ impl Walker {
             selection,
             batch: Vec::new(),
             batch_bytes: 0,
+            batch_xattrs: 0,
             links: HashMap::new(),
             next_link: 0,
             cwd: None,
@@ -475,6 +478,12 @@ impl Walker {
             self.credit = self.credits.take(u64::MAX).ok_or(Stopped)?;
         }
         self.credit -= 1;
+        // A batch stays within what the sink decodes (BATCH_XATTRS_MAX).
+        let xattrs = entry.meta().map_or(0, |m| m.xattrs.len());
+        if self.batch_xattrs + xattrs > BATCH_XATTRS_MAX {
+            self.flush()?;
+        }
+        self.batch_xattrs += xattrs;
         self.batch_bytes += entry_size(&entry);
         self.batch.push(entry);
         if self.batch.len() >= BATCH_ENTRIES || self.batch_bytes >= BATCH_BYTES {
@@ -489,6 +498,7 @@ impl Walker {
         }
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
+        self.batch_xattrs = 0;
         self.send(&SourceMsg::Entries(batch))
     }
 

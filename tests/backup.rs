@@ -409,3 +409,25 @@ fn an_mtime_the_destination_cant_hold_is_warned_about_and_linked_next_run() {
         assert_eq!(ino(&first), ino(&second), "{f} is linked to the first snapshot");
     }
 }
+
+/// The sink refuses a listing batch with more than BATCH_XATTRS_MAX
+/// extended attributes (a bound against hostile sources): an honest source
+/// with many attributes splits its batches to stay within it.
+#[test]
+fn many_files_with_many_attributes_are_listed_within_the_batch_bound() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    for f in 0..300 {
+        let path = src.join(format!("f{f:03}"));
+        write(&path, b"x");
+        for a in 0..70 {
+            xattr::set(&path, format!("user.a{a:02}"), b"").unwrap();
+        }
+    }
+    let total = 256 * 70; // one batch of the source's 256 entries
+    assert!(total > rbackup::protocol::msg::BATCH_XATTRS_MAX);
+    let (code, _, err) = backup(&src, &bk, "srv", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_same_tree(&src, &complete(&bk, "srv")[0], &[]);
+}

@@ -153,6 +153,17 @@ impl Entry {
             Entry::End => None,
         }
     }
+
+    /// The entry's metadata; `None` for `End` and `Skipped`.
+    pub fn meta(&self) -> Option<&Meta> {
+        match self {
+            Entry::Dir { meta, .. }
+            | Entry::File { meta, .. }
+            | Entry::Symlink { meta, .. }
+            | Entry::Special { meta, .. } => Some(meta),
+            Entry::Skipped { .. } | Entry::End => None,
+        }
+    }
 }
 
 /// How reading a file went at the source.
@@ -224,32 +235,61 @@ pub enum SourceMsg {
     },
 }
 
-/// Decodes a listing batch of at most [`BATCH_MAX`] entries.
+/// Most extended attributes one listing batch may hold. An attribute takes
+/// about ten times its smallest wire size in memory, like an entry, so a
+/// batch of attribute-laden tiny entries is bounded by this and not by the
+/// frame size (the source flushes a batch before it would pass it).
+pub const BATCH_XATTRS_MAX: usize = 16_384;
+
+/// Decodes a listing batch of at most [`BATCH_MAX`] entries holding at most
+/// [`BATCH_XATTRS_MAX`] extended attributes.
 fn bounded_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
-    struct Batch;
-    impl<'de> serde::de::Visitor<'de> for Batch {
-        type Value = Vec<Entry>;
+    let bounds = Bounded {
+        limit: BATCH_MAX,
+        what: "a listing batch of at most 4096 entries and 16384 extended attributes",
+        cost: |e: &Entry| e.meta().map_or(0, |m| m.xattrs.len()),
+        budget: BATCH_XATTRS_MAX,
+        item: std::marker::PhantomData,
+    };
+    d.deserialize_seq(bounds)
+}
 
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "a listing batch of at most {BATCH_MAX} entries")
-        }
+/// A sequence decoded under bounds checked as it is read, before anything
+/// beyond them exists: at most `limit` items (checked against the declared
+/// length first), whose `cost` adds up to at most `budget`. Everything the
+/// peer sends is hostile: a length prefix alone must not make us allocate
+/// (docs/design.md rule 2).
+pub(crate) struct Bounded<T> {
+    pub limit: usize,
+    pub what: &'static str,
+    pub cost: fn(&T) -> usize,
+    pub budget: usize,
+    pub item: std::marker::PhantomData<T>,
+}
 
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Entry>, A::Error> {
-            let declared = seq.size_hint().unwrap_or(0);
-            if declared > BATCH_MAX {
-                return Err(serde::de::Error::invalid_length(declared, &self));
-            }
-            let mut batch = Vec::with_capacity(declared);
-            while let Some(entry) = seq.next_element()? {
-                if batch.len() == BATCH_MAX {
-                    return Err(serde::de::Error::invalid_length(BATCH_MAX + 1, &self));
-                }
-                batch.push(entry);
-            }
-            Ok(batch)
-        }
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.what)
     }
-    d.deserialize_seq(Batch)
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let declared = seq.size_hint().unwrap_or(0);
+        if declared > self.limit {
+            return Err(serde::de::Error::invalid_length(declared, &self));
+        }
+        let mut items = Vec::with_capacity(declared);
+        let mut spent = 0usize;
+        while let Some(item) = seq.next_element::<T>()? {
+            spent = spent.saturating_add((self.cost)(&item));
+            if items.len() == self.limit || spent > self.budget {
+                return Err(serde::de::Error::invalid_length(items.len() + 1, &self));
+            }
+            items.push(item);
+        }
+        Ok(items)
+    }
 }
 
 /// Sink to source.
@@ -418,6 +458,29 @@ mod tests {
         assert!(matches!(postcard::from_bytes(&full), Ok(SourceMsg::Entries(b)) if b.len() == BATCH_MAX));
         let over = postcard::to_stdvec(&SourceMsg::Entries(vec![entry; BATCH_MAX + 1])).unwrap();
         assert!(postcard::from_bytes::<SourceMsg>(&over).is_err());
+    }
+
+    /// Regression (found by the sink fuzz target): one 2.3 KB compressed
+    /// frame holding an entry with 2.7 M one-byte attributes decoded to
+    /// 152 MB before validation refused it. Attributes are bounded while
+    /// decoding: per entry by what Linux can list, per batch by a budget the
+    /// source keeps to.
+    #[test]
+    fn attributes_beyond_what_linux_lists_or_a_batch_holds_are_refused_while_decoding() {
+        let with = |n: usize| {
+            let mut m = meta();
+            m.xattrs = (0..n).map(|i| Xattr { name: format!("user.{i}").into_bytes(), value: vec![] }).collect();
+            Entry::File { name: b"f".to_vec(), meta: m, size: 0, sparse: false, link: None }
+        };
+        let decode = |batch: Vec<Entry>| {
+            postcard::from_bytes::<SourceMsg>(&postcard::to_stdvec(&SourceMsg::Entries(batch)).unwrap())
+        };
+        assert!(matches!(decode(vec![with(crate::meta::XATTRS_MAX)]), Ok(SourceMsg::Entries(b)) if b.len() == 1));
+        assert!(decode(vec![with(crate::meta::XATTRS_MAX + 1)]).is_err());
+        // Two entries within the per-entry bound, beyond the batch's.
+        let half = BATCH_XATTRS_MAX / 2 + 1;
+        assert!(decode(vec![with(half)]).is_ok());
+        assert!(decode(vec![with(half), with(half)]).is_err());
     }
 
     #[test]
