@@ -1,6 +1,6 @@
 //! `backup` and `continue`: take a snapshot, or finish an interrupted one.
 //!
-//! The order of a run is what makes it crash-safe (DESIGN rule 5): lock the
+//! The order of a run is what makes it crash-safe (docs/design.md rule 5): lock the
 //! destination; connect and handshake *before* creating anything, so an
 //! unreachable source leaves no empty folder behind; write everything into
 //! `NAME.<stamp>.incomplete`; flush it to disk; rename it to its final name;

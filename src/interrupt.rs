@@ -11,7 +11,7 @@
 //! restore removes — and the command reports `interrupted by SIGTERM` with
 //! its own exit code ([`crate::exit::Code::Interrupted`]). If the unwinding
 //! ever got stuck, a second signal runs the default action: the process dies
-//! as `kill` would have killed it, which DESIGN rule 5 makes safe too.
+//! as `kill` would have killed it, which docs/design.md rule 5 makes safe too.
 //!
 //! The handlers are signal-hook's (`unsafe_code` is denied here); they are
 //! installed only by the commands that look at the flag, so every other

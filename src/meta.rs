@@ -1,6 +1,6 @@
 //! Metadata: read it from a tree, compare it, apply it exactly.
 //!
-//! What is kept (DESIGN rule 4): numeric owner and group, all mode bits
+//! What is kept (docs/design.md rule 4): numeric owner and group, all mode bits
 //! (setuid, setgid, sticky), mtime with nanoseconds, and every extended
 //! attribute, POSIX ACLs included as their raw `system.posix_acl_*` values so
 //! that the mask is never recomputed. Applying follows the order that keeps
@@ -350,7 +350,7 @@ pub struct ApplyProblem {
     pub error: io::Error,
 }
 
-/// Applies `meta` in the DESIGN order. Returns what could not be applied
+/// Applies `meta` in the order of docs/design.md rule 4. Returns what could not be applied
 /// (e.g. a `trusted.*` attribute on a filesystem that refuses it); the caller
 /// reports those as warnings.
 pub fn apply(target: &Target<'_>, meta: &Meta, privs: Privileges) -> io::Result<Vec<ApplyProblem>> {
@@ -451,7 +451,7 @@ fn apply_xattrs(target: &Target<'_>, meta: &Meta, privs: Privileges, note: &mut 
             note(format!("removing xattr {}", String::from_utf8_lossy(&old.name)), e);
         }
     }
-    // Plain attributes first, ACLs after (DESIGN rule 4).
+    // Plain attributes first, ACLs after (docs/design.md rule 4).
     let ordered = wanted.iter().filter(|x| !is_acl(&x.name)).chain(wanted.iter().filter(|x| is_acl(&x.name)));
     for x in ordered {
         if existing.iter().any(|e| e == x) {

@@ -5,7 +5,7 @@
 //! The rules that matter most:
 //! - A snapshot never changes an inode it did not create in this run: the
 //!   destination of a resumed snapshot may hold hardlinks into older
-//!   snapshots (DESIGN rule 1), so a metadata change there is a new copy.
+//!   snapshots (docs/design.md rule 1), so a metadata change there is a new copy.
 //! - A restore may fix metadata in place: the destination is the live tree.
 
 /// How an existing entry compares with the incoming regular file.

@@ -35,7 +35,7 @@ use crate::protocol::msg::{
 use crate::protocol::{Outbox, ProtocolError, decode, spawn_writer};
 use crate::safefs::{Chain, Dir, Shown, file_type, join, libc_errno};
 
-/// Size of the windows a delta is computed in (DESIGN: one signature, diffed
+/// Size of the windows a delta is computed in (docs/design.md: one signature, diffed
 /// window by window, so memory stays flat for any file size).
 pub const DELTA_WINDOW: usize = 1 << 20;
 

@@ -5,7 +5,7 @@
 //!
 //! `fast_rsync` needs the whole basis as a slice. A map is only ever made of a
 //! file inside a snapshot or an interrupted snapshot, which rbackup never
-//! writes to after creating it (DESIGN rule 1), and which lives in a backups
+//! writes to after creating it (docs/design.md rule 1), and which lives in a backups
 //! folder only root can enter. The remaining risk is another root process
 //! truncating that file while it is mapped, which would raise SIGBUS; a live
 //! server file is never mapped (restores read their basis into memory).

@@ -89,7 +89,7 @@ impl TempEntry {
 
     /// The partial file `name` an interrupted fetch left in `dir`, and how
     /// many bytes it holds — if it is one: a regular file with one link, so
-    /// that writing to it can never change another snapshot (DESIGN rule 1).
+    /// that writing to it can never change another snapshot (docs/design.md rule 1).
     pub fn open_partial(dir: &Dir, name: &[u8]) -> io::Result<Option<(TempEntry, u64)>> {
         let fd = match rustix::fs::openat(
             dir,

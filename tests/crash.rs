@@ -1,6 +1,6 @@
 //! kill -9 at several points, then `continue` or a new `backup`: the result
 //! equals the source, an interrupted run never shows a partial file under a
-//! real name, and older snapshots never change (DESIGN rules 1 and 5).
+//! real name, and older snapshots never change (docs/design.md rules 1 and 5).
 
 #![allow(clippy::pedantic)] // test code: plain asserts over polish
 

@@ -263,3 +263,22 @@ fn a_name_too_long_is_refused_for_its_length() {
     assert!(err.contains("250 characters is too long") && err.contains("at most 100"), "{err}");
     assert!(!bk.exists());
 }
+
+/// Regression: "No space left on device" didn't say which file was being
+/// written, nor what to do.
+#[test]
+fn a_full_backups_filesystem_names_the_file_and_the_way_out() {
+    require_root();
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    write(&src.join("small"), b"s");
+    write(&src.join("big.bin"), &noise(7, 4 << 20));
+    let bk = tmp.path().join("bk");
+    std::fs::create_dir(&bk).unwrap();
+    sh(&format!("chmod 700 '{0}' && mount -t tmpfs -o size=1m,mode=700 tmpfs '{0}'", bk.display()));
+    let (code, _, err) = backup(&src, &bk, "srv", &[]);
+    sh(&format!("umount '{}'", bk.display()));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("writing big.bin") && err.contains("filesystem is full"), "{err}");
+    assert!(err.contains("--continue"), "{err}");
+}

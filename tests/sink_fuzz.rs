@@ -1,7 +1,7 @@
 //! Fuzzing the sink: arbitrary sessions from a hostile source, fed as bytes
 //! through the real frame reader, look-ahead thread and [`Sink`] — the code
 //! a backup (and the restore agent) runs against whatever the peer sends
-//! (DESIGN rule 2). For every session:
+//! (docs/design.md rule 2). For every session:
 //! - nothing panics, on the sink's thread or the reader's;
 //! - the session ends: input that runs out is a lost connection;
 //! - nothing is written outside the destination: the tree around it (a

@@ -1,5 +1,5 @@
 //! The messages both sides exchange, and the checks every received one passes
-//! before anything acts on it (DESIGN rule 2: the peer is hostile).
+//! before anything acts on it (docs/design.md rule 2: the peer is hostile).
 //!
 //! Roles: the *source* walks a tree and serves file data; the *sink* plans
 //! against what it already has and writes. In a backup the agent on the server

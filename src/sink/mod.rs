@@ -303,7 +303,7 @@ impl<'e> Sink<'e> {
     fn on_entries(&mut self, batch: Vec<Entry>, sims: Vec<Option<Vec<Similarity>>>) -> Result<()> {
         let n = batch.len() as u32;
         // Credit is what keeps memory flat: a source that lists more than it
-        // was granted would grow the fetch queue without bound (DESIGN rule 2).
+        // was granted would grow the fetch queue without bound (docs/design.md rule 2).
         if self.received + u64::from(n) > self.granted {
             return Err(violation(format!(
                 "{} listing entries sent where {} were granted (the source ignores flow control)",
@@ -888,7 +888,7 @@ impl<'e> Sink<'e> {
     /// destination, or basis `i`), now `name` in node `d`'s directory: the
     /// one that tree's manifest recorded; for a file kept in a resumed
     /// snapshot whose run's manifest was cut short, the one of the basis it
-    /// is a hardlink of (one inode, one content: DESIGN rule 1); otherwise —
+    /// is a hardlink of (one inode, one content: docs/design.md rule 1); otherwise —
     /// no manifest, no record, or an older digest — its digest computed now
     /// from the file in the snapshot, once, in proportion to its data. So no
     /// file of a snapshot is left without a hash (see `record`).

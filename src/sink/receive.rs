@@ -1,13 +1,13 @@
 //! Receiving one file's data: whole files as data extents (holes stay holes),
 //! or a delta rebuilt against a basis window by window and then checked
 //! against the source's content digest — MD4 block matches are weak, so a
-//! mismatch means the file is fetched again whole (DESIGN, "Performance
+//! mismatch means the file is fetched again whole (docs/design.md, "Performance
 //! shape").
 //!
 //! Everything about the data is checked against what was asked for: the
 //! file in progress, offsets only moving forward and staying inside the size
 //! the source announced, delta output bounded. No work is proportional to an
-//! announced size, only to the data received (DESIGN rule 2): the file is
+//! announced size, only to the data received (docs/design.md rule 2): the file is
 //! sized when it begins (a hole, free), and the digest ([`crate::digest`])
 //! costs nothing for holes. A size the destination filesystem can't hold is
 //! known before any data arrives: that file is left out of the snapshot as a
@@ -26,7 +26,7 @@
 //! the prefix it kept. A mismatch (the file changed with the same size and
 //! mtime, or the disk flipped a bit) means the file is fetched again whole;
 //! a partial file is never renamed into place unchecked. It is new data of
-//! this snapshot, never a shared inode (one link, DESIGN rule 1), and once of
+//! this snapshot, never a shared inode (one link, docs/design.md rule 1), and once of
 //! no use it is removed with the other leftovers of its directory.
 //!
 //! Why resume from the prefix rather than send a delta against the partial
@@ -326,11 +326,29 @@ impl Sink<'_> {
         r.next = end;
         self.stats.bytes_fetched += data.len() as u64;
         let Some(temp) = r.temp.as_mut() else { return Ok(()) };
-        temp.file_mut().write_all_at(data, offset).context("writing received data")?;
+        if let Err(e) = temp.file_mut().write_all_at(data, offset) {
+            let (dir, name) = (r.pending.dir, r.pending.name.clone());
+            return Err(self.write_error(e, dir, &name));
+        }
         r.hasher.update_at(offset, data);
         self.stats.bytes_written += data.len() as u64;
         self.events.progress(&self.stats);
         Ok(())
+    }
+
+    /// A write of received data failed: name the file (a full disk must say
+    /// which file it stopped at), and say what to do about a full one.
+    fn write_error(&self, e: std::io::Error, dir: usize, name: &[u8]) -> anyhow::Error {
+        let path = self.path_of(dir, name);
+        let what = format!("writing {}", Shown(&path));
+        if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+            anyhow::Error::new(e).context(format!(
+                "{what}: the backups folder's filesystem is full; free space (e.g. `rbackup prune`), then \
+                 `rbackup --continue` finishes the snapshot"
+            ))
+        } else {
+            anyhow::Error::new(e).context(what)
+        }
     }
 
     pub(super) fn on_delta(&mut self, out_len: u32, delta: &[u8]) -> Result<()> {
@@ -351,7 +369,10 @@ impl Sink<'_> {
             return Ok(());
         }
         let temp = r.temp.as_mut().expect("checked above");
-        temp.file_mut().write_all_at(&r.buf, r.next).context("writing received data")?;
+        if let Err(e) = temp.file_mut().write_all_at(&r.buf, r.next) {
+            let (dir, name) = (r.pending.dir, r.pending.name.clone());
+            return Err(self.write_error(e, dir, &name));
+        }
         r.hasher.update_at(r.next, &r.buf);
         r.next += u64::from(out_len);
         self.stats.bytes_fetched += u64::from(out_len);
