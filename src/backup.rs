@@ -214,7 +214,15 @@ pub fn run_with(
     let hello = Hello {
         role: Role::Source,
         path: path.as_os_str().as_encoded_bytes().to_vec(),
-        options: SessionOptions { compress: job.compress, excludes: job.excludes.clone(), ..SessionOptions::default() },
+        options: SessionOptions {
+            compress: job.compress,
+            excludes: job.excludes.clone(),
+            // A dry run fetches nothing, so the agent opens each file while
+            // listing: what the real run couldn't read is reported, with
+            // the exit code the real run would have (23).
+            probe_read: opts.dry_run,
+            ..SessionOptions::default()
+        },
         version: SOFTWARE.to_string(),
     };
     let session = conn.handshake(&hello)?;

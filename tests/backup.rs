@@ -431,3 +431,40 @@ fn many_files_with_many_attributes_are_listed_within_the_batch_bound() {
     assert_eq!(code, 0, "{err}");
     assert_same_tree(&src, &complete(&bk, "srv")[0], &[]);
 }
+
+/// Regression: a dry run said `fetch` for a file the backup user can't read,
+/// with exit 0, where the real run exits 23.
+#[test]
+fn a_dry_run_reports_unreadable_files_and_the_real_runs_exit_code() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("open.txt"), b"o");
+    write(&src.join("secret.txt"), b"s");
+    sh(&format!(
+        "chmod 755 '{}' && chmod 644 '{}/open.txt' && chmod 600 '{}/secret.txt'",
+        src.display(),
+        src.display(),
+        src.display()
+    ));
+    sh(&format!("chmod 755 '{}'", tmp.path().display()));
+    let privs = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"];
+    let out = std::process::Command::new("setpriv")
+        .args(privs)
+        .arg(bin())
+        .args(["--backup", "--dry-run", "--source"])
+        .arg(&src)
+        .arg("--backups-folder")
+        .arg(&bk)
+        .args(["--name", "srv"])
+        .output()
+        .unwrap();
+    let (dry_out, dry_err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(dry_err.contains("secret.txt"), "{dry_err}");
+    assert!(!dry_out.contains("secret.txt"), "listed as fetched: {dry_out}");
+    std::fs::create_dir(&bk).unwrap();
+    sh(&format!("chown nobody '{}'", bk.display()));
+    let (real, real_err) = backup_under_setpriv(&privs, &src, &bk, "srv");
+    assert_eq!(real, Some(23), "{real_err}");
+    assert_eq!(out.status.code(), real, "the dry run's exit code is the real run's: {dry_err}");
+}
