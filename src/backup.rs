@@ -330,10 +330,11 @@ pub fn run_with(
         _ => None,
     };
     if events.denied > 0 {
+        let user = crate::check::backup_user(job).unwrap_or_else(|| "USER".into());
         warn!(
             "{} entries could not be read at the source: permission denied. On an ACL setup, a chmod may have shrunk the ACL \
              mask, or files were moved in without the default ACL: check with `getfacl`, fix with \
-             `setfacl -Rm u:USER:rX DIR` and `setfacl -Rdm u:USER:rX DIR`, or use the capability setup \
+             `setfacl -Rm u:{user}:rX DIR` and `setfacl -Rdm u:{user}:rX DIR`, or use the capability setup \
              (docs/setup.md)",
             events.denied
         );

@@ -144,7 +144,7 @@ fn check_source(job: &Job, r: &mut Report) {
 /// The account the source is read as: the source's `user@`, else the `User`
 /// ssh would use for the host (`ssh -G`, with the job's ssh config); `None`
 /// for a local source.
-fn backup_user(job: &Job) -> Option<String> {
+pub(crate) fn backup_user(job: &Job) -> Option<String> {
     let Some(crate::config::SourceSpec::Remote { user, host, .. }) = &job.source else { return None };
     if let Some(u) = user {
         return Some(u.clone());

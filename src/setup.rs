@@ -747,7 +747,7 @@ pub fn client(o: &ClientOptions) -> Result<()> {
                 std::io::Write::flush(&mut std::io::stdout())?;
                 let mut answer = String::new();
                 std::io::stdin().read_line(&mut answer)?;
-                if !answer.trim().eq_ignore_ascii_case("y") {
+                if !accepts(&answer) {
                     bail!("host key not accepted; nothing recorded");
                 }
             }
@@ -1007,9 +1007,22 @@ fn split_words(s: &str) -> Option<Vec<String>> {
     Some(words)
 }
 
+/// The admin's answer to a yes/no prompt: "y", or "yes" as ssh taught.
+fn accepts(answer: &str) -> bool {
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: "yes" at the host-key prompt (what ssh asks for) was
+    /// taken as a no.
+    #[test]
+    fn the_host_key_prompt_takes_yes_as_ssh_does() {
+        assert!(accepts("y\n") && accepts("yes\n") && accepts(" YES "));
+        assert!(!accepts("\n") && !accepts("no\n") && !accepts("yess\n"));
+    }
 
     #[test]
     fn keys_are_checked() {
