@@ -59,7 +59,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         }
         _ => {}
     }
-    let (root, root_path) = match open_root(args.root.as_deref(), &hello.path, hello.role == Role::Sink) {
+    let create = match hello.role {
+        Role::Source => Create::No,
+        Role::Sink if hello.options.dry_run => Create::Pretend,
+        Role::Sink => Create::Yes,
+    };
+    let (root, root_path) = match open_root(args.root.as_deref(), &hello.path, create) {
         Ok(r) => r,
         Err(reason) => return refuse(reason),
     };
@@ -70,6 +75,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 
     match hello.role {
         Role::Source => {
+            let root = root.expect("a source's root exists: Create::No never pretends");
             let mut selection = Selection::new(&hello.options.excludes, &hello.options.only)?;
             selection.probe_read = hello.options.probe_read;
             source::run(root, selection, hello.options.compress, reader, stdout, &mut |_, _| {})?;
@@ -81,11 +87,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 
 /// The write agent: a restore's sink, writing beneath its root. Everything it
 /// does and every problem goes back to the desktop as log lines.
-fn receive(root: Dir, options: &SessionOptions, reader: FrameReader<File>, stdout: File) -> Result<()> {
-    let privs = Privileges::current().storing_on(&root);
+fn receive(root: Option<Dir>, options: &SessionOptions, reader: FrameReader<File>, stdout: File) -> Result<()> {
+    let privs = match &root {
+        Some(root) => Privileges::current().storing_on(root),
+        None => Privileges::current(),
+    };
     let cfg = SinkConfig {
-        dest: Some(root),
-        fresh: false,
+        fresh: root.is_none(),
+        dest: root,
         bases: Vec::new(),
         policy: Policy::Restore,
         delete: options.delete,
@@ -164,46 +173,69 @@ fn components(path: &Path) -> Result<Vec<&std::ffi::OsStr>, String> {
 
 /// Opens what the desktop asked for: with `--root R`, only R or a directory
 /// beneath it, reached without following symlinks below R.
-/// With `create` (a restore), missing directories beneath the root are
-/// created, one handle at a time, mode 0700 until the restore sets theirs.
-fn open_root(root: Option<&Path>, requested: &[u8], create: bool) -> Result<(Dir, PathBuf), String> {
+/// With `Create::Yes` (a restore), missing directories beneath the root are
+/// created, one handle at a time, mode 0700 until the restore sets theirs;
+/// with `Create::Pretend` (a restore's dry run) a missing one means no
+/// directory yet (`None`): everything would be created.
+fn open_root(root: Option<&Path>, requested: &[u8], create: Create) -> Result<(Option<Dir>, PathBuf), String> {
     if requested.contains(&0) {
         return Err("the requested path contains a NUL byte".into());
     }
     let requested = Path::new(std::ffi::OsStr::from_bytes(requested));
     let wanted = components(requested)?;
     let Some(root) = root else {
-        if create && !requested.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .create(requested)
-                .map_err(|e| format!("cannot create {}: {e}", requested.display()))?;
+        if !requested.exists() {
+            match create {
+                Create::Yes => std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .create(requested)
+                    .map_err(|e| format!("cannot create {}: {e}", requested.display()))?,
+                Create::Pretend => return Ok((None, requested.to_path_buf())),
+                Create::No => {}
+            }
         }
         let dir = Dir::open_path(requested).map_err(|e| format!("cannot open {}: {e}", requested.display()))?;
-        return Ok((dir, requested.to_path_buf()));
+        return Ok((Some(dir), requested.to_path_buf()));
     };
     let base = components(root)?;
     if wanted.len() < base.len() || wanted[..base.len()] != base[..] {
         return Err(format!("{} is outside the directory this agent serves ({})", requested.display(), root.display()));
     }
-    let root_dir = Dir::open_path(root).map_err(|e| format!("cannot open the served root {}: {e}", root.display()))?;
+    let root_dir = match Dir::open_path(root) {
+        Ok(d) => d,
+        // A local restore's target is served as the root itself.
+        Err(e) if matches!(create, Create::Pretend) && e.raw_os_error() == Some(libc_errno::ENOENT) => {
+            return Ok((None, requested.to_path_buf()));
+        }
+        Err(e) => return Err(format!("cannot open the served root {}: {e}", root.display())),
+    };
     let rest = &wanted[base.len()..];
     if rest.is_empty() {
-        return Ok((root_dir, root.to_path_buf()));
+        return Ok((Some(root_dir), root.to_path_buf()));
     }
     let mut dir = root_dir;
     for c in rest {
         let name = c.as_bytes();
-        dir = match dir.open_dir(name) {
-            Ok(d) => Ok(d),
-            Err(e) if create && e.raw_os_error() == Some(libc_errno::ENOENT) => dir.create_dir(name),
-            Err(e) => Err(e),
+        let missing = |e: &std::io::Error| e.raw_os_error() == Some(libc_errno::ENOENT);
+        dir = match (dir.open_dir(name), create) {
+            (Ok(d), _) => Ok(d),
+            (Err(e), Create::Yes) if missing(&e) => dir.create_dir(name),
+            (Err(e), Create::Pretend) if missing(&e) => return Ok((None, requested.to_path_buf())),
+            (Err(e), _) => Err(e),
         }
         .map_err(|e| {
             format!("cannot open {} beneath {} without following symlinks: {e}", requested.display(), root.display())
         })?;
     }
-    Ok((dir, requested.to_path_buf()))
+    Ok((Some(dir), requested.to_path_buf()))
+}
+
+/// Whether [`open_root`] creates what is missing of the requested path.
+#[derive(Clone, Copy)]
+enum Create {
+    No,
+    Yes,
+    Pretend,
 }
 
 #[cfg(test)]
@@ -212,23 +244,23 @@ mod tests {
 
     #[test]
     fn paths_outside_the_root_are_refused() {
-        let err = open_root(Some(Path::new("/srv/content")), b"/etc", false).unwrap_err();
+        let err = open_root(Some(Path::new("/srv/content")), b"/etc", Create::No).unwrap_err();
         assert!(err.contains("outside"), "{err}");
-        let err = open_root(Some(Path::new("/srv/content")), b"/srv/contentx", false).unwrap_err();
+        let err = open_root(Some(Path::new("/srv/content")), b"/srv/contentx", Create::No).unwrap_err();
         assert!(err.contains("outside"), "{err}");
-        let err = open_root(Some(Path::new("/srv/content")), b"/srv/content/../../etc", false).unwrap_err();
+        let err = open_root(Some(Path::new("/srv/content")), b"/srv/content/../../etc", Create::No).unwrap_err();
         assert!(err.contains(".."), "{err}");
-        let err = open_root(Some(Path::new("/srv/content")), b"srv/content", false).unwrap_err();
+        let err = open_root(Some(Path::new("/srv/content")), b"srv/content", Create::No).unwrap_err();
         assert!(err.contains("not absolute"), "{err}");
     }
 
     #[test]
     fn the_root_and_beneath_are_served() {
         let tmp = std::env::temp_dir();
-        let (_, p) = open_root(Some(&tmp), tmp.as_os_str().as_bytes(), false).unwrap();
+        let (_, p) = open_root(Some(&tmp), tmp.as_os_str().as_bytes(), Create::No).unwrap();
         assert_eq!(p, tmp);
         let mut slash = tmp.as_os_str().as_bytes().to_vec();
         slash.extend_from_slice(b"//");
-        assert!(open_root(Some(&tmp), &slash, false).is_ok());
+        assert!(open_root(Some(&tmp), &slash, Create::No).is_ok());
     }
 }

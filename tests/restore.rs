@@ -346,3 +346,33 @@ fn a_ctrl_c_during_a_local_restore_leaves_no_temporary_file_in_the_destination()
     assert_eq!(code, 0, "{err}");
     assert_same_tree(&complete(&bk, "srv")[0], &dest, &[]);
 }
+
+/// Regression: a dry run into a folder that doesn't exist yet failed ("cannot
+/// open … No such file or directory") where the real restore creates it.
+#[test]
+fn a_dry_run_into_a_folder_not_made_yet_says_everything_would_be_created() {
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (_, bk, snap) = snapshot_of_rich_tree(tmp.path());
+    let local = tmp.path().join("inspect/new");
+    let (code, out, err) = restore(&bk, &["--to".to_string(), local.display().to_string(), "--dry-run".into()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!local.exists() && !tmp.path().join("inspect").exists(), "a dry run created the folder");
+    let planned = actions(&out);
+    assert!(planned.contains(&"create etc/motd".to_string()), "{planned:?}");
+    assert!(planned.iter().all(|a| a.starts_with("create ")), "{planned:?}");
+    // Through the write-confined agent, beneath its root.
+    let dest = write_area(&sshd, tmp.path());
+    let (code, out, err) = restore_ssh(&sshd, &bk, &dest, &["--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!dest.exists(), "a dry run created the folder");
+    assert_eq!(actions(&out), planned, "the same plan through the agent");
+    let (code, _, err) = restore_ssh(&sshd, &bk, &dest, &["-vv"]);
+    assert_eq!(code, 0, "{err}");
+    // The real run's agent makes the folder (0700) before the session, then
+    // gives it the snapshot's metadata: "change .", which the plan's
+    // creation of everything beneath it implies.
+    let done: Vec<String> = actions(&err).into_iter().filter(|a| a != "change .").collect();
+    assert_eq!(done, planned, "the real run did what the dry run said");
+    assert_same_tree(&snap, &dest, &[]);
+}
