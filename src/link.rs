@@ -54,7 +54,11 @@ pub enum LinkError {
     NotReading { peer: String, secs: u64 },
     #[error("the connection to {peer} was given up")]
     Closed { peer: String },
-    /// The pipe itself failed (the peer went away: `EPIPE`, `ECONNRESET`).
+    /// The peer closed its end while we were writing (`EPIPE`): the same
+    /// event as an end of stream when reading, said the same way.
+    #[error("{peer} closed the connection ({error})")]
+    HungUp { peer: String, error: io::Error },
+    /// The pipe itself failed (the peer went away: `ECONNRESET`, …).
     #[error("{what} {peer}: {error}")]
     Io { what: &'static str, peer: String, error: io::Error },
 }
@@ -111,8 +115,12 @@ impl Link {
     }
 
     fn failed(&self, way: Way, error: io::Error) -> io::Error {
+        let peer = self.peer.clone();
+        if error.kind() == io::ErrorKind::BrokenPipe {
+            return io::Error::new(error.kind(), LinkError::HungUp { peer, error });
+        }
         let what = if way == Way::Read { "reading from" } else { "writing to" };
-        io::Error::new(error.kind(), LinkError::Io { what, peer: self.peer.clone(), error })
+        io::Error::new(error.kind(), LinkError::Io { what, peer, error })
     }
 
     fn closed_error(&self) -> io::Error {
@@ -246,6 +254,20 @@ mod tests {
         let mut writer = link.writer(w).unwrap();
         let err = writer.write_all(&vec![0u8; 1 << 20]).unwrap_err();
         assert_eq!(err.to_string(), "the agent took no data for 1 s (io_timeout)");
+    }
+
+    /// Regression: a peer gone before our first write was reported as
+    /// "writing to …: Broken pipe", where one gone before our read says the
+    /// connection closed: the same event, now said alike.
+    #[test]
+    fn a_peer_gone_while_we_write_closed_the_connection() {
+        let (r, w) = std::io::pipe().unwrap();
+        drop(r);
+        let link = Link::new("the agent", None);
+        let mut writer = link.writer(w).unwrap();
+        let err = writer.write_all(b"hello").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        assert!(err.to_string().starts_with("the agent closed the connection"), "{err}");
     }
 
     #[test]
