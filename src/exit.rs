@@ -33,6 +33,18 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, mildest first.
+    pub const ALL: [Code; 8] = [
+        Code::Ok,
+        Code::Vanished,
+        Code::Partial,
+        Code::Mismatch,
+        Code::Error,
+        Code::Interrupted,
+        Code::Usage,
+        Code::Locked,
+    ];
+
     /// The process exit status.
     pub fn status(self) -> u8 {
         match self {
@@ -119,16 +131,7 @@ mod tests {
 
     #[test]
     fn codes_are_distinct() {
-        let all = [
-            Code::Ok,
-            Code::Vanished,
-            Code::Partial,
-            Code::Mismatch,
-            Code::Error,
-            Code::Interrupted,
-            Code::Usage,
-            Code::Locked,
-        ];
+        let all = Code::ALL;
         let mut seen: Vec<u8> = all.iter().map(|c| c.status()).collect();
         seen.sort_unstable();
         seen.dedup();

@@ -41,18 +41,6 @@ fn output(mut c: Command) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-fn job_args<'a>(command: &'a str, src: &'a Path, bk: &'a Path) -> Vec<&'a OsStr> {
-    vec![
-        OsStr::new(command),
-        OsStr::new("--source"),
-        src.as_os_str(),
-        OsStr::new("--backups-folder"),
-        bk.as_os_str(),
-        OsStr::new("--name"),
-        OsStr::new("srv"),
-    ]
-}
-
 fn open_dir(dir: &OwnedFd, name: &str) -> OwnedFd {
     rustix::fs::openat(
         dir,

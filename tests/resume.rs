@@ -18,16 +18,7 @@ use rbackup::manifest::{Kind, ManifestReader};
 use rbackup::safefs::Dir;
 
 fn start(cmd: &str, src: &Path, bk: &Path) -> Child {
-    let args: Vec<&OsStr> = vec![
-        OsStr::new(cmd),
-        OsStr::new("--source"),
-        src.as_os_str(),
-        OsStr::new("--backups-folder"),
-        bk.as_os_str(),
-        OsStr::new("--name"),
-        OsStr::new("srv"),
-    ];
-    rbackup(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+    rbackup(&job_args(cmd, src, bk)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
 }
 
 /// The `.incomplete` folder, once it exists.

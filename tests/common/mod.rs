@@ -454,3 +454,17 @@ pub fn rbackup_with_fds(fds: u32, args: &[&OsStr]) -> Command {
     c.env_remove("RUST_BACKTRACE");
     c
 }
+
+/// `COMMAND --source SRC --backups-folder BK --name srv`, for commands run
+/// by hand (under a limit, killed mid-way).
+pub fn job_args<'a>(command: &'a str, src: &'a Path, bk: &'a Path) -> Vec<&'a OsStr> {
+    vec![
+        OsStr::new(command),
+        OsStr::new("--source"),
+        src.as_os_str(),
+        OsStr::new("--backups-folder"),
+        bk.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new("srv"),
+    ]
+}
