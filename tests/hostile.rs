@@ -729,9 +729,13 @@ fn an_agent_that_dies_with_its_stderr_held_open_and_a_full_channel_does_not_hang
         ));
     }
     // The agent leaves a process holding its stderr (and only that), says
-    // why it gives up, sends part of a listing and exits.
+    // why it gives up, sends part of a listing and closes its output. It
+    // keeps reading its input until the desktop hangs up: an agent that
+    // stopped reading before the desktop's hello would end the run at the
+    // handshake (a broken pipe), before the `.incomplete` this test needs.
     let script = "sleep 1000 </dev/null >/dev/null & echo $! > \"$PIDFILE\"; \
-                  echo 'error: the hostile agent gives up' >&2; exec cat \"$STREAM\"";
+                  echo 'error: the hostile agent gives up' >&2; cat \"$STREAM\"; \
+                  exec >&-; exec cat >/dev/null";
     let result = run_scripted_agent(&area, &agent_stream(&frames), script, 300);
     let held = std::fs::read_to_string(area.tmp.path().join("outside/pid")).unwrap();
     sh(&format!("kill {}", held.trim()));
