@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Deserialize;
 
+use crate::cmd::prune::Rules;
 use crate::notify::EmailConfig;
-use crate::prune::Rules;
 use crate::usage;
 
 /// The file read when `--config` is not given, if it exists.

@@ -6,10 +6,10 @@
 //! it is set before anything the signal caused elsewhere — the agent or ssh
 //! dying from the same `systemctl stop` — can be seen); the sink loop and
 //! every wait on the agent look at it within a fraction of a second (see
-//! [`crate::link`]), the run unwinds — a file still arriving is a temporary
+//! [`crate::transport::link`]), the run unwinds — a file still arriving is a temporary
 //! entry, which a snapshot keeps for the next run to resume from and a
 //! restore removes — and the command reports `interrupted by SIGTERM` with
-//! its own exit code ([`crate::exit::Code::Interrupted`]). If the unwinding
+//! its own exit code ([`crate::error::Code::Interrupted`]). If the unwinding
 //! ever got stuck, a second signal runs the default action: the process dies
 //! as `kill` would have killed it, which docs/design.md rule 5 makes safe too.
 //!

@@ -6,8 +6,11 @@ use clap::Parser;
 
 use rbackup::cli::{CheckArgs, Cli, Command, RestoreArgs, RunArgs, StoreArgs};
 use rbackup::config::{self, Job, Overrides};
-use rbackup::exit::{Code, code_of};
-use rbackup::{backup, check, diff, error, finish, interrupt, list, log, prune, restore, serve, setup, store, verify};
+use rbackup::error::{Code, code_of};
+use rbackup::{
+    agent::serve, cmd::after_run, cmd::backup, cmd::check, cmd::diff, cmd::list, cmd::prune, cmd::restore, cmd::verify,
+    error, interrupt, log, setup, store,
+};
 
 fn main() -> ExitCode {
     // As the backup user's login shell, sshd runs `rbackup -c COMMAND`.
@@ -32,7 +35,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<Code> {
-    rbackup::safefs::raise_descriptor_limit();
+    rbackup::fs::safefs::raise_descriptor_limit();
     match &cli.command {
         Command::Serve(args) => {
             log::set_tag(log::AGENT_TAG);
@@ -63,7 +66,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 Ok(report) => backup::print_summary(report, opts.dry_run),
                 Err(e) => error!("{e:#}"),
             }
-            finish::after_backup(&job, if resume { "continue" } else { "backup" }, started, &result, opts.dry_run);
+            after_run::after_backup(&job, if resume { "continue" } else { "backup" }, started, &result, opts.dry_run);
             let report = match result {
                 Ok(r) => r,
                 Err(e) => return Ok(code_of(&e)),
@@ -136,9 +139,9 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let job = job(cli, &check_overrides(args))?;
             check::run(&job)
         }
-        Command::Man { dir: None } => print_all(rbackup::manpages::main_page()?.roff.as_bytes()),
+        Command::Man { dir: None } => print_all(rbackup::cli::man::main_page()?.roff.as_bytes()),
         Command::Man { dir: Some(dir) } => {
-            for path in rbackup::manpages::write_to(dir)? {
+            for path in rbackup::cli::man::write_to(dir)? {
                 println!("{}", path.display());
             }
             Ok(Code::Ok)

@@ -14,7 +14,7 @@ use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{Message, SmtpTransport, Transport};
 use serde::Deserialize;
 
-use crate::exit::Code;
+use crate::error::Code;
 use crate::report::Problem;
 
 /// How to reach the SMTP server.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::backup::human_bytes;
+use crate::cmd::backup::human_bytes;
 use crate::log;
 use crate::report::Stats;
 

@@ -2,11 +2,11 @@
 //! the end-of-run summary and the per-path problems that make a run partial.
 //!
 //! Policy (ripgrep's): a problem with one entry never stops the run, but it
-//! always reaches the exit code — see [`crate::exit`].
+//! always reaches the exit code — see [`crate::error`].
 
 use serde::{Deserialize, Serialize};
 
-use crate::safefs::Shown;
+use crate::fs::safefs::Shown;
 
 /// Kinds of per-entry problems, from the most to the least serious.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

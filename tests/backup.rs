@@ -426,7 +426,7 @@ fn many_files_with_many_attributes_are_listed_within_the_batch_bound() {
         }
     }
     let total = 256 * 70; // one batch of the source's 256 entries
-    assert!(total > rbackup::protocol::msg::BATCH_XATTRS_MAX);
+    assert!(total > rbackup::wire::msg::BATCH_XATTRS_MAX);
     let (code, _, err) = backup(&src, &bk, "srv", &[]);
     assert_eq!(code, 0, "{err}");
     assert_same_tree(&src, &complete(&bk, "srv")[0], &[]);

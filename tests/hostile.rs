@@ -13,13 +13,13 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use common::*;
-use rbackup::backup::{self, RunOptions, RunReport};
+use rbackup::cmd::backup::{self, RunOptions, RunReport};
 use rbackup::config::{Job, SourceSpec};
-use rbackup::meta::Meta;
-use rbackup::protocol::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
-use rbackup::protocol::msg::{Entry, Fetch, Reply, SinkMsg, SkipReason, SourceMsg, SpecialKind};
-use rbackup::protocol::{decode, read_preamble, write_preamble};
+use rbackup::fs::meta::Meta;
 use rbackup::transport::Connection;
+use rbackup::wire::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
+use rbackup::wire::msg::{Entry, Fetch, Reply, SinkMsg, SkipReason, SourceMsg, SpecialKind};
+use rbackup::wire::{decode, read_preamble, write_preamble};
 
 /// The agent's side of the pipes.
 struct Agent {
@@ -66,7 +66,7 @@ impl Agent {
         if !content.is_empty() {
             self.data(0, content);
         }
-        self.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+        self.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::wire::msg::ReadStatus::Complete, hash: None });
     }
 
     /// Reads everything the desktop still sends, until it hangs up.
@@ -253,7 +253,7 @@ fn a_symlink_left_in_an_interrupted_snapshot_is_never_written_through() {
         a.drain();
     });
     let report = result.unwrap();
-    assert_eq!(report.code, rbackup::exit::Code::Ok);
+    assert_eq!(report.code, rbackup::error::Code::Ok);
     area.assert_outside_untouched();
     let snap = complete(&area.bk(), "h")[0].clone();
     assert!(snap.join("d").symlink_metadata().unwrap().is_dir());
@@ -337,7 +337,7 @@ fn a_file_that_shrank_is_stored_as_read_with_a_warning() {
         a.drain();
     })
     .unwrap();
-    assert_eq!(report.code, rbackup::exit::Code::Vanished);
+    assert_eq!(report.code, rbackup::error::Code::Vanished);
     assert!(report.problems.iter().any(|p| p.path == "shrunk"), "{:?}", report.problems);
     let snap = complete(&area.bk(), "h")[0].clone();
     assert_eq!(std::fs::read(snap.join("shrunk")).unwrap(), b"12345");
@@ -414,7 +414,7 @@ fn device_nodes_are_skipped_unless_asked_and_setuid_root_files_are_kept_private(
         a.drain();
     })
     .unwrap();
-    assert_eq!(report.code, rbackup::exit::Code::Ok);
+    assert_eq!(report.code, rbackup::error::Code::Ok);
     assert_eq!(report.stats.devices_skipped, 1);
     let snap = complete(&area.bk(), "h")[0].clone();
     assert!(!snap.join("disk").exists());
@@ -484,17 +484,13 @@ fn a_delta_that_fails_the_hash_check_is_fetched_again_whole() {
         let frame = a.enc.delta(wrong.len() as u32, &delta);
         a.raw(&frame);
         let hash = rbackup::digest::of_bytes(&right);
-        a.send(&SourceMsg::FileEnd {
-            id: f.id,
-            status: rbackup::protocol::msg::ReadStatus::Complete,
-            hash: Some(hash),
-        });
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::wire::msg::ReadStatus::Complete, hash: Some(hash) });
         // The desktop asks again, whole; answer honestly.
         let again = a.next_fetch().expect("a second request");
         assert!(again.signature.is_none(), "the retry must be a whole-file fetch");
         a.send(&SourceMsg::FileBegin { id: again.id, size: right.len() as u64 });
         a.data(0, &right);
-        a.send(&SourceMsg::FileEnd { id: again.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+        a.send(&SourceMsg::FileEnd { id: again.id, status: rbackup::wire::msg::ReadStatus::Complete, hash: None });
     })
     .unwrap();
     assert_eq!(report.stats.delta_retries, 1);
@@ -526,7 +522,7 @@ fn an_announced_huge_size_without_data_ends_that_file_not_the_desktop() {
             a.serve(b"abc");
             let f = a.next_fetch().expect("a fetch of huge");
             a.send(&SourceMsg::FileBegin { id: f.id, size: announced });
-            a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+            a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::wire::msg::ReadStatus::Complete, hash: None });
             a.drain();
         })
         .unwrap();
@@ -537,14 +533,14 @@ fn an_announced_huge_size_without_data_ends_that_file_not_the_desktop() {
             Err(_) => {
                 assert_eq!(problem.kind, rbackup::report::ProblemKind::Failed, "{problem:?}");
                 assert!(problem.detail.contains("more than the destination filesystem can hold"), "{problem:?}");
-                assert_eq!(report.code, rbackup::exit::Code::Partial);
+                assert_eq!(report.code, rbackup::error::Code::Partial);
             }
             Ok(md) => {
                 use std::os::unix::fs::MetadataExt;
                 assert_eq!(md.len(), announced, "stored as announced");
                 assert_eq!(md.blocks(), 0, "a hole, allocating nothing");
                 assert_eq!(problem.kind, rbackup::report::ProblemKind::Changed, "{problem:?}");
-                assert_eq!(report.code, rbackup::exit::Code::Vanished);
+                assert_eq!(report.code, rbackup::error::Code::Vanished);
             }
         }
         area.assert_outside_untouched();
@@ -571,7 +567,7 @@ fn whole_data_that_does_not_match_the_sources_digest_is_refused() {
         a.send(&SourceMsg::FileBegin { id: f.id, size: 5 });
         a.data(0, b"hello");
         let hash = Some(rbackup::digest::of_bytes(b"world"));
-        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash });
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::wire::msg::ReadStatus::Complete, hash });
     });
     expect_error(result, &["liar", "does not match the digest"]);
     let inc = snapshots(&area.bk(), "h").into_iter().find(|(_, c)| !c).unwrap().0;
@@ -622,7 +618,7 @@ fn an_agent_that_stops_sending_mid_listing_ends_the_run_by_its_idle_timeout() {
         })
     });
     let err = result.as_ref().map(|_| ()).unwrap_err();
-    assert_eq!(rbackup::exit::code_of(err), rbackup::exit::Code::Error);
+    assert_eq!(rbackup::error::code_of(err), rbackup::error::Code::Error);
     expect_error(result, &["no data from the hostile agent for 2 s (io_timeout)"]);
     area.assert_outside_untouched();
     area.assert_resumable();
@@ -639,7 +635,7 @@ fn a_sparse_basis_is_never_read_for_a_delta() {
         let f = a.next_fetch().unwrap();
         a.send(&SourceMsg::FileBegin { id: f.id, size: 64 << 20 });
         a.data(0, &[7u8; 4096]);
-        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::wire::msg::ReadStatus::Complete, hash: None });
         a.drain();
     })
     .unwrap();
@@ -654,7 +650,7 @@ fn a_sparse_basis_is_never_read_for_a_delta() {
         assert!(f.signature.is_none(), "a delta against a sparse basis was asked for");
         a.send(&SourceMsg::FileBegin { id: f.id, size: 64 << 20 });
         a.data(0, &[8u8; 4096]);
-        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash: None });
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::wire::msg::ReadStatus::Complete, hash: None });
         a.drain();
     })
     .unwrap();
@@ -797,7 +793,7 @@ fn only_a_refused_read_gets_the_acl_hint_not_a_walk_race() {
         a.send(&SourceMsg::ListingDone);
     })
     .unwrap();
-    assert_eq!(report.code, rbackup::exit::Code::Partial);
+    assert_eq!(report.code, rbackup::error::Code::Partial);
     let log = rbackup::log::tail().join("\n");
     assert!(log.contains("cannot read: race: Invalid argument"), "{log}");
     assert!(!log.contains("setfacl") && !log.contains("ACL"), "an ACL hint for a race: {log}");
@@ -808,7 +804,7 @@ fn only_a_refused_read_gets_the_acl_hint_not_a_walk_race() {
         a.send(&SourceMsg::ListingDone);
     })
     .unwrap();
-    assert_eq!(report.code, rbackup::exit::Code::Partial);
+    assert_eq!(report.code, rbackup::error::Code::Partial);
     let log = rbackup::log::tail().join("\n");
     assert!(log.contains("1 entries could not be read at the source: permission denied"), "{log}");
     // The hint names the account ssh logs in as (`ssh -G` for this host).
@@ -920,12 +916,12 @@ fn a_resumed_prefix_the_whole_file_digest_disowns_is_fetched_again_whole() {
         a.send(&SourceMsg::FileResume { id: f.id, size: right.len() as u64, offset: f.offset });
         a.data(f.offset, &right[kept..]);
         let hash = Some(rbackup::digest::of_bytes(&right));
-        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash });
+        a.send(&SourceMsg::FileEnd { id: f.id, status: rbackup::wire::msg::ReadStatus::Complete, hash });
         let again = a.next_fetch().expect("a second request");
         assert_eq!(again.offset, 0, "the retry is a whole-file fetch");
         a.send(&SourceMsg::FileBegin { id: again.id, size: right.len() as u64 });
         a.data(0, &right);
-        a.send(&SourceMsg::FileEnd { id: again.id, status: rbackup::protocol::msg::ReadStatus::Complete, hash });
+        a.send(&SourceMsg::FileEnd { id: again.id, status: rbackup::wire::msg::ReadStatus::Complete, hash });
     })
     .unwrap();
     assert_eq!((report.stats.resume_retries, report.stats.resumed, report.stats.fetched_whole), (1, 0, 1));

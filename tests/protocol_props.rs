@@ -15,9 +15,9 @@ use std::cell::Cell;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use rbackup::meta::{Meta, Xattr};
-use rbackup::protocol::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
-use rbackup::protocol::msg::{
+use rbackup::fs::meta::{Meta, Xattr};
+use rbackup::wire::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
+use rbackup::wire::msg::{
     Entry, Fetch, Hello, Link, LogKind, ReadError, ReadStatus, Reply, Role, SessionOptions, SinkMsg, SkipReason,
     SourceMsg, SpecialKind,
 };

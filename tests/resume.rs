@@ -14,8 +14,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rbackup::manifest::{Kind, ManifestReader};
-use rbackup::safefs::Dir;
+use rbackup::fs::safefs::Dir;
+use rbackup::store::manifest::{Kind, ManifestReader};
 
 fn start(cmd: &str, src: &Path, bk: &Path) -> Child {
     rbackup(&job_args(cmd, src, bk)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()

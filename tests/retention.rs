@@ -396,8 +396,8 @@ fn a_16_gib_sparse_file_is_stored_exactly_and_verified_by_its_data_alone() {
 /// Rewrites the manifest of `snapshot` as an rbackup of manifest format 1
 /// wrote it: the same records, with plain BLAKE3 content hashes.
 fn rewrite_as_format_1(bk: &Path, snapshot: &Path) {
-    use rbackup::manifest::{Kind, ManifestReader, ManifestWriter};
-    let dir = rbackup::safefs::Dir::open_path(&bk.join("srv.rbackup/manifests")).unwrap();
+    use rbackup::store::manifest::{Kind, ManifestReader, ManifestWriter};
+    let dir = rbackup::fs::safefs::Dir::open_path(&bk.join("srv.rbackup/manifests")).unwrap();
     let folder = snapshot.file_name().unwrap().to_str().unwrap();
     let mut reader = ManifestReader::open(&dir, folder.as_bytes()).unwrap().unwrap();
     let mut writer = ManifestWriter::create_format(&dir, folder, 1).unwrap();
@@ -433,13 +433,13 @@ fn a_snapshot_linked_from_a_format_1_manifest_has_every_file_hashed_with_digest_
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("hashed once more"), "{err}");
     let latest = complete(&bk, "srv")[1].clone();
-    let dir = rbackup::safefs::Dir::open_path(&bk.join("srv.rbackup/manifests")).unwrap();
+    let dir = rbackup::fs::safefs::Dir::open_path(&bk.join("srv.rbackup/manifests")).unwrap();
     let name = latest.file_name().unwrap().to_str().unwrap();
-    let mut reader = rbackup::manifest::ManifestReader::open(&dir, name.as_bytes()).unwrap().unwrap();
+    let mut reader = rbackup::store::manifest::ManifestReader::open(&dir, name.as_bytes()).unwrap().unwrap();
     assert_eq!(reader.digest(), rbackup::digest::Version::V2);
     let mut files = 0;
     while let Some(r) = reader.next_record().unwrap() {
-        if r.kind == rbackup::manifest::Kind::File {
+        if r.kind == rbackup::store::manifest::Kind::File {
             use std::os::unix::ffi::OsStrExt;
             files += 1;
             let data = std::fs::read(src.join(OsStr::from_bytes(&r.path))).unwrap();

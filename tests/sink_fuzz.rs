@@ -38,14 +38,14 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
 use proptest::test_runner::{Config, RngSeed};
-use rbackup::meta::{Meta, Privileges, Xattr};
+use rbackup::fs::meta::{Meta, Privileges, Xattr};
+use rbackup::fs::safefs::Dir;
 use rbackup::plan::Policy;
-use rbackup::protocol::Outbox;
-use rbackup::protocol::frame::{Encoder, FrameReader};
-use rbackup::protocol::msg::{Entry, Link, ReadError, ReadStatus, SkipReason, SourceMsg, SpecialKind};
 use rbackup::report::{Events, Problem, Stats};
-use rbackup::safefs::Dir;
 use rbackup::sink::{Recorder, Sink, SinkConfig};
+use rbackup::wire::Outbox;
+use rbackup::wire::frame::{Encoder, FrameReader};
+use rbackup::wire::msg::{Entry, Link, ReadError, ReadStatus, SkipReason, SourceMsg, SpecialKind};
 
 // ------------------------------------------------------- allocation counting
 
@@ -330,8 +330,9 @@ fn run_session(area: &Area, s: &Setup, wire: Vec<u8>) -> Ran {
         Policy::Restore => Vec::new(),
     };
     let recorder = if s.manifest {
-        let folder = rbackup::manifest::folder(&Dir::open_path(&area.path("meta")).unwrap()).unwrap();
-        let writer = rbackup::manifest::ManifestWriter::create(&folder, "fuzz.01-01-20_00-00-00.incomplete").unwrap();
+        let folder = rbackup::store::manifest::folder(&Dir::open_path(&area.path("meta")).unwrap()).unwrap();
+        let writer =
+            rbackup::store::manifest::ManifestWriter::create(&folder, "fuzz.01-01-20_00-00-00.incomplete").unwrap();
         Recorder { writer: Some(writer), ..Recorder::default() }
     } else {
         Recorder::default()

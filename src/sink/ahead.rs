@@ -12,12 +12,12 @@
 //! touches the disk; a listing that breaks the rules stops the look-ahead,
 //! and the sink, which sees the same entries, ends the session.
 
-use crate::meta::Privileges;
+use crate::fs::meta::Privileges;
+use crate::fs::safefs::{Chain, Dir};
 use crate::plan::Similarity;
-use crate::protocol::frame::Frame;
-use crate::protocol::msg::{Entry, SourceMsg};
-use crate::protocol::{ProtocolError, decode};
-use crate::safefs::{Chain, Dir};
+use crate::wire::frame::Frame;
+use crate::wire::msg::{Entry, SourceMsg};
+use crate::wire::{ProtocolError, decode};
 
 /// What the sink gets from the reader thread.
 pub enum Input {
@@ -124,7 +124,7 @@ impl Ahead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{self, Meta};
+    use crate::fs::meta::{self, Meta};
     use crate::plan::Similarity::{ContentDiffers, MetaDiffers, Missing, Same};
 
     fn file(name: &[u8], meta: Meta, size: u64) -> Entry {
@@ -189,9 +189,9 @@ mod tests {
     #[test]
     fn without_bases_it_only_decodes() {
         let mut ahead = Ahead::new(Vec::new(), Privileges::current());
-        let mut enc = crate::protocol::frame::Encoder::new(false);
+        let mut enc = crate::wire::frame::Encoder::new(false);
         let wire = enc.msg(&SourceMsg::Entries(vec![dir(b"", &Meta::default()), Entry::End]));
-        let frame = crate::protocol::frame::FrameReader::new(&wire[..]).read().unwrap().unwrap();
+        let frame = crate::wire::frame::FrameReader::new(&wire[..]).read().unwrap().unwrap();
         match ahead.stage(frame).unwrap() {
             Input::Entries(batch, sims) => {
                 assert_eq!(batch.len(), 2);

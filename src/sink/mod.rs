@@ -1,6 +1,6 @@
 //! The sink side of a session: take the source's listing, compare each entry
 //! with what the destination and the bases hold, and write through
-//! [`crate::writer`]. The desktop runs this for a backup; the agent runs it
+//! [`crate::fs::writer`]. The desktop runs this for a backup; the agent runs it
 //! for a restore.
 //!
 //! The listing arrives depth first. Each open directory has a node that lives
@@ -42,14 +42,14 @@ use std::thread::JoinHandle;
 use anyhow::{Context, Result, anyhow, bail};
 use rustix::fs::{FileType, Stat};
 
-use crate::meta::{self, Meta, Privileges, Target, Tree};
+use crate::fs::meta::{self, Meta, Privileges, Target, Tree};
+use crate::fs::safefs::{Chain, Dir, HELD_LEVELS, Shown, file_type, join};
+use crate::fs::writer::{self, Linked, TempEntry};
 use crate::plan::{self, FileAction, Origin, Policy, Similarity};
-use crate::protocol::frame::{Encoder, FrameReader};
-use crate::protocol::msg::{Entry, Fetch, Link, SinkMsg, SkipReason, SourceMsg, SpecialKind};
-use crate::protocol::{Outbox, ProtocolError};
 use crate::report::{Action, Events, Problem, ProblemKind, Stats};
-use crate::safefs::{Chain, Dir, HELD_LEVELS, Shown, file_type, join};
-use crate::writer::{self, Linked, TempEntry};
+use crate::wire::frame::{Encoder, FrameReader};
+use crate::wire::msg::{Entry, Fetch, Link, SinkMsg, SkipReason, SourceMsg, SpecialKind};
+use crate::wire::{Outbox, ProtocolError};
 
 /// Most fetches waiting for data before the listing is held back.
 pub const WINDOW: usize = 512;
@@ -58,7 +58,7 @@ pub const WINDOW: usize = 512;
 const SIGNATURE_BUDGET: usize = 64 << 20;
 /// Listing entries the source may send before it hears from us. Credit
 /// outstanding never exceeds it, so the protocol refuses longer batches.
-const INITIAL_CREDIT: u32 = crate::protocol::msg::BATCH_MAX as u32;
+const INITIAL_CREDIT: u32 = crate::wire::msg::BATCH_MAX as u32;
 /// Credit is returned in steps of at least this many entries.
 const CREDIT_STEP: u32 = 1024;
 /// How often a sink waiting for input looks for a signal.
@@ -72,7 +72,7 @@ pub fn spawn_reader<R: Read + Send + 'static>(
 ) -> (Receiver<Result<Input, ProtocolError>>, Arc<AtomicU64>, JoinHandle<()>) {
     let bases = if cfg.policy == Policy::Snapshot { cfg.bases.clone() } else { Vec::new() };
     let mut ahead = ahead::Ahead::new(bases, cfg.privs);
-    crate::protocol::spawn_reader(reader, 64, move |frame| ahead.stage(frame))
+    crate::wire::spawn_reader(reader, 64, move |frame| ahead.stage(frame))
 }
 
 /// How a sink writes.
@@ -102,7 +102,7 @@ pub struct SinkConfig {
 pub struct SinkOutcome {
     pub stats: Stats,
     /// The manifest, complete but for its footer (see `ManifestWriter::finish`).
-    pub manifest: Option<crate::manifest::ManifestWriter>,
+    pub manifest: Option<crate::store::manifest::ManifestWriter>,
 }
 
 struct DirNode {
@@ -339,10 +339,9 @@ impl<'e> Sink<'e> {
             SourceMsg::Hashing { id, done } => self.on_hashing(id, done),
             SourceMsg::FileEnd { id, status, hash } => self.on_end(id, &status, hash),
             SourceMsg::FileFailed { id, error } => self.on_failed(id, &error),
-            SourceMsg::Fatal(message) => bail!(crate::protocol::PeerFailed {
-                side: "sending",
-                message: format!("{:#}", Shown(message.as_bytes()))
-            }),
+            SourceMsg::Fatal(message) => {
+                bail!(crate::wire::PeerFailed { side: "sending", message: format!("{:#}", Shown(message.as_bytes())) })
+            }
         }
     }
 
@@ -535,7 +534,7 @@ impl<'e> Sink<'e> {
         };
         let mut node = node;
         let stored = self.cfg.privs.storable(&node.meta);
-        self.rec.push(record(&rel, crate::manifest::Kind::Dir, 0, &stored), Content::Known(None));
+        self.rec.push(record(&rel, crate::store::manifest::Kind::Dir, 0, &stored), Content::Known(None));
         if node.existed
             && let Some(st) = &dest_stat
             && let Some(dest) = self.dest.top()?
@@ -777,7 +776,7 @@ impl<'e> Sink<'e> {
             };
             let opened = opened.with_context(|| format!("opening directory {} again", Shown(&self.rel_of(n))))?;
             if Some(id(&opened.stat_self()?)) != node.dest_id {
-                bail!(crate::safefs::Moved { path: Shown(&self.rel_of(n)).to_string() });
+                bail!(crate::fs::safefs::Moved { path: Shown(&self.rel_of(n)).to_string() });
             }
             self.keep_spare(node.serial, opened.clone());
             dir = Some(opened);
@@ -880,7 +879,7 @@ impl<'e> Sink<'e> {
             };
             self.groups.insert(link.id, group);
         }
-        self.rec.push(record(&rel, crate::manifest::Kind::File, size, &want), content);
+        self.rec.push(record(&rel, crate::store::manifest::Kind::File, size, &want), content);
         Ok(())
     }
 
@@ -1001,7 +1000,7 @@ impl<'e> Sink<'e> {
             Some(Group::Done { rel: first, kept, hash, .. }) => {
                 let (first, kept, hash) = (first.clone(), *kept, *hash);
                 self.link_member(&first, kept, d, name, rel)?;
-                self.rec.push(record(rel, crate::manifest::Kind::File, size, want), Content::Known(hash));
+                self.rec.push(record(rel, crate::store::manifest::Kind::File, size, want), Content::Known(hash));
             }
             _ => {
                 let waiter = (d, name.to_vec());
@@ -1015,7 +1014,7 @@ impl<'e> Sink<'e> {
                 p.waiters.push(waiter);
                 let ticket = p.ticket;
                 self.node_mut(d).pending += 1;
-                self.rec.push(record(rel, crate::manifest::Kind::File, size, want), Content::Waiting(ticket));
+                self.rec.push(record(rel, crate::store::manifest::Kind::File, size, want), Content::Waiting(ticket));
             }
         }
         if left == 0 {
@@ -1247,9 +1246,9 @@ impl<'e> Sink<'e> {
         let (d, rel) = self.enter_name(name)?;
         self.stats.symlinks += 1;
         let want = self.cfg.privs.storable(meta);
-        let r = crate::manifest::Record {
+        let r = crate::store::manifest::Record {
             target: Some(target.to_vec()),
-            ..record(&rel, crate::manifest::Kind::Symlink, 0, &want)
+            ..record(&rel, crate::store::manifest::Kind::Symlink, 0, &want)
         };
         self.rec.push(r, Content::Known(None));
         let existing = self.existing(d, name, &rel)?;
@@ -1282,13 +1281,15 @@ impl<'e> Sink<'e> {
         self.stats.specials += 1;
         let want = self.cfg.privs.storable(meta);
         let kind_of = match kind {
-            SpecialKind::Fifo => crate::manifest::Kind::Fifo,
-            SpecialKind::Char => crate::manifest::Kind::Char,
-            SpecialKind::Block => crate::manifest::Kind::Block,
+            SpecialKind::Fifo => crate::store::manifest::Kind::Fifo,
+            SpecialKind::Char => crate::store::manifest::Kind::Char,
+            SpecialKind::Block => crate::store::manifest::Kind::Block,
         };
         let rdev_of = if kind == SpecialKind::Fifo { 0 } else { rdev };
-        self.rec
-            .push(crate::manifest::Record { rdev: rdev_of, ..record(&rel, kind_of, 0, &want) }, Content::Known(None));
+        self.rec.push(
+            crate::store::manifest::Record { rdev: rdev_of, ..record(&rel, kind_of, 0, &want) },
+            Content::Known(None),
+        );
         let existing = self.existing(d, name, &rel)?;
         let wanted_type = match kind {
             SpecialKind::Fifo => FileType::Fifo,
@@ -1330,11 +1331,11 @@ impl<'e> Sink<'e> {
         }
         let pinned = match dest.pin(name, kind) {
             Ok(p) => p,
-            Err(e) if e.raw_os_error() == Some(crate::safefs::libc_errno::ENOENT) => {
+            Err(e) if e.raw_os_error() == Some(crate::fs::safefs::libc_errno::ENOENT) => {
                 self.problem(ProblemKind::Vanished, rel, "disappeared while it was restored");
                 return Ok(());
             }
-            Err(e) if crate::safefs::Swapped::is(&e) => {
+            Err(e) if crate::fs::safefs::Swapped::is(&e) => {
                 self.problem(ProblemKind::Changed, rel, e.to_string());
                 return Ok(());
             }

@@ -46,13 +46,13 @@ use anyhow::{Context, Result};
 
 use super::{Group, Pending, Sink, violation};
 use crate::digest::ContentHasher;
-use crate::meta::Meta;
+use crate::fs::meta::Meta;
+use crate::fs::safefs::{Dir, Shown};
+use crate::fs::sys::Mapped;
+use crate::fs::writer::{self, Linked, TempEntry};
 use crate::plan::{Policy, signature_block_size};
-use crate::protocol::msg::{ReadError, ReadStatus};
 use crate::report::ProblemKind;
-use crate::safefs::{Dir, Shown};
-use crate::sys::Mapped;
-use crate::writer::{self, Linked, TempEntry};
+use crate::wire::msg::{ReadError, ReadStatus};
 
 /// A restore reads its basis (a live file) into memory rather than mapping
 /// it; above this size a changed file is sent whole.
@@ -480,7 +480,7 @@ impl Sink<'_> {
         let wdest = self.dest_of(wd)?.expect("fetches only happen outside dry runs");
         let existing = wdest.try_stat(wname)?;
         self.act(super::Action::Hardlink, wrel, existing.is_some());
-        if existing.as_ref().is_some_and(|st| crate::safefs::file_type(st) == rustix::fs::FileType::Directory) {
+        if existing.as_ref().is_some_and(|st| crate::fs::safefs::file_type(st) == rustix::fs::FileType::Directory) {
             wdest.remove_all(wname)?;
         }
         match writer::link(src_dir, src_name, &wdest, wname, existing.is_some())
@@ -490,7 +490,7 @@ impl Sink<'_> {
             Linked::TooManyLinks => {
                 let src = src_dir.open_file(src_name)?;
                 let st = src_dir.stat(src_name)?;
-                let meta = crate::meta::from_stat(&st, crate::meta::read_xattrs(src_dir, src_name)?);
+                let meta = crate::fs::meta::from_stat(&st, crate::fs::meta::read_xattrs(src_dir, src_name)?);
                 self.copy_file_into(&wdest, &src, wname, wrel, &meta, st.st_size as u64)
             }
         }

@@ -9,8 +9,8 @@
 //! no file of the new snapshot lacks a hash.
 
 use crate::digest::Version;
-use crate::manifest::{Cursor, Kind, ManifestWriter, Record, xattr_digest};
-use crate::meta::Meta;
+use crate::fs::meta::Meta;
+use crate::store::manifest::{Cursor, Kind, ManifestWriter, Record, xattr_digest};
 
 /// Manifests of the trees a file may come from, newest first: the first
 /// that has the path answers.

@@ -159,8 +159,8 @@ pub fn generate(root: &Path, cfg: &Config) -> Vec<PathBuf> {
             0 => std::os::unix::fs::lchown(f, Some(12_345 + (i % 7) as u32), Some(54_321)).unwrap(),
             1 => chmod(f, 0o600),
             2 => {
-                let mut acl = rbackup::acl::Acl::from_mode(0o644);
-                acl.grant_user(4242, rbackup::acl::R);
+                let mut acl = rbackup::fs::acl::Acl::from_mode(0o644);
+                acl.grant_user(4242, rbackup::fs::acl::R);
                 xattr::set(f, "system.posix_acl_access", &acl.to_bytes()).unwrap();
             }
             3 => xattr::set(f, "user.origin", format!("file {i}").as_bytes()).unwrap(),

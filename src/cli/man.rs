@@ -6,7 +6,7 @@
 //! files rbackup keeps are rendered from the tables of docs/configuration.md
 //! and docs/exit-codes.md: the pages and the docs can't say different things,
 //! and the tests below hold those tables to the config structs and to
-//! [`crate::exit::Code`], so neither can drift from the code.
+//! [`crate::error::Code`], so neither can drift from the code.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,9 +15,9 @@ use anyhow::{Context, Result};
 use clap::CommandFactory;
 use clap_mangen::Man;
 
-const CONFIGURATION: &str = include_str!("../docs/configuration.md");
-const EXIT_CODES: &str = include_str!("../docs/exit-codes.md");
-const EXAMPLE_CONFIG: &str = include_str!("../examples/rbackup.toml");
+const CONFIGURATION: &str = include_str!("../../docs/configuration.md");
+const EXIT_CODES: &str = include_str!("../../docs/exit-codes.md");
+const EXAMPLE_CONFIG: &str = include_str!("../../examples/rbackup.toml");
 
 /// Where the package installs docs/*.md (and examples/).
 pub const DOC_DIR: &str = "/usr/share/doc/rbackup";
@@ -441,7 +441,7 @@ fn installed_doc_paths(roff: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::Code;
+    use crate::error::Code;
 
     /// The keys serde accepts in a table, from its unknown-field error.
     fn accepted_keys(table: &str) -> Vec<String> {

@@ -14,12 +14,12 @@ use anyhow::{Context, Result};
 
 use crate::config::Job;
 use crate::digest::Version;
-use crate::exit::Code;
-use crate::manifest::{self, Kind, ManifestReader, Record, dfs_cmp};
-use crate::safefs::Shown;
+use crate::error::Code;
+use crate::fs::safefs::Shown;
+use crate::store::manifest::{self, Kind, ManifestReader, Record, dfs_cmp};
+use crate::store::reader::Walk;
 use crate::store::{Snapshot, Store};
-use crate::tree::Walk;
-use crate::{info, lock, usage, warn};
+use crate::{info, store::lock, usage, warn};
 
 /// What one snapshot's verification found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -46,7 +46,7 @@ fn choose(snapshots: &[Snapshot], spec: Option<&str>, name: &str) -> Result<Vec<
     let complete: Vec<Snapshot> = snapshots.iter().filter(|s| s.complete).cloned().collect();
     match spec {
         Some("all") => Ok(complete),
-        other => Ok(vec![crate::restore::pick(snapshots, name, other)?]),
+        other => Ok(vec![crate::cmd::restore::pick(snapshots, name, other)?]),
     }
 }
 
@@ -81,7 +81,12 @@ pub fn run(job: &Job, spec: Option<&str>) -> Result<Code> {
             }
         }
         if f.mismatches() == 0 {
-            info!("{}: ok ({} entries, {} read)", snap.folder, f.entries, crate::backup::human_bytes(f.bytes_read));
+            info!(
+                "{}: ok ({} entries, {} read)",
+                snap.folder,
+                f.entries,
+                crate::cmd::backup::human_bytes(f.bytes_read)
+            );
         } else {
             bad += 1;
             warn!("{}: {} mismatches", snap.folder, f.mismatches());

@@ -9,9 +9,9 @@ use chrono::{DateTime, Datelike, Duration, Timelike, Utc};
 use serde::Deserialize;
 
 use crate::config::Job;
-use crate::exit::Code;
+use crate::error::Code;
 use crate::store::{Snapshot, Store};
-use crate::{info, lock, usage};
+use crate::{info, store::lock, usage};
 
 /// The rules. `None`/0 means the rule is not used. Also the options of
 /// `prune`, where they override the job's `keep_*` keys.

@@ -12,9 +12,9 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::backup::RunReport;
+use crate::cmd::backup::RunReport;
 use crate::config::Job;
-use crate::exit::{Code, code_of};
+use crate::error::{Code, code_of};
 use crate::notify::RunMail;
 use crate::store::Store;
 use crate::{error, log, warn};
@@ -140,7 +140,7 @@ fn read_last_run(store: &Store) -> Result<serde_json::Value> {
 fn write_last_run(store: &Store, summary: &serde_json::Value) -> Result<()> {
     let mut text = serde_json::to_vec_pretty(summary).expect("JSON of plain data");
     text.push(b'\n');
-    crate::writer::replace_file(&store.meta_dir()?, b"last-run.json", &text, 0o600)?;
+    crate::fs::writer::replace_file(&store.meta_dir()?, b"last-run.json", &text, 0o600)?;
     Ok(())
 }
 
@@ -200,10 +200,10 @@ rbackup_{name}{{job=\"{label}\"}} {value}
         .mode(0o755)
         .create(parent)
         .with_context(|| format!("cannot create {}", parent.display()))?;
-    let dir = crate::safefs::Dir::open_path(parent).with_context(|| format!("cannot open {}", parent.display()))?;
+    let dir = crate::fs::safefs::Dir::open_path(parent).with_context(|| format!("cannot open {}", parent.display()))?;
     // Through the writer's replace: a fresh temp name, fsync, rename over —
     // never a write through whatever sits at a predictable name.
-    crate::writer::replace_file(&dir, name.as_encoded_bytes(), text.as_bytes(), 0o644)
+    crate::fs::writer::replace_file(&dir, name.as_encoded_bytes(), text.as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

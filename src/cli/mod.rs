@@ -1,7 +1,10 @@
 //! The command line, as clap sees it. Nothing here but parsing: `main` turns
 //! it into a [`crate::config::Job`] and the commands never see clap.
+
 // Doc comments here are --help text, where Markdown backticks would show.
 #![allow(clippy::doc_markdown)]
+
+pub mod man;
 
 use std::path::PathBuf;
 
@@ -208,7 +211,7 @@ pub struct PruneArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
-    pub rules: crate::prune::Rules,
+    pub rules: crate::cmd::prune::Rules,
     /// Print keep/remove for each snapshot with the rule that keeps it; remove nothing
     #[arg(long)]
     pub dry_run: bool,

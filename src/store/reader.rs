@@ -9,9 +9,9 @@ use std::io;
 use rustix::fs::{FileType, Stat};
 
 use crate::digest::{FileDigest, Version};
-use crate::manifest::{Kind, Record, xattr_digest};
-use crate::meta;
-use crate::safefs::{Chain, Dir, Shown, file_type, join};
+use crate::fs::meta;
+use crate::fs::safefs::{Chain, Dir, Shown, file_type, join};
+use crate::store::manifest::{Kind, Record, xattr_digest};
 
 /// One entry of a tree.
 pub struct Item {
@@ -145,7 +145,7 @@ mod tests {
         let want: Vec<&[u8]> = vec![b"", b"a", b"a/b", b"a/c", b"a/c/d", b"a.txt", b"b", b"b/x"];
         assert_eq!(paths, want);
         let mut sorted = paths.clone();
-        sorted.sort_by(|a, b| crate::manifest::dfs_cmp(a, b));
+        sorted.sort_by(|a, b| crate::store::manifest::dfs_cmp(a, b));
         assert_eq!(paths, sorted, "the walk's order is the manifests' order");
     }
 }

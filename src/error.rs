@@ -110,7 +110,7 @@ pub fn code_of(err: &anyhow::Error) -> Code {
 #[macro_export]
 macro_rules! usage {
     ($($arg:tt)*) => {
-        anyhow::Error::new($crate::exit::UsageError(format!($($arg)*)))
+        anyhow::Error::new($crate::error::UsageError(format!($($arg)*)))
     };
 }
 

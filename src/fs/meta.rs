@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use xattr::FileExt;
 
-use crate::safefs::{Dir, Pinned, libc_errno};
+use crate::fs::safefs::{Dir, Pinned, libc_errno};
 
 /// The part of `st_mode` rbackup keeps besides the file type.
 pub const MODE_BITS: u32 = 0o7777;
@@ -50,7 +50,7 @@ pub struct Meta {
 pub const XATTRS_MAX: usize = 65_536 / 7;
 
 fn bounded_xattrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Xattr>, D::Error> {
-    d.deserialize_seq(crate::protocol::msg::Bounded {
+    d.deserialize_seq(crate::wire::msg::Bounded {
         limit: XATTRS_MAX,
         what: "at most 9362 extended attributes",
         cost: |_: &Xattr| 0,
@@ -476,7 +476,7 @@ pub enum Tree {
 
 /// Reads the managed xattrs of `name` in `dir`, whose `lstat` is `st`.
 pub fn read_xattrs_of(dir: &Dir, name: &[u8], st: &Stat, tree: Tree) -> io::Result<Vec<Xattr>> {
-    if tree == Tree::Ours && crate::safefs::file_type(st) == rustix::fs::FileType::RegularFile {
+    if tree == Tree::Ours && crate::fs::safefs::file_type(st) == rustix::fs::FileType::RegularFile {
         // Only a regular file: opening a device node can have effects.
         return Xattrs::File(&dir.open_file(name)?).read();
     }

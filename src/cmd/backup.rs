@@ -14,18 +14,18 @@ use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
 
 use crate::config::{Job, SourceSpec};
-use crate::exit::Code;
-use crate::meta::Privileges;
+use crate::error::Code;
+use crate::fs::meta::Privileges;
+use crate::fs::safefs::{Dir, Shown};
 use crate::plan::Policy;
 use crate::progress::Progress;
-use crate::protocol::msg::{Hello, Role, SessionOptions};
-use crate::protocol::{SOFTWARE, spawn_writer};
 use crate::report::{Events, Problem, Stats};
-use crate::safefs::{Dir, Shown};
 use crate::sink::{ManifestSet, Recorder, Sink, SinkConfig};
 use crate::store::{Snapshot, Store};
 use crate::transport::{self, Connection, Handle};
-use crate::{info, lock, usage, warn};
+use crate::wire::msg::{Hello, Role, SessionOptions};
+use crate::wire::{SOFTWARE, spawn_writer};
+use crate::{info, store::lock, usage, warn};
 
 /// How to run.
 #[derive(Debug, Clone, Default)]
@@ -58,7 +58,7 @@ pub struct DesktopEvents {
     pub serious: u64,
     pub live: u64,
     /// Writes data back while the run goes on (not in a dry run).
-    flusher: Option<crate::writer::Flusher>,
+    flusher: Option<crate::fs::writer::Flusher>,
 }
 
 impl DesktopEvents {
@@ -252,7 +252,7 @@ pub fn run_with(
     }
 
     let mut events = DesktopEvents::new(opts.dry_run);
-    events.flusher = dest.clone().filter(|_| !opts.dry_run).map(crate::writer::Flusher::new);
+    events.flusher = dest.clone().filter(|_| !opts.dry_run).map(crate::fs::writer::Flusher::new);
     let cfg = SinkConfig {
         dest: dest.clone(),
         fresh,
@@ -303,7 +303,7 @@ pub fn run_with(
         (Some(store), Some(dest)) if !opts.dry_run => {
             // The manifest is whole and on disk before the snapshot is named
             // complete; it gets its own name after.
-            let manifest = manifest.map(crate::manifest::ManifestWriter::finish).transpose();
+            let manifest = manifest.map(crate::store::manifest::ManifestWriter::finish).transpose();
             let manifest = manifest.unwrap_or_else(|e| {
                 warn!("the manifest could not be finished, the snapshot will have none: {e:#}");
                 None
@@ -330,7 +330,7 @@ pub fn run_with(
         _ => None,
     };
     if events.denied > 0 {
-        let user = crate::check::backup_user(job).unwrap_or_else(|| "USER".into());
+        let user = crate::cmd::check::backup_user(job).unwrap_or_else(|| "USER".into());
         warn!(
             "{} entries could not be read at the source: permission denied. On an ACL setup, a chmod may have shrunk the ACL \
              mask, or files were moved in without the default ACL: check with `getfacl`, fix with \
@@ -374,19 +374,19 @@ fn failed(e: anyhow::Error, source: &SourceSpec, handle: &Handle, dest: Option<&
 
 /// The manifest of `target`, and those of the trees it links from.
 fn recorder(store: &Store, target: &Snapshot, plan: &RunPlan) -> Result<Recorder> {
-    let folder = crate::manifest::folder(&store.meta_dir()?).context("opening the manifests folder")?;
-    let cursors = |s: &Snapshot| -> Vec<crate::manifest::Cursor> {
-        let name = crate::manifest::file_name(&s.folder);
-        let names = if s.complete { vec![name.into_bytes()] } else { crate::manifest::partials(&folder, &name) };
+    let folder = crate::store::manifest::folder(&store.meta_dir()?).context("opening the manifests folder")?;
+    let cursors = |s: &Snapshot| -> Vec<crate::store::manifest::Cursor> {
+        let name = crate::store::manifest::file_name(&s.folder);
+        let names = if s.complete { vec![name.into_bytes()] } else { crate::store::manifest::partials(&folder, &name) };
         names
             .iter()
-            .filter_map(|n| crate::manifest::ManifestReader::open(&folder, n).ok().flatten())
-            .map(|r| crate::manifest::Cursor::new(Some(r)))
+            .filter_map(|n| crate::store::manifest::ManifestReader::open(&folder, n).ok().flatten())
+            .map(|r| crate::store::manifest::Cursor::new(Some(r)))
             .collect()
     };
     let dest = if plan.resume.is_some() { ManifestSet::new(cursors(target)) } else { ManifestSet::default() };
     let bases = plan.bases.iter().map(|b| ManifestSet::new(cursors(b))).collect();
-    let writer = match crate::manifest::ManifestWriter::create(&folder, &target.folder) {
+    let writer = match crate::store::manifest::ManifestWriter::create(&folder, &target.folder) {
         Ok(w) => Some(w),
         Err(e) => {
             warn!("no manifest for this snapshot: {e:#}");

@@ -27,8 +27,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Version;
-use crate::meta::Xattr;
-use crate::safefs::Dir;
+use crate::fs::meta::Xattr;
+use crate::fs::safefs::Dir;
 
 /// Format version written in every manifest's header: 2, its content
 /// digests are version 2.
@@ -369,7 +369,7 @@ impl ManifestReader {
 
 fn read_item(input: &mut impl Read) -> Result<Option<Item>> {
     let mut len = [0u8; 4];
-    match crate::protocol::frame::read_full(input, &mut len)? {
+    match crate::wire::frame::read_full(input, &mut len)? {
         0 => return Ok(None),
         4 => {}
         _ => bail!("manifest cut in the middle of a record"),
@@ -379,7 +379,7 @@ fn read_item(input: &mut impl Read) -> Result<Option<Item>> {
         bail!("manifest record of {len} bytes is too large");
     }
     let mut buf = vec![0u8; len];
-    if crate::protocol::frame::read_full(input, &mut buf)? != len {
+    if crate::wire::frame::read_full(input, &mut buf)? != len {
         bail!("manifest cut in the middle of a record");
     }
     Ok(Some(postcard::from_bytes(&buf).context("undecodable manifest record")?))

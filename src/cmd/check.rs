@@ -6,17 +6,17 @@
 
 use anyhow::Result;
 
-use crate::backup::human_bytes;
+use crate::cmd::backup::human_bytes;
 use crate::config::{Job, SourceSpec};
-use crate::exit::Code;
-use crate::meta::Privileges;
+use crate::error::Code;
+use crate::fs::meta::Privileges;
 use crate::plan::Policy;
-use crate::protocol::msg::{Hello, Role, SessionOptions};
-use crate::protocol::{SOFTWARE, spawn_writer};
 use crate::report::{Events, Problem, ProblemKind};
 use crate::sink::{Sink, SinkConfig};
 use crate::store::Store;
 use crate::transport;
+use crate::wire::msg::{Hello, Role, SessionOptions};
+use crate::wire::{SOFTWARE, spawn_writer};
 
 struct Report {
     failed: bool,
@@ -97,7 +97,7 @@ fn check_source(job: &Job, r: &mut Report) {
             return;
         }
     };
-    r.good(&format!("{source}: reachable, agent speaks protocol {} (rbackup {SOFTWARE})", crate::protocol::VERSION));
+    r.good(&format!("{source}: reachable, agent speaks protocol {} (rbackup {SOFTWARE})", crate::wire::VERSION));
     r.good(&format!("path served: {}", String::from_utf8_lossy(&session.root)));
 
     // Walk the whole tree as the backup user would, opening every file.
@@ -257,7 +257,7 @@ fn check_folder(job: &Job, r: &mut Report) {
         && let Ok(meta) = store.meta_dir()
     {
         let shown = folder.join(format!("{}.*", job.name)).display().to_string();
-        match crate::lock::acquire(&meta, "check", &shown) {
+        match crate::store::lock::acquire(&meta, "check", &shown) {
             Ok(_lock) => r.good("lock: free"),
             Err(e) => println!("note  {e:#}"),
         }

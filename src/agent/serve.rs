@@ -16,15 +16,15 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::cli::ServeArgs;
-use crate::meta::Privileges;
+use crate::fs::meta::Privileges;
+use crate::fs::safefs::{Dir, Shown, libc_errno};
 use crate::plan::Policy;
-use crate::protocol::frame::{Encoder, FrameReader};
-use crate::protocol::msg::{Hello, LogKind, Reply, Role, SessionOptions, SinkMsg};
-use crate::protocol::{Outbox, SOFTWARE, read_msg, read_preamble, spawn_writer, write_preamble};
 use crate::report::{Events, Problem};
-use crate::safefs::{Dir, Shown, libc_errno};
 use crate::sink::{Sink, SinkConfig};
 use crate::source::{self, Selection};
+use crate::wire::frame::{Encoder, FrameReader};
+use crate::wire::msg::{Hello, LogKind, Reply, Role, SessionOptions, SinkMsg};
+use crate::wire::{Outbox, SOFTWARE, read_msg, read_preamble, spawn_writer, write_preamble};
 
 /// Runs the agent until the desktop is done.
 pub fn run(args: &ServeArgs) -> Result<()> {

@@ -23,7 +23,7 @@ use std::sync::{Condvar, Mutex};
 use anyhow::{Context, Result};
 use rustix::fs::{AtFlags, FileType, RenameFlags};
 
-use crate::safefs::{Dir, REMOVE_DEPTH, Shown, join, libc_errno, temp_name};
+use crate::fs::safefs::{Dir, REMOVE_DEPTH, Shown, join, libc_errno, temp_name};
 
 /// Threads used to delete.
 pub fn threads() -> usize {
@@ -138,7 +138,9 @@ fn clear_files(top: &Dir, rel: &[u8]) -> Result<Vec<Vec<u8>>> {
     for (_, name, ft) in entries {
         let is_dir = match ft {
             FileType::Directory => true,
-            FileType::Unknown => dir.stat(&name).is_ok_and(|st| crate::safefs::file_type(&st) == FileType::Directory),
+            FileType::Unknown => {
+                dir.stat(&name).is_ok_and(|st| crate::fs::safefs::file_type(&st) == FileType::Directory)
+            }
             _ => false,
         };
         if !is_dir {

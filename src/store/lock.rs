@@ -14,8 +14,8 @@ use std::io::{Read, Seek, Write};
 use anyhow::{Context, Result};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
-use crate::exit::LockedError;
-use crate::safefs::Dir;
+use crate::error::LockedError;
+use crate::fs::safefs::Dir;
 
 /// Restores (and later verifies) read snapshots: they share this lock, which
 /// `prune` takes exclusively, so nothing is deleted while it is read.

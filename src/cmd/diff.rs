@@ -9,12 +9,12 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::config::Job;
 use crate::digest::Version;
-use crate::exit::Code;
-use crate::manifest::{self, Kind, ManifestReader, Record, dfs_cmp};
-use crate::safefs::Shown;
+use crate::error::Code;
+use crate::fs::safefs::Shown;
+use crate::store::manifest::{self, Kind, ManifestReader, Record, dfs_cmp};
+use crate::store::reader::{Item, Walk};
 use crate::store::{Snapshot, Store};
-use crate::tree::{Item, Walk};
-use crate::{info, lock};
+use crate::{info, store::lock};
 
 /// How an entry differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,7 +67,7 @@ fn pick(snapshots: &[Snapshot], name: &str, spec: &str) -> Result<Snapshot> {
             .map(|i| complete[i].clone())
             .ok_or_else(|| anyhow!("there is no snapshot of {name} before the latest"));
     }
-    crate::restore::pick(snapshots, name, Some(spec))
+    crate::cmd::restore::pick(snapshots, name, Some(spec))
 }
 
 /// Prints the differences between snapshots `a` and `b`.

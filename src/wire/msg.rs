@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{Meta, XATTR_VALUE_MAX, is_managed_xattr};
-use crate::safefs::{NameError, check_name};
+use crate::fs::meta::{Meta, XATTR_VALUE_MAX, is_managed_xattr};
+use crate::fs::safefs::{NameError, check_name};
 
 /// What the desktop asks of the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,7 +359,7 @@ pub enum EntryError {
 const XATTRS_MAX_TOTAL: usize = 4 << 20;
 
 fn check_meta(meta: &Meta) -> Result<(), EntryError> {
-    if meta.mode & !crate::meta::MODE_BITS != 0 {
+    if meta.mode & !crate::fs::meta::MODE_BITS != 0 {
         return Err(EntryError::Mode(meta.mode));
     }
     if meta.mtime_nsec >= 1_000_000_000 {
@@ -436,7 +436,7 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::Xattr;
+    use crate::fs::meta::Xattr;
 
     fn meta() -> Meta {
         Meta { mode: 0o644, ..Meta::default() }
@@ -475,8 +475,8 @@ mod tests {
         let decode = |batch: Vec<Entry>| {
             postcard::from_bytes::<SourceMsg>(&postcard::to_stdvec(&SourceMsg::Entries(batch)).unwrap())
         };
-        assert!(matches!(decode(vec![with(crate::meta::XATTRS_MAX)]), Ok(SourceMsg::Entries(b)) if b.len() == 1));
-        assert!(decode(vec![with(crate::meta::XATTRS_MAX + 1)]).is_err());
+        assert!(matches!(decode(vec![with(crate::fs::meta::XATTRS_MAX)]), Ok(SourceMsg::Entries(b)) if b.len() == 1));
+        assert!(decode(vec![with(crate::fs::meta::XATTRS_MAX + 1)]).is_err());
         // Two entries within the per-entry bound, beyond the batch's.
         let half = BATCH_XATTRS_MAX / 2 + 1;
         assert!(decode(vec![with(half)]).is_ok());

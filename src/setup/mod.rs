@@ -10,9 +10,9 @@ use std::process::Command;
 use anyhow::{Context, Result, anyhow, bail};
 use rustix::fs::FileType;
 
-use crate::acl::{self, Acl};
-use crate::meta::{ACL_ACCESS, ACL_DEFAULT};
-use crate::safefs::{Dir, Shown, file_type};
+use crate::fs::acl::{self, Acl};
+use crate::fs::meta::{ACL_ACCESS, ACL_DEFAULT};
+use crate::fs::safefs::{Dir, Shown, file_type};
 use crate::{info, usage, warn};
 
 /// How the backup user gets to read the tree.
@@ -394,7 +394,7 @@ fn write_key(steps: &Steps, plan: &KeyPlan) -> Result<()> {
             }
         }
         let d = Dir::open_path(dir)?;
-        crate::writer::replace_file(&d, b"authorized_keys", new.as_bytes(), 0o644)?;
+        crate::fs::writer::replace_file(&d, b"authorized_keys", new.as_bytes(), 0o644)?;
         Ok(())
     })
 }
@@ -491,7 +491,7 @@ fn current_acl(path: &Path, name: &[u8], mode: u32) -> Result<Acl> {
 
 /// Gives `uid` read access to everything beneath `root` (`rX`), and a default
 /// ACL on directories so new files get it too. Walks with directory handles
-/// ([`crate::tree::Walk`]): no symlink is followed, paths longer than
+/// ([`crate::store::reader::Walk`]): no symlink is followed, paths longer than
 /// `PATH_MAX` work (where `setfacl -R` gives up), and a bounded number of
 /// descriptors is open however deep or wide the tree. Each entry's ACL is
 /// read and written through an `O_PATH` descriptor checked to be what the
@@ -501,7 +501,7 @@ fn current_acl(path: &Path, name: &[u8], mode: u32) -> Result<Acl> {
 fn grant_tree(steps: &Steps, root: &Path, user: &str, uid: u32) -> Result<u64> {
     let top = Dir::open_path(root)?;
     let mut g = Grants { steps, user, seen: 0, granted: 0, failed: 0 };
-    for item in crate::tree::Walk::new(top.clone()) {
+    for item in crate::store::reader::Walk::new(top.clone()) {
         let item = match item {
             Ok(item) => item,
             Err(e) => {
@@ -765,7 +765,7 @@ pub fn client(o: &ClientOptions) -> Result<()> {
             }
             text.push_str(&line);
             text.push('\n');
-            crate::writer::replace_file(&Dir::open_path(&base)?, b"known_hosts", text.as_bytes(), 0o644)?;
+            crate::fs::writer::replace_file(&Dir::open_path(&base)?, b"known_hosts", text.as_bytes(), 0o644)?;
             Ok(())
         })?;
     }
@@ -795,7 +795,7 @@ pub fn client(o: &ClientOptions) -> Result<()> {
     } else {
         steps.run(&format!("write {}", ssh_config.display()), || {
             let name = ssh_config.file_name().expect("a file name").as_bytes().to_vec();
-            crate::writer::replace_file(&Dir::open_path(&base)?, &name, cfg.as_bytes(), 0o644)?;
+            crate::fs::writer::replace_file(&Dir::open_path(&base)?, &name, cfg.as_bytes(), 0o644)?;
             Ok(())
         })?;
     }
@@ -890,7 +890,7 @@ fn add_job(steps: &Steps, o: &ClientOptions, ssh_config: &Path, restore_to: Opti
         }
         let dir = Dir::open_path(o.config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
         let name = o.config.file_name().ok_or_else(|| anyhow!("no file name"))?.as_bytes().to_vec();
-        crate::writer::replace_file(&dir, &name, new.as_bytes(), 0o644)?;
+        crate::fs::writer::replace_file(&dir, &name, new.as_bytes(), 0o644)?;
         Ok(())
     };
     if !text.is_empty() {

@@ -8,7 +8,7 @@
 //! it speaks exactly the protocol the SSH agent speaks.
 //!
 //! Every read and write on the agent's pipes is bounded by the job's
-//! `io_timeout` ([`crate::link`]); ssh's keepalives are derived from it, so a
+//! `io_timeout` ([`crate::transport::link`]); ssh's keepalives are derived from it, so a
 //! dead connection is noticed in about the same time.
 //!
 //! The agent's stderr is drained on its own thread — a full stderr pipe would
@@ -17,6 +17,8 @@
 //! long: something other than the agent can hold its stderr open (an ssh
 //! multiplexing master, a process the agent started), and shutdown must not
 //! depend on it.
+
+pub mod link;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,10 +32,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::config::Job;
-use crate::link::{Link, LinkError};
-use crate::protocol::frame::{Encoder, FrameReader};
-use crate::protocol::msg::{Hello, Reply, Role};
-use crate::protocol::{HandshakeError, PeerFailed, ProtocolError, read_msg, read_preamble, write_preamble};
+use crate::transport::link::{Link, LinkError};
+use crate::wire::frame::{Encoder, FrameReader};
+use crate::wire::msg::{Hello, Reply, Role};
+use crate::wire::{HandshakeError, PeerFailed, ProtocolError, read_msg, read_preamble, write_preamble};
 
 /// Lines of the agent's stderr kept for messages.
 const STDERR_TAIL: usize = 20;

@@ -27,13 +27,13 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use rustix::fs::{FileType, OFlags, SeekFrom};
 
 use crate::digest::ContentHasher;
-use crate::meta::{self, Meta};
-use crate::protocol::frame::{CHUNK, Encoder, Frame, FrameReader};
-use crate::protocol::msg::{
+use crate::fs::meta::{self, Meta};
+use crate::fs::safefs::{Chain, Dir, Shown, file_type, join, libc_errno};
+use crate::wire::frame::{CHUNK, Encoder, Frame, FrameReader};
+use crate::wire::msg::{
     BATCH_XATTRS_MAX, Entry, Fetch, Link, LogKind, ReadError, ReadStatus, SinkMsg, SkipReason, SourceMsg, SpecialKind,
 };
-use crate::protocol::{Outbox, ProtocolError, decode, spawn_writer};
-use crate::safefs::{Chain, Dir, Shown, file_type, join, libc_errno};
+use crate::wire::{Outbox, ProtocolError, decode, spawn_writer};
 
 /// Size of the windows a delta is computed in (docs/design.md: one signature, diffed
 /// window by window, so memory stays flat for any file size).
@@ -214,7 +214,7 @@ fn read_sink<R: Read>(
             // The peer's text, escaped before it reaches a terminal or a log.
             SinkMsg::Log { kind, text } => on_log(kind, &Shown(text.as_bytes()).to_string()),
             SinkMsg::Finish { summary } => return Ok(summary),
-            SinkMsg::Fatal(message) => bail!(crate::protocol::PeerFailed {
+            SinkMsg::Fatal(message) => bail!(crate::wire::PeerFailed {
                 side: "receiving",
                 message: format!("{:#}", Shown(message.as_bytes()))
             }),
@@ -273,7 +273,7 @@ impl Walker {
     fn run(mut self, root: &Dir) -> Result<()> {
         // Without it (a sandbox that forbids unshare), xattrs are read
         // through procfs paths.
-        self.own_cwd = crate::sys::private_cwd().is_ok();
+        self.own_cwd = crate::fs::sys::private_cwd().is_ok();
         match self.walk(root) {
             Ok(()) => Ok(()),
             // The sink went away; the caller reports why.

@@ -12,10 +12,10 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context, Result};
 use rustix::fs::FileType;
 
-use crate::backup::human_bytes;
-use crate::safefs::file_type;
+use crate::cmd::backup::human_bytes;
+use crate::fs::safefs::file_type;
+use crate::store::reader::Walk;
 use crate::store::{Snapshot, Store};
-use crate::tree::Walk;
 
 /// Sizes of one snapshot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

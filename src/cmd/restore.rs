@@ -17,14 +17,14 @@ use anyhow::{Context, Result, anyhow};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 
 use crate::config::{Job, SourceSpec};
-use crate::exit::Code;
-use crate::protocol::SOFTWARE;
-use crate::protocol::msg::{Hello, LogKind, Role, SessionOptions};
+use crate::error::Code;
 use crate::report::Stats;
 use crate::source::{self, Selection};
 use crate::store::{Snapshot, Store, parse_stamp};
 use crate::transport::Connection;
-use crate::{info, lock, usage, warn};
+use crate::wire::SOFTWARE;
+use crate::wire::msg::{Hello, LogKind, Role, SessionOptions};
+use crate::{info, store::lock, usage, warn};
 
 /// What to restore, and where.
 #[derive(Debug, Clone, Default)]
@@ -207,7 +207,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     })
 }
 
-fn exists_in(snap: &crate::safefs::Dir, rel: &[u8]) -> bool {
+fn exists_in(snap: &crate::fs::safefs::Dir, rel: &[u8]) -> bool {
     let (dir, name) = match rel.iter().rposition(|&b| b == b'/') {
         Some(i) => (&rel[..i], &rel[i + 1..]),
         None => (&b""[..], rel),

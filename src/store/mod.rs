@@ -8,13 +8,17 @@
 //! only after everything in it is on disk; deleting one first moves it into
 //! the trash, so a half-deleted snapshot is never listed as complete.
 
+pub mod lock;
+pub mod manifest;
+pub mod reader;
+
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, NaiveDate, Timelike, Utc};
 
-use crate::safefs::Dir;
+use crate::fs::safefs::Dir;
 use crate::usage;
 
 const INCOMPLETE: &str = ".incomplete";
@@ -270,14 +274,14 @@ impl Store {
         self.dir
             .rename_noreplace(s.folder.as_bytes(), &trash, s.folder.as_bytes())
             .with_context(|| format!("cannot move {} to the trash", s.folder))?;
-        crate::delete::remove_tree(&trash, s.folder.as_bytes())
+        crate::fs::delete::remove_tree(&trash, s.folder.as_bytes())
             .with_context(|| format!("cannot delete {}", s.folder))?;
         self.remove_partial_manifests(&s.folder);
         if s.complete
             && let Ok(meta) = self.meta_dir()
             && let Ok(Some(dir)) = meta.try_open_dir(b"manifests")
         {
-            let _ = dir.unlink(crate::manifest::file_name(&s.folder).as_bytes());
+            let _ = dir.unlink(crate::store::manifest::file_name(&s.folder).as_bytes());
         }
         Ok(())
     }
@@ -287,8 +291,8 @@ impl Store {
     pub fn remove_partial_manifests(&self, folder: &str) {
         let Ok(meta) = self.meta_dir() else { return };
         let Ok(Some(dir)) = meta.try_open_dir(b"manifests") else { return };
-        let name = crate::manifest::file_name(folder);
-        for n in crate::manifest::partials(&dir, &name) {
+        let name = crate::store::manifest::file_name(folder);
+        for n in crate::store::manifest::partials(&dir, &name) {
             let _ = dir.unlink(&n);
         }
     }
@@ -297,7 +301,7 @@ impl Store {
     pub fn empty_trash(&self) -> Result<()> {
         let trash = self.trash()?;
         for name in trash.names().context("cannot list the trash")? {
-            crate::delete::remove_tree(&trash, &name).context("cannot empty the trash")?;
+            crate::fs::delete::remove_tree(&trash, &name).context("cannot empty the trash")?;
         }
         Ok(())
     }

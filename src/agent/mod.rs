@@ -1,0 +1,3 @@
+//! The server's side: the agent `rbackup serve` that a forced command runs.
+
+pub mod serve;

@@ -1,0 +1,11 @@
+//! One file per command. Each takes a resolved [`crate::config::Job`] (or
+//! plain options) and returns an exit code; none of them sees clap.
+
+pub mod after_run;
+pub mod backup;
+pub mod check;
+pub mod diff;
+pub mod list;
+pub mod prune;
+pub mod restore;
+pub mod verify;

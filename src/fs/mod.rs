@@ -1,0 +1,11 @@
+//! The only door to disk: directory handles that follow nothing ([`safefs`]),
+//! the writer that creates every entry under a temporary name ([`writer`]),
+//! exact metadata ([`meta`], [`acl`]), fast whole-tree deletion ([`delete`]),
+//! and the one place with `unsafe` ([`sys`]).
+
+pub mod acl;
+pub mod delete;
+pub mod meta;
+pub mod safefs;
+pub(crate) mod sys;
+pub mod writer;
