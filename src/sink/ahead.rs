@@ -114,7 +114,7 @@ impl Ahead {
                 let chains = &mut self.chains;
                 let dirs = self.tops.get_or_insert_with(|| chains.iter_mut().map(|c| c.top().ok().flatten()).collect());
                 let want = self.privs.storable(meta);
-                Some(super::base_similarities(dirs, name, *size, &want))
+                Some(super::files::base_similarities(dirs, name, *size, &want))
             }
             Entry::Symlink { .. } | Entry::Special { .. } | Entry::Skipped { .. } => None,
         }

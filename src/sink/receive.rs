@@ -44,15 +44,15 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use anyhow::{Context, Result};
 
-use super::{Group, Pending, Sink, violation};
+use super::{Pending, Sink, violation};
 use crate::digest::ContentHasher;
 use crate::fs::meta::Meta;
 use crate::fs::safefs::{Dir, Shown};
 use crate::fs::sys::Mapped;
-use crate::fs::writer::{self, Linked, TempEntry};
+use crate::fs::writer::{self, TempEntry};
 use crate::plan::{Policy, signature_block_size};
 use crate::report::ProblemKind;
-use crate::wire::msg::{ReadError, ReadStatus};
+use crate::wire::msg::ReadStatus;
 
 /// A restore reads its basis (a live file) into memory rather than mapping
 /// it; above this size a changed file is sent whole.
@@ -129,7 +129,7 @@ fn signature(data: &[u8]) -> Option<Vec<u8>> {
 pub(super) struct Receiving {
     pub pending: Pending,
     /// `None` when the file is refused: its data is checked and dropped.
-    temp: Option<TempEntry>,
+    pub temp: Option<TempEntry>,
     /// Why the file is left out of the snapshot.
     refused: Option<String>,
     hasher: ContentHasher,
@@ -436,129 +436,5 @@ impl Sink<'_> {
         self.events.progress(&self.stats);
         self.rec.resolve(pending.ticket, content, size);
         self.file_written(&pending, &rel, content)
-    }
-
-    fn refetch_whole(&mut self, mut pending: Pending) -> Result<()> {
-        pending.basis = None;
-        if let Some(p) = pending.partial.take() {
-            p.discard();
-        }
-        self.send_fetch(pending)
-    }
-
-    /// After a fetched file is in place: link the rest of its hardlink
-    /// group, and let its directory finish.
-    fn file_written(&mut self, pending: &Pending, rel: &[u8], hash: [u8; 32]) -> Result<()> {
-        if let Some(g) = pending.group
-            && let Some(Group::Waiting { left, .. }) = self.groups.get(&g)
-        {
-            let left = *left;
-            self.groups.insert(g, Group::Done { rel: rel.to_vec(), left, kept: false, hash: Some(hash) });
-        }
-        let dest = self.dest_of(pending.dir)?.expect("fetches only happen outside dry runs");
-        for (wd, wname) in &pending.waiters {
-            let wrel = self.path_of(*wd, wname);
-            self.link_waiter(&dest, &pending.name, *wd, wname, &wrel, rel)?;
-            self.node_mut(*wd).pending -= 1;
-            self.maybe_finish_dir(*wd)?;
-        }
-        self.node_mut(pending.dir).pending -= 1;
-        self.maybe_finish_dir(pending.dir)?;
-        self.send_deferred()?;
-        self.maybe_grant()
-    }
-
-    fn link_waiter(
-        &mut self,
-        src_dir: &Dir,
-        src_name: &[u8],
-        wd: usize,
-        wname: &[u8],
-        wrel: &[u8],
-        rel: &[u8],
-    ) -> Result<()> {
-        let wdest = self.dest_of(wd)?.expect("fetches only happen outside dry runs");
-        let existing = wdest.try_stat(wname)?;
-        self.act(super::Action::Hardlink, wrel, existing.is_some());
-        if existing.as_ref().is_some_and(|st| crate::fs::safefs::file_type(st) == rustix::fs::FileType::Directory) {
-            wdest.remove_all(wname)?;
-        }
-        match writer::link(src_dir, src_name, &wdest, wname, existing.is_some())
-            .with_context(|| format!("hardlinking {} to {}", Shown(wrel), Shown(rel)))?
-        {
-            Linked::Done => Ok(()),
-            Linked::TooManyLinks => {
-                let src = src_dir.open_file(src_name)?;
-                let st = src_dir.stat(src_name)?;
-                let meta = crate::fs::meta::from_stat(&st, crate::fs::meta::read_xattrs(src_dir, src_name)?);
-                self.copy_file_into(&wdest, &src, wname, wrel, &meta, st.st_size as u64)
-            }
-        }
-    }
-
-    pub(super) fn on_failed(&mut self, id: u64, error: &ReadError) -> Result<()> {
-        let pending = match self.receiving.take() {
-            Some(r) if r.pending.id == id => {
-                // Of no use to a later run: the file is not as it was.
-                if let Some(t) = r.temp {
-                    t.discard();
-                }
-                r.pending
-            }
-            Some(r) => {
-                return Err(violation(format!("file {id} failed while file {} is in progress", r.pending.id)));
-            }
-            None => {
-                if self.pending.front().map(|p| p.id) != Some(id) {
-                    return Err(violation(format!("failure reported for file {id}, which was not due")));
-                }
-                self.pending.pop_front().expect("checked above")
-            }
-        };
-        match error {
-            ReadError::Vanished => self.give_up(pending, ProblemKind::Vanished, "disappeared before it could be read"),
-            ReadError::Unreadable(e) => self.give_up(pending, ProblemKind::Unreadable, e.clone()),
-            ReadError::Other(e) => self.give_up(pending, ProblemKind::Failed, e.clone()),
-        }
-    }
-
-    /// The file of `pending` is not in the snapshot: report it, and let
-    /// another name of the same inode try.
-    fn give_up(&mut self, pending: Pending, kind: ProblemKind, detail: impl Into<String>) -> Result<()> {
-        let rel = self.path_of(pending.dir, &pending.name);
-        self.problem(kind, &rel, detail);
-        self.rec.drop_entry(pending.ticket, &rel);
-        let Pending { dir, group, mut waiters, meta, size, ticket, partial, .. } = pending;
-        if let Some(p) = partial {
-            p.discard();
-        }
-        if waiters.is_empty() {
-            if let Some(g) = group {
-                self.groups.remove(&g);
-            }
-        } else {
-            // Another name of the same inode may still be readable: it leads
-            // the group now, and the others wait for it. Its directory already
-            // counts it as pending.
-            let (wd, wname) = waiters.remove(0);
-            let lead = Pending {
-                id: 0,
-                ticket,
-                dir: wd,
-                name: wname,
-                meta,
-                size,
-                basis: None,
-                partial: None,
-                sig_len: 0,
-                group,
-                waiters,
-            };
-            self.send_fetch(lead)?;
-        }
-        self.node_mut(dir).pending -= 1;
-        self.maybe_finish_dir(dir)?;
-        self.send_deferred()?;
-        self.maybe_grant()
     }
 }

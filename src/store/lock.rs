@@ -73,3 +73,54 @@ fn take(meta_dir: &Dir, file: &str, op: FlockOperation, what: &str, folder_for_m
     }
     Ok(Lock { _file: file })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // flock belongs to an open file description: two opens in one process
+    // contend like two processes do.
+    fn meta_dir() -> (tempfile::TempDir, Dir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        (tmp, dir)
+    }
+
+    #[test]
+    fn a_second_run_is_refused_naming_the_holder_and_gets_the_lock_once_it_is_dropped() {
+        let (_tmp, dir) = meta_dir();
+        let first = acquire(&dir, "backup", "/bk/web.*").unwrap();
+        let err = acquire(&dir, "continue", "/bk/web.*").unwrap_err();
+        let locked = err.downcast_ref::<LockedError>().expect("a LockedError, for exit code 75");
+        let text = locked.0.clone();
+        assert!(text.contains("/bk/web.*"), "{text}");
+        assert!(text.contains(&format!("pid {} (backup, started ", std::process::id())), "{text}");
+        drop(first);
+        acquire(&dir, "continue", "/bk/web.*").expect("free once the holder is gone");
+    }
+
+    #[test]
+    fn readers_share_and_prune_waits_for_them() {
+        let (_tmp, dir) = meta_dir();
+        let a = acquire_readers(&dir, "restore", "f").unwrap();
+        let b = acquire_readers(&dir, "verify", "f").unwrap();
+        assert!(acquire_readers_exclusive(&dir, "prune", "f").is_err(), "prune must not delete what is read");
+        drop((a, b));
+        let prune = acquire_readers_exclusive(&dir, "prune", "f").unwrap();
+        assert!(acquire_readers(&dir, "restore", "f").is_err(), "no reader starts while prune deletes");
+        // The run lock is another file: a backup runs beside a reader.
+        let _run = acquire(&dir, "backup", "f").unwrap();
+        drop(prune);
+    }
+
+    #[test]
+    fn a_symlink_planted_as_the_lock_file_is_not_followed() {
+        let (tmp, dir) = meta_dir();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, tmp.path().join("lock")).unwrap();
+        let err = acquire(&dir, "backup", "f").unwrap_err();
+        assert!(format!("{err:#}").contains("cannot open the lock file"), "{err:#}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+}
