@@ -2,6 +2,7 @@
 //! would hand them, its decisions recorded (the actions it reports and the
 //! messages it sends back). No peer, no root needed.
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use super::{Input, Sink, SinkConfig, SinkOutcome};
@@ -137,7 +138,6 @@ fn an_unchanged_file_is_linked_from_the_basis_and_not_asked_for() {
     assert_eq!((stats.linked, stats.fetched_whole), (1, 0));
     assert!(fetched_paths(&sent).is_empty());
     assert!(events.actions.contains(&("link".into(), "d/a".into())), "{:?}", events.actions);
-    use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(dest.join("d/a")).unwrap().ino(), std::fs::metadata(base.join("d/a")).unwrap().ino());
 }
 
