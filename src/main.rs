@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use rbackup::cli::{CheckArgs, Cli, Command, RestoreArgs, RunArgs, StoreArgs};
+use rbackup::cli::{Cli, Command};
+use rbackup::cmd::prune::Rules;
 use rbackup::config::{self, Job, Overrides};
 use rbackup::error::{Code, code_of};
 use rbackup::{
@@ -47,11 +48,11 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 // hangs up.)
                 interrupt::install()?;
             }
-            serve::run(args)?;
+            serve::run(&args.into())?;
             Ok(Code::Ok)
         }
         Command::Backup(args) | Command::Continue(args) => {
-            let job = job(cli, &run_overrides(args))?;
+            let job = job(cli, &args.overrides())?;
             if let Some(path) = &job.log_file {
                 log::open_file(path)
                     .map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
@@ -85,7 +86,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             Ok(report.code)
         }
         Command::Restore(args) => {
-            let job = job(cli, &restore_overrides(args))?;
+            let job = job(cli, &args.overrides())?;
             log::set_tag(&job.job);
             interrupt::install()?;
             let opts = restore::RestoreOptions {
@@ -100,7 +101,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             Ok(report.code)
         }
         Command::TestEmail(args) => {
-            let job = job(cli, &store_overrides(args))?;
+            let job = job(cli, &args.overrides())?;
             let email = job.email.ok_or_else(|| anyhow::anyhow!("there is no [email] section in the config file"))?;
             let (subject, body) = email.test_message(&job.job);
             email.send(&subject, &body)?;
@@ -108,35 +109,16 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             Ok(Code::Ok)
         }
         Command::SetupServer(a) => {
-            setup::server(&setup::ServerOptions {
-                user: a.user.clone(),
-                root: a.root.clone(),
-                key: a.key.clone(),
-                mode: a.mode,
-                restore_key: a.restore_key.clone(),
-                dry_run: a.dry_run,
-                agent_dir: a.agent_dir.clone(),
-                home_base: a.home_base.clone(),
-            })?;
+            setup::server(&a.into())?;
             Ok(Code::Ok)
         }
         Command::SetupClient(a) => {
             let job = cli.job.clone().ok_or_else(|| rbackup::usage!("setup-client needs --job NAME"))?;
-            setup::client(&setup::ClientOptions {
-                job,
-                remote: a.remote.clone(),
-                port: a.port,
-                backups_folder: a.backups_folder.clone(),
-                config: cli.config.clone().unwrap_or_else(|| config::DEFAULT_CONFIG.into()),
-                accept_host_key: a.accept_host_key.clone(),
-                restore: a.restore,
-                log_file: a.log_file.clone(),
-                dry_run: a.dry_run,
-            })?;
+            setup::client(&a.options(job, cli.config_path()))?;
             Ok(Code::Ok)
         }
         Command::Check(args) => {
-            let job = job(cli, &check_overrides(args))?;
+            let job = job(cli, &args.overrides())?;
             check::run(&job)
         }
         Command::Man { dir: None } => print_all(rbackup::cli::man::main_page()?.roff.as_bytes()),
@@ -153,20 +135,20 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             print_all(&script)
         }
         Command::List(args) => {
-            let job = job(cli, &store_overrides(&args.store))?;
+            let job = job(cli, &args.store.overrides())?;
             list::run(&store::Store::open(&job.backups_folder, &job.name)?, !args.no_sizes, args.bytes)?;
             Ok(Code::Ok)
         }
         Command::Prune(a) => {
-            let job = job(cli, &store_overrides(&a.store))?;
-            prune::run(&job, &a.rules.clone().or(&job.prune), a.dry_run)
+            let job = job(cli, &a.store.overrides())?;
+            prune::run(&job, &Rules::from(&a.rules).or(&job.prune), a.dry_run)
         }
         Command::Verify(a) => {
-            let job = job(cli, &store_overrides(&a.store))?;
+            let job = job(cli, &a.store.overrides())?;
             verify::run(&job, a.snapshot.as_deref())
         }
         Command::Diff(a) => {
-            let job = job(cli, &store_overrides(&a.store))?;
+            let job = job(cli, &a.store.overrides())?;
             diff::run(&job, &a.a, &a.b)
         }
     }
@@ -184,42 +166,4 @@ fn print_all(bytes: &[u8]) -> anyhow::Result<Code> {
 fn job(cli: &Cli, overrides: &Overrides) -> anyhow::Result<Job> {
     let file = config::find(cli.config.as_deref())?;
     config::resolve(file.as_ref(), cli.job.as_deref(), overrides)
-}
-
-fn store_overrides(args: &StoreArgs) -> Overrides {
-    Overrides { backups_folder: args.backups_folder.clone(), name: args.name.clone(), ..Overrides::default() }
-}
-
-fn check_overrides(args: &CheckArgs) -> Overrides {
-    Overrides {
-        source: args.source.clone(),
-        remote_bin: args.remote_bin.clone(),
-        ssh_config: args.ssh_config.clone(),
-        io_timeout: args.io_timeout,
-        ..store_overrides(&args.store)
-    }
-}
-
-fn restore_overrides(args: &RestoreArgs) -> Overrides {
-    Overrides {
-        compress: args.compress,
-        remote_bin: args.remote_bin.clone(),
-        ssh_config: args.ssh_config.clone(),
-        io_timeout: args.io_timeout,
-        ..store_overrides(&args.store)
-    }
-}
-
-fn run_overrides(args: &RunArgs) -> Overrides {
-    Overrides {
-        source: args.source.clone(),
-        excludes: args.exclude.clone(),
-        log_file: args.log_file.clone(),
-        devices: args.devices,
-        compress: args.compress,
-        remote_bin: args.remote_bin.clone(),
-        ssh_config: args.ssh_config.clone(),
-        io_timeout: args.io_timeout,
-        ..store_overrides(&args.store)
-    }
 }

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::cmd::backup::human_bytes;
 use crate::log;
 use crate::report::Stats;
+use crate::report::human_bytes;
 
 /// How often a progress line is logged when there is no terminal.
 const LINE_EVERY: Duration = Duration::from_secs(5);

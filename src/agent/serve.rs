@@ -15,7 +15,6 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cli::ServeArgs;
 use crate::fs::meta::Privileges;
 use crate::fs::safefs::{Dir, Shown, libc_errno};
 use crate::plan::Policy;
@@ -26,8 +25,17 @@ use crate::wire::frame::{Encoder, FrameReader};
 use crate::wire::msg::{Hello, LogKind, Reply, Role, SessionOptions, SinkMsg};
 use crate::wire::{Outbox, SOFTWARE, read_msg, read_preamble, spawn_writer, write_preamble};
 
+/// What the agent may do, fixed by the server's admin in the forced command.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Receive data (restores) instead of sending it.
+    pub write: bool,
+    /// Serve only this directory and what is beneath it.
+    pub root: Option<std::path::PathBuf>,
+}
+
 /// Runs the agent until the desktop is done.
-pub fn run(args: &ServeArgs) -> Result<()> {
+pub fn run(args: &ServeOptions) -> Result<()> {
     let stdin = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     let mut stdout = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
     write_preamble(&mut stdout)?;

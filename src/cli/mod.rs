@@ -1,9 +1,11 @@
-//! The command line, as clap sees it. Nothing here but parsing: `main` turns
-//! it into a [`crate::config::Job`] and the commands never see clap.
+//! The command line, as clap sees it: parsing here, and turning what was
+//! parsed into the plain options of config and commands (`convert`); nothing
+//! outside this folder sees clap.
 
 // Doc comments here are --help text, where Markdown backticks would show.
 #![allow(clippy::doc_markdown)]
 
+mod convert;
 pub mod man;
 
 use std::path::PathBuf;
@@ -205,13 +207,50 @@ pub struct ListArgs {
     pub bytes: bool,
 }
 
+/// The retention rules as `prune` options.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RulesArgs {
+    /// Keep the N newest snapshots
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep every snapshot newer than this: 36h, 7d, 4w, 6m, 1y
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Keep the newest snapshot of each of the N most recent hours
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent days (UTC)
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent ISO weeks
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent months
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent years
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+}
+
+/// How the backup user reads (`setup-server --mode`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default)]
+pub enum ModeArg {
+    /// An access ACL on everything and a default ACL on directories.
+    #[default]
+    Acl,
+    /// A copy of the agent that only the backup user can run, with
+    /// `CAP_DAC_READ_SEARCH`.
+    Capability,
+}
+
 /// Options of `prune`.
 #[derive(Args, Debug, Default, Clone)]
 pub struct PruneArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
-    pub rules: crate::cmd::prune::Rules,
+    pub rules: RulesArgs,
     /// Print keep/remove for each snapshot with the rule that keeps it; remove nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -316,7 +355,7 @@ pub struct SetupServerArgs {
 
     /// How the backup user reads: ACLs on the tree, or an agent with CAP_DAC_READ_SEARCH
     #[arg(long, value_enum, default_value = "acl")]
-    pub mode: crate::setup::AccessMode,
+    pub mode: ModeArg,
 
     /// The desktop's public key for restores: root, confined to `serve --write --root DIR`
     #[arg(long, value_name = "PUBKEY")]

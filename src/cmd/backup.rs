@@ -193,7 +193,7 @@ pub fn run_with(
     } else {
         Some(Store::open_or_create(&job.backups_folder, &job.name)?)
     };
-    let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    let folder_shown = crate::store::shown(&job.backups_folder, &job.name);
     let _lock = match (&store, opts.dry_run) {
         (Some(store), false) => {
             Some(lock::acquire(&store.meta_dir()?, if opts.resume { "continue" } else { "backup" }, &folder_shown)?)
@@ -446,9 +446,9 @@ pub fn print_summary(report: &RunReport, dry_run: bool) {
     );
     info!(
         "  data fetched {}, written {}, received on the wire {}",
-        human_bytes(s.bytes_fetched),
-        human_bytes(s.bytes_written),
-        human_bytes(s.wire_bytes_received)
+        crate::report::human_bytes(s.bytes_fetched),
+        crate::report::human_bytes(s.bytes_written),
+        crate::report::human_bytes(s.wire_bytes_received)
     );
     if s.warnings > 0 {
         info!("  warnings {} (listed above)", s.warnings);
@@ -472,18 +472,6 @@ pub fn write_stats_json(path: &std::path::Path, job: &Job, report: &RunReport) -
     });
     let text = serde_json::to_string_pretty(&json).expect("JSON of plain data");
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// `1234567` → `1.2 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 #[cfg(test)]
@@ -520,12 +508,5 @@ mod tests {
     fn continue_without_incomplete_is_an_error() {
         let s = snaps(&["s.01-01-20_00-00-00"]);
         assert!(plan_run(&s, true, "x").is_err());
-    }
-
-    #[test]
-    fn bytes_are_human() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(20 << 20), "20.0 MiB");
     }
 }

@@ -6,11 +6,11 @@
 
 use anyhow::Result;
 
-use crate::cmd::backup::human_bytes;
 use crate::config::{Job, SourceSpec};
 use crate::error::Code;
 use crate::fs::meta::Privileges;
 use crate::plan::Policy;
+use crate::report::human_bytes;
 use crate::report::{Events, Problem, ProblemKind};
 use crate::sink::{Sink, SinkConfig};
 use crate::store::Store;
@@ -256,7 +256,7 @@ fn check_folder(job: &Job, r: &mut Report) {
     if let Ok(store) = Store::open(folder, &job.name)
         && let Ok(meta) = store.meta_dir()
     {
-        let shown = folder.join(format!("{}.*", job.name)).display().to_string();
+        let shown = crate::store::shown(folder, &job.name);
         match crate::store::lock::acquire(&meta, "check", &shown) {
             Ok(_lock) => r.good("lock: free"),
             Err(e) => println!("note  {e:#}"),

@@ -5,7 +5,7 @@
 
 use std::cmp::Ordering;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 
 use crate::config::Job;
 use crate::digest::Version;
@@ -13,6 +13,7 @@ use crate::error::Code;
 use crate::fs::safefs::Shown;
 use crate::store::manifest::{self, Kind, ManifestReader, Record, dfs_cmp};
 use crate::store::reader::{Item, Walk};
+use crate::store::select::pick;
 use crate::store::{Snapshot, Store};
 use crate::{info, store::lock};
 
@@ -57,27 +58,14 @@ impl Side {
     }
 }
 
-/// Picks `latest`, `previous` (the one before the latest), or a name/time.
-fn pick(snapshots: &[Snapshot], name: &str, spec: &str) -> Result<Snapshot> {
-    if spec == "previous" {
-        let complete: Vec<&Snapshot> = snapshots.iter().filter(|s| s.complete).collect();
-        return complete
-            .len()
-            .checked_sub(2)
-            .map(|i| complete[i].clone())
-            .ok_or_else(|| anyhow!("there is no snapshot of {name} before the latest"));
-    }
-    crate::cmd::restore::pick(snapshots, name, Some(spec))
-}
-
 /// Prints the differences between snapshots `a` and `b`.
 pub fn run(job: &Job, a: &str, b: &str) -> Result<Code> {
     let store = Store::open(&job.backups_folder, &job.name)?;
-    let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    let folder_shown = crate::store::shown(&job.backups_folder, &job.name);
     store.require_snapshots()?;
     let _lock = lock::acquire_readers(&store.meta_dir()?, "diff", &folder_shown)?;
     let snaps = store.snapshots()?;
-    let (sa, sb) = (pick(&snaps, &job.name, a)?, pick(&snaps, &job.name, b)?);
+    let (sa, sb) = (pick(&snaps, &job.name, Some(a))?, pick(&snaps, &job.name, Some(b))?);
     let changes = diff(&store, &sa, &sb)?;
     let mut counts = [0u64; 4];
     for (change, path) in &changes {

@@ -12,8 +12,8 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context, Result};
 use rustix::fs::FileType;
 
-use crate::cmd::backup::human_bytes;
 use crate::fs::safefs::file_type;
+use crate::report::human_bytes;
 use crate::store::reader::Walk;
 use crate::store::{Snapshot, Store};
 

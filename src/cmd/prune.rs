@@ -13,31 +13,24 @@ use crate::error::Code;
 use crate::store::{Snapshot, Store};
 use crate::{info, store::lock, usage};
 
-/// The rules. `None`/0 means the rule is not used. Also the options of
-/// `prune`, where they override the job's `keep_*` keys.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
+/// The rules. `None`/0 means the rule is not used. `prune`'s options
+/// override the job's `keep_*` keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rules {
     /// Keep the N newest snapshots
-    #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
     /// Keep every snapshot newer than this: 36h, 7d, 4w, 6m, 1y
-    #[arg(long, value_name = "DURATION")]
     pub keep_within: Option<String>,
     /// Keep the newest snapshot of each of the N most recent hours
-    #[arg(long, value_name = "N")]
     pub keep_hourly: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent days (UTC)
-    #[arg(long, value_name = "N")]
     pub keep_daily: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent ISO weeks
-    #[arg(long, value_name = "N")]
     pub keep_weekly: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent months
-    #[arg(long, value_name = "N")]
     pub keep_monthly: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent years
-    #[arg(long, value_name = "N")]
     pub keep_yearly: Option<u32>,
 }
 
@@ -193,7 +186,7 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
     let store = Store::open(&job.backups_folder, &job.name)?;
     store.require_snapshots()?;
     let meta = store.meta_dir()?;
-    let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    let folder_shown = crate::store::shown(&job.backups_folder, &job.name);
     let (_lock, _readers) = if dry_run {
         (None, None)
     } else {

@@ -14,13 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 
 use crate::config::{Job, SourceSpec};
 use crate::error::Code;
 use crate::report::Stats;
 use crate::source::{self, Selection};
-use crate::store::{Snapshot, Store, parse_stamp};
+use crate::store::Store;
 use crate::transport::Connection;
 use crate::wire::SOFTWARE;
 use crate::wire::msg::{Hello, LogKind, Role, SessionOptions};
@@ -50,58 +49,6 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
-/// Picks the snapshot `spec` names: `latest` (or nothing), a folder name, a
-/// stamp, or a UTC time — then the newest complete snapshot at or before it.
-pub fn pick(snapshots: &[Snapshot], name: &str, spec: Option<&str>) -> Result<Snapshot> {
-    let complete: Vec<&Snapshot> = snapshots.iter().filter(|s| s.complete).collect();
-    let oldest = complete.first().map_or("none".to_string(), |s| s.folder.clone());
-    match spec.map(str::trim) {
-        None | Some("latest") => {
-            complete.last().map(|s| (*s).clone()).ok_or_else(|| anyhow!("there is no complete snapshot of {name}"))
-        }
-        Some(spec) => {
-            if let Some(s) = snapshots.iter().find(|s| s.folder == spec || s.stamp() == spec) {
-                if !s.complete {
-                    return Err(usage!(
-                        "{} is an interrupted snapshot; finish it with `rbackup --continue` first",
-                        s.folder
-                    ));
-                }
-                return Ok(s.clone());
-            }
-            let time = parse_time(spec).ok_or_else(|| {
-                usage!(
-                    "--snapshot {spec:?}: not a snapshot of {name}, nor a time (use latest, a folder name, \
-                     YYYY-MM-DD, or \"YYYY-MM-DD HH:MM[:SS]\", UTC)"
-                )
-            })?;
-            complete.iter().rev().find(|s| s.time <= time).map(|s| (*s).clone()).ok_or_else(|| {
-                anyhow!(
-                    "no snapshot of {name} at or before {} (the oldest is {oldest})",
-                    time.format("%Y-%m-%d %H:%M:%S UTC")
-                )
-            })
-        }
-    }
-}
-
-/// Parses a UTC time: `YYYY-MM-DD` (the end of that day), `YYYY-MM-DD HH:MM`,
-/// `YYYY-MM-DD HH:MM:SS` (also with `T`, and with `Z` or ` UTC`), or a stamp
-/// `dd-mm-yy_hh-mm-ss`.
-pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    let s = s.trim().trim_end_matches(" UTC").trim_end_matches('Z').replace('T', " ");
-    if let Some(t) = parse_stamp(&s) {
-        return Some(t);
-    }
-    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"] {
-        if let Ok(t) = NaiveDateTime::parse_from_str(&s, fmt) {
-            return Some(t.and_utc());
-        }
-    }
-    let day = NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok()?;
-    Some(day.and_hms_opt(23, 59, 59)?.and_utc())
-}
-
 /// Checks and normalizes `--path` values: relative to the snapshot root
 /// (a leading `/` is allowed and means the same), no `..`.
 pub fn normalize_paths(paths: &[String]) -> Result<Vec<Vec<u8>>> {
@@ -124,9 +71,9 @@ pub fn normalize_paths(paths: &[String]) -> Result<Vec<Vec<u8>>> {
 pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let store = Store::open(&job.backups_folder, &job.name)?;
-    let snapshot = pick(&store.snapshots()?, &job.name, opts.snapshot.as_deref())?;
+    let snapshot = crate::store::select::pick(&store.snapshots()?, &job.name, opts.snapshot.as_deref())?;
     let meta_dir = store.meta_dir()?;
-    let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    let folder_shown = crate::store::shown(&job.backups_folder, &job.name);
     let _lock = lock::acquire_readers(&meta_dir, "restore", &folder_shown)?;
     let snap_dir = store.open_snapshot(&snapshot)?;
     let paths = normalize_paths(&opts.paths)?;
@@ -269,29 +216,6 @@ pub fn print_summary(r: &RestoreReport, dry_run: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::named_in_order as snaps;
-
-    #[test]
-    fn picks_by_name_latest_and_time() {
-        let s = snaps(&[
-            "s.01-01-20_10-00-00",
-            "s.05-01-20_10-00-00",
-            "s.31-12-19_10-00-00",
-            "s.06-01-20_10-00-00.incomplete",
-        ]);
-        assert_eq!(pick(&s, "s", None).unwrap().folder, "s.05-01-20_10-00-00");
-        assert_eq!(pick(&s, "s", Some("latest")).unwrap().folder, "s.05-01-20_10-00-00");
-        assert_eq!(pick(&s, "s", Some("s.31-12-19_10-00-00")).unwrap().folder, "s.31-12-19_10-00-00");
-        assert_eq!(pick(&s, "s", Some("01-01-20_10-00-00")).unwrap().folder, "s.01-01-20_10-00-00");
-        // The newest at or before the time.
-        assert_eq!(pick(&s, "s", Some("2020-01-04")).unwrap().folder, "s.01-01-20_10-00-00");
-        assert_eq!(pick(&s, "s", Some("2020-01-01 10:00")).unwrap().folder, "s.01-01-20_10-00-00");
-        assert_eq!(pick(&s, "s", Some("2020-01-01 09:59:59")).unwrap().folder, "s.31-12-19_10-00-00");
-        assert_eq!(pick(&s, "s", Some("2020-01-05T10:00:00Z")).unwrap().folder, "s.05-01-20_10-00-00");
-        assert!(pick(&s, "s", Some("2019-12-30")).is_err());
-        assert!(pick(&s, "s", Some("s.06-01-20_10-00-00.incomplete")).is_err());
-        assert!(pick(&s, "s", Some("yesterday")).is_err());
-    }
 
     #[test]
     fn paths_are_relative_and_cannot_climb() {

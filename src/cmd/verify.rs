@@ -46,14 +46,14 @@ fn choose(snapshots: &[Snapshot], spec: Option<&str>, name: &str) -> Result<Vec<
     let complete: Vec<Snapshot> = snapshots.iter().filter(|s| s.complete).cloned().collect();
     match spec {
         Some("all") => Ok(complete),
-        other => Ok(vec![crate::cmd::restore::pick(snapshots, name, other)?]),
+        other => Ok(vec![crate::store::select::pick(snapshots, name, other)?]),
     }
 }
 
 /// Verifies `--snapshot` (default the latest); exit code 3 on any mismatch.
 pub fn run(job: &Job, spec: Option<&str>) -> Result<Code> {
     let store = Store::open(&job.backups_folder, &job.name)?;
-    let folder_shown = job.backups_folder.join(format!("{}.*", job.name)).display().to_string();
+    let folder_shown = crate::store::shown(&job.backups_folder, &job.name);
     store.require_snapshots()?;
     let _lock = lock::acquire_readers(&store.meta_dir()?, "verify", &folder_shown)?;
     let chosen = choose(&store.snapshots()?, spec, &job.name)?;
@@ -81,12 +81,7 @@ pub fn run(job: &Job, spec: Option<&str>) -> Result<Code> {
             }
         }
         if f.mismatches() == 0 {
-            info!(
-                "{}: ok ({} entries, {} read)",
-                snap.folder,
-                f.entries,
-                crate::cmd::backup::human_bytes(f.bytes_read)
-            );
+            info!("{}: ok ({} entries, {} read)", snap.folder, f.entries, crate::report::human_bytes(f.bytes_read));
         } else {
             bad += 1;
             warn!("{}: {} mismatches", snap.folder, f.mismatches());

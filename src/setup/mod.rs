@@ -16,7 +16,7 @@ use crate::fs::safefs::{Dir, Shown, file_type};
 use crate::{info, usage, warn};
 
 /// How the backup user gets to read the tree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessMode {
     /// An access ACL on everything and a default ACL on directories.
     Acl,

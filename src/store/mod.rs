@@ -11,6 +11,7 @@
 pub mod lock;
 pub mod manifest;
 pub mod reader;
+pub mod select;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -119,6 +120,11 @@ fn folder_error(e: std::io::Error, what: String) -> anyhow::Error {
     }
 }
 
+/// How messages name the snapshots of job `name` in `folder`: `FOLDER/NAME.*`.
+pub fn shown(folder: &Path, name: &str) -> String {
+    folder.join(format!("{name}.*")).display().to_string()
+}
+
 /// The backups folder of one job.
 pub struct Store {
     pub folder: PathBuf,
@@ -162,6 +168,11 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// How messages name this job's snapshots: `FOLDER/NAME.*`.
+    pub fn shown(&self) -> String {
+        shown(&self.folder, &self.name)
     }
 
     /// The backups folder itself.

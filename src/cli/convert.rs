@@ -1,0 +1,128 @@
+//! From what clap parsed to the plain options the config and the commands
+//! take: the only place that knows both.
+
+use super::{
+    CheckArgs, Cli, ModeArg, RestoreArgs, RulesArgs, RunArgs, ServeArgs, SetupClientArgs, SetupServerArgs, StoreArgs,
+};
+use crate::agent::serve::ServeOptions;
+use crate::cmd::prune::Rules;
+use crate::config::Overrides;
+use crate::setup::{AccessMode, ClientOptions, ServerOptions};
+
+impl StoreArgs {
+    /// The job settings these options override.
+    pub fn overrides(&self) -> Overrides {
+        Overrides { backups_folder: self.backups_folder.clone(), name: self.name.clone(), ..Overrides::default() }
+    }
+}
+
+impl CheckArgs {
+    /// The job settings these options override.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            source: self.source.clone(),
+            remote_bin: self.remote_bin.clone(),
+            ssh_config: self.ssh_config.clone(),
+            io_timeout: self.io_timeout,
+            ..self.store.overrides()
+        }
+    }
+}
+
+impl RestoreArgs {
+    /// The job settings these options override.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            compress: self.compress,
+            remote_bin: self.remote_bin.clone(),
+            ssh_config: self.ssh_config.clone(),
+            io_timeout: self.io_timeout,
+            ..self.store.overrides()
+        }
+    }
+}
+
+impl RunArgs {
+    /// The job settings these options override.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            source: self.source.clone(),
+            excludes: self.exclude.clone(),
+            log_file: self.log_file.clone(),
+            devices: self.devices,
+            compress: self.compress,
+            remote_bin: self.remote_bin.clone(),
+            ssh_config: self.ssh_config.clone(),
+            io_timeout: self.io_timeout,
+            ..self.store.overrides()
+        }
+    }
+}
+
+impl From<&RulesArgs> for Rules {
+    fn from(a: &RulesArgs) -> Rules {
+        Rules {
+            keep_last: a.keep_last,
+            keep_within: a.keep_within.clone(),
+            keep_hourly: a.keep_hourly,
+            keep_daily: a.keep_daily,
+            keep_weekly: a.keep_weekly,
+            keep_monthly: a.keep_monthly,
+            keep_yearly: a.keep_yearly,
+        }
+    }
+}
+
+impl From<ModeArg> for AccessMode {
+    fn from(m: ModeArg) -> AccessMode {
+        match m {
+            ModeArg::Acl => AccessMode::Acl,
+            ModeArg::Capability => AccessMode::Capability,
+        }
+    }
+}
+
+impl From<&ServeArgs> for ServeOptions {
+    fn from(a: &ServeArgs) -> ServeOptions {
+        ServeOptions { write: a.write, root: a.root.clone() }
+    }
+}
+
+impl From<&SetupServerArgs> for ServerOptions {
+    fn from(a: &SetupServerArgs) -> ServerOptions {
+        ServerOptions {
+            user: a.user.clone(),
+            root: a.root.clone(),
+            key: a.key.clone(),
+            mode: a.mode.into(),
+            restore_key: a.restore_key.clone(),
+            dry_run: a.dry_run,
+            agent_dir: a.agent_dir.clone(),
+            home_base: a.home_base.clone(),
+        }
+    }
+}
+
+impl SetupClientArgs {
+    /// The options of `setup-client` for `job`, added to `config`.
+    pub fn options(&self, job: String, config: std::path::PathBuf) -> ClientOptions {
+        ClientOptions {
+            job,
+            remote: self.remote.clone(),
+            port: self.port,
+            backups_folder: self.backups_folder.clone(),
+            config,
+            accept_host_key: self.accept_host_key.clone(),
+            restore: self.restore,
+            log_file: self.log_file.clone(),
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+impl Cli {
+    /// The config file given, or the default one.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.config.clone().unwrap_or_else(|| crate::config::DEFAULT_CONFIG.into())
+    }
+}
