@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     let command_line = args.len() == 3 && args[1] == "-c" && args[2].to_string_lossy().contains(' ');
     if login || command_line {
         let command = args.get(2).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
-        let Err(e) = setup::shell(&command);
+        let Err(e) = rbackup::agent::shell::shell(&command);
         eprintln!("rbackup: {e:#}");
         return Code::Usage.into();
     }
