@@ -4,8 +4,10 @@
 //! and the one place with `unsafe` ([`sys`]).
 
 pub mod acl;
+mod chain;
 pub mod delete;
 pub mod meta;
+mod name;
 pub mod safefs;
 pub(crate) mod sys;
 pub mod writer;
