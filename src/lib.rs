@@ -6,7 +6,8 @@
 //! 1. `main` parses the command line ([`cli`]) and the config ([`config`]) into a [`config::Job`],
 //!    and runs one of the commands ([`cmd`]).
 //! 2. [`cmd::backup`] locks the destination ([`store::lock`]) and picks the basis snapshots ([`store`]).
-//! 3. [`transport`] starts the agent — over SSH, or as a local child — and shakes hands ([`wire`]);
+//! 3. [`transport`] starts the agent — over SSH, or as a local child — and [`session`] opens the
+//!    session with its hello ([`wire`]) and drives the sink over it;
 //!    every wait on it is bounded ([`transport::link`]), and SIGINT/SIGTERM stop a run at a safe
 //!    point ([`interrupt`]).
 //! 4. The agent ([`agent`]) runs the [`source`]: it walks its root and streams the listing.
@@ -35,6 +36,7 @@ pub mod notify;
 pub mod plan;
 pub mod progress;
 pub mod report;
+pub mod session;
 pub mod setup;
 pub mod sink;
 pub mod source;

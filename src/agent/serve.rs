@@ -23,7 +23,7 @@ use crate::sink::{Sink, SinkConfig};
 use crate::source::{self, Selection};
 use crate::wire::frame::{Encoder, FrameReader};
 use crate::wire::msg::{Hello, LogKind, Reply, Role, SessionOptions, SinkMsg};
-use crate::wire::{Outbox, SOFTWARE, read_msg, read_preamble, spawn_writer, write_preamble};
+use crate::wire::{Outbox, SOFTWARE, read_msg, read_preamble, write_preamble};
 
 /// What the agent may do, fixed by the server's admin in the forced command.
 #[derive(Debug, Clone, Default)]
@@ -113,22 +113,14 @@ fn receive(root: Option<Dir>, options: &SessionOptions, reader: FrameReader<File
         compress: options.compress,
         recorder: crate::sink::Recorder::default(),
     };
-    let (incoming, _, reader_thread) = crate::sink::spawn_reader(reader, &cfg);
-    let (out, writer_thread) = spawn_writer(stdout, None);
-    let mut events = Forward { out: out.clone(), enc: Encoder::new(options.compress) };
-    let result = Sink::new(cfg, out.clone(), &mut events).run(&incoming);
+    let threads = crate::session::SinkThreads::start(reader, stdout, &cfg);
+    let mut events = Forward { out: threads.out.clone(), enc: Encoder::new(options.compress) };
+    let result = Sink::new(cfg, threads.out.clone(), &mut events).run(&threads.incoming);
     if let Err(e) = &result {
-        let _ = out.send(Encoder::new(options.compress).msg(&SinkMsg::Fatal(format!("{e:#}"))));
+        let _ = threads.out.send(Encoder::new(options.compress).msg(&SinkMsg::Fatal(format!("{e:#}"))));
     }
-    // Let go of the channel first (the reader may be blocked on it, full).
-    // The reader is not waited for: it may be blocked on a desktop that
-    // keeps the connection open without sending, and the process ends right
-    // after this, which ends it too.
     drop(events);
-    drop(out);
-    drop(incoming);
-    let written = writer_thread.join().expect("writer thread");
-    drop(reader_thread);
+    let written = threads.end_without_reader();
     result?;
     written.context("writing to the desktop")?;
     Ok(())

@@ -20,11 +20,10 @@ use crate::fs::safefs::{Dir, Shown};
 use crate::plan::Policy;
 use crate::progress::Progress;
 use crate::report::{Events, Problem, Stats};
-use crate::sink::{ManifestSet, Recorder, Sink, SinkConfig};
+use crate::sink::{ManifestSet, Recorder, SinkConfig};
 use crate::store::{Snapshot, Store};
 use crate::transport::{self, Connection, Handle};
-use crate::wire::msg::{Hello, Role, SessionOptions};
-use crate::wire::{SOFTWARE, spawn_writer};
+use crate::wire::msg::{Role, SessionOptions};
 use crate::{info, store::lock, usage, warn};
 
 /// How to run.
@@ -211,10 +210,10 @@ pub fn run_with(
 
     // Connect before creating anything.
     let (conn, path) = connect(job)?;
-    let hello = Hello {
-        role: Role::Source,
-        path: path.as_os_str().as_encoded_bytes().to_vec(),
-        options: SessionOptions {
+    let hello = crate::session::hello(
+        Role::Source,
+        &path,
+        SessionOptions {
             compress: job.compress,
             excludes: job.excludes.clone(),
             // A dry run fetches nothing, so the agent opens each file while
@@ -223,8 +222,7 @@ pub fn run_with(
             probe_read: opts.dry_run,
             ..SessionOptions::default()
         },
-        version: SOFTWARE.to_string(),
-    };
+    );
     let session = conn.handshake(&hello)?;
     crate::debug!("connected to the agent in {:.3} s", started.elapsed().as_secs_f64());
 
@@ -270,34 +268,19 @@ pub fn run_with(
             _ => Recorder::default(),
         },
     };
-    let crate::transport::Session { reader, writer, conn: mut handle, .. } = session;
-    let (incoming, wire_bytes, reader_thread) = crate::sink::spawn_reader(reader, &cfg);
-    let (out, writer_thread) = spawn_writer(writer, None);
-    let result = Sink::new(cfg, out, &mut events).run(&incoming);
+    let driven = crate::session::drive_sink(session, cfg, &mut events);
     crate::debug!("listing and data done at {:.3} s", started.elapsed().as_secs_f64());
     events.progress.finish();
     events.flusher = None;
-    let (mut stats, manifest) = match result {
-        Ok(outcome) => (outcome.stats, outcome.manifest),
-        Err(e) => {
-            // Nothing may wait on what waits on it: let go of the channel (the
-            // reader may be blocked on it, full), hang up (a thread blocked on
-            // the agent lets go), join the threads, then stop the agent.
-            drop(incoming);
-            handle.hang_up();
-            let _ = writer_thread.join();
-            let _ = reader_thread.join();
-            handle.stop();
-            return Err(failed(e, &source, &handle, dest.as_ref().filter(|_| !opts.dry_run), &target.folder));
+    let driven = match driven {
+        Ok(d) => d,
+        Err(crate::session::Failure { error, conn: Some(conn) }) => {
+            return Err(failed(error, &source, &conn, dest.as_ref().filter(|_| !opts.dry_run), &target.folder));
         }
+        Err(crate::session::Failure { error, conn: None }) => return Err(error),
     };
-    let written = writer_thread.join().expect("writer thread");
-    drop(incoming);
-    written.with_context(|| format!("sending to {}", handle.peer))?;
-    let finished = handle.finish();
-    let _ = reader_thread.join();
-    finished?;
-    stats.wire_bytes_received = wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let (mut stats, manifest) = (driven.outcome.stats, driven.outcome.manifest);
+    stats.wire_bytes_received = driven.wire_bytes;
 
     let snapshot = match (&store, &dest) {
         (Some(store), Some(dest)) if !opts.dry_run => {

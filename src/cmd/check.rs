@@ -12,11 +12,11 @@ use crate::fs::meta::Privileges;
 use crate::plan::Policy;
 use crate::report::human_bytes;
 use crate::report::{Events, Problem, ProblemKind};
-use crate::sink::{Sink, SinkConfig};
+use crate::sink::SinkConfig;
 use crate::store::Store;
 use crate::transport;
-use crate::wire::msg::{Hello, Role, SessionOptions};
-use crate::wire::{SOFTWARE, spawn_writer};
+use crate::wire::SOFTWARE;
+use crate::wire::msg::{Role, SessionOptions};
 
 struct Report {
     failed: bool,
@@ -84,12 +84,8 @@ fn check_source(job: &Job, r: &mut Report) {
         }
     };
     let (conn, path) = conn;
-    let hello = Hello {
-        role: Role::Source,
-        path: path.as_os_str().as_encoded_bytes().to_vec(),
-        options: SessionOptions { excludes: job.excludes.clone(), probe_read: true, ..SessionOptions::default() },
-        version: SOFTWARE.to_string(),
-    };
+    let options = SessionOptions { excludes: job.excludes.clone(), probe_read: true, ..SessionOptions::default() };
+    let hello = crate::session::hello(Role::Source, &path, options);
     let session = match conn.handshake(&hello) {
         Ok(s) => s,
         Err(e) => {
@@ -101,7 +97,6 @@ fn check_source(job: &Job, r: &mut Report) {
     r.good(&format!("path served: {}", String::from_utf8_lossy(&session.root)));
 
     // Walk the whole tree as the backup user would, opening every file.
-    let transport::Session { reader, writer, conn: mut handle, .. } = session;
     let mut events = Unreadable { paths: Vec::new(), count: 0, denied: 0 };
     let cfg = SinkConfig {
         dest: None,
@@ -116,27 +111,17 @@ fn check_source(job: &Job, r: &mut Report) {
         compress: false,
         recorder: crate::sink::Recorder::default(),
     };
-    let (incoming, _, reader_thread) = crate::sink::spawn_reader(reader, &cfg);
-    let (out, writer_thread) = spawn_writer(writer, None);
-    let result = Sink::new(cfg, out, &mut events).run(&incoming);
-    match result {
-        Ok(outcome) => {
-            let stats = outcome.stats;
-            let _ = writer_thread.join();
-            drop(incoming);
-            let _ = handle.finish();
-            let _ = reader_thread.join();
-            report_unreadable(&events, stats.entries, &backup_user(job).unwrap_or_else(|| "USER".into()), r);
+    match crate::session::drive_sink(session, cfg, &mut events) {
+        Ok(driven) => {
+            let user = backup_user(job).unwrap_or_else(|| "USER".into());
+            report_unreadable(&events, driven.outcome.stats.entries, &user, r);
         }
-        Err(e) => {
-            // The order of backup's: channel, connection, threads, agent.
-            drop(incoming);
-            handle.hang_up();
-            let _ = writer_thread.join();
-            let _ = reader_thread.join();
-            handle.stop();
-            let said = if transport::from_peer(&e) { handle.agent_said() } else { String::new() };
-            r.bad(&format!("walking {source}: {e:#}{said}"), "see docs/troubleshooting.md");
+        Err(crate::session::Failure { error, conn }) => {
+            let said = match &conn {
+                Some(conn) if transport::from_peer(&error) => conn.agent_said(),
+                _ => String::new(),
+            };
+            r.bad(&format!("walking {source}: {error:#}{said}"), "see docs/troubleshooting.md");
         }
     }
 }

@@ -21,8 +21,7 @@ use crate::report::Stats;
 use crate::source::{self, Selection};
 use crate::store::Store;
 use crate::transport::Connection;
-use crate::wire::SOFTWARE;
-use crate::wire::msg::{Hello, LogKind, Role, SessionOptions};
+use crate::wire::msg::{LogKind, Role, SessionOptions};
 use crate::{info, store::lock, usage, warn};
 
 /// What to restore, and where.
@@ -99,10 +98,10 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
             (Connection::ssh(user.as_deref(), host, job, Role::Sink)?, path.clone())
         }
     };
-    let hello = Hello {
-        role: Role::Sink,
-        path: path.as_os_str().as_encoded_bytes().to_vec(),
-        options: SessionOptions {
+    let hello = crate::session::hello(
+        Role::Sink,
+        &path,
+        SessionOptions {
             compress: job.compress,
             devices: true,
             delete: opts.delete,
@@ -110,8 +109,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
             delta: matches!(target, SourceSpec::Remote { .. }),
             ..SessionOptions::default()
         },
-        version: SOFTWARE.to_string(),
-    };
+    );
     let session = conn.handshake(&hello)?;
     if !opts.dry_run {
         info!("restoring {} to {target}", snapshot.folder);
