@@ -6,7 +6,9 @@
 
 #![allow(clippy::pedantic)] // bench code, like test code
 
-#[path = "../tests/common/mod.rs"]
+// The tests' harness; the benchmark uses only part of it.
+#[allow(dead_code)]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use common::bench::{Config, report, run};

@@ -2,15 +2,11 @@
 //! a private CA trusted through `ca_file`, AUTH with a password file; one mail
 //! per failed run; an unreachable SMTP server changes nothing about the run.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use common::smtp::{Pki, Smtp, make_pki};
-use common::*;
+use crate::common::smtp::{Pki, Smtp, make_pki};
+use crate::common::*;
 
 /// A config with job `web` backing up `source` into `dir/bk`, and `email`.
 fn config(dir: &Path, source: &str, email: &str) -> PathBuf {
@@ -311,7 +307,7 @@ fn a_stalled_smtp_server_is_reported_as_a_timeout_naming_it() {
 
 #[test]
 fn a_run_stopped_by_sigterm_mails_that_it_was_interrupted_and_how_to_continue() {
-    use common::midrun::{Held, busy_source, hold_mid_run, pid, send, wait_by_itself};
+    use crate::common::midrun::{Held, busy_source, hold_mid_run, pid, send, wait_by_itself};
     require_root();
     let tmp = scratch();
     let smtp = Smtp::start(tmp.path(), "plain", None, None);

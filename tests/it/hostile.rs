@@ -5,14 +5,10 @@
 //! documented safe outcome), and the `.incomplete` stays resumable by an
 //! honest `continue`.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use rbackup::cmd::backup::{self, RunOptions, RunReport};
 use rbackup::config::{Job, SourceSpec};
 use rbackup::fs::meta::Meta;
@@ -815,7 +811,7 @@ fn only_a_refused_read_gets_the_acl_hint_not_a_walk_race() {
 /// A lie deep down: the error names the directory with its path cut short,
 /// and an honest `continue` with 256 descriptors removes the chain the lie
 /// left. (3,000 levels: more than 10 times the descriptors, a 6 kB path;
-/// tests/depth.rs goes to 20,000 on tmpfs, since this disk is slow to remove
+/// tests/it/depth.rs goes to 20,000 on tmpfs, since this disk is slow to remove
 /// that many directories.)
 #[test]
 fn a_lie_3000_directories_deep_is_refused_with_its_path_cut_short_and_continue_removes_the_chain() {

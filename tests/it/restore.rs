@@ -2,15 +2,11 @@
 //! a local folder; damaged destinations, chosen paths and snapshots, planted
 //! symlinks, the read-only agent, and dry runs.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use common::sshd::Sshd;
-use common::*;
+use crate::common::sshd::Sshd;
+use crate::common::*;
 
 /// A restore with `extra` arguments; returns (code, stdout, stderr).
 fn restore(bk: &Path, extra: &[String]) -> (i32, String, String) {
@@ -288,7 +284,7 @@ fn temporaries(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_ctrl_c_during_a_local_restore_leaves_no_temporary_file_in_the_destination() {
-    use common::midrun::{busy_source, pid, send, wait_by_itself};
+    use crate::common::midrun::{busy_source, pid, send, wait_by_itself};
     use rustix::process::Signal;
     require_root();
     let tmp = scratch();

@@ -6,17 +6,13 @@
 //! of a file that was arriving, which `--continue` resumes from — and
 //! `--continue` then finishes a snapshot equal to the source.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::fs::File;
 use std::path::Path;
 use std::process::Stdio;
 
-use common::midrun::{Held, alive, busy_source, hold_mid_run, pid, send, wait_by_itself};
-use common::*;
+use crate::common::midrun::{Held, alive, busy_source, hold_mid_run, pid, send, wait_by_itself};
+use crate::common::*;
 use rustix::process::Signal;
 
 /// Starts a backup of `src` with `extra` arguments, holds it in its middle,

@@ -1,16 +1,12 @@
 //! Statements of docs/*.md checked against what rbackup does: each test
 //! reads the doc's sentence and then makes it happen.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::path::Path;
 
+use crate::common::sshd::Sshd;
+use crate::common::*;
 use clap::CommandFactory;
-use common::sshd::Sshd;
-use common::*;
 
 fn doc(name: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(name)).unwrap()

@@ -3,17 +3,13 @@
 //! interrupted mid-transfer is resumed from the data already received
 //! rather than fetched again whole.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rbackup::fs::safefs::Dir;
 use rbackup::store::manifest::{Kind, ManifestReader};
 
@@ -197,7 +193,13 @@ fn tree_with_large_file(src: &Path, mib: u64) -> u64 {
     mib << 20
 }
 
-fn over_ssh(sshd: &common::sshd::Sshd, cmd: &str, src: &Path, bk: &Path, extra: &[&str]) -> std::process::Command {
+fn over_ssh(
+    sshd: &crate::common::sshd::Sshd,
+    cmd: &str,
+    src: &Path,
+    bk: &Path,
+    extra: &[&str],
+) -> std::process::Command {
     let mut args: Vec<String> = vec![
         cmd.into(),
         "--source".into(),
@@ -215,7 +217,7 @@ fn over_ssh(sshd: &common::sshd::Sshd, cmd: &str, src: &Path, bk: &Path, extra: 
 
 #[test]
 fn a_file_killed_at_60_percent_resumes_over_ssh_instead_of_starting_again() {
-    let sshd = common::sshd::Sshd::start();
+    let sshd = crate::common::sshd::Sshd::start();
     let tmp = scratch();
     let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
     let size = tree_with_large_file(&src, 320);
@@ -356,7 +358,7 @@ fn a_new_backup_after_a_killed_run_resumes_from_its_partial_file() {
 
 #[test]
 fn a_delta_transfer_killed_midway_resumes_as_a_delta() {
-    let sshd = common::sshd::Sshd::start();
+    let sshd = crate::common::sshd::Sshd::start();
     let tmp = scratch();
     let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
     let size = tree_with_large_file(&src, 256);

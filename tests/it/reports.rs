@@ -1,13 +1,9 @@
 //! After every run: the last-run summary beside the snapshots and the
 //! Prometheus textfile, on success and on failure.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 
-use common::*;
+use crate::common::*;
 
 fn metric(text: &str, name: &str) -> f64 {
     let line = text

@@ -1,15 +1,11 @@
 //! Manifests, verify, diff, list sizes and prune, on real snapshots.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn rb(bk: &Path, args: &[&str]) -> (i32, String, String) {
     let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();

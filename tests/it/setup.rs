@@ -2,16 +2,12 @@
 //! the same host), then a backup through what they set up; `check` before
 //! and after the ACL mask trap; the capability mode.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
-use common::sshd::{BackupUser, Sshd};
-use common::*;
+use crate::common::sshd::{BackupUser, Sshd};
+use crate::common::*;
 
 /// Runs the agent copy (which the backup user can reach) with `args`.
 fn agent_run(sshd: &Sshd, args: &[&str]) -> (i32, String, String) {

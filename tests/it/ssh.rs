@@ -1,14 +1,10 @@
 //! Backups over SSH against a real sshd and a real unprivileged backup user
 //! that reads through ACLs, with the agent as a forced command.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::path::Path;
 
-use common::sshd::Sshd;
-use common::*;
+use crate::common::sshd::Sshd;
+use crate::common::*;
 
 /// A backup of `server.source(src)` with the sshd's arguments and `extra`.
 fn pull(sshd: &Sshd, src: &Path, bk: &Path, extra: &[&str]) -> (i32, String, String) {
@@ -295,7 +291,7 @@ fn a_connection_lost_mid_run_leaves_a_resumable_snapshot() {
 
 #[test]
 fn sigterm_with_the_agent_stuck_over_ssh_ends_the_run_and_the_agent_goes_too() {
-    use common::midrun::{Held, alive, busy_source, hold_mid_run_with, pid, processes_of, send};
+    use crate::common::midrun::{Held, alive, busy_source, hold_mid_run_with, pid, processes_of, send};
     use rustix::process::Signal;
     let sshd = Sshd::start();
     let tmp = scratch();
@@ -320,7 +316,7 @@ fn sigterm_with_the_agent_stuck_over_ssh_ends_the_run_and_the_agent_goes_too() {
     });
     let Held { mut child, agent } = held.expect("a run held in its middle");
     send(pid(&child), Signal::TERM);
-    let status = common::midrun::wait_by_itself(&mut child);
+    let status = crate::common::midrun::wait_by_itself(&mut child);
     let err = std::fs::read_to_string(&err_file).unwrap();
     assert_eq!(status.code(), Some(20), "{err}");
     assert!(err.contains("interrupted by SIGTERM"), "{err}");

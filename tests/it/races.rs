@@ -5,17 +5,13 @@
 //! (`RBACKUP_TEST_PAUSE_BEFORE_CHMOD`) holds the agent between two metadata
 //! steps while the test swaps.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn restore_args(bk: &Path, dest: &Path) -> Vec<std::ffi::OsString> {
     ["--restore", "--backups-folder"]

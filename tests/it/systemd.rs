@@ -2,14 +2,10 @@
 //! 2.2 or better in `systemd-analyze security`, and a real backup runs under
 //! the service's capability bounding set. Also the anacron script.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// The units, copied with ExecStart pointing at the binary under test (verify
 /// checks that the command exists).

@@ -2,14 +2,10 @@
 //! by scripts/package-deb.sh): a summary line that fits, and assets that
 //! install every man page `rbackup man --dir` generates.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn manifest() -> toml::Table {
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();

@@ -35,6 +35,7 @@ pub struct Config {
 
 impl Config {
     /// The sizes: 20,000 files, ~0.5 GiB with a 256 MiB sparse file.
+    #[allow(dead_code)] // the benchmark's sizes: used by benches/compare.rs only
     pub fn full(work: PathBuf) -> Config {
         Config {
             files: 20_000,

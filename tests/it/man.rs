@@ -2,16 +2,12 @@
 //! command, every `rbackup…(N)` reference naming a page that exists, the
 //! sections a reader looks for, and roff that groff renders without a warning.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::*;
 use clap::CommandFactory;
-use common::*;
 
 fn generate(dir: &Path) -> Vec<PathBuf> {
     let (code, out, err) = run(&[OsStr::new("man"), OsStr::new("--dir"), dir.as_os_str()]);

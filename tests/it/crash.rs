@@ -2,17 +2,13 @@
 //! equals the source, an interrupted run never shows a partial file under a
 //! real name, and older snapshots never change (docs/design.md rules 1 and 5).
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A source big enough that a run takes a while: 40 directories of 60 small
 /// files, a few larger files, and a large file listed last (`zz-tail.bin`

@@ -1,12 +1,8 @@
 //! Bad input: a clear message, a non-zero exit, nothing created or removed.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 
-use common::*;
+use crate::common::*;
 
 fn args<'a>(list: &'a [&'a str]) -> Vec<&'a OsStr> {
     list.iter().map(OsStr::new).collect()

@@ -1,7 +1,6 @@
 //! Shared helpers for the integration tests: a rich source tree, an entry-by-
 //! entry tree comparison written independently of rbackup's own code (raw
 //! `*at` syscalls, so paths longer than `PATH_MAX` work), and the binary.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};

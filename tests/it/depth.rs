@@ -7,10 +7,6 @@
 //! The trees live on tmpfs (`/dev/shm`): on a busy disk ext4 takes half a
 //! minute to remove 20,000 directories, whatever removes them (`rm -rf` too).
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -20,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
 
-use common::*;
+use crate::common::*;
 
 /// The descriptor limit every run here gets.
 const FDS: u32 = 256;

@@ -1,15 +1,11 @@
 //! A tiny run of the benchmark (benches/compare.rs): the harness works, both
 //! tools' snapshots equal the source. Times are printed, never asserted.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
-use common::bench::{Config, report, run};
+use crate::common::bench::{Config, report, run};
 
 #[test]
 fn the_benchmark_runs_and_both_snapshots_equal_the_source() {
-    let work = common::scratch();
+    let work = crate::common::scratch();
     let cfg = Config {
         files: 300,
         dense_bytes: 4 << 20,

@@ -1,14 +1,10 @@
 //! Backups of a local source, against the built binary: exact copies, hardlink
 //! dedup, dry runs, excludes, device nodes, non-root runs.
 
-#![allow(clippy::pedantic)] // test code: plain asserts over polish
-
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn snapshot_equals_source_entry_by_entry() {
