@@ -116,7 +116,9 @@ impl Sink<'_> {
                 self.cfg.dry_run
             }
         };
-        if let Some(link) = link {
+        if let Some(link) = link
+            && self.follow_group()
+        {
             let left = link.nlink - 1;
             let kept = action == FileAction::Keep;
             let group = match &content {

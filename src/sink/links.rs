@@ -33,6 +33,22 @@ pub(super) fn split_parent(rel: &[u8]) -> (&[u8], &[u8]) {
 }
 
 impl Sink<'_> {
+    /// Whether a new hardlink group can be followed (see [`super::GROUPS_MAX`]).
+    pub(super) fn follow_group(&mut self) -> bool {
+        if self.groups.len() < super::GROUPS_MAX {
+            return true;
+        }
+        if !self.noted_groups {
+            self.noted_groups = true;
+            self.events.note(&format!(
+                "more than {} hardlink groups are open at once (files whose other links are not listed yet, \
+                 or are outside the root): later links of new ones are stored as separate files",
+                super::GROUPS_MAX
+            ));
+        }
+        false
+    }
+
     /// A later member of a hardlink group. Returns false for the first member,
     /// which the caller handles like any file.
     pub(super) fn join_group(

@@ -59,6 +59,16 @@ use crate::wire::{Outbox, ProtocolError};
 
 /// Most fetches waiting for data before the listing is held back.
 pub const WINDOW: usize = 512;
+/// Most manifest records held in memory before the listing is held back:
+/// records are written in listing order, so all those after a file whose
+/// data is still on its way wait with it (a large file, or a source that
+/// never answers one fetch while it lists on).
+const RECORDS_HELD_MAX: usize = 65_536;
+/// Most hardlink groups followed at once. A group stays until its last
+/// member is listed, which a hostile source may never do (and an honest
+/// one doesn't, for files with links outside the root): beyond this, the
+/// later members of new groups are stored as files of their own.
+const GROUPS_MAX: usize = 100_000;
 /// How often a sink waiting for input looks for a signal.
 const TICK: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -148,6 +158,7 @@ pub struct Sink<'e> {
     /// Entries whose mtime the destination can't hold (the first is a problem).
     unstorable_times: u64,
     noted_granularity: bool,
+    noted_groups: bool,
     stats: Stats,
 }
 
@@ -200,6 +211,7 @@ impl<'e> Sink<'e> {
             noted_unhashed: false,
             unstorable_times: 0,
             noted_granularity: false,
+            noted_groups: false,
             stats: Stats::default(),
         }
     }
@@ -289,7 +301,8 @@ impl<'e> Sink<'e> {
 
     /// Returns listing credit unless too many fetches are waiting.
     fn maybe_grant(&mut self) -> Result<()> {
-        if let Some(n) = self.credit.due(self.pending.len() + self.deferred.len() >= WINDOW) {
+        let full = self.pending.len() + self.deferred.len() >= WINDOW || self.rec.held() >= RECORDS_HELD_MAX;
+        if let Some(n) = self.credit.due(full) {
             self.send(&SinkMsg::Credit(n))?;
         }
         Ok(())

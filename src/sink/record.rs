@@ -101,6 +101,11 @@ impl Recorder {
         self.writer.is_some()
     }
 
+    /// Records held in memory until the hash they wait for arrives.
+    pub fn held(&self) -> usize {
+        self.writer.as_ref().map_or(0, ManifestWriter::held)
+    }
+
     /// Adds a record; a write error stops the manifest (the snapshot goes on
     /// without one, like a snapshot from before manifests).
     pub fn push(&mut self, record: Record, content: Content) {

@@ -19,6 +19,7 @@ use crate::wire::{Outbox, ProtocolError};
 struct Recorded {
     actions: Vec<(String, String)>,
     problems: Vec<String>,
+    notes: Vec<String>,
 }
 
 impl Events for Recorded {
@@ -28,7 +29,9 @@ impl Events for Recorded {
     fn problem(&mut self, problem: Problem) {
         self.problems.push(format!("{problem:?}"));
     }
-    fn note(&mut self, _text: &str) {}
+    fn note(&mut self, text: &str) {
+        self.notes.push(text.to_string());
+    }
     fn progress(&mut self, _stats: &Stats) {}
 }
 
@@ -170,4 +173,103 @@ fn input_that_ends_early_is_a_lost_connection() {
     let (outcome, _, _) = run(config(tmp.path(), &[]), inputs);
     let err = outcome.err().expect("refused");
     assert!(err.downcast_ref::<ProtocolError>().is_some_and(|e| matches!(e, ProtocolError::Closed)), "{err:#}");
+}
+
+fn symlink(name: &str) -> Entry {
+    Entry::Symlink { name: name.into(), meta: meta(0o777), target: b"t".to_vec() }
+}
+
+/// Regression: a source that never answers one fetch but lists on within
+/// its credit grew the manifest's held records without bound (89 MiB at
+/// 400,000 entries). The sink now holds the listing back: it stops granting
+/// credit once `RECORDS_HELD_MAX` records wait.
+#[test]
+fn records_waiting_for_an_unanswered_fetch_hold_the_listing_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dest, meta_dir) = (tmp.path().join("dest"), tmp.path().join("meta"));
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::create_dir(&meta_dir).unwrap();
+    let folder = crate::store::manifest::folder(&Dir::open_path(&meta_dir).unwrap()).unwrap();
+    let writer = crate::store::manifest::ManifestWriter::create(&folder, "t.01-01-20_00-00-00.incomplete").unwrap();
+    let mut cfg = config(&dest, &[]);
+    cfg.recorder = super::Recorder { writer: Some(writer), ..super::Recorder::default() };
+
+    let (tx, rx) = channel::<Result<Input, ProtocolError>>();
+    let (out_tx, out_rx) = channel::<Vec<u8>>();
+    let sink = std::thread::spawn(move || {
+        let mut events = Recorded::default();
+        Sink::new(cfg, Outbox::Unbounded(out_tx), &mut events).run(&rx).map(|_| ())
+    });
+    // What the sink grants, counted from the frames it sends.
+    let credits = std::thread::spawn(move || {
+        let mut granted = 0u64;
+        let mut buf = Vec::new();
+        while let Ok(frame) = out_rx.recv_timeout(std::time::Duration::from_secs(3)) {
+            buf.extend_from_slice(&frame);
+            let mut reader = FrameReader::new(std::io::Cursor::new(std::mem::take(&mut buf)));
+            while let Ok(msg) = crate::wire::read_msg::<SinkMsg, _>(&mut reader) {
+                if let SinkMsg::Credit(n) = msg {
+                    granted += u64::from(n);
+                }
+            }
+        }
+        granted
+    });
+    let mut sent = 0u64;
+    tx.send(Ok(Input::Entries(vec![dir(""), file("a", 10)], Vec::new()))).unwrap();
+    sent += 2;
+    let mut i = 0u64;
+    let started = std::time::Instant::now();
+    // The feeder doesn't wait for credit: the sink takes batches in order and
+    // grants as it goes, so an honest pace and this one differ only once the
+    // sink stops granting — then the next batch is refused, which ends it.
+    while started.elapsed() < std::time::Duration::from_secs(20) && i < 400_000 {
+        let batch: Vec<Entry> = (0..1000).map(|k| symlink(&format!("s{:08}", i + k))).collect();
+        i += 1000;
+        if tx.send(Ok(Input::Entries(batch, Vec::new()))).is_err() {
+            break;
+        }
+        sent += 1000;
+    }
+    drop(tx);
+    let result = sink.join().unwrap();
+    let granted = credits.join().unwrap();
+    let err = format!("{:#}", result.expect_err("the sink can't finish: a fetch is never answered"));
+    // Either the source outran its credit (refused), or the input ended:
+    // what matters is that credit stopped near the bound.
+    assert!(err.contains("were granted") || err.contains("closed"), "{err}");
+    assert!(
+        granted <= (super::RECORDS_HELD_MAX + 2 * crate::wire::msg::BATCH_MAX) as u64,
+        "granted {granted} entries with one fetch unanswered (sent {sent})"
+    );
+}
+
+/// Regression: hardlink groups whose other members never come (a hostile
+/// source, or links outside the root) were kept without bound. Past
+/// `GROUPS_MAX` open groups, later ones aren't followed, and the sink says so.
+#[test]
+fn open_hardlink_groups_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &[]);
+    cfg.dry_run = true;
+    let n = super::GROUPS_MAX + 10;
+    let mut inputs = vec![Input::Entries(vec![dir("")], Vec::new())];
+    let files: Vec<Entry> = (0..n)
+        .map(|i| Entry::File {
+            name: format!("f{i:08}").into_bytes(),
+            meta: meta(0o644),
+            size: 1,
+            sparse: false,
+            link: Some(crate::wire::msg::Link { id: i as u64, nlink: 2 }),
+        })
+        .collect();
+    for chunk in files.chunks(1000) {
+        inputs.push(Input::Entries(chunk.to_vec(), Vec::new()));
+    }
+    inputs.push(Input::Entries(vec![Entry::End], Vec::new()));
+    inputs.push(Input::Msg(SourceMsg::ListingDone));
+    let (outcome, events, _) = run(cfg, inputs);
+    outcome.unwrap();
+    let noted = events.notes.iter().filter(|n| n.contains("hardlink groups are open at once")).count();
+    assert_eq!(noted, 1, "{:?}", events.notes);
 }

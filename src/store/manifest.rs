@@ -190,6 +190,12 @@ impl ManifestWriter {
         })
     }
 
+    /// Records held in memory: those waiting for a hash, and every record
+    /// listed after the first of them (the manifest is written in order).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
     /// Adds the next entry in listing order; `waiting` is the ticket whose
     /// hash it still needs.
     pub fn push(&mut self, record: Record, waiting: Option<u64>) -> io::Result<()> {
