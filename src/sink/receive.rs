@@ -58,6 +58,12 @@ use crate::wire::msg::ReadStatus;
 /// it; above this size a changed file is sent whole.
 const RESTORE_BASIS_MAX: u64 = 256 << 20;
 
+/// Largest file a snapshot stores (1 PiB, apparent size). A source may
+/// announce any size and send only holes, for free: a file that claims more
+/// is left out as a per-file problem (docs/design.md rule 2) rather than
+/// stored as a hole no tool could read back in a lifetime.
+const FILE_SIZE_MAX: u64 = 1 << 50;
+
 /// Largest window a delta frame may rebuild.
 const DELTA_OUT_MAX: u32 = 8 << 20;
 
@@ -203,7 +209,11 @@ impl Sink<'_> {
         // filesystem can't hold shows before any data is written. Then cut
         // to the data kept, so that the file's length always says how much
         // of it was received (what a resumed run may keep).
-        let sized = temp.file_mut().set_len(size).and_then(|()| temp.file_mut().set_len(from));
+        let sized = if size > FILE_SIZE_MAX {
+            Err(std::io::Error::from(rustix::io::Errno::FBIG))
+        } else {
+            temp.file_mut().set_len(size).and_then(|()| temp.file_mut().set_len(from))
+        };
         let (temp, refused) = match sized {
             Ok(()) => (Some(temp), None),
             Err(e)
@@ -213,7 +223,11 @@ impl Sink<'_> {
                 ) =>
             {
                 temp.discard();
-                let why = format!("its size, {size} bytes, is more than the destination filesystem can hold ({e})");
+                let why = if size > FILE_SIZE_MAX {
+                    format!("its announced size, {size} bytes, is more than the 1 PiB a snapshot stores")
+                } else {
+                    format!("its size, {size} bytes, is more than the destination filesystem can hold ({e})")
+                };
                 (None, Some(why))
             }
             Err(e) => return Err(e).with_context(|| format!("sizing {}", Shown(&rel))),
