@@ -2,6 +2,8 @@
 //! command fixed by the server's admin; a key already there for another
 //! root or command is refused, never rewritten.
 
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -61,7 +63,7 @@ pub(super) fn forced_command(line: &str) -> Option<&str> {
 /// refusal that names it and says what to do.
 pub(super) fn plan_key(dir: &Path, blob: &str, line: &str) -> Result<KeyPlan> {
     let file = dir.join("authorized_keys");
-    let old = match std::fs::read_to_string(&file) {
+    let old = match read_keys(dir) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         // A dry run by another user than root: say what can't be checked.
@@ -183,6 +185,46 @@ pub(super) fn key_conflict(
 
 /// Writes the planned `authorized_keys`, owned by root so the account itself
 /// can't change what it may run.
+/// The `.ssh` folder `dir` opened without following a symlink at its own
+/// name or at `authorized_keys` (the account's owner may have planted one,
+/// to make root read or write another file): `None` if it doesn't exist.
+fn open_ssh_dir(dir: &Path) -> std::io::Result<Option<Dir>> {
+    let (Some(home), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(std::io::Error::other(format!("{} has no parent folder", dir.display())));
+    };
+    let home = Dir::open_path(home)?;
+    match home.open_dir(name.as_bytes()) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(refused_symlink(e, &home, name.as_bytes(), dir)),
+    }
+}
+
+/// A no-follow open of `name` in `parent` failed: if `name` is a symlink,
+/// say so and what to do.
+fn refused_symlink(e: std::io::Error, parent: &Dir, name: &[u8], path: &Path) -> std::io::Error {
+    match parent.try_stat(name) {
+        Ok(Some(st)) if crate::fs::safefs::file_type(&st) == rustix::fs::FileType::Symlink => std::io::Error::other(
+            format!("{} is a symlink: not followed (as root); remove it and run again", path.display()),
+        ),
+        _ => e,
+    }
+}
+
+/// The text of `dir/authorized_keys`, read without following a symlink.
+fn read_keys(dir: &Path) -> std::io::Result<String> {
+    let Some(d) = open_ssh_dir(dir)? else {
+        return Err(std::io::ErrorKind::NotFound.into());
+    };
+    let mut text = String::new();
+    let file = d
+        .open_file(b"authorized_keys")
+        .map_err(|e| refused_symlink(e, &d, b"authorized_keys", &dir.join("authorized_keys")))?;
+    // At most what an authorized_keys file plausibly holds.
+    file.take(16 << 20).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 pub(super) fn write_key(steps: &Steps, plan: &KeyPlan) -> Result<()> {
     let Some(new) = &plan.new else {
         steps.ok(&format!("{} already holds the key, confined", plan.file.display()));
@@ -190,18 +232,24 @@ pub(super) fn write_key(steps: &Steps, plan: &KeyPlan) -> Result<()> {
     };
     let dir = plan.file.parent().expect("a file in a directory");
     steps.run(&format!("write {}: {}", plan.file.display(), plan.line), || {
-        std::fs::create_dir_all(dir)?;
-        let owner = if dir.starts_with("/root") { 0o700 } else { 0o755 };
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(owner))?;
-        rustix::fs::chown(dir, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::ROOT))?;
-        if let Some(home) = dir.parent() {
-            // sshd refuses keys in a home that others can write.
-            let st = rustix::fs::stat(home)?;
-            if st.st_mode & 0o022 != 0 {
-                std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(st.st_mode & 0o755))?;
-            }
+        // Every step on a handle opened without following: the home's owner
+        // can't redirect root's writes, chmod or chown with a symlink.
+        let home_path = dir.parent().expect("a folder in a home");
+        std::fs::create_dir_all(home_path)?;
+        let home = Dir::open_path(home_path)?;
+        let name = dir.file_name().expect("a named folder").as_bytes();
+        let d = match open_ssh_dir(dir)? {
+            Some(d) => d,
+            None => home.create_dir(name)?,
+        };
+        let mode = if dir.starts_with("/root") { 0o700 } else { 0o755 };
+        rustix::fs::fchmod(&d, rustix::fs::Mode::from_raw_mode(mode))?;
+        rustix::fs::fchown(&d, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::ROOT))?;
+        // sshd refuses keys in a home that others can write.
+        let st = home.stat_self()?;
+        if st.st_mode & 0o022 != 0 {
+            rustix::fs::fchmod(&home, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7755))?;
         }
-        let d = Dir::open_path(dir)?;
         crate::fs::writer::replace_file(&d, b"authorized_keys", new.as_bytes(), 0o644)?;
         Ok(())
     })

@@ -266,6 +266,50 @@ fn setup_server_refuses_a_second_root_for_a_key_and_keeps_the_first_line() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// Regression (issue 11, item 4): setup-server, as root, read and wrote the
+/// backup user's `.ssh/authorized_keys` by path, so a symlink the account's
+/// owner planted there made root copy another file's text, or chmod, chown
+/// and write another folder. Each name is now opened without following.
+#[test]
+fn setup_server_follows_no_symlink_in_the_backup_users_ssh_folder() {
+    let s = Setup::new();
+    write(&s.path("src/a.txt"), b"a");
+    assert_eq!(s.client(&[]).0, 0);
+    let user = s.sshd.user.name.clone();
+    let ssh = s.path(&format!("home/{user}/.ssh"));
+    let victim = s.path("victim");
+    write(&victim.join("secret"), b"root's secret\n");
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let _ = std::fs::remove_dir_all(&ssh);
+    std::fs::create_dir_all(ssh.parent().unwrap()).unwrap();
+
+    // `.ssh` itself a symlink: refused, the folder it points to untouched.
+    std::os::unix::fs::symlink(&victim, &ssh).unwrap();
+    let (code, out, err) = s.server(&[]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("is a symlink: not followed"), "{err}");
+    assert!(!victim.join("authorized_keys").exists(), "nothing written through the symlink");
+    let st = std::fs::metadata(&victim).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&st.permissions()) & 0o777, 0o700, "not chmodded");
+
+    // `authorized_keys` a symlink to a file root can read: its text is not
+    // copied into the keys file, and the link is not written through.
+    std::fs::remove_file(&ssh).unwrap();
+    std::fs::create_dir(&ssh).unwrap();
+    std::os::unix::fs::symlink(victim.join("secret"), ssh.join("authorized_keys")).unwrap();
+    let (code, out, err) = s.server(&[]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("is a symlink: not followed"), "{err}");
+    assert_eq!(std::fs::read(victim.join("secret")).unwrap(), b"root's secret\n");
+    assert!(std::fs::symlink_metadata(ssh.join("authorized_keys")).unwrap().file_type().is_symlink());
+
+    // Once the admin removes it, the setup goes through.
+    std::fs::remove_file(ssh.join("authorized_keys")).unwrap();
+    let (code, out, err) = s.server(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!s.authorized_keys(&user).contains("secret"));
+}
+
 /// Regression (issue 12, item 4): a second backup user in capability mode
 /// re-owned the one shared agent copy (`root:user2 0750`), and the first
 /// user's backups failed with "Permission denied".
