@@ -97,8 +97,8 @@ pub fn run(args: &ServeOptions) -> Result<()> {
 /// does and every problem goes back to the desktop as log lines.
 fn receive(root: Option<Dir>, options: &SessionOptions, reader: FrameReader<File>, stdout: File) -> Result<()> {
     let privs = match &root {
-        Some(root) => Privileges::current().storing_on(root),
-        None => Privileges::current(),
+        Some(root) => Privileges::current().storing_on(root).into_live_tree(),
+        None => Privileges::current().into_live_tree(),
     };
     let cfg = SinkConfig {
         fresh: root.is_none(),

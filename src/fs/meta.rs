@@ -85,13 +85,24 @@ pub struct Privileges {
     pub uid: u32,
     pub gid: u32,
     pub times: TimeRange,
+    /// Writing into a live tree (a restore): `trusted.*` attributes an
+    /// entry has and the snapshot lacks are kept, not removed. A backup
+    /// user can't read `trusted.*`, so a snapshot's lack of one says
+    /// nothing about the file (see [`same_xattrs`]).
+    pub live: bool,
 }
 
 impl Privileges {
     /// The running process's, with no limit on times (see [`Self::storing_on`]).
     pub fn current() -> Privileges {
         let uid = rustix::process::geteuid().as_raw();
-        Privileges { root: uid == 0, uid, gid: rustix::process::getegid().as_raw(), times: TimeRange::ANY }
+        Privileges { root: uid == 0, uid, gid: rustix::process::getegid().as_raw(), times: TimeRange::ANY, live: false }
+    }
+
+    /// These privileges, writing into a live tree (a restore).
+    #[must_use]
+    pub fn into_live_tree(self) -> Privileges {
+        Privileges { live: true, ..self }
     }
 
     /// These privileges, writing to the filesystem of `dir`: with the times
@@ -445,6 +456,7 @@ fn apply_xattrs(target: &Target<'_>, meta: &Meta, privs: Privileges, note: &mut 
     let wanted = privs.storable(meta).xattrs;
     for old in &existing {
         if !wanted.iter().any(|w| w.name == old.name)
+            && !(privs.live && is_trusted(&old.name))
             && let Err(e) = handle.remove(OsStr::from_bytes(&old.name))
             && e.raw_os_error() != Some(libc_errno::ENODATA)
         {
@@ -484,9 +496,25 @@ pub fn read_xattrs_of(dir: &Dir, name: &[u8], st: &Stat, tree: Tree) -> io::Resu
 }
 
 /// True if `name` in `dir` (whose `lstat` is `st`) carries exactly the
-/// xattrs in `wanted`.
+/// xattrs in `wanted` (see [`same_xattrs`]).
 pub fn xattrs_match(dir: &Dir, name: &[u8], st: &Stat, wanted: &[Xattr], tree: Tree) -> io::Result<bool> {
-    Ok(read_xattrs_of(dir, name, st, tree)? == wanted)
+    Ok(same_xattrs(&read_xattrs_of(dir, name, st, tree)?, wanted, tree))
+}
+
+fn is_trusted(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.")
+}
+
+/// True if an entry's attributes `found` are `wanted`. In a live tree, a
+/// `trusted.*` attribute `wanted` lacks doesn't count: a restore keeps it
+/// ([`Privileges::live`]).
+pub fn same_xattrs(found: &[Xattr], wanted: &[Xattr], tree: Tree) -> bool {
+    if tree == Tree::Live {
+        let kept = |x: &&Xattr| !(is_trusted(&x.name) && !wanted.iter().any(|w| w.name == x.name));
+        found.iter().filter(kept).eq(wanted.iter())
+    } else {
+        found == wanted
+    }
 }
 
 /// A pause between two metadata steps, for the regression test of a race
@@ -519,7 +547,7 @@ mod tests {
 
     #[test]
     fn non_root_keeps_user_xattrs_and_acls_only() {
-        let privs = Privileges { root: false, uid: 1000, gid: 1000, times: TimeRange::ANY };
+        let privs = Privileges { root: false, uid: 1000, gid: 1000, times: TimeRange::ANY, live: false };
         let meta = Meta {
             mode: 0o4755,
             uid: 0,
@@ -537,7 +565,7 @@ mod tests {
         assert_eq!((s.uid, s.gid), (1000, 1000));
         let names: Vec<_> = s.xattrs.iter().map(|x| x.name.clone()).collect();
         assert_eq!(names, vec![ACL_ACCESS.to_vec(), b"user.y".to_vec()]);
-        let root = Privileges { root: true, uid: 0, gid: 0, times: TimeRange::ANY };
+        let root = Privileges { root: true, uid: 0, gid: 0, times: TimeRange::ANY, live: false };
         assert_eq!(root.storable(&meta), meta);
     }
 
@@ -550,7 +578,7 @@ mod tests {
         assert_eq!(TimeRange::ANY.clamp(i64::MAX, 7), (i64::MAX, 0), "at the bound, nanoseconds go");
         let seconds = TimeRange { granularity: 1_000_000_000, ..ext4 };
         assert_eq!(seconds.clamp(5, 999_999_999), (5, 0));
-        let root = Privileges { root: true, uid: 0, gid: 0, times: ext4 };
+        let root = Privileges { root: true, uid: 0, gid: 0, times: ext4, live: false };
         let meta = Meta { mtime: i64::MAX, mtime_nsec: 1, ..Meta::default() };
         assert_eq!((root.storable(&meta).mtime, root.storable(&meta).mtime_nsec), (15_032_385_535, 0));
     }

@@ -142,7 +142,8 @@ impl Sink<'_> {
         {
             // Decided now, before this run writes inside it and moves its mtime.
             let want = self.cfg.privs.storable(&node.meta);
-            node.meta_differs = !(meta::stat_matches(st, &want) && meta::read_dir_xattrs(&dest)? == want.xattrs);
+            node.meta_differs = !(meta::stat_matches(st, &want)
+                && meta::same_xattrs(&meta::read_dir_xattrs(&dest)?, &want.xattrs, self.tree()));
         }
         if let Some(err) = unreadable {
             self.problem(ProblemKind::Unreadable, &rel, format!("directory not listed: {err}"));

@@ -372,3 +372,37 @@ fn a_dry_run_into_a_folder_not_made_yet_says_everything_would_be_created() {
     assert_eq!(done, planned, "the real run did what the dry run said");
     assert_same_tree(&snap, &dest, &[]);
 }
+
+/// Regression (a newcomer's walk): an in-place restore removed `trusted.*`
+/// attributes from the server's files, which a backup user can never read
+/// and so no snapshot of theirs holds. A restore now keeps a `trusted.*`
+/// attribute the snapshot lacks, and doesn't count it as a change.
+#[test]
+fn a_restore_keeps_trusted_attributes_the_snapshot_lacks() {
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("d/f.txt"), b"content");
+    write(&src.join("g.txt"), b"other");
+    xattr::set(src.join("g.txt"), "trusted.in_snapshot", b"1").unwrap();
+    let (code, _, err) = backup(&src, &bk, "srv", &[]);
+    assert_eq!(code, 0, "{err}");
+    let dest = tmp.path().join("dest");
+    let to = ["--to".to_string(), dest.display().to_string()];
+    assert_eq!(restore(&bk, &to).0, 0);
+    xattr::set(dest.join("d/f.txt"), "trusted.live", b"keep me").unwrap();
+    xattr::set(dest.join("d"), "trusted.live", b"keep me too").unwrap();
+    xattr::remove(dest.join("g.txt"), "trusted.in_snapshot").unwrap();
+
+    let mut dry = to.to_vec();
+    dry.push("--dry-run".into());
+    let (code, out, err) = restore(&bk, &dry);
+    assert_eq!(code, 0, "{err}");
+    let planned = actions(&out);
+    assert_eq!(planned, vec!["change g.txt".to_string()], "only the missing snapshot attribute is a change");
+
+    let (code, _, err) = restore(&bk, &to);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(xattr::get(dest.join("d/f.txt"), "trusted.live").unwrap().as_deref(), Some(&b"keep me"[..]));
+    assert_eq!(xattr::get(dest.join("d"), "trusted.live").unwrap().as_deref(), Some(&b"keep me too"[..]));
+    assert_eq!(xattr::get(dest.join("g.txt"), "trusted.in_snapshot").unwrap().as_deref(), Some(&b"1"[..]));
+}
