@@ -455,8 +455,8 @@ fn apply_xattrs(target: &Target<'_>, meta: &Meta, privs: Privileges, note: &mut 
     };
     let wanted = privs.storable(meta).xattrs;
     for old in &existing {
-        if !wanted.iter().any(|w| w.name == old.name)
-            && !(privs.live && is_trusted(&old.name))
+        let kept = wanted.iter().any(|w| w.name == old.name) || (privs.live && is_trusted(&old.name));
+        if !kept
             && let Err(e) = handle.remove(OsStr::from_bytes(&old.name))
             && e.raw_os_error() != Some(libc_errno::ENODATA)
         {
@@ -510,7 +510,7 @@ fn is_trusted(name: &[u8]) -> bool {
 /// ([`Privileges::live`]).
 pub fn same_xattrs(found: &[Xattr], wanted: &[Xattr], tree: Tree) -> bool {
     if tree == Tree::Live {
-        let kept = |x: &&Xattr| !(is_trusted(&x.name) && !wanted.iter().any(|w| w.name == x.name));
+        let kept = |x: &&Xattr| !is_trusted(&x.name) || wanted.iter().any(|w| w.name == x.name);
         found.iter().filter(kept).eq(wanted.iter())
     } else {
         found == wanted
