@@ -38,6 +38,9 @@ pub struct Problem {
     pub kind: ProblemKind,
     /// Relative to the root of the run, escaped for display.
     pub path: String,
+    /// The same, as the bytes it is.
+    #[serde(skip)]
+    pub raw_path: Vec<u8>,
     /// Escaped for display too: it often quotes the peer (an error text the
     /// server sent), and must not reach a terminal's control sequences.
     pub detail: String,
@@ -45,12 +48,19 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(kind: ProblemKind, path: &[u8], detail: impl Into<String>) -> Problem {
-        let path = if path.is_empty() { ".".to_string() } else { Shown(path).to_string() };
-        Problem { kind, path, detail: Shown(detail.into().as_bytes()).to_string() }
+        let shown = if path.is_empty() { ".".to_string() } else { Shown(path).to_string() };
+        Problem { kind, path: shown, raw_path: path.to_vec(), detail: Shown(detail.into().as_bytes()).to_string() }
     }
 }
 
 impl Problem {
+    /// The entry may be missing from the snapshot: it could not be read, it
+    /// vanished, or writing it failed (as opposed to a metadata problem or a
+    /// file stored as read while it changed).
+    pub fn may_be_missing(&self) -> bool {
+        matches!(self.kind, ProblemKind::Unreadable | ProblemKind::Vanished | ProblemKind::Failed)
+    }
+
     /// The source was refused access (`EACCES`, `EPERM`): what the ACL mask
     /// and default ACL hints are about. Other read errors — a file replaced
     /// while the walk looked at it gives `EINVAL` or `ESTALE` — are not.

@@ -52,6 +52,8 @@ pub struct DesktopEvents {
     dry_run: bool,
     progress: Progress,
     pub problems: Vec<Problem>,
+    /// Paths that may be missing from the snapshot (see `store::unread`).
+    pub missing: crate::store::unread::Missing,
     /// Entries the source was refused access to (the ACL hint is for those).
     pub denied: u64,
     pub serious: u64,
@@ -63,7 +65,16 @@ pub struct DesktopEvents {
 impl DesktopEvents {
     pub fn new(dry_run: bool) -> DesktopEvents {
         let progress = Progress::new(dry_run || !crate::log::on_stderr(crate::log::Level::Info));
-        DesktopEvents { dry_run, progress, problems: Vec::new(), denied: 0, serious: 0, live: 0, flusher: None }
+        DesktopEvents {
+            dry_run,
+            progress,
+            problems: Vec::new(),
+            missing: crate::store::unread::Missing::default(),
+            denied: 0,
+            serious: 0,
+            live: 0,
+            flusher: None,
+        }
     }
 
     /// The exit code these problems call for.
@@ -100,6 +111,9 @@ impl Events for DesktopEvents {
         }
         if problem.is_permission_denied() {
             self.denied += 1;
+        }
+        if problem.may_be_missing() {
+            self.missing.add(&problem.raw_path);
         }
         if self.problems.len() < PROBLEMS_KEPT {
             self.problems.push(problem);
@@ -292,6 +306,9 @@ pub fn run_with(
                 None
             });
             let done = store.commit(&target, dest)?;
+            if let Err(e) = crate::store::unread::write(store, &done.folder, &events.missing) {
+                warn!("{e:#}: a restore with --delete from {} may remove what it lacks", done.folder);
+            }
             crate::debug!("flushed to disk and renamed at {:.3} s", started.elapsed().as_secs_f64());
             if let Some(m) = manifest
                 && let Err(e) = m.commit()

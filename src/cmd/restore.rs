@@ -17,9 +17,11 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::config::{Job, SourceSpec};
 use crate::error::Code;
+use crate::fs::safefs::Shown;
 use crate::report::Stats;
 use crate::source::{self, Selection};
 use crate::store::Store;
+use crate::store::unread::Unread;
 use crate::transport::Connection;
 use crate::wire::msg::{LogKind, Role, SessionOptions};
 use crate::{info, store::lock, usage, warn};
@@ -66,6 +68,38 @@ pub fn normalize_paths(paths: &[String]) -> Result<Vec<Vec<u8>>> {
         .collect()
 }
 
+/// The folders a restore with `--delete` must not clean up, because the
+/// snapshot lacks something of theirs: its backup could not read it (see
+/// `store::unread`). Says so; refuses `--delete` when more was missing
+/// than the snapshot's record holds.
+fn kept_by_delete(store: &Store, folder: &str, delete: bool) -> Result<Vec<Vec<u8>>> {
+    match crate::store::unread::read(store, folder)? {
+        Unread::Paths(p) if p.is_empty() => Ok(Vec::new()),
+        Unread::Paths(p) => {
+            let first = Shown(&p[0]);
+            let more = if p.len() > 1 { format!(" and {} more", p.len() - 1) } else { String::new() };
+            warn!("{folder} lacks what its backup could not read: {first}{more} (see the backup's log)");
+            if !delete {
+                return Ok(Vec::new());
+            }
+            let kept = crate::store::unread::kept_folders(&p);
+            warn!(
+                "--delete leaves alone what the destination has beyond the snapshot in the {} folder(s) holding them",
+                kept.len()
+            );
+            Ok(kept)
+        }
+        Unread::TooMany if delete => Err(usage!(
+            "{folder} lacks more than 100,000 entries its backup could not read: --delete could remove what it \
+             never held; restore without --delete, or choose another snapshot with --snapshot"
+        )),
+        Unread::TooMany => {
+            warn!("{folder} lacks more than 100,000 entries its backup could not read (see the backup's log)");
+            Ok(Vec::new())
+        }
+    }
+}
+
 /// Runs a restore for `job`.
 pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
@@ -75,6 +109,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     let folder_shown = crate::store::shown(&job.backups_folder, &job.name);
     let _lock = lock::acquire_readers(&meta_dir, "restore", &folder_shown)?;
     let snap_dir = store.open_snapshot(&snapshot)?;
+    let kept = kept_by_delete(&store, &snapshot.folder, opts.delete)?;
     let paths = normalize_paths(&opts.paths)?;
     for p in &paths {
         if !p.is_empty() && !exists_in(&snap_dir, p) {
@@ -126,7 +161,8 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
         }
         LogKind::Note => info!("{text}"),
     };
-    let selection = Selection::new(&[], &paths)?;
+    let mut selection = Selection::new(&[], &paths)?;
+    selection.keep_unlisted = kept;
     let result = source::run(snap_dir, selection, job.compress, reader, writer, &mut on_log);
     let summary = match result {
         Ok(s) => s,

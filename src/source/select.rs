@@ -12,6 +12,10 @@ pub struct Selection {
     /// Open every regular file while listing; list those that can't be read
     /// as unreadable (`rbackup check`).
     pub probe_read: bool,
+    /// Directories listed as partial, so that the sink removes nothing from
+    /// them that the listing lacks (a restore with `--delete` from a
+    /// snapshot that lacks something of theirs). Sorted.
+    pub keep_unlisted: Vec<Vec<u8>>,
 }
 
 impl Selection {
@@ -31,7 +35,12 @@ impl Selection {
             .iter()
             .map(|p| p.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect::<Vec<_>>().join(&b'/'))
             .collect();
-        Ok(Selection { excludes, only, probe_read: false })
+        Ok(Selection { excludes, only, probe_read: false, keep_unlisted: Vec::new() })
+    }
+
+    /// Whether the directory `rel` is listed as partial (`keep_unlisted`).
+    pub(super) fn keeps_unlisted(&self, rel: &[u8]) -> bool {
+        self.keep_unlisted.binary_search_by(|k| k.as_slice().cmp(rel)).is_ok()
     }
 
     pub(super) fn excluded(&self, rel: &[u8], is_dir: bool) -> bool {

@@ -86,7 +86,8 @@ impl Walker {
         let st = root.stat_self().context("reading the root directory")?;
         let xattrs = meta::read_dir_xattrs(root).context("reading the root's extended attributes")?;
         let names = root.names().context("listing the root directory")?;
-        let partial = !self.selection.only.is_empty() && self.selection.chosen(b"") != Some(true);
+        let partial = (!self.selection.only.is_empty() && self.selection.chosen(b"") != Some(true))
+            || self.selection.keeps_unlisted(b"");
         self.push(Entry::Dir { name: Vec::new(), meta: meta::from_stat(&st, xattrs), unreadable: None, partial })?;
         // The names left at each level, the directories' handles (a bounded
         // number of them, see `Chain`), and the current directory's path.
@@ -146,7 +147,7 @@ impl Walker {
             return Ok(None);
         }
         if ft == FileType::Directory {
-            return self.visit_dir(dir, name, whole);
+            return self.visit_dir(dir, name, !whole || self.selection.keeps_unlisted(rel));
         }
         let xattrs = match self.xattrs(dir, &name) {
             Ok(x) => x,
@@ -181,7 +182,9 @@ impl Walker {
         Ok(None)
     }
 
-    fn visit_dir(&mut self, parent: &Dir, name: Vec<u8>, whole: bool) -> Result<Option<Level>> {
+    /// Lists a directory (`partial`: the sink removes nothing the listing
+    /// lacks from it) and returns the level to descend into.
+    fn visit_dir(&mut self, parent: &Dir, name: Vec<u8>, partial: bool) -> Result<Option<Level>> {
         // Open first and describe what was opened, so the metadata and the
         // children belong to the same directory even if it is being replaced.
         let child = match parent.open_dir(&name) {
@@ -212,7 +215,7 @@ impl Walker {
                 return Ok(None);
             }
         };
-        self.push(Entry::Dir { name, meta, unreadable: None, partial: !whole })?;
+        self.push(Entry::Dir { name, meta, unreadable: None, partial })?;
         Ok(Some(Level { dir: child, st, names }))
     }
 

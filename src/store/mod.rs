@@ -12,6 +12,7 @@ pub mod lock;
 pub mod manifest;
 pub mod reader;
 pub mod select;
+pub mod unread;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -288,6 +289,7 @@ impl Store {
         crate::fs::delete::remove_tree(&trash, s.folder.as_bytes())
             .with_context(|| format!("cannot delete {}", s.folder))?;
         self.remove_partial_manifests(&s.folder);
+        unread::remove(self, &s.folder);
         if s.complete
             && let Ok(meta) = self.meta_dir()
             && let Ok(Some(dir)) = meta.try_open_dir(b"manifests")

@@ -1,6 +1,7 @@
 //! Backups over SSH against a real sshd and a real unprivileged backup user
 //! that reads through ACLs, with the agent as a forced command.
 
+use std::ffi::OsStr;
 use std::path::Path;
 
 use crate::common::sshd::Sshd;
@@ -140,6 +141,50 @@ fn a_file_the_backup_user_cannot_read_is_listed_and_the_run_is_partial() {
     assert!(err.contains("ACL mask") && err.contains("setfacl"), "{err}");
     let snap = complete(&bk, "srv")[0].clone();
     assert_eq!(std::fs::read(snap.join("ok.txt")).unwrap(), b"ok");
+}
+
+/// Regression (a newcomer's walk, data loss): a file the backup user could
+/// not read is missing from that snapshot, and `restore --delete` from it
+/// deleted the live file, never backed up. The snapshot now records what it
+/// lacks, and a restore with --delete leaves the folders holding it alone
+/// (and says so), while removing extras elsewhere.
+#[test]
+fn restore_delete_never_removes_what_the_snapshot_could_not_read() {
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("sub/ok.txt"), b"ok");
+    write(&src.join("sub/later-chmod.txt"), b"only copy");
+    write(&src.join("other/ok.txt"), b"ok");
+    sshd.grant_read(&src);
+    sh(&format!("chmod 600 '{}'", src.join("sub/later-chmod.txt").display()));
+    sshd.authorize(&sshd.forced_read_only(&src));
+    let (code, _, err) = pull(&sshd, &src, &bk, &[]);
+    assert_eq!(code, 23, "{err}");
+    write(&src.join("other/extra.txt"), b"not in the snapshot");
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "--restore".to_string(),
+            "--backups-folder".into(),
+            bk.display().to_string(),
+            "--name".into(),
+            "srv".into(),
+            "--to".into(),
+            src.display().to_string(),
+            "--delete".into(),
+        ];
+        args.extend(extra.iter().map(ToString::to_string));
+        run(&args.iter().map(OsStr::new).collect::<Vec<_>>())
+    };
+    let (code, out, err) = restore(&["--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("lacks what its backup could not read: sub/later-chmod.txt"), "{err}");
+    assert!(out.contains("delete   other/extra.txt"), "{out}");
+    assert!(!out.contains("later-chmod"), "the dry run plans to delete what the snapshot lacks: {out}");
+    let (code, _, err) = restore(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(src.join("sub/later-chmod.txt")).unwrap(), b"only copy");
+    assert!(!src.join("other/extra.txt").exists(), "extras elsewhere still go");
 }
 
 #[test]
