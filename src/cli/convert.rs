@@ -121,8 +121,11 @@ impl SetupClientArgs {
 }
 
 impl Cli {
-    /// The config file given, or the default one.
+    /// The config file given, or the default one; absolute, since
+    /// `setup-client` writes paths beside it into the job, and the job runs
+    /// later from another working directory (cron, systemd).
     pub fn config_path(&self) -> std::path::PathBuf {
-        self.config.clone().unwrap_or_else(|| crate::config::DEFAULT_CONFIG.into())
+        let path = self.config.clone().unwrap_or_else(|| crate::config::DEFAULT_CONFIG.into());
+        std::path::absolute(&path).unwrap_or(path)
     }
 }

@@ -310,6 +310,33 @@ fn setup_server_follows_no_symlink_in_the_backup_users_ssh_folder() {
     assert!(!s.authorized_keys(&user).contains("secret"));
 }
 
+/// Regression (a newcomer's walk): `setup-client -c conf/rbackup.toml` wrote
+/// relative paths (keys, known_hosts, the ssh config) into the job, and the
+/// job failed from any other working directory with a misleading host-key
+/// error. Paths are absolute now, so the job runs from anywhere.
+#[test]
+fn setup_client_with_a_relative_config_path_gives_a_job_that_runs_from_anywhere() {
+    let s = Setup::new();
+    write(&s.path("src/a.txt"), b"a");
+    let remote = format!("{}@127.0.0.1:{}", s.sshd.user.name, s.path("src").display());
+    let (port, fp, bk, log) = (s.sshd.port.to_string(), fingerprint(&s.sshd), s.path("bk"), s.path("log/web.log"));
+    let out = Command::new(bin())
+        .current_dir(s.tmp.path())
+        .args(["-c", "etc/rbackup.toml", "-j", "web", "setup-client", "--remote", &remote, "--port", &port])
+        .args(["--backups-folder", bk.to_str().unwrap(), "--accept-host-key", &fp])
+        .args(["--log-file", log.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = std::fs::read_to_string(s.path("etc/rbackup.toml")).unwrap()
+        + &std::fs::read_to_string(s.path("etc/web.ssh_config")).unwrap();
+    assert!(!written.contains("\"etc/") && !written.contains(" etc/"), "a relative path was written: {written}");
+    assert_eq!(s.server(&[]).0, 0);
+    // From another working directory, as cron would run it.
+    let (code, out, err) = s.rb(&["check"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 /// Regression (issue 12, item 4): a second backup user in capability mode
 /// re-owned the one shared agent copy (`root:user2 0750`), and the first
 /// user's backups failed with "Permission denied".
