@@ -159,8 +159,37 @@ pub fn server(o: &ServerOptions) -> Result<()> {
             root.display()
         );
     }
+    // The account's shell is this binary, and its forced command the agent:
+    // both must run as the backup user (not so if they sit in a folder only
+    // root can enter, e.g. /root/.cargo/bin).
+    for program in if agent == exe { vec![&exe] } else { vec![&exe, &agent] } {
+        runs_as(program, &o.user, uid, gid)?;
+    }
     info!("server ready: the desktop pulls {}@{}:{}", o.user, crate::notify::hostname(), root.display());
     Ok(())
+}
+
+/// Checks that `user` (`uid`, `gid`) can run `program`.
+fn runs_as(program: &Path, user: &str, uid: u32, gid: u32) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let status = Command::new(program)
+        .arg("--version")
+        .uid(uid)
+        .gid(gid)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(st) if st.success() => Ok(()),
+        Ok(st) => bail!("{} --version, run as {user}, failed with {st}", program.display()),
+        Err(e) => bail!(
+            "the backup user {user} can't run {} ({e}), which is its login shell and forced command: install \
+             rbackup where every user can run it (e.g. `cargo install --path . --root /usr/local`, or the \
+             .deb), then run setup-server again with that binary",
+            program.display()
+        ),
+    }
 }
 
 /// `PermitRootLogin` must allow forced commands for the restore key.

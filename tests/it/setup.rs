@@ -337,6 +337,32 @@ fn setup_client_with_a_relative_config_path_gives_a_job_that_runs_from_anywhere(
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// Regression (a newcomer's walk): setup-server said "server ready" with a
+/// binary in a folder only root can enter (where `cargo install` puts it),
+/// and the first backup failed with "Permission denied". It now checks that
+/// the backup user can run it, and says what to do.
+#[test]
+fn setup_server_refuses_a_binary_the_backup_user_cannot_run() {
+    let s = Setup::new();
+    write(&s.path("src/a.txt"), b"a");
+    assert_eq!(s.client(&[]).0, 0);
+    let private = s.path("private/bin");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::copy(&s.sshd.agent, private.join("rbackup")).unwrap();
+    std::fs::set_permissions(s.path("private"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let key = std::fs::read_to_string(s.path("etc/keys/web.pub")).unwrap();
+    let (src, home) = (s.path("src"), s.path("home"));
+    let out = Command::new(private.join("rbackup"))
+        .args(["setup-server", "--user", &s.sshd.user.name, "--root", src.to_str().unwrap()])
+        .args(["--key", key.trim(), "--home-base", home.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}{err}");
+    assert!(!stdout.contains("server ready") && !err.contains("server ready"), "{stdout}{err}");
+    assert!(err.contains("can't run") && err.contains("install"), "{err}");
+}
+
 /// Regression (issue 12, item 4): a second backup user in capability mode
 /// re-owned the one shared agent copy (`root:user2 0750`), and the first
 /// user's backups failed with "Permission denied".
