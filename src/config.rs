@@ -140,6 +140,27 @@ pub struct Job {
     pub email: Option<EmailConfig>,
     pub prune: Rules,
     pub prune_after_backup: bool,
+    /// How a command line names this job, for the hints rbackup prints:
+    /// `rbackup -j JOB`, with `-c FILE` when the config isn't the default
+    /// one; `rbackup` for a job the command line gave whole (the same
+    /// options go with it).
+    pub invocation: String,
+}
+
+impl Job {
+    /// The command line that runs `rest` (e.g. `--continue`) for this job.
+    pub fn command(&self, rest: &str) -> String {
+        format!("{} {rest}", self.invocation)
+    }
+}
+
+/// `s` as one shell word.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+@:=,".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Values from the command line, which win over the file.
@@ -235,7 +256,19 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
     let source = cli.source.clone().or(base.source.clone()).map(|s| SourceSpec::parse(&s)).transpose()?;
     let mut excludes = base.exclude.clone();
     excludes.extend(cli.excludes.iter().cloned());
+    let invocation = match (file, job_name.is_empty()) {
+        (Some((path, _)), false) if path == Path::new(DEFAULT_CONFIG) => {
+            format!("rbackup -j {}", shell_word(&job_name))
+        }
+        (Some((path, _)), false) => {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            format!("rbackup -c {} -j {}", shell_word(&path.to_string_lossy()), shell_word(&job_name))
+        }
+        // The command line said everything: the same options again.
+        _ => "rbackup".to_string(),
+    };
     Ok(Job {
+        invocation,
         job: if job_name.is_empty() { name.clone() } else { job_name },
         source,
         backups_folder,

@@ -298,8 +298,9 @@ pub struct RunMail<'a> {
 /// server is a network or ssh matter; anything else starts with `check`,
 /// which tests each part of the job. A locked run needs nothing (the
 /// message names the run that holds the lock).
-pub fn next_step(job: &str, code: Code, e: &anyhow::Error) -> Option<String> {
+pub fn next_step(job: &crate::config::Job, code: Code, e: &anyhow::Error) -> Option<String> {
     use crate::transport::SshError;
+    let check = job.command("check");
     if code == Code::Locked {
         return None;
     }
@@ -307,11 +308,11 @@ pub fn next_step(job: &str, code: Code, e: &anyhow::Error) -> Option<String> {
     Some(if unreachable {
         format!(
             "The server could not be reached from this machine. Check the network and ssh from here to the \
-             server (is it up? DNS, VPN, firewall, sshd on its port), then run `rbackup -j {job} check`.\n\
+             server (is it up? DNS, VPN, firewall, sshd on its port), then run `{check}`.\n\
              Nothing is lost: the next scheduled run tries again."
         )
     } else {
-        format!("Run `rbackup -j {job} check`: it tests each part of the job and prints a fix for what is wrong.")
+        format!("Run `{check}`: it tests each part of the job and prints a fix for what is wrong.")
     })
 }
 
@@ -445,11 +446,16 @@ mod tests {
             detail: "Connection refused".into(),
         })
         .context("backup from server:/srv failed");
-        let step = next_step("web", Code::Error, &unreachable).unwrap();
-        assert!(step.contains("Check the network and ssh") && step.contains("`rbackup -j web check`"), "{step}");
-        let other = next_step("web", Code::Error, &anyhow!("disk full")).unwrap();
-        assert!(other.starts_with("Run `rbackup -j web check`"), "{other}");
-        assert_eq!(next_step("web", Code::Locked, &anyhow!("locked")), None);
+        let text = "[job.web]\nsource = \"server:/srv\"\nbackups_folder = \"/backups\"\n";
+        let file = (std::path::PathBuf::from("/srv/my conf/rb.toml"), crate::config::parse(text).unwrap());
+        let job = crate::config::resolve(Some(&file), Some("web"), &crate::config::Overrides::default()).unwrap();
+        let step = next_step(&job, Code::Error, &unreachable).unwrap();
+        // The hint names the config the job came from: copied, it works.
+        let check = "`rbackup -c '/srv/my conf/rb.toml' -j web check`";
+        assert!(step.contains("Check the network and ssh") && step.contains(check), "{step}");
+        let other = next_step(&job, Code::Error, &anyhow!("disk full")).unwrap();
+        assert!(other.starts_with(&format!("Run {check}")), "{other}");
+        assert_eq!(next_step(&job, Code::Locked, &anyhow!("locked")), None);
     }
 
     #[test]

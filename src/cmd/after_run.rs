@@ -96,10 +96,10 @@ fn compose<'a>(job: &'a Job, code: Code, result: &'a Result<RunReport>, store: O
         code,
         reason,
         error,
-        next_step: result.as_ref().err().and_then(|e| crate::notify::next_step(&job.job, code, e)),
+        next_step: result.as_ref().err().and_then(|e| crate::notify::next_step(job, code, e)),
         problems,
         problem_count: count,
-        state: describe_store(job, store),
+        state: describe_store(job, store, code),
         log_tail: log::tail(),
     }
 }
@@ -113,13 +113,18 @@ fn reason_of(e: &anyhow::Error) -> String {
 }
 
 /// What the backups folder holds, for the mail.
-fn describe_store(job: &Job, store: Option<&Store>) -> String {
+fn describe_store(job: &Job, store: Option<&Store>, code: Code) -> String {
     let Some(snaps) = store.and_then(|s| s.snapshots().ok()) else {
         return format!("the backups folder {} could not be read", job.backups_folder.display());
     };
     let mut parts = Vec::new();
     if let Some(inc) = snaps.iter().rev().find(|s| !s.complete) {
-        parts.push(format!("{} is kept; run `rbackup -j {} --continue` to finish it", inc.folder, job.job));
+        if code == Code::Locked {
+            // The run that holds the lock may be writing it right now.
+            parts.push(format!("{} is the run in progress, or one it will finish", inc.folder));
+        } else {
+            parts.push(format!("{} is kept; run `{}` to finish it", inc.folder, job.command("--continue")));
+        }
     }
     match snaps.iter().rev().find(|s| s.complete) {
         Some(s) => {

@@ -289,7 +289,8 @@ pub fn run_with(
     let driven = match driven {
         Ok(d) => d,
         Err(crate::session::Failure { error, conn: Some(conn) }) => {
-            return Err(failed(error, &source, &conn, dest.as_ref().filter(|_| !opts.dry_run), &target.folder));
+            let cont = job.command("--continue");
+            return Err(failed(error, &source, &conn, dest.as_ref().filter(|_| !opts.dry_run), &target.folder, &cont));
         }
         Err(crate::session::Failure { error, conn: None }) => return Err(error),
     };
@@ -351,7 +352,15 @@ pub fn run_with(
 /// The error of a run that stopped in the session. A signal wins over
 /// whatever it caused (the agent dies of the same Ctrl-C); the agent's words
 /// go only with an error on its side (see [`transport::from_peer`]).
-fn failed(e: anyhow::Error, source: &SourceSpec, handle: &Handle, dest: Option<&Dir>, folder: &str) -> anyhow::Error {
+/// `cont` is the command line that finishes the snapshot (`… --continue`).
+fn failed(
+    e: anyhow::Error,
+    source: &SourceSpec,
+    handle: &Handle,
+    dest: Option<&Dir>,
+    folder: &str,
+    cont: &str,
+) -> anyhow::Error {
     if let Some(signal) = crate::interrupt::received() {
         // What is complete is made durable: the machine may be shutting down.
         if let Some(dest) = dest
@@ -360,12 +369,12 @@ fn failed(e: anyhow::Error, source: &SourceSpec, handle: &Handle, dest: Option<&
             warn!("flushing {folder} to disk: {e}");
         }
         if dest.is_some() {
-            warn!("{signal}: {folder} is kept; `rbackup --continue` finishes it (or the next backup links from it)");
+            warn!("{signal}: {folder} is kept; `{cont}` finishes it (or the next backup links from it)");
         }
         return anyhow!(signal).context(format!("backup from {source} stopped"));
     }
     if dest.is_some() {
-        warn!("{folder} stays for `rbackup --continue` (or the next backup) to finish");
+        warn!("{folder} stays for `{cont}` (or the next backup) to finish");
     }
     let said = if transport::from_peer(&e) { handle.agent_said() } else { String::new() };
     let context = format!("backup from {source} failed");

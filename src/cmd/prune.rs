@@ -88,6 +88,9 @@ pub struct Decision {
 /// periods whose newest snapshot an earlier rule already kept. The newest
 /// complete snapshot is always kept; `.incomplete` ones older than a complete
 /// snapshot are removed (superseded); a newer one is kept for `--continue`.
+/// Why the newest interrupted run is kept.
+const INTERRUPTED: &str = "interrupted, newer than every complete snapshot";
+
 pub fn plan(snapshots: &[Snapshot], rules: &Rules, now: DateTime<Utc>) -> Result<Vec<Decision>> {
     let mut complete: Vec<&Snapshot> = snapshots.iter().filter(|s| s.complete).collect();
     complete.sort_by_key(|s| std::cmp::Reverse(s.time));
@@ -133,7 +136,7 @@ pub fn plan(snapshots: &[Snapshot], rules: &Rules, now: DateTime<Utc>) -> Result
             } else {
                 match newest_complete {
                     Some(t) if s.time < t => (false, "superseded by a newer complete snapshot".into()),
-                    _ => (true, "interrupted, newer than every complete snapshot (rbackup --continue)".into()),
+                    _ => (true, INTERRUPTED.into()),
                 }
             };
             Decision { snapshot: s.clone(), keep, reason }
@@ -187,8 +190,20 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
     store.require_snapshots()?;
     let meta = store.meta_dir()?;
     let folder_shown = crate::store::shown(&job.backups_folder, &job.name);
+    // A dry run removes nothing and doesn't wait for the lock; but a run
+    // that holds it is writing the newest `.incomplete`, which is then in
+    // progress, not interrupted.
+    let mut in_progress = false;
     let (_lock, _readers) = if dry_run {
-        (None, None)
+        match lock::acquire(&meta, "prune --dry-run", &folder_shown) {
+            Ok(l) => (Some(l), None),
+            Err(e) if e.downcast_ref::<crate::error::LockedError>().is_some() => {
+                info!("{e:#}");
+                in_progress = true;
+                (None, None)
+            }
+            Err(e) => return Err(e),
+        }
     } else {
         (
             Some(lock::acquire(&meta, "prune", &folder_shown)?),
@@ -198,7 +213,14 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
     if !dry_run {
         store.empty_trash()?;
     }
-    let decisions = plan(&store.snapshots()?, rules, Utc::now())?;
+    let mut decisions = plan(&store.snapshots()?, rules, Utc::now())?;
+    if let Some(d) = decisions.iter_mut().rev().find(|d| !d.snapshot.complete && d.keep) {
+        d.reason = if in_progress {
+            "in progress: the run that holds the lock is writing it".into()
+        } else {
+            format!("{INTERRUPTED} (`{}` finishes it)", job.command("--continue"))
+        };
+    }
     // `-q` (cron, prune_after_backup) means warnings and errors only; a dry
     // run's table is what was asked for, so it always prints.
     let show = dry_run || crate::log::on_stderr(crate::log::Level::Info);
@@ -301,7 +323,7 @@ mod tests {
         let d = plan(&s, &Rules { keep_last: Some(5), ..Rules::default() }, now()).unwrap();
         assert!(!d[0].keep && d[0].reason.contains("superseded"));
         assert!(d[1].keep);
-        assert!(d[2].keep && d[2].reason.contains("--continue"));
+        assert!(d[2].keep && d[2].reason == INTERRUPTED);
     }
 
     #[test]

@@ -174,9 +174,14 @@ pub fn client(o: &ClientOptions) -> Result<()> {
         line.push_str(&format!(" --restore-key '{}'", public(&restore_key).trim()));
     }
     println!("\nnow, on {host} as root:\n  {line}");
-    println!("then check the job with: rbackup -j {} check", o.job);
+    let job = if o.config == Path::new(crate::config::DEFAULT_CONFIG) {
+        format!("rbackup -j {}", o.job)
+    } else {
+        format!("rbackup -c {} -j {}", o.config.display(), o.job)
+    };
+    println!("then check the job with: {job} check");
     if restore {
-        println!("and restore with: rbackup -j {} restore (through {alias}, as root on {host})", o.job);
+        println!("and restore with: {job} restore (through {alias}, as root on {host})");
     }
     Ok(())
 }

@@ -140,7 +140,10 @@ fn a_failed_backup_sends_exactly_one_mail_that_says_what_failed() {
     let body = msgs[0]["body"].as_str().unwrap();
     assert!(body.contains("Exit code: 1") && body.contains("No such file or directory"), "{body}");
     assert!(body.contains("Last ") && body.contains("log lines"), "{body}");
-    assert!(body.contains("What to do:\n  Run `rbackup -j web check`"), "{body}");
+    // The hint carries the config the job came from: copied, it runs.
+    let cfg = tmp.path().join("rbackup.toml");
+    let check = format!("`rbackup -c {} -j web check`", cfg.display());
+    assert!(body.contains(&format!("What to do:\n  Run {check}")), "{body}");
     assert_mime(&msgs[0]);
 
     // SSH refused: nothing listens where the source points.
@@ -161,7 +164,12 @@ fn a_failed_backup_sends_exactly_one_mail_that_says_what_failed() {
     // Regression: it said what failed, not what to do about it.
     let body = msgs[1]["body"].as_str().unwrap();
     assert!(body.contains("What to do:\n  The server could not be reached from this machine"), "{body}");
-    assert!(body.contains("Check the network and ssh") && body.contains("then run `rbackup -j web check`"), "{body}");
+    assert!(
+        body.contains("Check the network and ssh")
+            && body.contains("then run `rbackup -c ")
+            && body.contains(" -j web check`"),
+        "{body}"
+    );
 
     // A successful run sends nothing (send_on = failure is the default).
     let src = tmp.path().join("src");
@@ -185,7 +193,8 @@ fn an_interrupted_run_mail_says_how_to_continue() {
     let (code, _, _) = rb(&cfg, &["--backup"]);
     assert_eq!(code, 1);
     let body = smtp.messages()[0]["body"].as_str().unwrap().to_string();
-    assert!(body.contains("web.01-01-26_00-00-00.incomplete is kept; run `rbackup -j web --continue`"), "{body}");
+    let cont = format!("`rbackup -c {} -j web --continue`", cfg.display());
+    assert!(body.contains(&format!("web.01-01-26_00-00-00.incomplete is kept; run {cont}")), "{body}");
     assert!(body.contains("there is no complete snapshot yet"), "{body}");
 }
 
@@ -331,5 +340,5 @@ fn a_run_stopped_by_sigterm_mails_that_it_was_interrupted_and_how_to_continue() 
     assert_eq!(subject, format!("[rbackup] web on {}: INTERRUPTED — interrupted by SIGTERM", hostname()));
     let body = msgs[0]["body"].as_str().unwrap();
     assert!(body.contains("Exit code: 20"), "{body}");
-    assert!(body.contains(".incomplete is kept; run `rbackup -j web --continue`"), "{body}");
+    assert!(body.contains(".incomplete is kept; run `rbackup -c ") && body.contains(" -j web --continue`"), "{body}");
 }

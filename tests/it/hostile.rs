@@ -105,6 +105,7 @@ fn job(bk: &Path) -> Job {
         email: None,
         prune: Default::default(),
         prune_after_backup: false,
+        invocation: "rbackup".into(),
     }
 }
 
