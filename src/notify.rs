@@ -230,6 +230,13 @@ impl EmailConfig {
         } else if text.contains("UnknownIssuer") {
             "\n  the server's certificate is not signed by a CA this machine trusts: put your CA's certificate \
              (PEM) in `ca_file` (see docs/email.md)"
+        } else if text.contains("STARTTLS is not supported") {
+            "\n  the server offers no STARTTLS on this port: for a server that speaks TLS from the start (port \
+             465) set `security = \"tls\"`; for one without TLS on this machine or a trusted network, \
+             `security = \"none\"`"
+        } else if text.contains("InvalidContentType") || text.contains("corrupt message") {
+            "\n  the server does not speak TLS from the start on this port: for port 587 (or 25) set \
+             `security = \"starttls\"`; for a server without TLS, `security = \"none\"`"
         } else if text.contains("NotValidForName") {
             "\n  the server's certificate does not name the `host` of [email]: use a name it holds, or give \
              it a certificate with that name in subjectAltName"
@@ -327,7 +334,15 @@ pub fn hostname() -> String {
 impl RunMail<'_> {
     /// `[rbackup] JOB on HOST: FAILED — reason`.
     pub fn subject(&self) -> String {
-        let mut reason: String = self.reason.lines().next().unwrap_or_default().chars().take(100).collect();
+        let first = self.reason.lines().next().unwrap_or_default();
+        // Cut at a word, with an ellipsis, not mid-word.
+        let mut reason: String = first.chars().take(100).collect();
+        if reason.len() < first.len() {
+            if let Some(space) = reason.rfind(' ') {
+                reason.truncate(space);
+            }
+            reason.push('…');
+        }
         if reason.is_empty() {
             reason = "no details".into();
         }
@@ -365,7 +380,7 @@ impl RunMail<'_> {
         }
         let _ = writeln!(b, "Snapshots: {}\n", self.state);
         if !self.log_tail.is_empty() {
-            let _ = writeln!(b, "Last {} log lines:", self.log_tail.len());
+            let _ = writeln!(b, "The log's last lines:");
             for line in &self.log_tail {
                 let _ = writeln!(b, "  {line}");
             }
@@ -456,6 +471,27 @@ mod tests {
         let other = next_step(&job, Code::Error, &anyhow!("disk full")).unwrap();
         assert!(other.starts_with(&format!("Run {check}")), "{other}");
         assert_eq!(next_step(&job, Code::Locked, &anyhow!("locked")), None);
+    }
+
+    /// Regression: a long reason was cut mid-word ("…; onl").
+    #[test]
+    fn a_long_reason_is_cut_at_a_word_in_the_subject() {
+        let m = RunMail {
+            job: "server",
+            code: Code::Locked,
+            reason: format!("{} only one run per destination at a time", "locked by pid 1234 (backup)".repeat(3)),
+            error: None,
+            next_step: None,
+            problems: &[],
+            problem_count: 0,
+            state: String::new(),
+            log_tail: Vec::new(),
+        };
+        let subject = m.subject();
+        assert!(subject.ends_with('…'), "{subject}");
+        let shown = subject.split(" — ").nth(1).unwrap().trim_end_matches('…');
+        let full = &m.reason;
+        assert!(full.starts_with(shown) && full[shown.len()..].starts_with(' '), "cut mid-word: {subject}");
     }
 
     #[test]

@@ -207,6 +207,11 @@ pub trait Events {
     fn progress(&mut self, _stats: &Stats) {}
 }
 
+/// `n` with its noun: `1 entry`, `2 entries`.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// `1234567` → `1.2 MiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

@@ -129,7 +129,12 @@ fn describe_store(job: &Job, store: Option<&Store>, code: Code) -> String {
     match snaps.iter().rev().find(|s| s.complete) {
         Some(s) => {
             let age = Utc::now() - s.time;
-            parts.push(format!("the latest complete snapshot is {} ({} hours old)", s.folder, age.num_hours()));
+            let age = match age.num_hours() {
+                0 => format!("{} minutes old", age.num_minutes().max(0)),
+                1 => "1 hour old".to_string(),
+                h => format!("{h} hours old"),
+            };
+            parts.push(format!("the latest complete snapshot is {} ({age})", s.folder));
         }
         None => parts.push("there is no complete snapshot yet".into()),
     }

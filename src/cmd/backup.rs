@@ -333,11 +333,11 @@ pub fn run_with(
     if events.denied > 0 {
         let user = crate::cmd::check::backup_user(job).unwrap_or_else(|| "USER".into());
         warn!(
-            "{} entries could not be read at the source: permission denied. On an ACL setup, a chmod may have shrunk the ACL \
+            "{} could not be read at the source: permission denied. On an ACL setup, a chmod may have shrunk the ACL \
              mask, or files were moved in without the default ACL: check with `getfacl`, fix with \
              `setfacl -Rm u:{user}:rX DIR` and `setfacl -Rdm u:{user}:rX DIR`, or use the capability setup \
              (docs/setup.md)",
-            events.denied
+            crate::report::count(events.denied, "entry", "entries")
         );
     }
     Ok(RunReport {

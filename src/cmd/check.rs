@@ -160,7 +160,7 @@ fn report_unreadable(events: &Unreadable, entries: u64, user: &str, r: &mut Repo
     }
     if events.denied > 0 {
         r.bad(
-            &format!("{} entries can't be read by the backup user", events.denied),
+            &format!("{} can't be read by the backup user", crate::report::count(events.denied, "entry", "entries")),
             &format!(
                 "{}fix: on the server, `setfacl -m u:{user}:rX PATH` (a chmod may have shrunk the ACL mask; a file \
                  moved in may lack the default ACL), or re-run `rbackup setup-server`, or use --mode capability",
@@ -171,7 +171,10 @@ fn report_unreadable(events: &Unreadable, entries: u64, user: &str, r: &mut Repo
     let others = events.count - events.denied;
     if others > 0 {
         r.bad(
-            &format!("{others} entries could not be read for another reason than permissions"),
+            &format!(
+                "{} could not be read for another reason than permissions",
+                crate::report::count(others, "entry", "entries")
+            ),
             &format!(
                 "{}they may have changed while the check read them: run it again; if they stay, look at \
                  them on the server",
@@ -249,7 +252,14 @@ fn check_folder(job: &Job, r: &mut Report) {
         if let Ok(snaps) = store.snapshots() {
             let complete = snaps.iter().filter(|s| s.complete).count();
             let newest = snaps.iter().rev().find(|s| s.complete).map_or("none".to_string(), |s| s.folder.clone());
-            r.good(&format!("{complete} complete snapshots; the newest is {newest}"));
+            if complete == 0 {
+                r.good("no complete snapshot yet");
+            } else {
+                r.good(&format!(
+                    "{}; the newest is {newest}",
+                    crate::report::count(complete as u64, "complete snapshot", "complete snapshots")
+                ));
+            }
         }
     }
 }

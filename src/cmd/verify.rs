@@ -84,7 +84,8 @@ pub fn run(job: &Job, spec: Option<&str>) -> Result<Code> {
             info!("{}: ok ({} entries, {} read)", snap.folder, f.entries, crate::report::human_bytes(f.bytes_read));
         } else {
             bad += 1;
-            warn!("{}: {} mismatches", snap.folder, f.mismatches());
+            let n = f.mismatches();
+            warn!("{}: {n} mismatch{}", snap.folder, if n == 1 { "" } else { "es" });
         }
         if f.unhashed > 0 {
             info!(

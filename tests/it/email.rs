@@ -54,6 +54,25 @@ fn a_test_message_goes_through_plain_smtp() {
     assert_mime(&msgs[0]);
 }
 
+/// Regression (a newcomer's walk): a `security` that doesn't match the
+/// server's port failed with lettre's words only ("received corrupt
+/// message of type InvalidContentType", "STARTTLS is not supported on this
+/// server"). Each now says which setting to use.
+#[test]
+fn a_security_setting_that_does_not_fit_the_server_says_which_one_does() {
+    require_root();
+    let tmp = scratch();
+    let smtp = Smtp::start(tmp.path(), "plain", None, None);
+    for (security, fix) in [("tls", "security = \"starttls\""), ("starttls", "security = \"none\"")] {
+        let mail =
+            format!("host = \"127.0.0.1\"\nport = {}\nsecurity = \"{security}\"\ntimeout_seconds = 5\n", smtp.port);
+        let cfg = config(tmp.path(), "/srv", &mail);
+        let (code, _, err) = rb(&cfg, &["test-email"]);
+        assert_ne!(code, 0, "{err}");
+        assert!(err.contains(fix), "security = {security}: {err}");
+    }
+}
+
 /// Regression: mails had no MIME-Version, Content-Type nor Message-ID
 /// although the body was quoted-printable and the subject an encoded word.
 fn assert_mime(msg: &serde_json::Value) {
@@ -139,7 +158,7 @@ fn a_failed_backup_sends_exactly_one_mail_that_says_what_failed() {
     );
     let body = msgs[0]["body"].as_str().unwrap();
     assert!(body.contains("Exit code: 1") && body.contains("No such file or directory"), "{body}");
-    assert!(body.contains("Last ") && body.contains("log lines"), "{body}");
+    assert!(body.contains("The log's last lines:"), "{body}");
     // The hint carries the config the job came from: copied, it runs.
     let cfg = tmp.path().join("rbackup.toml");
     let check = format!("`rbackup -c {} -j web check`", cfg.display());

@@ -813,7 +813,7 @@ fn only_a_refused_read_gets_the_acl_hint_not_a_walk_race() {
     .unwrap();
     assert_eq!(report.code, rbackup::error::Code::Partial);
     let log = rbackup::log::tail().join("\n");
-    assert!(log.contains("1 entries could not be read at the source: permission denied"), "{log}");
+    assert!(log.contains("1 entry could not be read at the source: permission denied"), "{log}");
     // The hint names the account ssh logs in as (`ssh -G` for this host).
     assert!(log.contains("setfacl -Rm u:") && log.contains(":rX DIR"), "{log}");
     assert!(!log.contains("u:USER:"), "{log}");
