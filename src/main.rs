@@ -53,10 +53,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
         }
         Command::Backup(args) | Command::Continue(args) => {
             let job = job(cli, &args.overrides())?;
-            if let Some(path) = &job.log_file {
-                log::open_file(path)
-                    .map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
-            }
+            open_log(&job)?;
             log::set_tag(&job.job);
             interrupt::install()?;
             let resume = matches!(cli.command, Command::Continue(_));
@@ -87,6 +84,9 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
         }
         Command::Restore(args) => {
             let job = job(cli, &args.overrides())?;
+            // A restore changes a server's files: it leaves its trace in the
+            // job's log like a backup.
+            open_log(&job)?;
             log::set_tag(&job.job);
             interrupt::install()?;
             let opts = restore::RestoreOptions {
@@ -161,6 +161,14 @@ fn print_all(bytes: &[u8]) -> anyhow::Result<Code> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(Code::Ok),
     }
+}
+
+/// Appends this run's log to the job's `log_file`, if it has one.
+fn open_log(job: &Job) -> anyhow::Result<()> {
+    if let Some(path) = &job.log_file {
+        log::open_file(path).map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn job(cli: &Cli, overrides: &Overrides) -> anyhow::Result<Job> {

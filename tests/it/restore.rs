@@ -406,3 +406,38 @@ fn a_restore_keeps_trusted_attributes_the_snapshot_lacks() {
     assert_eq!(xattr::get(dest.join("d"), "trusted.live").unwrap().as_deref(), Some(&b"keep me too"[..]));
     assert_eq!(xattr::get(dest.join("g.txt"), "trusted.in_snapshot").unwrap().as_deref(), Some(&b"1"[..]));
 }
+
+/// Regression (a newcomer's walk): restores, which change a server's files,
+/// left nothing in the job's `log_file`.
+#[test]
+fn a_restore_is_written_to_the_jobs_log_file() {
+    let tmp = scratch();
+    let (src, bk, log) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("log/srv.log"));
+    write(&src.join("f.txt"), b"f");
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.srv]\nsource = \"{}\"\nbackups_folder = \"{}\"\nlog_file = \"{}\"\n",
+        src.display(),
+        bk.display(),
+        log.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    assert_eq!(
+        run(&[OsStr::new("-c"), OsStr::new(c), OsStr::new("-j"), OsStr::new("srv"), OsStr::new("--backup")]).0,
+        0
+    );
+    let dest = tmp.path().join("dest");
+    let (code, _, err) = run(&[
+        OsStr::new("-c"),
+        OsStr::new(c),
+        OsStr::new("-j"),
+        OsStr::new("srv"),
+        OsStr::new("restore"),
+        OsStr::new("--to"),
+        dest.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().any(|l| l.contains("restore") && l.contains(&dest.display().to_string())), "{text}");
+}
