@@ -146,11 +146,29 @@ pub fn client(o: &ClientOptions) -> Result<()> {
     }
     cfg.push_str(&format!("Host {host}\n"));
     block(&mut cfg, user.as_deref(), &key);
-    if std::fs::read_to_string(&ssh_config).ok().as_deref() == Some(&cfg) {
+    let old = std::fs::read_to_string(&ssh_config).ok();
+    if old.as_deref() == Some(&cfg) {
         steps.ok(&format!("{} is up to date", ssh_config.display()));
     } else {
+        let name = ssh_config.file_name().expect("a file name").as_bytes().to_vec();
+        if let Some(old) = &old {
+            // The admin may have added to it (a ProxyJump, a timeout): their
+            // version is kept beside it, not lost.
+            let mut kept = name.clone();
+            kept.extend_from_slice(b".before-setup-client");
+            let shown = base.join(String::from_utf8_lossy(&kept).as_ref());
+            steps.run(&format!("keep the current {} as {}", ssh_config.display(), shown.display()), || {
+                crate::fs::writer::replace_file(&Dir::open_path(&base)?, &kept, old.as_bytes(), 0o644)?;
+                Ok(())
+            })?;
+            crate::warn!(
+                "{} is rewritten; its previous version is kept as {}: if you changed it by hand, copy your \
+                 changes back into the new Host blocks",
+                ssh_config.display(),
+                shown.display()
+            );
+        }
         steps.run(&format!("write {}", ssh_config.display()), || {
-            let name = ssh_config.file_name().expect("a file name").as_bytes().to_vec();
             crate::fs::writer::replace_file(&Dir::open_path(&base)?, &name, cfg.as_bytes(), 0o644)?;
             Ok(())
         })?;

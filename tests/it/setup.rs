@@ -363,6 +363,29 @@ fn setup_server_refuses_a_binary_the_backup_user_cannot_run() {
     assert!(err.contains("can't run") && err.contains("install"), "{err}");
 }
 
+/// Regression (a newcomer's walk): running setup-client again (e.g. with
+/// `--restore`) rewrote the job's ssh config and lost what the admin had
+/// added by hand. The previous version is kept beside it, and said so.
+#[test]
+fn setup_client_again_keeps_the_previous_ssh_config_beside_the_new_one() {
+    let s = Setup::new();
+    assert_eq!(s.client(&[]).0, 0);
+    let ssh_config = s.path("etc/web.ssh_config");
+    let mut text = std::fs::read_to_string(&ssh_config).unwrap();
+    text.push_str("  ConnectTimeout 7\n");
+    std::fs::write(&ssh_config, &text).unwrap();
+    let (code, out, err) = s.client(&["--restore"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let kept = s.path("etc/web.ssh_config.before-setup-client");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), text);
+    assert!(err.contains("previous version is kept as") && err.contains("before-setup-client"), "{err}");
+    // Nothing to rewrite: nothing kept again, nothing said.
+    std::fs::remove_file(&kept).unwrap();
+    let (code, out, err) = s.client(&["--restore"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!kept.exists() && !err.contains("previous version"), "{err}");
+}
+
 /// Regression (issue 12, item 4): a second backup user in capability mode
 /// re-owned the one shared agent copy (`root:user2 0750`), and the first
 /// user's backups failed with "Permission denied".
