@@ -66,6 +66,13 @@ pub struct JobConfig {
     /// Prune after every successful backup.
     #[serde(default)]
     pub prune_after_backup: bool,
+    /// Run on the desktop (`/bin/sh -c`) before a backup writes anything;
+    /// its failure aborts the run (see `hooks`).
+    pub pre_hook: Option<String>,
+    /// Run on the desktop after every backup, whatever its outcome.
+    pub post_hook: Option<String>,
+    /// Seconds a hook may run before its process group is killed.
+    pub hook_timeout: Option<u64>,
 }
 
 /// The idle timeout when neither the job nor the command line sets one.
@@ -140,6 +147,9 @@ pub struct Job {
     pub email: Option<EmailConfig>,
     pub prune: Rules,
     pub prune_after_backup: bool,
+    pub pre_hook: Option<String>,
+    pub post_hook: Option<String>,
+    pub hook_timeout: std::time::Duration,
     /// How a command line names this job, for the hints rbackup prints:
     /// `rbackup -j JOB`, with `-c FILE` when the config isn't the default
     /// one; `rbackup` for a job the command line gave whole (the same
@@ -295,6 +305,9 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
             keep_yearly: base.keep_yearly,
         },
         prune_after_backup: base.prune_after_backup,
+        pre_hook: base.pre_hook.clone(),
+        post_hook: base.post_hook.clone(),
+        hook_timeout: base.hook_timeout.map_or(crate::hooks::DEFAULT_TIMEOUT, std::time::Duration::from_secs),
         email: file.and_then(|(_, cfg)| cfg.email.clone()),
     })
 }

@@ -30,6 +30,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod fs;
+pub mod hooks;
 pub mod interrupt;
 pub mod log;
 pub mod notify;

@@ -64,6 +64,14 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 Ok(report) => backup::print_summary(report, opts.dry_run),
                 Err(e) => error!("{e:#}"),
             }
+            if !opts.dry_run {
+                // Before the report and the mail, which then show its output.
+                let (code, snapshot) = match &result {
+                    Ok(r) => (r.code, r.snapshot.as_deref()),
+                    Err(e) => (code_of(e), None),
+                };
+                backup::post_hook(&job, code, snapshot);
+            }
             after_run::after_backup(&job, if resume { "continue" } else { "backup" }, started, &result, opts.dry_run);
             let report = match result {
                 Ok(r) => r,

@@ -32,6 +32,9 @@ pub struct ServeOptions {
     pub write: bool,
     /// Serve only this directory and what is beneath it.
     pub root: Option<std::path::PathBuf>,
+    /// Run before each backup lists the root (see `hooks`).
+    pub before: Option<String>,
+    pub before_timeout: std::time::Duration,
 }
 
 /// Runs the agent until the desktop is done.
@@ -76,6 +79,15 @@ pub fn run(args: &ServeOptions) -> Result<()> {
         Ok(r) => r,
         Err(reason) => return refuse(reason),
     };
+    // The admin's command before a backup's listing: not for `check` or a
+    // dry run (which only look), and it must finish within the desktop's
+    // io_timeout, which is waiting for this answer.
+    if let (Some(before), Role::Source, false) = (&args.before, hello.role, hello.options.probe_read) {
+        let env = [("RBACKUP_ROOT", root_path.display().to_string())];
+        if let Err(e) = crate::hooks::run("before", before, &env, args.before_timeout, crate::hooks::Output::Stderr) {
+            return refuse(format!("the server's --before command failed: {e:#}"));
+        }
+    }
     stdout.write_all(
         &enc.msg(&Reply::Welcome { root: root_path.as_os_str().as_bytes().to_vec(), version: SOFTWARE.to_string() }),
     )?;

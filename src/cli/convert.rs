@@ -84,7 +84,12 @@ impl From<ModeArg> for AccessMode {
 
 impl From<&ServeArgs> for ServeOptions {
     fn from(a: &ServeArgs) -> ServeOptions {
-        ServeOptions { write: a.write, root: a.root.clone() }
+        ServeOptions {
+            write: a.write,
+            root: a.root.clone(),
+            before: a.before.clone(),
+            before_timeout: std::time::Duration::from_secs(a.before_timeout),
+        }
     }
 }
 
@@ -99,6 +104,7 @@ impl From<&SetupServerArgs> for ServerOptions {
             dry_run: a.dry_run,
             agent_dir: a.agent_dir.clone(),
             home_base: a.home_base.clone(),
+            before: a.before.clone(),
         }
     }
 }

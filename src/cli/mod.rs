@@ -372,6 +372,11 @@ pub struct SetupServerArgs {
     /// Where the backup user's home is created
     #[arg(long, value_name = "DIR", default_value = "/var/lib/rbackup")]
     pub home_base: PathBuf,
+
+    /// A command the agent runs before each backup lists the root (e.g. a
+    /// database dump), written into the key's forced command
+    #[arg(long, value_name = "CMD")]
+    pub before: Option<String>,
 }
 
 const SETUP_SERVER_EXAMPLES: &str = "\
@@ -451,6 +456,16 @@ pub struct ServeArgs {
     /// Serve only this directory and what is beneath it
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
+
+    /// Run this command (/bin/sh -c) before each backup lists the root, e.g. a
+    /// database dump; fixed here, in the forced command, the desktop can only
+    /// trigger it
+    #[arg(long, value_name = "CMD")]
+    pub before: Option<String>,
+
+    /// Seconds the --before command may run before it is killed
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    pub before_timeout: u64,
 }
 
 #[cfg(test)]

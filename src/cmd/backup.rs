@@ -132,6 +132,33 @@ impl Events for DesktopEvents {
     }
 }
 
+/// The variables every hook of `job` sees.
+pub fn hook_env(job: &Job, snapshot: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("RBACKUP_JOB", job.job.clone()),
+        ("RBACKUP_SNAPSHOT", snapshot.to_string()),
+        ("RBACKUP_BACKUPS_FOLDER", job.backups_folder.display().to_string()),
+    ]
+}
+
+/// Runs the job's `post_hook`, if any, after a backup that ended with
+/// `code` (and made `snapshot`, if it did). Its failure is said, and changes
+/// nothing of the run's outcome. A run refused before it began (another run
+/// holds the lock, a setting to fix) runs no hook: the `post_hook` would
+/// undo what the `pre_hook` of the run holding the lock did.
+pub fn post_hook(job: &Job, code: Code, snapshot: Option<&str>) {
+    let Some(hook) = &job.post_hook else { return };
+    if matches!(code, Code::Locked | Code::Usage) {
+        return;
+    }
+    let mut env = hook_env(job, snapshot.unwrap_or_default());
+    env.push(("RBACKUP_RESULT", code.word().to_string()));
+    env.push(("RBACKUP_EXIT_CODE", code.status().to_string()));
+    if let Err(e) = crate::hooks::run("post_hook", hook, &env, job.hook_timeout, crate::hooks::Output::Log) {
+        crate::error!("{e:#} (the run's outcome stands: {})", code.word());
+    }
+}
+
 /// Runs `backup` or `continue` for `job`.
 pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
     run_with(job, opts, |job| transport::connect(job, Role::Source))
@@ -221,6 +248,27 @@ pub fn run_with(
         None => Vec::new(),
     };
     let plan = plan_run(&snapshots, opts.resume, &folder_shown)?;
+    // A new snapshot's name is chosen now, for the pre_hook to know it.
+    let new_stamp = match (&plan.resume, &store) {
+        (None, Some(store)) if !opts.dry_run => Some(store.new_stamp()?),
+        _ => None,
+    };
+    if let Some(hook) = &job.pre_hook {
+        if opts.dry_run {
+            info!("dry run: the pre_hook is not run");
+        } else {
+            // The name the snapshot has once complete.
+            let snapshot = match (&plan.resume, new_stamp) {
+                (Some(s), _) => crate::store::folder_name(&job.name, s.time, true),
+                (None, Some(t)) => crate::store::folder_name(&job.name, t, true),
+                (None, None) => String::new(),
+            };
+            let env = hook_env(job, &snapshot);
+            // Before anything is written: a failure leaves no snapshot.
+            crate::hooks::run("pre_hook", hook, &env, job.hook_timeout, crate::hooks::Output::Log)
+                .context("the backup did not start")?;
+        }
+    }
 
     // Connect before creating anything.
     let (conn, path) = connect(job)?;
@@ -245,7 +293,7 @@ pub fn run_with(
     let (target, dest, fresh) = match (&plan.resume, &store) {
         (Some(s), _) => (s.clone(), Some(open(s)?), false),
         (None, Some(store)) if !opts.dry_run => {
-            let t = store.new_stamp()?;
+            let t = new_stamp.expect("chosen above for a new snapshot");
             let (s, d) = store.create_incomplete(t)?;
             (s, Some(d), true)
         }

@@ -35,6 +35,8 @@ pub struct ServerOptions {
     pub agent_dir: PathBuf,
     /// Where the backup user's home (and `authorized_keys`) goes.
     pub home_base: PathBuf,
+    /// The agent's `--before` command, in the forced command.
+    pub before: Option<String>,
 }
 
 pub(super) fn check_user(user: &str) -> Result<()> {
@@ -82,8 +84,12 @@ pub fn server(o: &ServerOptions) -> Result<()> {
         AccessMode::Acl => exe.clone(),
         AccessMode::Capability => agent_path(&o.agent_dir, &o.user),
     };
+    let before = match &o.before {
+        Some(cmd) => format!(" --before {}", quote(Path::new(cmd))?),
+        None => String::new(),
+    };
     let line = format!(
-        "restrict,command=\"{} serve --read-only --root {}\" {kind} {blob} {}",
+        "restrict,command=\"{} serve --read-only --root {}{before}\" {kind} {blob} {}",
         quote(&agent)?,
         quote(&root)?,
         comment(&o.key)

@@ -105,6 +105,9 @@ fn job(bk: &Path) -> Job {
         email: None,
         prune: Default::default(),
         prune_after_backup: false,
+        pre_hook: None,
+        post_hook: None,
+        hook_timeout: rbackup::hooks::DEFAULT_TIMEOUT,
         invocation: "rbackup".into(),
     }
 }

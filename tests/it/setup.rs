@@ -386,6 +386,26 @@ fn setup_client_again_keeps_the_previous_ssh_config_beside_the_new_one() {
     assert!(!kept.exists() && !err.contains("previous version"), "{err}");
 }
 
+/// `setup-server --before CMD` writes the command into the key's forced
+/// command, where the desktop can't change it; a command that can't be
+/// quoted there is refused.
+#[test]
+fn setup_server_before_goes_into_the_forced_command() {
+    let s = Setup::new();
+    write(&s.path("src/a.txt"), b"a");
+    assert_eq!(s.client(&[]).0, 0);
+    let (code, out, err) = s.server(&["--before", "/usr/local/sbin/dump-db --all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let keys = s.authorized_keys(&s.sshd.user.name);
+    assert!(
+        keys.contains(&format!("--root {} --before '/usr/local/sbin/dump-db --all'\"", s.path("src").display())),
+        "{keys}"
+    );
+    let (code, out, err) = s.server(&["--before", "echo \"x\""]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("contains quotes or newlines"), "{err}");
+}
+
 /// Regression (issue 12, item 4): a second backup user in capability mode
 /// re-owned the one shared agent copy (`root:user2 0750`), and the first
 /// user's backups failed with "Permission denied".
