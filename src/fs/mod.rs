@@ -10,4 +10,5 @@ pub mod meta;
 mod name;
 pub mod safefs;
 pub(crate) mod sys;
+pub mod times;
 pub mod writer;
