@@ -105,6 +105,9 @@ fn job(bk: &Path) -> Job {
         email: None,
         prune: Default::default(),
         prune_after_backup: false,
+        one_file_system: false,
+        bwlimit: 0,
+        paths: vec![],
         invocation: "rbackup".into(),
     }
 }
