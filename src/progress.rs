@@ -141,4 +141,10 @@ mod tests {
         let after = line(&s, 2.0);
         assert!(after.contains("1.0 MiB fetched of 2.0 MiB"), "{after}");
     }
+
+    #[test]
+    fn the_progress_line_shows_the_bandwidth_limit() {
+        assert_eq!(limit_note(0), "");
+        assert_eq!(limit_note(5 << 20), ", limit 5.0 MiB/s");
+    }
 }
