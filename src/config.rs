@@ -14,6 +14,9 @@ use crate::cmd::prune::Rules;
 use crate::notify::EmailConfig;
 use crate::usage;
 
+mod select;
+pub use select::{normalize_path, read_exclude_file};
+
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/rbackup/rbackup.toml";
 
@@ -73,6 +76,16 @@ pub struct JobConfig {
     pub post_hook: Option<String>,
     /// Seconds a hook may run before its process group is killed.
     pub hook_timeout: Option<u64>,
+    /// A file of exclude patterns, one a line; relative to the config's folder.
+    pub exclude_from: Option<toml::Spanned<PathBuf>>,
+    /// Don't descend into other filesystems below the root.
+    pub one_file_system: Option<bool>,
+    /// Bytes per second the sender keeps to on average (`"5M"`); 0: none.
+    #[serde(default, deserialize_with = "select::rate")]
+    pub bwlimit: Option<u64>,
+    /// Folders beneath the source root to back up (relative); empty: all.
+    #[serde(default, deserialize_with = "select::rel_paths")]
+    pub paths: Vec<String>,
 }
 
 /// The idle timeout when neither the job nor the command line sets one.
@@ -150,6 +163,13 @@ pub struct Job {
     pub pre_hook: Option<String>,
     pub post_hook: Option<String>,
     pub hook_timeout: std::time::Duration,
+    /// Don't descend into other filesystems below the root.
+    pub one_file_system: bool,
+    /// Bytes per second the sender keeps to on average; 0: no limit.
+    pub bwlimit: u64,
+    /// Folders beneath the source root the snapshot holds (normalized,
+    /// relative); empty: the whole root.
+    pub paths: Vec<String>,
     /// How a command line names this job, for the hints rbackup prints:
     /// `rbackup -j JOB`, with `-c FILE` when the config isn't the default
     /// one; `rbackup` for a job the command line gave whole (the same
@@ -187,13 +207,20 @@ pub struct Overrides {
     pub ssh_config: Option<PathBuf>,
     /// Seconds; 0 waits forever.
     pub io_timeout: Option<u64>,
+    /// Exclude files, added to the job's.
+    pub exclude_from: Vec<PathBuf>,
+    pub one_file_system: bool,
+    /// A rate as given (`5M`), checked when the job is resolved.
+    pub bwlimit: Option<String>,
 }
 
 /// Reads and checks a config file.
 pub fn load(path: &Path) -> Result<FileConfig> {
     // A config that can't be read is a setting to fix: exit 2, like a bad key.
     let text = std::fs::read_to_string(path).map_err(|e| usage!("cannot read config file {}: {e}", path.display()))?;
-    parse(&text).map_err(|e| usage!("config file {}: {e}", path.display()))
+    let cfg = parse(&text).map_err(|e| usage!("config file {}: {e}", path.display()))?;
+    select::check_exclude_files(&text, path, &cfg).map_err(|e| usage!("config file {}: {e}", path.display()))?;
+    Ok(cfg)
 }
 
 /// Parses config text.
@@ -265,7 +292,21 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
     }
     let source = cli.source.clone().or(base.source.clone()).map(|s| SourceSpec::parse(&s)).transpose()?;
     let mut excludes = base.exclude.clone();
+    // Exclude files are read now, on the desktop; their patterns go to the
+    // agent with the others.
+    let config_path = file.map(|(p, _)| p.as_path());
+    if let Some(f) = &base.exclude_from {
+        let f = select::exclude_file_path(config_path, f.get_ref());
+        excludes.extend(read_exclude_file(&f).map_err(|e| usage!("exclude_from: {e}"))?);
+    }
     excludes.extend(cli.excludes.iter().cloned());
+    for f in &cli.exclude_from {
+        excludes.extend(read_exclude_file(f).map_err(|e| usage!("--exclude-from: {e}"))?);
+    }
+    let bwlimit = match &cli.bwlimit {
+        Some(r) => crate::source::parse_rate(r).map_err(|e| usage!("--bwlimit: {e}"))?,
+        None => base.bwlimit.unwrap_or(0),
+    };
     let invocation = match (file, job_name.is_empty()) {
         (Some((path, _)), false) if path == Path::new(DEFAULT_CONFIG) => {
             format!("rbackup -j {}", shell_word(&job_name))
@@ -308,6 +349,9 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
         pre_hook: base.pre_hook.clone(),
         post_hook: base.post_hook.clone(),
         hook_timeout: base.hook_timeout.map_or(crate::hooks::DEFAULT_TIMEOUT, std::time::Duration::from_secs),
+        one_file_system: cli.one_file_system || base.one_file_system.unwrap_or(false),
+        bwlimit,
+        paths: base.paths.clone(),
         email: file.and_then(|(_, cfg)| cfg.email.clone()),
     })
 }

@@ -25,6 +25,8 @@ pub struct Progress {
     started: Instant,
     /// The bar shows a total (the listing is complete).
     total_shown: bool,
+    /// The job's `bwlimit` (bytes/s; 0: none), shown beside the rate.
+    pub limit: u64,
 }
 
 impl Progress {
@@ -33,7 +35,7 @@ impl Progress {
     pub fn new(quiet: bool) -> Progress {
         let now = Instant::now();
         let tty = !quiet && std::io::stderr().is_terminal();
-        Progress { bar: None, tty, lines: !quiet && !tty, last_line: now, started: now, total_shown: false }
+        Progress { bar: None, tty, lines: !quiet && !tty, last_line: now, started: now, total_shown: false, limit: 0 }
     }
 
     fn bar(&mut self) -> &ProgressBar {
@@ -56,6 +58,7 @@ impl Progress {
         if self.tty {
             let total_known = s.listing_done;
             let switch = total_known && !self.total_shown;
+            let limit = limit_note(self.limit);
             let bar = self.bar();
             if switch {
                 bar.set_style(total_style());
@@ -64,11 +67,11 @@ impl Progress {
                 bar.set_length(s.bytes_to_fetch.max(1));
             }
             bar.set_position(s.bytes_fetched);
-            bar.set_message(format!("{} entries, {} linked", s.entries, s.linked));
+            bar.set_message(format!("{} entries, {} linked{limit}", s.entries, s.linked));
             self.total_shown |= switch;
         } else if self.lines && self.last_line.elapsed() >= LINE_EVERY {
             self.last_line = Instant::now();
-            crate::info!("{}", line(s, self.started.elapsed().as_secs_f64()));
+            crate::info!("{}{}", line(s, self.started.elapsed().as_secs_f64()), limit_note(self.limit));
         }
     }
 
@@ -95,6 +98,11 @@ fn line(s: &Stats, secs: f64) -> String {
         human_bytes(s.bytes_fetched),
         human_bytes((s.bytes_fetched as f64 / secs.max(0.001)) as u64)
     )
+}
+
+/// The limit as the progress shows it: `, limit 5.0 MiB/s`; nothing for none.
+fn limit_note(limit: u64) -> String {
+    if limit == 0 { String::new() } else { format!(", limit {}/s", human_bytes(limit)) }
 }
 
 /// While the listing arrives: what was done, and the rate.
@@ -132,5 +140,11 @@ mod tests {
         s.listing_done = true;
         let after = line(&s, 2.0);
         assert!(after.contains("1.0 MiB fetched of 2.0 MiB"), "{after}");
+    }
+
+    #[test]
+    fn the_progress_line_shows_the_bandwidth_limit() {
+        assert_eq!(limit_note(0), "");
+        assert_eq!(limit_note(5 << 20), ", limit 5.0 MiB/s");
     }
 }

@@ -158,13 +158,29 @@ fn sink_msg() -> impl Strategy<Value = SinkMsg> {
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
-    (any::<bool>(), bytes(100), any::<bool>(), vec(".*", 0..3), vec(bytes(20), 0..3), any::<[bool; 4]>(), ".*")
-        .prop_map(|(sink, path, compress, excludes, only, [devices, delete, dry_run, delta], version)| Hello {
-            role: if sink { Role::Sink } else { Role::Source },
-            path,
-            options: SessionOptions { compress, excludes, only, devices, delete, dry_run, delta, probe_read: dry_run },
-            version,
-        })
+    (
+        (any::<bool>(), bytes(100), any::<bool>(), vec(".*", 0..3), vec(bytes(20), 0..3), any::<[bool; 4]>(), ".*"),
+        any::<u64>(),
+    )
+        .prop_map(
+            |((sink, path, compress, excludes, only, [devices, delete, dry_run, delta], version), bwlimit)| Hello {
+                role: if sink { Role::Sink } else { Role::Source },
+                path,
+                options: SessionOptions {
+                    compress,
+                    excludes,
+                    only,
+                    devices,
+                    delete,
+                    dry_run,
+                    delta,
+                    probe_read: dry_run,
+                    one_file_system: delete,
+                    bwlimit,
+                },
+                version,
+            },
+        )
 }
 
 fn roundtrip<T: serde::Serialize + serde::de::DeserializeOwned>(msg: &T, compress: bool) -> Vec<u8> {

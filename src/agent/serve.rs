@@ -96,9 +96,13 @@ pub fn run(args: &ServeOptions) -> Result<()> {
     match hello.role {
         Role::Source => {
             let root = root.expect("a source's root exists: Create::No never pretends");
-            let mut selection = Selection::new(&hello.options.excludes, &hello.options.only)?;
-            selection.probe_read = hello.options.probe_read;
-            source::run(root, selection, hello.options.compress, reader, stdout, &mut |_, _| {})?;
+            let options = &hello.options;
+            let mut selection = Selection::new(&options.excludes, &options.only)?;
+            selection.probe_read = options.probe_read;
+            selection.one_file_system = options.one_file_system;
+            // A backup's listing is the snapshot: chosen `paths` are whole.
+            selection.whole_on_the_way = true;
+            source::run(root, selection, options.compress, options.bwlimit, reader, stdout, &mut |_, _| {})?;
             Ok(())
         }
         Role::Sink => receive(root, &hello.options, reader, stdout),

@@ -37,6 +37,7 @@ impl RestoreArgs {
             remote_bin: self.remote_bin.clone(),
             ssh_config: self.ssh_config.clone(),
             io_timeout: self.io_timeout,
+            bwlimit: self.bwlimit.clone(),
             ..self.store.overrides()
         }
     }
@@ -54,6 +55,9 @@ impl RunArgs {
             remote_bin: self.remote_bin.clone(),
             ssh_config: self.ssh_config.clone(),
             io_timeout: self.io_timeout,
+            exclude_from: self.exclude_from.clone(),
+            one_file_system: self.one_file_system,
+            bwlimit: self.bwlimit.clone(),
             ..self.store.overrides()
         }
     }

@@ -190,6 +190,21 @@ pub struct RunArgs {
     /// Write the end-of-run summary as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+
+    /// Read exclude patterns from FILE, one a line (# comments; repeatable,
+    /// added to the job's)
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+
+    /// Don't descend into other filesystems below the source root (a mount
+    /// point is kept as an empty directory)
+    #[arg(short = 'x', long)]
+    pub one_file_system: bool,
+
+    /// Send at most RATE bytes per second on average: 500K, 5M, 1G (powers
+    /// of 1024) or plain bytes; 0 for no limit
+    #[arg(long, value_name = "RATE")]
+    pub bwlimit: Option<String>,
 }
 
 /// Options of `list`.
@@ -322,6 +337,11 @@ pub struct RestoreArgs {
     /// long; 0 waits forever [default: 300, or io_timeout in the job]
     #[arg(long, value_name = "SECS")]
     pub io_timeout: Option<u64>,
+
+    /// Send at most RATE bytes per second on average: 500K, 5M, 1G or plain
+    /// bytes; 0 for no limit [default: the job's bwlimit]
+    #[arg(long, value_name = "RATE")]
+    pub bwlimit: Option<String>,
 }
 
 const RESTORE_EXAMPLES: &str = "\

@@ -164,10 +164,10 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
     run_with(job, opts, |job| transport::connect(job, Role::Source))
 }
 
-/// Refuses a backups folder inside a local source that the excludes don't
-/// leave out: every snapshot would hold the ones before it, and its own
-/// `.incomplete` too.
-fn refuse_folder_inside(source: &Path, folder: &Path, excludes: &[String]) -> Result<()> {
+/// Refuses a backups folder inside a local source that the excludes (or the
+/// job's `paths`) don't leave out: every snapshot would hold the ones before
+/// it, and its own `.incomplete` too.
+fn refuse_folder_inside(source: &Path, folder: &Path, excludes: &[String], paths: &[String]) -> Result<()> {
     let source = std::fs::canonicalize(source).with_context(|| format!("resolving the source {}", source.display()))?;
     // The folder may not exist yet: resolve what does, keep the rest.
     let mut existing = folder;
@@ -190,6 +190,10 @@ fn refuse_folder_inside(source: &Path, folder: &Path, excludes: &[String]) -> Re
         return Err(usage!("the backups folder {} is the source itself: keep the backups elsewhere", folder.display()));
     }
     if crate::source::Selection::new(excludes, &[])?.leaves_out_dir(rel_bytes) {
+        return Ok(());
+    }
+    let overlaps = |p: &String| rel.starts_with(p) || Path::new(p).starts_with(rel);
+    if !paths.is_empty() && !paths.iter().any(overlaps) {
         return Ok(());
     }
     let shown = rel.display();
@@ -219,7 +223,7 @@ pub fn run_with(
         }
     }
     if let SourceSpec::Local(p) = &source {
-        refuse_folder_inside(p, &job.backups_folder, &job.excludes)?;
+        refuse_folder_inside(p, &job.backups_folder, &job.excludes, &job.paths)?;
     }
     let privs = Privileges::current();
     if !privs.root {
@@ -282,6 +286,9 @@ pub fn run_with(
             // listing: what the real run couldn't read is reported, with
             // the exit code the real run would have (23).
             probe_read: opts.dry_run,
+            one_file_system: job.one_file_system,
+            bwlimit: job.bwlimit,
+            only: job.paths.iter().map(|p| p.clone().into_bytes()).collect(),
             ..SessionOptions::default()
         },
     );
@@ -312,6 +319,7 @@ pub fn run_with(
     }
 
     let mut events = DesktopEvents::new(opts.dry_run);
+    events.progress.limit = job.bwlimit;
     events.flusher = dest.clone().filter(|_| !opts.dry_run).map(crate::fs::writer::Flusher::new);
     let cfg = SinkConfig {
         dest: dest.clone(),

@@ -84,7 +84,13 @@ fn check_source(job: &Job, r: &mut Report) {
         }
     };
     let (conn, path) = conn;
-    let options = SessionOptions { excludes: job.excludes.clone(), probe_read: true, ..SessionOptions::default() };
+    let options = SessionOptions {
+        excludes: job.excludes.clone(),
+        probe_read: true,
+        one_file_system: job.one_file_system,
+        only: job.paths.iter().map(|p| p.clone().into_bytes()).collect(),
+        ..SessionOptions::default()
+    };
     let hello = crate::session::hello(Role::Source, &path, options);
     let session = match conn.handshake(&hello) {
         Ok(s) => s,

@@ -110,7 +110,15 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     let _lock = lock::acquire_readers(&meta_dir, "restore", &folder_shown)?;
     let snap_dir = store.open_snapshot(&snapshot)?;
     let kept = kept_by_delete(&store, &snapshot.folder, opts.delete)?;
-    let paths = normalize_paths(&opts.paths)?;
+    let mut paths = normalize_paths(&opts.paths)?;
+    if paths.is_empty() && !job.paths.is_empty() {
+        // A job of chosen `paths` restores those: the folders on the way to
+        // them keep what the snapshot never held (with `--delete` too).
+        paths = job.paths.iter().map(|p| p.clone().into_bytes()).filter(|p| exists_in(&snap_dir, p)).collect();
+        if paths.is_empty() {
+            return Err(usage!("{} holds none of the job's paths ({})", snapshot.folder, job.paths.join(", ")));
+        }
+    }
     for p in &paths {
         if !p.is_empty() && !exists_in(&snap_dir, p) {
             return Err(usage!("{} has no {}", snapshot.folder, String::from_utf8_lossy(p)));
@@ -163,7 +171,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     };
     let mut selection = Selection::new(&[], &paths)?;
     selection.keep_unlisted = kept;
-    let result = source::run(snap_dir, selection, job.compress, reader, writer, &mut on_log);
+    let result = source::run(snap_dir, selection, job.compress, job.bwlimit, reader, writer, &mut on_log);
     let summary = match result {
         Ok(s) => s,
         Err(e) => {

@@ -14,10 +14,12 @@
 //! directory the walk entered. Fetches resolve
 //! their path beneath the root with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`.
 
+mod pace;
 mod select;
 mod serve;
 mod walk;
 
+pub use pace::{Paced, parse_rate};
 pub use select::Selection;
 
 use std::io::{Read, Write};
@@ -71,12 +73,14 @@ impl Credits {
     }
 }
 
-/// Runs the source side of a session until the sink says it is finished.
+/// Runs the source side of a session until the sink says it is finished,
+/// sending at most `bwlimit` bytes per second on average (0: no limit).
 /// Lines the sink reports go to `on_log`; returns the sink's summary.
 pub fn run<R, W>(
     root: Dir,
     selection: Selection,
     compress: bool,
+    bwlimit: u64,
     reader: FrameReader<R>,
     writer: W,
     on_log: &mut dyn FnMut(LogKind, &str),
@@ -85,7 +89,8 @@ where
     R: Read,
     W: Write + Send + 'static,
 {
-    let (out, writer_thread) = spawn_writer(writer, Some(64));
+    let (out, writer_thread) =
+        if bwlimit > 0 { spawn_writer(Paced::new(writer, bwlimit), Some(64)) } else { spawn_writer(writer, Some(64)) };
     let credits = Arc::new(Credits { state: Mutex::new((0, false)), cv: Condvar::new() });
     let (fetch_tx, fetch_rx) = std::sync::mpsc::channel::<Fetch>();
 

@@ -1,5 +1,7 @@
 //! What the agent lists: the root, or chosen paths beneath it (a restore
-//! of some paths), minus the excluded (gitignore syntax, relative to the root).
+//! of some paths, or a backup job's `paths`), minus the excluded (gitignore
+//! syntax, relative to the root), optionally without crossing into other
+//! filesystems.
 
 use anyhow::{Context, Result};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
@@ -16,6 +18,15 @@ pub struct Selection {
     /// them that the listing lacks (a restore with `--delete` from a
     /// snapshot that lacks something of theirs). Sorted.
     pub keep_unlisted: Vec<Vec<u8>>,
+    /// Don't descend into a directory on another filesystem than the
+    /// root's: list it as an empty directory (rsync's `-x`).
+    pub one_file_system: bool,
+    /// The listing is the whole of what the sink should hold (a backup of
+    /// chosen paths): directories on the way to them are listed as
+    /// complete, so a resumed snapshot sheds what is no longer chosen.
+    /// Without it (a restore of chosen paths) they are listed as partial:
+    /// the destination keeps what the listing lacks.
+    pub whole_on_the_way: bool,
 }
 
 impl Selection {
@@ -35,7 +46,7 @@ impl Selection {
             .iter()
             .map(|p| p.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect::<Vec<_>>().join(&b'/'))
             .collect();
-        Ok(Selection { excludes, only, probe_read: false, keep_unlisted: Vec::new() })
+        Ok(Selection { excludes, only, ..Selection::default() })
     }
 
     /// Whether the directory `rel` is listed as partial (`keep_unlisted`).

@@ -40,6 +40,8 @@ pub(super) struct Walker {
     /// so that its descriptor number can't be reused), if it has its own.
     cwd: Option<Dir>,
     own_cwd: bool,
+    /// The root's filesystem, for `Selection::one_file_system`.
+    root_dev: u64,
 }
 
 /// A directory just entered: its handle, `fstat` and names.
@@ -64,6 +66,7 @@ impl Walker {
             next_link: 0,
             cwd: None,
             own_cwd: false,
+            root_dev: 0,
         }
     }
 
@@ -84,10 +87,11 @@ impl Walker {
 
     fn walk(&mut self, root: &Dir) -> Result<()> {
         let st = root.stat_self().context("reading the root directory")?;
+        self.root_dev = st.st_dev;
         let xattrs = meta::read_dir_xattrs(root).context("reading the root's extended attributes")?;
         let names = root.names().context("listing the root directory")?;
-        let partial = (!self.selection.only.is_empty() && self.selection.chosen(b"") != Some(true))
-            || self.selection.keeps_unlisted(b"");
+        let on_the_way = !self.selection.only.is_empty() && self.selection.chosen(b"") != Some(true);
+        let partial = (on_the_way && !self.selection.whole_on_the_way) || self.selection.keeps_unlisted(b"");
         self.push(Entry::Dir { name: Vec::new(), meta: meta::from_stat(&st, xattrs), unreadable: None, partial })?;
         // The names left at each level, the directories' handles (a bounded
         // number of them, see `Chain`), and the current directory's path.
@@ -147,7 +151,8 @@ impl Walker {
             return Ok(None);
         }
         if ft == FileType::Directory {
-            return self.visit_dir(dir, name, !whole || self.selection.keeps_unlisted(rel));
+            let partial = (!whole && !self.selection.whole_on_the_way) || self.selection.keeps_unlisted(rel);
+            return self.visit_dir(dir, name, partial);
         }
         let xattrs = match self.xattrs(dir, &name) {
             Ok(x) => x,
@@ -207,6 +212,12 @@ impl Walker {
             }
         };
         let meta = meta::from_stat(&st, xattrs);
+        if self.selection.one_file_system && st.st_dev != self.root_dev {
+            // A mount point: listed with its own metadata, never entered.
+            self.push(Entry::Dir { name, meta, unreadable: None, partial: false })?;
+            self.push(Entry::End)?;
+            return Ok(None);
+        }
         let names = match child.names() {
             Ok(n) => n,
             Err(e) => {

@@ -16,8 +16,11 @@ use std::thread::JoinHandle;
 use frame::{Frame, FrameError, FrameReader, read_full};
 
 /// Protocol spoken by this build. 2: `FileEnd` carries the version 2
-/// content digest ([`crate::digest`]), for whole transfers too.
-pub const VERSION: u32 = 2;
+/// content digest ([`crate::digest`]), for whole transfers too. 3: the
+/// hello's `SessionOptions` carry `one_file_system` and `bwlimit` (postcard
+/// is not self-describing: a field more shifts what follows, so an older
+/// peer is refused by the preamble rather than misread).
+pub const VERSION: u32 = 3;
 
 /// The software version, sent for messages.
 pub const SOFTWARE: &str = env!("CARGO_PKG_VERSION");

@@ -37,9 +37,13 @@ pub struct SessionOptions {
     /// zstd on the wire in both directions.
     pub compress: bool,
     /// Gitignore-style patterns, relative to the served root (source role).
+    #[serde(deserialize_with = "bounded_excludes")]
     pub excludes: Vec<String>,
     /// Only these relative paths (and the directories leading to them) are
-    /// listed; empty means everything (source role).
+    /// listed; empty means everything (source role: a job's `paths`). They
+    /// are walked to beneath the root like everything else, one name at a
+    /// time from the parent's handle, so they cannot climb out of it.
+    #[serde(deserialize_with = "bounded_only")]
     pub only: Vec<Vec<u8>>,
     /// Sink role: create device nodes.
     pub devices: bool,
@@ -52,6 +56,40 @@ pub struct SessionOptions {
     /// Source role: open every regular file while listing, and list the ones
     /// that can't be read as such (`rbackup check`).
     pub probe_read: bool,
+    /// Source role: don't descend into directories on another filesystem
+    /// than the root's; list such a mount point as an empty directory.
+    pub one_file_system: bool,
+    /// Source role: bytes per second the source sends at most, on average;
+    /// 0 for no limit.
+    pub bwlimit: u64,
+}
+
+/// Most exclude patterns, and most chosen paths, a hello may carry, and the
+/// bytes each list may hold in all: far beyond any real job, well within
+/// what the agent can afford to hold (docs/design.md rule 2: the agent
+/// trusts nothing the desktop sends).
+pub const PATTERNS_MAX: usize = 65_536;
+/// See [`PATTERNS_MAX`].
+pub const PATTERNS_BYTES_MAX: usize = 4 << 20;
+
+fn bounded_excludes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    d.deserialize_seq(Bounded {
+        limit: PATTERNS_MAX,
+        what: "at most 65536 exclude patterns of 4 MiB in all",
+        cost: String::len,
+        budget: PATTERNS_BYTES_MAX,
+        item: std::marker::PhantomData,
+    })
+}
+
+fn bounded_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+    d.deserialize_seq(Bounded {
+        limit: PATTERNS_MAX,
+        what: "at most 65536 chosen paths of 4 MiB in all",
+        cost: Vec::len,
+        budget: PATTERNS_BYTES_MAX,
+        item: std::marker::PhantomData,
+    })
 }
 
 /// The agent's answer to [`Hello`].
@@ -481,6 +519,28 @@ mod tests {
         let half = BATCH_XATTRS_MAX / 2 + 1;
         assert!(decode(vec![with(half)]).is_ok());
         assert!(decode(vec![with(half), with(half)]).is_err());
+    }
+
+    #[test]
+    fn a_hello_with_more_patterns_or_paths_than_the_bounds_is_refused_while_decoding() {
+        let hello = |options: SessionOptions| {
+            let h = Hello { role: Role::Source, path: b"/".to_vec(), options, version: "x".into() };
+            postcard::from_bytes::<Hello>(&postcard::to_stdvec(&h).unwrap())
+        };
+        let ok = SessionOptions {
+            excludes: vec!["*.tmp".into(); 3],
+            only: vec![b"etc".to_vec()],
+            bwlimit: 5,
+            ..Default::default()
+        };
+        let back = hello(ok).unwrap();
+        assert_eq!((back.options.excludes.len(), back.options.bwlimit), (3, 5));
+        assert!(
+            hello(SessionOptions { excludes: vec![String::new(); PATTERNS_MAX + 1], ..Default::default() }).is_err()
+        );
+        assert!(hello(SessionOptions { only: vec![Vec::new(); PATTERNS_MAX + 1], ..Default::default() }).is_err());
+        let big = vec![vec![b'a'; 1 << 20]; 5];
+        assert!(hello(SessionOptions { only: big, ..Default::default() }).is_err());
     }
 
     #[test]

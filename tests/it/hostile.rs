@@ -108,6 +108,9 @@ fn job(bk: &Path) -> Job {
         pre_hook: None,
         post_hook: None,
         hook_timeout: rbackup::hooks::DEFAULT_TIMEOUT,
+        one_file_system: false,
+        bwlimit: 0,
+        paths: vec![],
         invocation: "rbackup".into(),
     }
 }

@@ -28,6 +28,7 @@ mod reports;
 mod restore;
 mod resume;
 mod retention;
+mod selection;
 mod setup;
 mod ssh;
 mod systemd;
