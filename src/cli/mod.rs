@@ -33,6 +33,10 @@ Examples:
   # The job's snapshots, oldest first
   rbackup -j server --list
 
+  # Every job of the config file, two at a time; check all their settings first
+  rbackup check --all --config-only
+  rbackup backup --all --parallel 2
+
 Every command is also a long flag: `rbackup --backup` is `rbackup backup`.
 
 Exit codes: 0 ok, 1 failed, 2 usage or config error, 20 stopped by
