@@ -59,6 +59,51 @@ impl Code {
         }
     }
 
+    /// How bad a code is when several runs are summed up in one exit code
+    /// (`--all`, see [`Code::worst`]). Not the enum's own order, which is the
+    /// mail's threshold (`send_on`) and says how much a single run needs a
+    /// human: summing up, a job that failed must not hide behind one that was
+    /// merely skipped because another run was doing it (locked), and a
+    /// stopped run (interrupted) is resumed by the next one, while a failed
+    /// one is not. Documented in docs/exit-codes.md.
+    pub fn severity(self) -> u8 {
+        match self {
+            Code::Ok => 0,
+            Code::Locked => 1,
+            Code::Vanished => 2,
+            Code::Partial => 3,
+            Code::Mismatch => 4,
+            Code::Interrupted => 5,
+            Code::Error => 6,
+            Code::Usage => 7,
+        }
+    }
+
+    /// The code of several runs: the most severe of theirs ([`Code::severity`]);
+    /// `Ok` for none.
+    pub fn worst(codes: impl IntoIterator<Item = Code>) -> Code {
+        codes.into_iter().max_by_key(|c| c.severity()).unwrap_or(Code::Ok)
+    }
+
+    /// One upper-case word, for the one-line-per-job summary of `--all`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Vanished => "VANISHED",
+            Code::Partial => "PARTIAL",
+            Code::Mismatch => "MISMATCH",
+            Code::Error => "FAILED",
+            Code::Interrupted => "INTERRUPTED",
+            Code::Usage => "CONFIG",
+            Code::Locked => "LOCKED",
+        }
+    }
+
+    /// The code of an exit status, if it is one of ours.
+    pub fn from_status(status: i32) -> Option<Code> {
+        Code::ALL.into_iter().find(|c| i32::from(c.status()) == status)
+    }
+
     /// One word for reports and mail subjects.
     pub fn word(self) -> &'static str {
         match self {
@@ -127,6 +172,35 @@ mod tests {
         assert_eq!(code_of(&anyhow::anyhow!("x")), Code::Error);
         let e = anyhow::Error::new(crate::interrupt::Interrupted(15)).context("backup from /srv stopped");
         assert_eq!(code_of(&e), Code::Interrupted);
+    }
+
+    #[test]
+    fn the_worst_of_several_runs_follows_the_documented_order() {
+        use Code::*;
+        // docs/exit-codes.md: 2 > 1 > 20 > 3 > 23 > 24 > 75 > 0.
+        let mildest_first = [Ok, Locked, Vanished, Partial, Mismatch, Interrupted, Error, Usage];
+        for (i, a) in mildest_first.iter().enumerate() {
+            for b in &mildest_first[i..] {
+                assert_eq!(Code::worst([*a, *b]), *b, "{a:?} vs {b:?}");
+                assert_eq!(Code::worst([*b, *a]), *b, "{b:?} vs {a:?}");
+            }
+        }
+        assert_eq!(Code::worst([]), Ok);
+        assert_eq!(Code::worst([Ok, Error, Locked, Partial]), Error);
+        // A failed job is not hidden by one that was skipped for its lock.
+        assert_eq!(Code::worst([Locked, Error]), Error);
+        let mut severities: Vec<u8> = Code::ALL.iter().map(|c| c.severity()).collect();
+        severities.sort_unstable();
+        severities.dedup();
+        assert_eq!(severities.len(), Code::ALL.len(), "every code has its own rank");
+    }
+
+    #[test]
+    fn statuses_map_back_to_codes() {
+        for c in Code::ALL {
+            assert_eq!(Code::from_status(i32::from(c.status())), Some(c));
+        }
+        assert_eq!(Code::from_status(101), None);
     }
 
     #[test]

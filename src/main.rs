@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use rbackup::cli::{Cli, Command};
+use rbackup::cli::{Cli, Command, refuse_with_all};
+use rbackup::cmd::all_jobs::{self, AllJobs};
 use rbackup::cmd::prune::Rules;
 use rbackup::config::{self, Job, Overrides};
 use rbackup::error::{Code, code_of};
@@ -51,7 +52,42 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             serve::run(&args.into())?;
             Ok(Code::Ok)
         }
-        Command::Backup(args) | Command::Continue(args) => {
+        Command::Backup(a) if a.all => {
+            let args = a.run.for_every_job()?;
+            let all = AllJobs::load(cli.config.as_deref(), cli.job.as_deref())?;
+            interrupt::install()?;
+            let exe = std::env::current_exe()?;
+            let parallel = a.parallel.map_or(1, usize::from);
+            let children = all_jobs::Children { exe, global: cli.verbosity_args(), args, parallel };
+            Ok(all_jobs::summarize("backup", &all_jobs::backup(&all, &children)?))
+        }
+        Command::Prune(a) if a.jobs.all => {
+            let overrides = a.store.overrides();
+            refuse_with_all(&overrides)?;
+            let all = AllJobs::load(cli.config.as_deref(), cli.job.as_deref())?;
+            Ok(all_jobs::summarize("prune", &all_jobs::prune(&all, &overrides, &Rules::from(&a.rules), a.dry_run)))
+        }
+        Command::Verify(a) if a.jobs.all => {
+            let overrides = a.store.overrides();
+            refuse_with_all(&overrides)?;
+            let all = AllJobs::load(cli.config.as_deref(), cli.job.as_deref())?;
+            Ok(all_jobs::summarize("verify", &all_jobs::verify(&all, &overrides, a.snapshot.as_deref())))
+        }
+        Command::Check(a) if a.all || a.config_only => {
+            let overrides = a.overrides();
+            refuse_with_all(&overrides)?;
+            let all = if a.all {
+                AllJobs::load(cli.config.as_deref(), cli.job.as_deref())?
+            } else {
+                AllJobs::one(cli.config.as_deref(), cli.job.as_deref())?
+            };
+            if a.config_only {
+                Ok(rbackup::cmd::check_config::run(&all))
+            } else {
+                Ok(all_jobs::summarize("check", &all_jobs::check(&all, &overrides)))
+            }
+        }
+        Command::Backup(rbackup::cli::BackupArgs { run: args, .. }) | Command::Continue(args) => {
             let job = job(cli, &args.overrides())?;
             open_log(&job)?;
             log::set_tag(&job.job);

@@ -63,6 +63,57 @@ impl RunArgs {
     }
 }
 
+impl RunArgs {
+    /// The options a `backup --all` passes on to each job's own run (see
+    /// `cmd::all_jobs`): those that make sense for every job. Options that name
+    /// one job's things (its source, folder, name, log, ssh config, stats
+    /// file) are refused: each job runs with its own.
+    pub fn for_every_job(&self) -> anyhow::Result<Vec<std::ffi::OsString>> {
+        refuse_with_all(&self.overrides())?;
+        if self.stats_json.is_some() {
+            return Err(crate::usage!("--all runs every job with its own settings: leave out --stats-json"));
+        }
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        for (on, flag) in [(self.dry_run, "--dry-run"), (self.devices, "--devices"), (self.compress, "--compress")] {
+            if on {
+                args.push(flag.into());
+            }
+        }
+        for pattern in &self.exclude {
+            args.extend(["--exclude".into(), pattern.into()]);
+        }
+        if let Some(bin) = &self.remote_bin {
+            args.extend(["--remote-bin".into(), bin.into()]);
+        }
+        if let Some(secs) = self.io_timeout {
+            args.extend(["--io-timeout".into(), secs.to_string().into()]);
+        }
+        Ok(args)
+    }
+}
+
+/// Refuses, with `--all`, the options that name one job's settings.
+pub fn refuse_with_all(o: &Overrides) -> anyhow::Result<()> {
+    let named = [
+        (o.source.is_some(), "--source"),
+        (o.backups_folder.is_some(), "--backups-folder"),
+        (o.name.is_some(), "--name"),
+        (o.log_file.is_some(), "--log-file"),
+        (o.ssh_config.is_some(), "--ssh-config"),
+    ];
+    match named.iter().find(|(given, _)| *given) {
+        Some((_, flag)) => Err(crate::usage!("--all runs every job with its own settings: leave out {flag}")),
+        None => Ok(()),
+    }
+}
+
+impl Cli {
+    /// `-q` / `-v…` again, for the runs `--all` starts.
+    pub fn verbosity_args(&self) -> Vec<std::ffi::OsString> {
+        if self.quiet { vec!["--quiet".into()] } else { (0..self.verbose).map(|_| "--verbose".into()).collect() }
+    }
+}
+
 impl From<&RulesArgs> for Rules {
     fn from(a: &RulesArgs) -> Rules {
         Rules {

@@ -6,6 +6,7 @@
 #![allow(clippy::doc_markdown)]
 
 mod convert;
+pub use convert::refuse_with_all;
 pub mod man;
 
 use std::path::PathBuf;
@@ -31,6 +32,10 @@ Examples:
 
   # The job's snapshots, oldest first
   rbackup -j server --list
+
+  # Every job of the config file, two at a time; check all their settings first
+  rbackup check --all --config-only
+  rbackup backup --all --parallel 2
 
 Every command is also a long flag: `rbackup --backup` is `rbackup backup`.
 
@@ -68,7 +73,7 @@ pub struct Cli {
 pub enum Command {
     /// Take a new snapshot
     #[command(long_flag = "backup")]
-    Backup(RunArgs),
+    Backup(BackupArgs),
 
     /// Finish the latest interrupted snapshot (NAME.<stamp>.incomplete), keeping its stamp
     #[command(long_flag = "continue")]
@@ -207,6 +212,31 @@ pub struct RunArgs {
     pub bwlimit: Option<String>,
 }
 
+/// Options of `backup`: those of a run, and every job at once.
+#[derive(Args, Debug, Default, Clone)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Back up every job of the config file, in its order; one line per job at the end, and
+    /// the worst exit code (see docs/exit-codes.md)
+    #[arg(long)]
+    pub all: bool,
+
+    /// With --all: run N jobs at a time [default: 1]
+    #[arg(long, value_name = "N", requires = "all", value_parser = clap::value_parser!(u16).range(1..))]
+    pub parallel: Option<u16>,
+}
+
+/// `--all` of `prune` and `verify`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct AllArgs {
+    /// Every job of the config file, one after the other; one line per job at the end, and
+    /// the worst exit code
+    #[arg(long)]
+    pub all: bool,
+}
+
 /// Options of `list`.
 #[derive(Args, Debug, Default, Clone)]
 pub struct ListArgs {
@@ -269,6 +299,8 @@ pub struct PruneArgs {
     /// Print keep/remove for each snapshot with the rule that keeps it; remove nothing
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub jobs: AllArgs,
 }
 
 /// Options of `verify`.
@@ -279,6 +311,8 @@ pub struct VerifyArgs {
     /// A snapshot's name, `latest`, `all`, or a UTC time [default: latest]
     #[arg(long, value_name = "NAME|latest|all")]
     pub snapshot: Option<String>,
+    #[command(flatten)]
+    pub jobs: AllArgs,
 }
 
 /// Options of `diff`.
@@ -460,6 +494,15 @@ pub struct CheckArgs {
     /// long; 0 waits forever [default: 300, or io_timeout in the job]
     #[arg(long, value_name = "SECS")]
     pub io_timeout: Option<u64>,
+
+    /// Check every job of the config file
+    #[arg(long)]
+    pub all: bool,
+
+    /// Only the config file: every key of the job (with --all, of every job) and [email],
+    /// without the network or the backups folders; exit code 2 if anything is wrong
+    #[arg(long)]
+    pub config_only: bool,
 }
 
 /// Options of the agent.

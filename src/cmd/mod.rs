@@ -2,8 +2,10 @@
 //! plain options) and returns an exit code; none of them sees clap.
 
 pub mod after_run;
+pub mod all_jobs;
 pub mod backup;
 pub mod check;
+pub mod check_config;
 pub mod diff;
 pub mod list;
 pub mod prune;

@@ -11,6 +11,7 @@
 
 mod common;
 
+mod all_jobs;
 mod backup;
 mod bench_smoke;
 mod crash;

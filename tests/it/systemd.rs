@@ -1,17 +1,21 @@
 //! The systemd units: `systemd-analyze verify` is clean, the service rates
 //! 2.2 or better in `systemd-analyze security`, and a real backup runs under
-//! the service's capability bounding set. Also the anacron script.
+//! the service's capability bounding set. `rbackup-all.service`/`.timer`
+//! (every job, `backup --all`) keep every property of the per-job units.
+//! Also the anacron script.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::*;
 
+const UNITS: [&str; 4] = ["rbackup@.service", "rbackup@.timer", "rbackup-all.service", "rbackup-all.timer"];
+
 /// The units, copied with ExecStart pointing at the binary under test (verify
 /// checks that the command exists).
 fn units(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    for unit in ["rbackup@.service", "rbackup@.timer"] {
+    for unit in UNITS {
         let text = std::fs::read_to_string(root.join(unit)).unwrap();
         std::fs::write(dir.join(unit), text.replace("/usr/bin/rbackup", bin().to_str().unwrap())).unwrap();
     }
@@ -24,32 +28,67 @@ fn the_units_verify_cleanly_and_the_service_is_hardened() {
     let tmp = scratch();
     let dir = units(tmp.path());
     let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no", "rbackup@server.service", "rbackup@server.timer"])
+        .args([
+            "verify",
+            "--man=no",
+            "rbackup@server.service",
+            "rbackup@server.timer",
+            "rbackup-all.service",
+            "rbackup-all.timer",
+        ])
         .current_dir(&dir)
         .output()
         .expect("systemd-analyze (Debian package systemd)");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
 
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--threshold=22", "rbackup@server.service"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let level: f64 = text
-        .lines()
-        .find_map(|l| l.split("Overall exposure level for rbackup@server.service: ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
-    assert!(level <= 2.2, "exposure {level}:\n{text}");
-    assert!(out.status.success(), "--threshold=22 failed:\n{text}");
-
-    let timer = std::fs::read_to_string(dir.join("rbackup@.timer")).unwrap();
-    for line in ["OnCalendar=daily", "Persistent=true", "RandomizedDelaySec="] {
-        assert!(timer.contains(line), "timer lacks {line}");
+    for service in ["rbackup@server.service", "rbackup-all.service"] {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--threshold=22", service])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let level: f64 = text
+            .lines()
+            .find_map(|l| l.split(&format!("Overall exposure level for {service}: ")).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+        assert!(level <= 2.2, "{service}: exposure {level}:\n{text}");
+        assert!(out.status.success(), "{service}: --threshold=22 failed:\n{text}");
     }
+
+    for timer in ["rbackup@.timer", "rbackup-all.timer"] {
+        let timer = std::fs::read_to_string(dir.join(timer)).unwrap();
+        for line in ["OnCalendar=daily", "Persistent=true", "RandomizedDelaySec="] {
+            assert!(timer.contains(line), "timer lacks {line}");
+        }
+    }
+}
+
+/// A unit's settings, without comments and descriptions.
+fn settings(unit: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd").join(unit)).unwrap();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("Description="))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The all-jobs units are the per-job ones with another command: same
+/// sandbox, limits and exit statuses, same schedule. Only `KillMode=mixed`
+/// is added (rbackup passes a stop on to each job once).
+#[test]
+fn the_all_jobs_units_keep_every_property_of_the_per_job_units() {
+    let one = settings("rbackup@.service");
+    let all = settings("rbackup-all.service");
+    let differ = |a: &[String], b: &[String]| -> Vec<String> { a.iter().filter(|l| !b.contains(l)).cloned().collect() };
+    assert_eq!(differ(&one, &all), ["ExecStart=/usr/bin/rbackup --job %i --backup"]);
+    assert_eq!(differ(&all, &one), ["ExecStart=/usr/bin/rbackup backup --all", "KillMode=mixed"]);
+    assert!(all.contains(&"SuccessExitStatus=20 23 24".to_string()) && all.contains(&"LimitNOFILE=65536".to_string()));
+    assert_eq!(settings("rbackup@.timer"), settings("rbackup-all.timer"));
 }
 
 /// `CAP_CHOWN CAP_FOWNER` → `chown,fowner`.
@@ -98,4 +137,22 @@ fn the_anacron_script_is_runnable_by_run_parts() {
     assert!(listed.trim().ends_with("/rbackup"), "run-parts would not run it: {listed:?}");
     let st = Command::new("sh").arg("-n").arg(dir.join("rbackup")).status().unwrap();
     assert!(st.success());
+    // No job list to keep up to date: every job of the config runs.
+    let script = std::fs::read_to_string(dir.join("rbackup")).unwrap();
+    assert!(script.contains("/usr/bin/rbackup --quiet backup --all"), "{script}");
+    assert!(!script.contains("--job"), "{script}");
+}
+
+/// The package installs every unit of systemd/.
+#[test]
+fn the_package_installs_every_unit() {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    let m: toml::Table = text.parse().unwrap();
+    let assets = m["package"]["metadata"]["deb"]["assets"].as_array().unwrap();
+    for unit in UNITS {
+        let installed = assets
+            .iter()
+            .any(|a| a[0].as_str() == Some(&format!("systemd/{unit}")) && a[1].as_str() == Some("lib/systemd/system/"));
+        assert!(installed, "no asset installs {unit}");
+    }
 }
