@@ -74,13 +74,27 @@ impl RunArgs {
             return Err(crate::usage!("--all runs every job with its own settings: leave out --stats-json"));
         }
         let mut args: Vec<std::ffi::OsString> = Vec::new();
-        for (on, flag) in [(self.dry_run, "--dry-run"), (self.devices, "--devices"), (self.compress, "--compress")] {
+        let flags = [
+            (self.dry_run, "--dry-run"),
+            (self.devices, "--devices"),
+            (self.compress, "--compress"),
+            (self.one_file_system, "--one-file-system"),
+        ];
+        for (on, flag) in flags {
             if on {
                 args.push(flag.into());
             }
         }
         for pattern in &self.exclude {
             args.extend(["--exclude".into(), pattern.into()]);
+        }
+        for file in &self.exclude_from {
+            // Absolute: the child may resolve it from elsewhere.
+            let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+            args.extend(["--exclude-from".into(), file.into_os_string()]);
+        }
+        if let Some(rate) = &self.bwlimit {
+            args.extend(["--bwlimit".into(), rate.into()]);
         }
         if let Some(bin) = &self.remote_bin {
             args.extend(["--remote-bin".into(), bin.into()]);
@@ -188,5 +202,40 @@ impl Cli {
     pub fn config_path(&self) -> std::path::PathBuf {
         let path = self.config.clone().unwrap_or_else(|| crate::config::DEFAULT_CONFIG.into());
         std::path::absolute(&path).unwrap_or(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    /// Every option that applies to each job reaches each job's run.
+    #[test]
+    fn backup_all_passes_on_every_option_meant_for_each_job() {
+        let cli = Cli::parse_from([
+            "rbackup",
+            "backup",
+            "--all",
+            "-x",
+            "--bwlimit",
+            "5M",
+            "--exclude-from",
+            "/etc/ex",
+            "--exclude",
+            "*.tmp",
+            "--compress",
+        ]);
+        let Command::Backup(a) = &cli.command else { panic!("not a backup: {:?}", cli.command) };
+        let args: Vec<String> = a.run.for_every_job().unwrap().iter().map(|s| s.to_string_lossy().into()).collect();
+        let joined = args.join(" ");
+        for expected in ["--one-file-system", "--bwlimit 5M", "--exclude-from /etc/ex", "--exclude *.tmp", "--compress"]
+        {
+            assert!(joined.contains(expected), "{expected} missing from {joined}");
+        }
+        let cli = Cli::parse_from(["rbackup", "backup", "--all", "--source", "/srv"]);
+        let Command::Backup(a) = &cli.command else { panic!() };
+        assert!(a.run.for_every_job().is_err(), "one job's source with --all");
     }
 }
