@@ -122,7 +122,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 && let Err(e) = prune::run(&job, &job.prune, false)
             {
                 error!("prune after the backup failed (the snapshot is complete): {e:#}");
-                return Ok(report.code.max(code_of(&e)));
+                return Ok(Code::worst([report.code, code_of(&e)]));
             }
             Ok(report.code)
         }
