@@ -40,8 +40,11 @@ pub(super) struct Walker {
     /// so that its descriptor number can't be reused), if it has its own.
     cwd: Option<Dir>,
     own_cwd: bool,
-    /// The root's filesystem, for `Selection::one_file_system`.
-    root_dev: u64,
+    /// For `Selection::one_file_system`, per level of the walk: the
+    /// filesystem its entries must be on — that of the root, or of the
+    /// chosen path (`paths`) the level is in; `None` for a directory on the
+    /// way to a chosen path, which may be on any.
+    devs: Vec<Option<u64>>,
 }
 
 /// A directory just entered: its handle, `fstat` and names.
@@ -49,6 +52,8 @@ pub(super) struct Level {
     dir: Dir,
     st: rustix::fs::Stat,
     names: Vec<Vec<u8>>,
+    /// The filesystem its entries must be on (see `Walker::devs`).
+    dev: Option<u64>,
 }
 
 impl Walker {
@@ -66,7 +71,7 @@ impl Walker {
             next_link: 0,
             cwd: None,
             own_cwd: false,
-            root_dev: 0,
+            devs: Vec::new(),
         }
     }
 
@@ -87,11 +92,11 @@ impl Walker {
 
     fn walk(&mut self, root: &Dir) -> Result<()> {
         let st = root.stat_self().context("reading the root directory")?;
-        self.root_dev = st.st_dev;
         let xattrs = meta::read_dir_xattrs(root).context("reading the root's extended attributes")?;
         let names = root.names().context("listing the root directory")?;
         let on_the_way = !self.selection.only.is_empty() && self.selection.chosen(b"") != Some(true);
         let partial = (on_the_way && !self.selection.whole_on_the_way) || self.selection.keeps_unlisted(b"");
+        self.devs = vec![(!on_the_way).then_some(st.st_dev)];
         self.push(Entry::Dir { name: Vec::new(), meta: meta::from_stat(&st, xattrs), unreadable: None, partial })?;
         // The names left at each level, the directories' handles (a bounded
         // number of them, see `Chain`), and the current directory's path.
@@ -101,6 +106,7 @@ impl Walker {
         while let Some(names) = stack.last_mut() {
             let Some(name) = names.next() else {
                 stack.pop();
+                self.devs.pop();
                 if let Some(end) = rel_ends.pop() {
                     chain.pop();
                     rel.truncate(end);
@@ -123,6 +129,7 @@ impl Walker {
             if let Some(next) = self.visit(&dir, name.clone(), &child_rel)? {
                 chain.push(&name, next.dir, &next.st);
                 stack.push(next.names.into_iter());
+                self.devs.push(next.dev);
                 rel_ends.push(rel.len());
                 rel = child_rel;
             }
@@ -152,7 +159,7 @@ impl Walker {
         }
         if ft == FileType::Directory {
             let partial = (!whole && !self.selection.whole_on_the_way) || self.selection.keeps_unlisted(rel);
-            return self.visit_dir(dir, name, partial);
+            return self.visit_dir(dir, name, whole, partial);
         }
         let xattrs = match self.xattrs(dir, &name) {
             Ok(x) => x,
@@ -189,7 +196,7 @@ impl Walker {
 
     /// Lists a directory (`partial`: the sink removes nothing the listing
     /// lacks from it) and returns the level to descend into.
-    fn visit_dir(&mut self, parent: &Dir, name: Vec<u8>, partial: bool) -> Result<Option<Level>> {
+    fn visit_dir(&mut self, parent: &Dir, name: Vec<u8>, whole: bool, partial: bool) -> Result<Option<Level>> {
         // Open first and describe what was opened, so the metadata and the
         // children belong to the same directory even if it is being replaced.
         let child = match parent.open_dir(&name) {
@@ -212,7 +219,14 @@ impl Walker {
             }
         };
         let meta = meta::from_stat(&st, xattrs);
-        if self.selection.one_file_system && st.st_dev != self.root_dev {
+        // On the way to a chosen path: any filesystem; a chosen path: its
+        // own; beneath: the one it is on.
+        let dev = match (whole, self.devs.last().copied().flatten()) {
+            (false, _) => None,
+            (true, None) => Some(st.st_dev),
+            (true, Some(d)) => Some(d),
+        };
+        if self.selection.one_file_system && dev.is_some_and(|d| d != st.st_dev) {
             // A mount point: listed with its own metadata, never entered.
             self.push(Entry::Dir { name, meta, unreadable: None, partial: false })?;
             self.push(Entry::End)?;
@@ -227,7 +241,7 @@ impl Walker {
             }
         };
         self.push(Entry::Dir { name, meta, unreadable: None, partial })?;
-        Ok(Some(Level { dir: child, st, names }))
+        Ok(Some(Level { dir: child, st, names, dev }))
     }
 
     fn unreadable_dir(&mut self, parent: &Dir, name: Vec<u8>, err: &io::Error) -> Result<Option<Level>> {

@@ -115,6 +115,36 @@ fn one_file_system_keeps_a_mount_point_as_an_empty_directory() {
     assert_eq!(std::fs::read(whole.join("data/mnt/deep/more.txt")).unwrap(), b"more");
 }
 
+/// With `paths`, -x keeps each chosen folder to its own filesystem: a chosen
+/// folder that is a mount point is backed up (rsync -x with several
+/// sources does the same), a mount beneath it is not entered.
+#[test]
+fn one_file_system_with_paths_keeps_each_chosen_folder_on_its_own_filesystem() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("left-out.txt"), b"not chosen");
+    let mnt = Mounted::tmpfs(&src.join("data/mnt"));
+    write(&mnt.0.join("other.txt"), b"on the chosen folder's filesystem");
+    let inner = Mounted::tmpfs(&mnt.0.join("inner"));
+    write(&inner.0.join("deeper.txt"), b"on a third filesystem");
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.x]\nsource = \"{}\"\nbackups_folder = \"{}\"\npaths = [\"data/mnt\"]\none_file_system = true\n",
+        src.display(),
+        bk.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (code, _, err) = run(&args(&["-c", cfg.to_str().unwrap(), "-j", "x", "--backup"]));
+    assert_eq!(code, 0, "{err}");
+    let snap = complete(&bk, "x")[0].clone();
+    assert_eq!(std::fs::read(snap.join("data/mnt/other.txt")).unwrap(), b"on the chosen folder's filesystem");
+    assert!(snap.join("data/mnt/inner").is_dir());
+    assert_eq!(std::fs::read_dir(snap.join("data/mnt/inner")).unwrap().count(), 0, "a mount beneath was entered");
+    assert!(!snap.join("left-out.txt").exists());
+    drop(inner);
+}
+
 #[test]
 fn bwlimit_paces_backups_and_restores_and_the_copy_is_exact() {
     let tmp = scratch();
