@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Deserialize;
 
-use crate::cmd::prune::Rules;
 use crate::notify::EmailConfig;
+use crate::store::rules::Rules;
 use crate::usage;
 
 mod select;

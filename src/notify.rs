@@ -301,13 +301,12 @@ pub struct RunMail<'a> {
     pub log_tail: Vec<String>,
 }
 
-/// The next step after a run of `job` that failed with `e`: an unreachable
-/// server is a network or ssh matter; anything else starts with `check`,
-/// which tests each part of the job. A locked run needs nothing (the
+/// The next step after a run that failed with `e` (`check`: the command line
+/// that checks its job): an unreachable server is a network or ssh matter;
+/// anything else starts with `check`, which tests each part of the job. A locked run needs nothing (the
 /// message names the run that holds the lock).
-pub fn next_step(job: &crate::config::Job, code: Code, e: &anyhow::Error) -> Option<String> {
+pub fn next_step(check: &str, code: Code, e: &anyhow::Error) -> Option<String> {
     use crate::transport::SshError;
-    let check = job.command("check");
     if code == Code::Locked {
         return None;
     }
@@ -464,13 +463,13 @@ mod tests {
         let text = "[job.web]\nsource = \"server:/srv\"\nbackups_folder = \"/backups\"\n";
         let file = (std::path::PathBuf::from("/srv/my conf/rb.toml"), crate::config::parse(text).unwrap());
         let job = crate::config::resolve(Some(&file), Some("web"), &crate::config::Overrides::default()).unwrap();
-        let step = next_step(&job, Code::Error, &unreachable).unwrap();
+        let step = next_step(&job.command("check"), Code::Error, &unreachable).unwrap();
         // The hint names the config the job came from: copied, it works.
         let check = "`rbackup -c '/srv/my conf/rb.toml' -j web check`";
         assert!(step.contains("Check the network and ssh") && step.contains(check), "{step}");
-        let other = next_step(&job, Code::Error, &anyhow!("disk full")).unwrap();
+        let other = next_step(&job.command("check"), Code::Error, &anyhow!("disk full")).unwrap();
         assert!(other.starts_with(&format!("Run {check}")), "{other}");
-        assert_eq!(next_step(&job, Code::Locked, &anyhow!("locked")), None);
+        assert_eq!(next_step(&job.command("check"), Code::Locked, &anyhow!("locked")), None);
     }
 
     /// Regression: a long reason was cut mid-word ("…; onl").

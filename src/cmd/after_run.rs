@@ -96,7 +96,7 @@ fn compose<'a>(job: &'a Job, code: Code, result: &'a Result<RunReport>, store: O
         code,
         reason,
         error,
-        next_step: result.as_ref().err().and_then(|e| crate::notify::next_step(job, code, e)),
+        next_step: result.as_ref().err().and_then(|e| crate::notify::next_step(&job.command("check"), code, e)),
         problems,
         problem_count: count,
         state: describe_store(job, store, code),

@@ -51,7 +51,7 @@ pub struct Meta {
 pub const XATTRS_MAX: usize = 65_536 / 7;
 
 fn bounded_xattrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Xattr>, D::Error> {
-    d.deserialize_seq(crate::wire::msg::Bounded {
+    d.deserialize_seq(crate::fs::bounded::Bounded {
         limit: XATTRS_MAX,
         what: "at most 9362 extended attributes",
         cost: |_: &Xattr| 0,
@@ -72,6 +72,14 @@ fn is_acl(name: &[u8]) -> bool {
 /// surfaced as `system.nfs4_acl`) is left alone on both sides.
 pub fn is_managed_xattr(name: &[u8]) -> bool {
     name.starts_with(b"user.") || name.starts_with(b"trusted.") || name.starts_with(b"security.") || is_acl(name)
+}
+
+/// The kind of a special file.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialKind {
+    Fifo,
+    Char,
+    Block,
 }
 
 /// Largest xattr value Linux stores.

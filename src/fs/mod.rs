@@ -4,6 +4,7 @@
 //! and the one place with `unsafe` ([`sys`]).
 
 pub mod acl;
+pub mod bounded;
 mod chain;
 pub mod delete;
 pub mod meta;

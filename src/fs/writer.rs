@@ -19,9 +19,9 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, SeekFrom};
 
+use crate::fs::meta::SpecialKind;
 use crate::fs::meta::{self, ApplyProblem, Meta, Privileges, Target};
 use crate::fs::safefs::{Dir, libc_errno, temp_name};
-use crate::wire::msg::SpecialKind;
 
 /// An entry being created under a temporary name.
 pub struct TempEntry {

@@ -11,6 +11,7 @@
 pub mod lock;
 pub mod manifest;
 pub mod reader;
+pub mod rules;
 pub mod select;
 pub mod unread;
 

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::fs::bounded::Bounded;
+pub use crate::fs::meta::SpecialKind;
 use crate::fs::meta::{Meta, XATTR_VALUE_MAX, is_managed_xattr};
 use crate::fs::safefs::{NameError, check_name};
 
@@ -104,14 +106,6 @@ pub enum Reply {
     Refused {
         reason: String,
     },
-}
-
-/// The kind of a special file.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SpecialKind {
-    Fifo,
-    Char,
-    Block,
 }
 
 /// Why the source left something out of its listing.
@@ -290,44 +284,6 @@ fn bounded_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D
         item: std::marker::PhantomData,
     };
     d.deserialize_seq(bounds)
-}
-
-/// A sequence decoded under bounds checked as it is read, before anything
-/// beyond them exists: at most `limit` items (checked against the declared
-/// length first), whose `cost` adds up to at most `budget`. Everything the
-/// peer sends is hostile: a length prefix alone must not make us allocate
-/// (docs/design.md rule 2).
-pub(crate) struct Bounded<T> {
-    pub limit: usize,
-    pub what: &'static str,
-    pub cost: fn(&T) -> usize,
-    pub budget: usize,
-    pub item: std::marker::PhantomData<T>,
-}
-
-impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
-    type Value = Vec<T>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(self.what)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-        let declared = seq.size_hint().unwrap_or(0);
-        if declared > self.limit {
-            return Err(serde::de::Error::invalid_length(declared, &self));
-        }
-        let mut items = Vec::with_capacity(declared);
-        let mut spent = 0usize;
-        while let Some(item) = seq.next_element::<T>()? {
-            spent = spent.saturating_add((self.cost)(&item));
-            if items.len() == self.limit || spent > self.budget {
-                return Err(serde::de::Error::invalid_length(items.len() + 1, &self));
-            }
-            items.push(item);
-        }
-        Ok(items)
-    }
 }
 
 /// Sink to source.
