@@ -7,7 +7,7 @@
 //! only then remove the interrupted runs it supersedes. A failure at any
 //! point leaves the `.incomplete` for `continue`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
@@ -170,20 +170,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
 fn refuse_folder_inside(source: &Path, folder: &Path, excludes: &[String], paths: &[String]) -> Result<()> {
     let source = std::fs::canonicalize(source).with_context(|| format!("resolving the source {}", source.display()))?;
     // The folder may not exist yet: resolve what does, keep the rest.
-    let mut existing = folder;
-    let mut rest = Vec::new();
-    let folder = loop {
-        match std::fs::canonicalize(existing) {
-            Ok(p) => break rest.iter().rev().fold(p, |p: PathBuf, c| p.join(c)),
-            Err(_) => match (existing.parent(), existing.file_name()) {
-                (Some(parent), Some(name)) => {
-                    rest.push(name);
-                    existing = parent;
-                }
-                _ => return Ok(()),
-            },
-        }
-    };
+    let Some(folder) = crate::fs::safefs::resolve_existing_ancestor(folder) else { return Ok(()) };
     let Ok(rel) = folder.strip_prefix(&source) else { return Ok(()) };
     let rel_bytes = rel.as_os_str().as_encoded_bytes();
     if rel_bytes.is_empty() {

@@ -208,23 +208,8 @@ fn exists_in(snap: &crate::fs::safefs::Dir, rel: &[u8]) -> bool {
 /// A restore must never write into the backups folder: that is where the
 /// immutable snapshots live.
 fn refuse_inside_backups(to: &Path, backups: &Path) -> Result<()> {
-    let canon = |p: &Path| -> PathBuf {
-        // The deepest existing ancestor, resolved; the rest appended.
-        let mut existing = p.to_path_buf();
-        let mut rest = Vec::new();
-        while !existing.exists() {
-            match (existing.file_name(), existing.parent()) {
-                (Some(n), Some(parent)) => {
-                    rest.push(n.to_os_string());
-                    existing = parent.to_path_buf();
-                }
-                _ => break,
-            }
-        }
-        let mut c = existing.canonicalize().unwrap_or(existing);
-        c.extend(rest.iter().rev());
-        c
-    };
+    let canon =
+        |p: &Path| -> PathBuf { crate::fs::safefs::resolve_existing_ancestor(p).unwrap_or_else(|| p.to_path_buf()) };
     let (to, backups) = (canon(to), canon(backups));
     if to.starts_with(&backups) || backups.starts_with(&to) {
         return Err(usage!(

@@ -122,17 +122,8 @@ fn clear_files(top: &Dir, rel: &[u8]) -> Result<Vec<Vec<u8>>> {
     } else {
         top.resolve_dir(rel).with_context(|| format!("opening {}", Shown(rel)))?
     };
-    let mut entries: Vec<(u64, Vec<u8>, FileType)> = Vec::new();
-    let dup = rustix::io::dup(&dir)?;
-    let mut reader = rustix::fs::Dir::new(dup)?;
-    reader.rewind();
-    for entry in reader {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            entries.push((entry.ino(), name.to_vec(), entry.file_type()));
-        }
-    }
+    let mut entries = dir.entries()?;
+    // In inode order: the disk is read in its own order, not the names'.
     entries.sort_unstable_by_key(|e| e.0);
     let mut subdirs = Vec::new();
     for (_, name, ft) in entries {

@@ -36,6 +36,21 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, Sta
 pub use super::chain::{Chain, HELD_LEVELS, Moved};
 pub use super::name::{NAME_MAX, NameError, SHOWN_KEEP, Shown, check_name, cstr_bytes, join, name_cstring, temp_name};
 
+/// `path` with its deepest existing ancestor resolved (symlinks, `..`) and
+/// the rest appended as given: where a path an administrator names would
+/// be, whether or not it exists yet. `None` if no ancestor resolves.
+pub fn resolve_existing_ancestor(path: &Path) -> Option<PathBuf> {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(p) = std::fs::canonicalize(existing) {
+            return Some(rest.iter().rev().fold(p, |p: PathBuf, c| p.join(c)));
+        }
+        rest.push(existing.file_name()?);
+        existing = existing.parent()?;
+    }
+}
+
 /// An open directory. Cheap to clone; closed when the last clone drops.
 #[derive(Clone, Debug)]
 pub struct Dir {
@@ -155,6 +170,15 @@ impl Dir {
 
     /// Names in this directory, without `.` and `..`, sorted bytewise.
     pub fn names(&self) -> io::Result<Vec<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = self.entries()?.into_iter().map(|(_, name, _)| name).collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The entries of this directory as `readdir` gives them (inode, name,
+    /// type — `Unknown` where the filesystem doesn't say), without `.` and
+    /// `..`, in no particular order.
+    pub fn entries(&self) -> io::Result<Vec<(u64, Vec<u8>, FileType)>> {
         let mut out = Vec::new();
         // A dup shares the file position with our handle: start from the top,
         // whoever read this directory before.
@@ -165,10 +189,9 @@ impl Dir {
             let entry = entry?;
             let name = entry.file_name().to_bytes();
             if name != b"." && name != b".." {
-                out.push(name.to_vec());
+                out.push((entry.ino(), name.to_vec(), entry.file_type()));
             }
         }
-        out.sort_unstable();
         Ok(out)
     }
 
