@@ -5,6 +5,7 @@ pub mod after_run;
 pub mod backup;
 pub mod check;
 pub mod diff;
+pub mod history;
 pub mod list;
 pub mod prune;
 pub mod restore;
