@@ -18,6 +18,7 @@ mod depth;
 mod docs;
 mod email;
 mod errors;
+mod history;
 mod hostile;
 mod interrupt;
 mod man;

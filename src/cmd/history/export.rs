@@ -179,7 +179,7 @@ fn system_time(sec: i64, nsec: u32) -> SystemTime {
 /// The copies must never land in the backups folder, where snapshots are
 /// immutable (docs/design.md rule 1). A folder holding the backups folder is
 /// fine: only new names are made in it.
-fn refuse_inside(to: &Path, backups: &Path) -> Result<()> {
+pub fn refuse_inside(to: &Path, backups: &Path) -> Result<()> {
     let canon = |p: &Path| -> PathBuf {
         // The deepest existing ancestor, resolved; the rest appended.
         let mut existing = p.to_path_buf();

@@ -43,6 +43,9 @@ pub fn run(job: &Job, opts: &Options) -> Result<Code> {
     let path = change::normalize(opts.path.as_os_str().as_bytes())
         .map_err(|why| usage!("history {}: {why}", opts.path.display()))?;
     let store = Store::open(&job.backups_folder, &job.name)?;
+    if let Some(to) = &opts.all_versions_to {
+        export::refuse_inside(to, &store.folder)?;
+    }
     store.require_snapshots()?;
     let meta_dir = store.meta_dir()?;
     let _lock = lock::acquire_readers(&meta_dir, "history", &store.shown())?;
@@ -67,11 +70,8 @@ pub fn run(job: &Job, opts: &Options) -> Result<Code> {
     }
     fill_inodes(&store, &snapshots, &mut sightings, &path)?;
     let rows = change::rows(&sightings);
-    if opts.json {
-        print_json(&snapshots, &sightings, &rows)?;
-    } else {
-        print_table(&snapshots, &sightings, &rows);
-    }
+    let text = if opts.json { json(&snapshots, &sightings, &rows)? } else { table(&snapshots, &sightings, &rows) };
+    print(&text)?;
     let trees = sightings.iter().flatten().filter(|s| s.source == Source::Tree).count();
     let held = sightings.iter().flatten().count();
     let versions = rows.iter().filter(|(_, c)| c.new_content()).count();
@@ -90,9 +90,7 @@ pub fn run(job: &Job, opts: &Options) -> Result<Code> {
                 info!("{}: the same content as {}, not copied again", snapshots[p.snapshot].folder, Shown(earlier));
             }
         }
-        for w in &written {
-            println!("{}", w.display());
-        }
+        print(&written.iter().map(|w| format!("{}\n", w.display())).collect::<String>())?;
         info!("{} version{} copied to {}", written.len(), if written.len() == 1 { "" } else { "s" }, to.display());
     }
     Ok(Code::Ok)
@@ -179,8 +177,17 @@ fn cells(snap: &Snapshot, change: Change, seen: Option<&Seen>) -> Vec<String> {
     row
 }
 
+/// Writes to stdout; a reader that stops early (`| head`) is not an error.
+fn print(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// The rows as aligned columns (sizes right-aligned), a header first.
-fn print_table(snapshots: &[Snapshot], sightings: &[Sighting], rows: &[(usize, Change)]) {
+fn table(snapshots: &[Snapshot], sightings: &[Sighting], rows: &[(usize, Change)]) -> String {
     let header: Vec<String> =
         ["SNAPSHOT", "CHANGE", "TYPE", "SIZE", "MODIFIED (UTC)", "OWNER", "MODE"].map(String::from).to_vec();
     let table: Vec<Vec<String>> = std::iter::once(header)
@@ -192,6 +199,7 @@ fn print_table(snapshots: &[Snapshot], sightings: &[Sighting], rows: &[(usize, C
             *w = (*w).max(cell.chars().count());
         }
     }
+    let mut out = String::new();
     for row in &table {
         let mut line = String::new();
         for (col, cell) in row.iter().enumerate() {
@@ -210,12 +218,14 @@ fn print_table(snapshots: &[Snapshot], sightings: &[Sighting], rows: &[(usize, C
                 line.push_str("  ");
             }
         }
-        println!("{line}");
+        out.push_str(&line);
+        out.push('\n');
     }
+    out
 }
 
 /// The rows as one JSON array: numbers as numbers, names as the table shows them.
-fn print_json(snapshots: &[Snapshot], sightings: &[Sighting], rows: &[(usize, Change)]) -> Result<()> {
+fn json(snapshots: &[Snapshot], sightings: &[Sighting], rows: &[(usize, Change)]) -> Result<String> {
     let items: Vec<serde_json::Value> = rows
         .iter()
         .map(|&(i, c)| {
@@ -238,8 +248,7 @@ fn print_json(snapshots: &[Snapshot], sightings: &[Sighting], rows: &[(usize, Ch
             v
         })
         .collect();
-    println!("{}", serde_json::to_string_pretty(&items)?);
-    Ok(())
+    Ok(serde_json::to_string_pretty(&items)? + "\n")
 }
 
 #[cfg(test)]
