@@ -373,6 +373,64 @@ impl ManifestReader {
     }
 }
 
+impl ManifestReader {
+    /// The record of `path`, or `None` once past its place in the listing
+    /// order (or at the end); uses the reader up. The records before it are
+    /// not decoded: their path is read straight from the encoding (an enum
+    /// variant, then a length-prefixed byte string: postcard's stable wire
+    /// format), so a lookup costs little more than the decompression.
+    pub fn find(mut self, path: &[u8]) -> Result<Option<Record>> {
+        let mut buf = Vec::new();
+        // Records are small: read them out of a buffer, not one zstd call each.
+        let mut input = BufReader::with_capacity(1 << 16, &mut self.input);
+        loop {
+            let mut len = [0u8; 4];
+            if crate::wire::frame::read_full(&mut input, &mut len)? != 4 {
+                bail!("the manifest ends without its footer (an interrupted run's)");
+            }
+            let len = u32::from_le_bytes(len) as usize;
+            if len > RECORD_MAX {
+                bail!("manifest record of {len} bytes is too large");
+            }
+            buf.resize(len, 0);
+            if crate::wire::frame::read_full(&mut input, &mut buf)? != len {
+                bail!("manifest cut in the middle of a record");
+            }
+            let order = entry_path(&buf).map(|p| dfs_cmp(p, path));
+            if order == Some(Ordering::Less) {
+                self.seen += 1;
+                continue;
+            }
+            return match postcard::from_bytes(&buf).context("undecodable manifest record")? {
+                Item::Entry(r) if r.path == path => Ok(Some(r)),
+                Item::Entry(r) if dfs_cmp(&r.path, path) == Ordering::Less => bail!("a manifest record misread"),
+                Item::Entry(_) => Ok(None),
+                Item::Footer { entries } if entries == self.seen => Ok(None),
+                Item::Footer { entries } => bail!("manifest footer says {entries} entries, {} were read", self.seen),
+                Item::Header { .. } => bail!("a second header in a manifest"),
+            };
+        }
+    }
+}
+
+/// The path of an encoded `Item::Entry` (variant 1, then the path's varint
+/// length and bytes), without decoding the rest; `None` for anything else.
+fn entry_path(buf: &[u8]) -> Option<&[u8]> {
+    let (&variant, rest) = buf.split_first()?;
+    if variant != 1 {
+        return None;
+    }
+    let (mut len, mut shift) = (0usize, 0);
+    for (i, &b) in rest.iter().enumerate().take(10) {
+        len |= usize::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            return rest.get(i + 1..i + 1 + len);
+        }
+        shift += 7;
+    }
+    None
+}
+
 fn read_item(input: &mut impl Read) -> Result<Option<Item>> {
     let mut len = [0u8; 4];
     match crate::wire::frame::read_full(input, &mut len)? {
@@ -500,6 +558,29 @@ mod tests {
         assert!(c.find(b"a/x").is_none());
         assert_eq!(c.find(b"c").unwrap().hash, Some([8; 32]));
         assert!(c.find(b"d").is_none());
+    }
+
+    #[test]
+    fn find_reads_the_paths_it_skips_as_decoding_would() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        let mut w = ManifestWriter::create(&dir, "s").unwrap();
+        // Paths long enough for a two-byte length, and names that are not UTF-8.
+        let long = [b'x'; 300];
+        let paths: Vec<Vec<u8>> =
+            vec![b"".to_vec(), b"a".to_vec(), [b"a/".as_slice(), &long].concat(), b"a/\xff".to_vec(), b"b".to_vec()];
+        for p in &paths {
+            w.push(Record { target: Some(b"t".to_vec()), ..rec(p) }, None).unwrap();
+        }
+        w.finish().unwrap().commit().unwrap();
+        let find = |p: &[u8]| ManifestReader::open(&dir, b"s").unwrap().unwrap().find(p).unwrap();
+        for p in &paths {
+            assert_eq!(find(p).map(|r| r.path), Some(p.clone()));
+        }
+        for absent in [&b"a/0"[..], b"a/\xfe", b"aa", b"c"] {
+            assert_eq!(find(absent), None);
+        }
+        assert_eq!(entry_path(&postcard::to_stdvec(&Item::Entry(rec(&long))).unwrap()), Some(&long[..]));
     }
 
     #[test]

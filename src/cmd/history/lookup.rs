@@ -12,7 +12,6 @@
 //! the snapshot's root refuses any symlink on the way, so a symlink in a
 //! snapshot never leads the lookup out of it.
 
-use std::cmp::Ordering;
 use std::io;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
@@ -21,7 +20,7 @@ use anyhow::{Context, Result};
 
 use super::change::{Seen, Sighting, Source};
 use crate::fs::safefs::Dir;
-use crate::store::manifest::{self, ManifestReader, dfs_cmp};
+use crate::store::manifest::{self, ManifestReader};
 use crate::store::reader::Item;
 use crate::store::{Snapshot, Store};
 use crate::warn;
@@ -65,17 +64,11 @@ fn in_snapshot(store: &Store, manifests: &Dir, snap: &Snapshot, path: &[u8]) -> 
     in_tree(&store.open_snapshot(snap)?, path)
 }
 
-/// Streams the manifest up to the path's place in the listing order.
-fn in_manifest(mut reader: ManifestReader, path: &[u8]) -> Result<Sighting> {
+/// Streams the manifest up to the path's place in the listing order,
+/// decoding only the record found ([`ManifestReader::find`]).
+fn in_manifest(reader: ManifestReader, path: &[u8]) -> Result<Sighting> {
     let source = Source::Manifest(reader.digest());
-    while let Some(record) = reader.next_record()? {
-        match dfs_cmp(&record.path, path) {
-            Ordering::Less => {}
-            Ordering::Equal => return Ok(Some(Seen { record, source, inode: None })),
-            Ordering::Greater => return Ok(None),
-        }
-    }
-    Ok(None)
+    Ok(reader.find(path)?.map(|record| Seen { record, source, inode: None }))
 }
 
 /// `lstat` of the path in a snapshot folder, through its root's handle.
