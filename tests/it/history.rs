@@ -116,6 +116,13 @@ fn all_versions_to_writes_each_content_once_with_its_bytes_and_mtime() {
         assert!(out.contains(copy.to_str().unwrap()), "each copy is listed: {out}");
     }
 
+    // With --json, stdout is the JSON alone; the copies are named on stderr.
+    let json_to = tmp.path().join("json-versions");
+    let (code, out, err) = rb(&bk, &["history", "f.txt", "--json", "--all-versions-to", json_to.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap().len(), 6);
+    assert_eq!(err.matches("wrote ").count(), 3, "{err}");
+
     // Never overwritten: a second run refuses before it copies anything.
     std::fs::write(to.join(&want[0]), b"mine").unwrap();
     let (code, _, err) = rb(&bk, &["history", "f.txt", "--all-versions-to", to.to_str().unwrap()]);
@@ -158,13 +165,19 @@ fn snapshots_without_a_manifest_are_looked_up_in_their_folders() {
     let tmp = scratch();
     let bk = life_of_a_file(tmp.path());
     // The unchanged, the rewritten and the chmodded snapshot lose their manifests.
+    let manifests = bk.join("srv.rbackup/manifests");
     for s in &folder_names(&bk)[1..4] {
-        std::fs::remove_file(bk.join("srv.rbackup/manifests").join(s)).unwrap();
+        std::fs::remove_file(manifests.join(s)).unwrap();
     }
+    // The last one's is cut short: damaged, it is read no further.
+    let last = manifests.join(&folder_names(&bk)[5]);
+    let len = std::fs::metadata(&last).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(len / 2).unwrap();
     let (code, out, err) = rb(&bk, &["history", "f.txt"]);
     assert_eq!(code, 0, "{err}");
     // Unchanged: one inode with the snapshot before. Rewritten: another size.
     // Chmodded: a copy with the same size, and no digest to compare: unknown.
     assert_eq!(words(&out), expect(&bk, &["new", "same", "changed", "unknown", "deleted", "new"]), "{out}");
-    assert!(err.contains("3 looked up in snapshot folders without a manifest"), "{err}");
+    assert!(err.contains("4 looked up in snapshot folders without a manifest"), "{err}");
+    assert!(err.contains("its manifest can't be read to the path"), "{err}");
 }

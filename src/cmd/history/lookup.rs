@@ -55,11 +55,12 @@ pub fn sightings(store: &Store, manifests: &Dir, snapshots: &[Snapshot], path: &
 
 /// The path in one snapshot.
 fn in_snapshot(store: &Store, manifests: &Dir, snap: &Snapshot, path: &[u8]) -> Result<Sighting> {
-    if let Some(reader) = ManifestReader::open(manifests, manifest::file_name(&snap.folder).as_bytes())? {
-        match in_manifest(reader, path) {
-            Ok(found) => return Ok(found),
-            Err(e) => warn!("{}: its manifest can't be read to the path ({e:#}): looking in the folder", snap.folder),
-        }
+    let found = ManifestReader::open(manifests, manifest::file_name(&snap.folder).as_bytes())
+        .and_then(|reader| reader.map(|r| in_manifest(r, path)).transpose());
+    match found {
+        Ok(Some(found)) => return Ok(found),
+        Ok(None) => {}
+        Err(e) => warn!("{}: its manifest can't be read to the path ({e:#}): looking in the folder", snap.folder),
     }
     in_tree(&store.open_snapshot(snap)?, path)
 }

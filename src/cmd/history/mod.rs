@@ -90,7 +90,14 @@ pub fn run(job: &Job, opts: &Options) -> Result<Code> {
                 info!("{}: the same content as {}, not copied again", snapshots[p.snapshot].folder, Shown(earlier));
             }
         }
-        print(&written.iter().map(|w| format!("{}\n", w.display())).collect::<String>())?;
+        // With --json, stdout holds the JSON only.
+        if opts.json {
+            for w in &written {
+                info!("wrote {}", w.display());
+            }
+        } else {
+            print(&written.iter().map(|w| format!("{}\n", w.display())).collect::<String>())?;
+        }
         info!("{} version{} copied to {}", written.len(), if written.len() == 1 { "" } else { "s" }, to.display());
     }
     Ok(Code::Ok)
