@@ -195,6 +195,15 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let job = job(cli, &a.store.overrides())?;
             diff::run(&job, &a.a, &a.b)
         }
+        Command::History(a) => {
+            let job = job(cli, &a.store.overrides())?;
+            let opts = rbackup::cmd::history::Options {
+                path: a.path.clone(),
+                all_versions_to: a.all_versions_to.clone(),
+                json: a.json,
+            };
+            rbackup::cmd::history::run(&job, &opts)
+        }
     }
 }
 

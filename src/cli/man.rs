@@ -142,6 +142,7 @@ fn related(sub: &str) -> (&'static [&'static str], &'static [&'static str]) {
         "list" | "diff" | "verify" => (&["backup", "restore"], &["backup.md"]),
         "prune" => (&["list"], &["retention.md"]),
         "restore" => (&["list", "diff", "setup-client"], &["restore.md"]),
+        "history" => (&["diff", "restore"], &["restore.md"]),
         "test-email" => (&["check"], &["email.md"]),
         "setup-server" => (&["setup-client", "check", "serve"], &["setup.md", "security.md"]),
         "setup-client" => (&["setup-server", "check", "restore"], &["setup.md", "restore.md"]),

@@ -95,6 +95,11 @@ pub enum Command {
     #[command(long_flag = "diff")]
     Diff(DiffArgs),
 
+    /// One path across every snapshot: size, mtime, owner, mode, and whether it is new, changed,
+    /// metadata only, the same or deleted since the snapshot before
+    #[command(long_flag = "history", after_help = HISTORY_EXAMPLES)]
+    History(HistoryArgs),
+
     /// Put a snapshot (or chosen paths of it) back, with owners, modes, ACLs, xattrs and times
     #[command(long_flag = "restore", after_help = RESTORE_EXAMPLES)]
     Restore(RestoreArgs),
@@ -326,6 +331,33 @@ pub struct DiffArgs {
     #[arg(default_value = "latest")]
     pub b: String,
 }
+
+/// Options of `history`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The path, relative to the snapshot root (a leading / means the same)
+    pub path: PathBuf,
+    /// Copy each distinct content of the path into DIR as NAME.<stamp> (mtime and permission
+    /// bits kept; nothing overwritten; not inside the backups folder)
+    #[arg(long, value_name = "DIR")]
+    pub all_versions_to: Option<PathBuf>,
+    /// Print the rows as one JSON array
+    #[arg(long)]
+    pub json: bool,
+}
+
+const HISTORY_EXAMPLES: &str = "\
+Examples:
+  # When did this file change?
+  rbackup -j server history etc/nginx/nginx.conf
+
+  # Every version of it, copied out as nginx.conf.<stamp>
+  rbackup -j server history etc/nginx/nginx.conf --all-versions-to /tmp/versions
+
+Rows come from the manifests; a snapshot without one is looked up in its
+folder. See docs/restore.md.";
 
 /// Options of `restore`.
 #[derive(Args, Debug, Default, Clone)]

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod check;
 pub mod check_config;
 pub mod diff;
+pub mod history;
 pub mod list;
 pub mod prune;
 pub mod restore;

@@ -19,9 +19,8 @@
 //! says which a manifest holds); only format 2 is written.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -29,6 +28,9 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Version;
 use crate::fs::meta::Xattr;
 use crate::fs::safefs::Dir;
+
+mod write;
+pub use write::{FinishedManifest, ManifestWriter, partials};
 
 /// Format version written in every manifest's header: 2, its content
 /// digests are version 2.
@@ -123,193 +125,6 @@ pub fn folder(meta_dir: &Dir) -> io::Result<Dir> {
     }
 }
 
-fn write_item(out: &mut impl Write, item: &Item) -> io::Result<()> {
-    let bytes = postcard::to_stdvec(item).expect("records always serialize");
-    out.write_all(&(bytes.len() as u32).to_le_bytes())?;
-    out.write_all(&bytes)
-}
-
-/// A record whose content hash may still be on its way; `None` once dropped.
-struct Held {
-    record: Option<Record>,
-    /// The ticket whose hash this record waits for.
-    waiting: Option<u64>,
-}
-
-/// Writes a manifest while its snapshot is written (see the module doc).
-pub struct ManifestWriter {
-    out: zstd::stream::write::Encoder<'static, BufWriter<File>>,
-    held: VecDeque<Held>,
-    /// Sequence number of `held`'s front.
-    front: u64,
-    /// Records waiting for each ticket, by sequence number.
-    waiting: HashMap<u64, Vec<u64>>,
-    entries: u64,
-    /// When the zstd stream was last flushed.
-    flushed_at: std::time::Instant,
-    dir: Dir,
-    temp: Vec<u8>,
-    name: String,
-}
-
-impl ManifestWriter {
-    /// Starts `STAMP.partial-PID` in `dir` for `snapshot` (a name of its own:
-    /// a resumed run reads the partial manifests of the runs before it).
-    pub fn create(dir: &Dir, snapshot: &str) -> Result<ManifestWriter> {
-        Self::create_format(dir, snapshot, FORMAT)
-    }
-
-    /// A manifest that says it is of `format` (tests write format 1 ones).
-    #[doc(hidden)]
-    pub fn create_format(dir: &Dir, snapshot: &str, format: u32) -> Result<ManifestWriter> {
-        let name = file_name(snapshot);
-        let temp = format!("{name}{PARTIAL}{}", std::process::id()).into_bytes();
-        let fd = rustix::fs::openat(
-            dir,
-            temp.as_slice(),
-            rustix::fs::OFlags::CREATE
-                | rustix::fs::OFlags::TRUNC
-                | rustix::fs::OFlags::WRONLY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::from_raw_mode(0o600),
-        )
-        .with_context(|| format!("cannot create the manifest of {snapshot}"))?;
-        let mut out = zstd::stream::write::Encoder::new(BufWriter::new(File::from(fd)), 1)?;
-        write_item(&mut out, &Item::Header { magic: MAGIC.into(), format, snapshot: snapshot.to_string() })?;
-        Ok(ManifestWriter {
-            out,
-            held: VecDeque::new(),
-            front: 0,
-            waiting: HashMap::new(),
-            entries: 0,
-            flushed_at: std::time::Instant::now(),
-            dir: dir.clone(),
-            temp,
-            name,
-        })
-    }
-
-    /// Records held in memory: those waiting for a hash, and every record
-    /// listed after the first of them (the manifest is written in order).
-    pub fn held(&self) -> usize {
-        self.held.len()
-    }
-
-    /// Adds the next entry in listing order; `waiting` is the ticket whose
-    /// hash it still needs.
-    pub fn push(&mut self, record: Record, waiting: Option<u64>) -> io::Result<()> {
-        if let Some(t) = waiting {
-            self.waiting.entry(t).or_default().push(self.front + self.held.len() as u64);
-        }
-        self.held.push_back(Held { record: Some(record), waiting });
-        self.flush_ready()
-    }
-
-    /// The content of `ticket` is known (`size` bytes were written): fill in
-    /// every record waiting for it.
-    pub fn resolve(&mut self, ticket: u64, hash: [u8; 32], size: u64) -> io::Result<()> {
-        for seq in self.waiting.remove(&ticket).unwrap_or_default() {
-            let h = &mut self.held[(seq - self.front) as usize];
-            if let Some(r) = h.record.as_mut() {
-                r.hash = Some(hash);
-                r.size = size;
-            }
-            h.waiting = None;
-        }
-        self.flush_ready()
-    }
-
-    /// The entry at `path` waiting for `ticket` will not be in the snapshot.
-    pub fn drop_entry(&mut self, ticket: u64, path: &[u8]) -> io::Result<()> {
-        let Some(seqs) = self.waiting.get_mut(&ticket) else { return Ok(()) };
-        let front = self.front;
-        let held = &mut self.held;
-        seqs.retain(|&seq| {
-            let h = &mut held[(seq - front) as usize];
-            if h.record.as_ref().is_some_and(|r| r.path == path) {
-                h.record = None;
-                h.waiting = None;
-                false
-            } else {
-                true
-            }
-        });
-        if seqs.is_empty() {
-            self.waiting.remove(&ticket);
-        }
-        self.flush_ready()
-    }
-
-    fn flush_ready(&mut self) -> io::Result<()> {
-        let mut wrote = false;
-        while self.held.front().is_some_and(|h| h.waiting.is_none()) {
-            let h = self.held.pop_front().expect("checked");
-            self.front += 1;
-            let Some(record) = h.record else { continue };
-            write_item(&mut self.out, &Item::Entry(record))?;
-            self.entries += 1;
-            wrote = true;
-            if self.entries.is_multiple_of(FLUSH_EVERY) {
-                self.flush()?;
-            }
-        }
-        if wrote && self.flushed_at.elapsed() >= FLUSH_AFTER {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Ends a zstd block, so that an interrupted run's manifest holds what
-    /// it wrote (a resumed run reuses it).
-    fn flush(&mut self) -> io::Result<()> {
-        self.flushed_at = std::time::Instant::now();
-        self.out.flush()
-    }
-
-    /// Writes the footer and flushes the file to disk; the manifest keeps its
-    /// `.partial` name until [`commit`].
-    pub fn finish(mut self) -> Result<FinishedManifest> {
-        if !self.held.is_empty() {
-            bail!("{} manifest entries still wait for their content", self.held.len());
-        }
-        write_item(&mut self.out, &Item::Footer { entries: self.entries })?;
-        let file = self.out.finish()?.into_inner().map_err(io::IntoInnerError::into_error)?;
-        file.sync_all()?;
-        Ok(FinishedManifest { dir: self.dir, temp: self.temp, name: self.name })
-    }
-}
-
-/// The partial manifests of `stamp_name` (an interrupted snapshot's), newest
-/// first.
-pub fn partials(dir: &Dir, name: &str) -> Vec<Vec<u8>> {
-    let prefix = format!("{name}{PARTIAL}");
-    let mut found: Vec<(i64, Vec<u8>)> = dir
-        .names()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| n.starts_with(prefix.as_bytes()))
-        .map(|n| (dir.stat(&n).map_or(0, |st| st.st_mtime), n))
-        .collect();
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    found.into_iter().map(|(_, n)| n).collect()
-}
-
-/// A manifest written whole, waiting for its snapshot to be complete.
-pub struct FinishedManifest {
-    dir: Dir,
-    temp: Vec<u8>,
-    name: String,
-}
-
-impl FinishedManifest {
-    /// Gives the manifest its final name (after the snapshot got its own).
-    pub fn commit(self) -> io::Result<()> {
-        self.dir.rename(&self.temp, self.name.as_bytes())?;
-        self.dir.fsync()
-    }
-}
-
 /// Reads a manifest, entry by entry.
 pub struct ManifestReader {
     input: zstd::stream::read::Decoder<'static, BufReader<File>>,
@@ -371,6 +186,64 @@ impl ManifestReader {
             None => bail!("the manifest ends without its footer (an interrupted run's)"),
         }
     }
+}
+
+impl ManifestReader {
+    /// The record of `path`, or `None` once past its place in the listing
+    /// order (or at the end); uses the reader up. The records before it are
+    /// not decoded: their path is read straight from the encoding (an enum
+    /// variant, then a length-prefixed byte string: postcard's stable wire
+    /// format), so a lookup costs little more than the decompression.
+    pub fn find(mut self, path: &[u8]) -> Result<Option<Record>> {
+        let mut buf = Vec::new();
+        // Records are small: read them out of a buffer, not one zstd call each.
+        let mut input = BufReader::with_capacity(1 << 16, &mut self.input);
+        loop {
+            let mut len = [0u8; 4];
+            if crate::wire::frame::read_full(&mut input, &mut len)? != 4 {
+                bail!("the manifest ends without its footer (an interrupted run's)");
+            }
+            let len = u32::from_le_bytes(len) as usize;
+            if len > RECORD_MAX {
+                bail!("manifest record of {len} bytes is too large");
+            }
+            buf.resize(len, 0);
+            if crate::wire::frame::read_full(&mut input, &mut buf)? != len {
+                bail!("manifest cut in the middle of a record");
+            }
+            let order = entry_path(&buf).map(|p| dfs_cmp(p, path));
+            if order == Some(Ordering::Less) {
+                self.seen += 1;
+                continue;
+            }
+            return match postcard::from_bytes(&buf).context("undecodable manifest record")? {
+                Item::Entry(r) if r.path == path => Ok(Some(r)),
+                Item::Entry(r) if dfs_cmp(&r.path, path) == Ordering::Less => bail!("a manifest record misread"),
+                Item::Entry(_) => Ok(None),
+                Item::Footer { entries } if entries == self.seen => Ok(None),
+                Item::Footer { entries } => bail!("manifest footer says {entries} entries, {} were read", self.seen),
+                Item::Header { .. } => bail!("a second header in a manifest"),
+            };
+        }
+    }
+}
+
+/// The path of an encoded `Item::Entry` (variant 1, then the path's varint
+/// length and bytes), without decoding the rest; `None` for anything else.
+fn entry_path(buf: &[u8]) -> Option<&[u8]> {
+    let (&variant, rest) = buf.split_first()?;
+    if variant != 1 {
+        return None;
+    }
+    let (mut len, mut shift) = (0usize, 0);
+    for (i, &b) in rest.iter().enumerate().take(10) {
+        len |= usize::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            return rest.get(i + 1..i + 1 + len);
+        }
+        shift += 7;
+    }
+    None
 }
 
 fn read_item(input: &mut impl Read) -> Result<Option<Item>> {
@@ -500,6 +373,29 @@ mod tests {
         assert!(c.find(b"a/x").is_none());
         assert_eq!(c.find(b"c").unwrap().hash, Some([8; 32]));
         assert!(c.find(b"d").is_none());
+    }
+
+    #[test]
+    fn find_reads_the_paths_it_skips_as_decoding_would() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        let mut w = ManifestWriter::create(&dir, "s").unwrap();
+        // Paths long enough for a two-byte length, and names that are not UTF-8.
+        let long = [b'x'; 300];
+        let paths: Vec<Vec<u8>> =
+            vec![b"".to_vec(), b"a".to_vec(), [b"a/".as_slice(), &long].concat(), b"a/\xff".to_vec(), b"b".to_vec()];
+        for p in &paths {
+            w.push(Record { target: Some(b"t".to_vec()), ..rec(p) }, None).unwrap();
+        }
+        w.finish().unwrap().commit().unwrap();
+        let find = |p: &[u8]| ManifestReader::open(&dir, b"s").unwrap().unwrap().find(p).unwrap();
+        for p in &paths {
+            assert_eq!(find(p).map(|r| r.path), Some(p.clone()));
+        }
+        for absent in [&b"a/0"[..], b"a/\xfe", b"aa", b"c"] {
+            assert_eq!(find(absent), None);
+        }
+        assert_eq!(entry_path(&postcard::to_stdvec(&Item::Entry(rec(&long))).unwrap()), Some(&long[..]));
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod depth;
 mod docs;
 mod email;
 mod errors;
+mod history;
 mod hooks;
 mod hostile;
 mod interrupt;
