@@ -73,6 +73,24 @@ impl Selection {
         false
     }
 
+    /// The chosen paths' next names beneath directory `rel` that `names` (its
+    /// sorted entries) lacks: a path the job names that isn't there must be
+    /// said, not skipped in silence (a typo in `paths` would back up nothing).
+    pub(super) fn missing_beneath(&self, rel: &[u8], names: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut missing: Vec<Vec<u8>> = Vec::new();
+        for p in &self.only {
+            if p.is_empty() || !is_within(p, rel) || p.as_slice() == rel {
+                continue;
+            }
+            let below = if rel.is_empty() { &p[..] } else { &p[rel.len() + 1..] };
+            let next = below.split(|&b| b == b'/').next().unwrap_or_default();
+            if names.binary_search_by(|n| n.as_slice().cmp(next)).is_err() && !missing.iter().any(|m| m == next) {
+                missing.push(next.to_vec());
+            }
+        }
+        missing
+    }
+
     /// Whether `rel` is listed: `Some(true)` wholly, `Some(false)` only as a
     /// directory on the way to a chosen path, `None` not at all.
     pub(super) fn chosen(&self, rel: &[u8]) -> Option<bool> {

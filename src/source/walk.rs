@@ -45,6 +45,9 @@ pub(super) struct Walker {
     /// chosen path (`paths`) the level is in; `None` for a directory on the
     /// way to a chosen path, which may be on any.
     devs: Vec<Option<u64>>,
+    /// Chosen paths (`paths`, a restore's `--path`) not found where they
+    /// should be: listed as unreadable, so the run says so.
+    missing: Vec<Vec<u8>>,
 }
 
 /// A directory just entered: its handle, `fstat` and names.
@@ -72,6 +75,7 @@ impl Walker {
             cwd: None,
             own_cwd: false,
             devs: Vec::new(),
+            missing: Vec::new(),
         }
     }
 
@@ -94,6 +98,7 @@ impl Walker {
         let st = root.stat_self().context("reading the root directory")?;
         let xattrs = meta::read_dir_xattrs(root).context("reading the root's extended attributes")?;
         let names = root.names().context("listing the root directory")?;
+        let names = self.with_missing(b"", names);
         let on_the_way = !self.selection.only.is_empty() && self.selection.chosen(b"") != Some(true);
         let partial = (on_the_way && !self.selection.whole_on_the_way) || self.selection.keeps_unlisted(b"");
         self.devs = vec![(!on_the_way).then_some(st.st_dev)];
@@ -128,7 +133,8 @@ impl Walker {
             let child_rel = join(&rel, &name);
             if let Some(next) = self.visit(&dir, name.clone(), &child_rel)? {
                 chain.push(&name, next.dir, &next.st);
-                stack.push(next.names.into_iter());
+                let names = self.with_missing(&child_rel, next.names);
+                stack.push(names.into_iter());
                 self.devs.push(next.dev);
                 rel_ends.push(rel.len());
                 rel = child_rel;
@@ -145,6 +151,11 @@ impl Walker {
         };
         let st = match dir.stat(&name) {
             Ok(st) => st,
+            Err(e) if self.missing.iter().any(|m| m == rel) => {
+                let why = format!("{e}: a path the job names (`paths`) is not on the source; fix the job or create it");
+                self.push(Entry::Skipped { name, reason: SkipReason::Unreadable(why) })?;
+                return Ok(None);
+            }
             Err(e) => {
                 self.push(Entry::Skipped { name, reason: skip_reason(&e) })?;
                 return Ok(None);
@@ -192,6 +203,18 @@ impl Walker {
         };
         self.push(entry)?;
         Ok(None)
+    }
+
+    /// `names` of directory `rel` with the chosen paths it lacks merged in,
+    /// in order, remembered as missing (see `missing`).
+    fn with_missing(&mut self, rel: &[u8], mut names: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let missing = self.selection.missing_beneath(rel, &names);
+        for name in missing {
+            self.missing.push(join(rel, &name));
+            let at = names.binary_search(&name).unwrap_or_else(|i| i);
+            names.insert(at, name);
+        }
+        names
     }
 
     /// Lists a directory (`partial`: the sink removes nothing the listing

@@ -145,6 +145,30 @@ fn one_file_system_with_paths_keeps_each_chosen_folder_on_its_own_filesystem() {
     drop(inner);
 }
 
+/// Regression (a newcomer's walk): a folder in `paths` that isn't on the
+/// source (a typo) backed up nothing, with exit 0. It is now named as
+/// unreadable (exit 23), and the folders that are there are backed up.
+#[test]
+fn a_path_the_job_names_that_is_not_on_the_source_is_said() {
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("var/lib/dumps/db.sql"), b"dump");
+    write(&src.join("etc/hosts"), b"hosts");
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.x]\nsource = \"{}\"\nbackups_folder = \"{}\"\npaths = [\"etc\", \"var/lib/dumsp\", \"opt/app\"]\n",
+        src.display(),
+        bk.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (code, _, err) = run(&args(&["-c", cfg.to_str().unwrap(), "-j", "x", "--backup"]));
+    assert_eq!(code, 23, "{err}");
+    assert!(err.contains("var/lib/dumsp") && err.contains("is not on the source"), "{err}");
+    assert!(err.contains("opt") && !err.contains("opt/app"), "the first missing level is named: {err}");
+    let snap = complete(&bk, "x")[0].clone();
+    assert_eq!(std::fs::read(snap.join("etc/hosts")).unwrap(), b"hosts");
+}
+
 #[test]
 fn bwlimit_paces_backups_and_restores_and_the_copy_is_exact() {
     let tmp = scratch();
