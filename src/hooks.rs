@@ -11,15 +11,20 @@
 //! bounded: past its timeout the whole group is killed, so a hook that hangs
 //! or leaves children behind never holds the run (docs/design.md rule 2).
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 /// How long a hook may run unless the job says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The last lines of a hook's output a failure quotes.
+const QUOTED_LINES: usize = 5;
 
 /// Where a hook's output goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,16 +55,20 @@ pub fn run(what: &str, command: &str, env: &[(&str, String)], timeout: Duration,
     let pgid = rustix::process::Pid::from_child(&child);
     // The readers are not joined: a child the hook left in the background
     // may hold the pipes open after the hook itself is gone.
+    let last: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     for (stream, name) in [
         (child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), "stdout"),
         (child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>), "stderr"),
     ] {
         let Some(stream) = stream else { continue };
-        let what = what.to_string();
-        let _ = std::thread::Builder::new()
-            .name(format!("rbackup-hook-{name}"))
-            .spawn(move || pass_on(&what, stream, output));
+        let (what, last, done) = (what.to_string(), last.clone(), done_tx.clone());
+        let _ = std::thread::Builder::new().name(format!("rbackup-hook-{name}")).spawn(move || {
+            pass_on(&what, stream, output, &last);
+            let _ = done.send(());
+        });
     }
+    drop(done_tx);
     let status = loop {
         if let Some(status) = child.try_wait().with_context(|| format!("{what}: waiting for it"))? {
             break status;
@@ -80,16 +89,30 @@ pub fn run(what: &str, command: &str, env: &[(&str, String)], timeout: Duration,
         crate::debug!("{what}: done in {:.1} s", started.elapsed().as_secs_f64());
         return Ok(());
     }
+    // Its last words explain the failure: wait a little for the readers to
+    // reach the end of the pipes (not for a child that holds them open).
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok() {}
+    let said = {
+        let last = last.lock().expect("hook output lock");
+        if last.is_empty() {
+            String::new()
+        } else {
+            format!("; it said: {}", last.iter().cloned().collect::<Vec<_>>().join(" / "))
+        }
+    };
     match (status.code(), status.signal()) {
-        (Some(code), _) => bail!("{what} `{command}` failed with exit code {code}"),
-        (None, Some(signal)) => bail!("{what} `{command}` was killed by {}", crate::interrupt::signal_name(signal)),
-        (None, None) => bail!("{what} `{command}` failed ({status})"),
+        (Some(code), _) => bail!("{what} `{command}` failed with exit code {code}{said}"),
+        (None, Some(signal)) => {
+            bail!("{what} `{command}` was killed by {}{said}", crate::interrupt::signal_name(signal))
+        }
+        (None, None) => bail!("{what} `{command}` failed ({status}){said}"),
     }
 }
 
 /// Passes a hook's output on, a line at a time, escaped (a hook may print
 /// anything; a line is cut at 4 KiB so one endless line costs bounded memory).
-fn pass_on(what: &str, stream: Box<dyn Read + Send>, output: Output) {
+fn pass_on(what: &str, stream: Box<dyn Read + Send>, output: Output, last: &Mutex<VecDeque<String>>) {
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
@@ -99,6 +122,13 @@ fn pass_on(what: &str, stream: Box<dyn Read + Send>, output: Output) {
             Ok(_) => {}
         }
         let text = crate::fs::safefs::Shown(line.strip_suffix(b"\n").unwrap_or(&line)).to_string();
+        {
+            let mut last = last.lock().expect("hook output lock");
+            if last.len() == QUOTED_LINES {
+                last.pop_front();
+            }
+            last.push_back(text.chars().take(200).collect());
+        }
         match output {
             Output::Log => crate::info!("{what}: {text}"),
             Output::Stderr => eprintln!("{what}: {text}"),
@@ -116,6 +146,11 @@ mod tests {
         run("pre_hook", "test \"$RBACKUP_JOB\" = web", &env, DEFAULT_TIMEOUT, Output::Stderr).unwrap();
         let err = run("pre_hook", "exit 3", &env, DEFAULT_TIMEOUT, Output::Stderr).unwrap_err().to_string();
         assert!(err.contains("pre_hook `exit 3` failed with exit code 3"), "{err}");
+        // Its last words are in the error.
+        let err = run("before", "echo the database is down >&2; exit 1", &env, DEFAULT_TIMEOUT, Output::Stderr)
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("failed with exit code 1; it said: the database is down"), "{err}");
     }
 
     #[test]

@@ -117,6 +117,17 @@ pub fn tail() -> Vec<String> {
     logger().tail.lock().expect("log lock").iter().cloned().collect()
 }
 
+/// Writes an info line to the log file only: for what the terminal already
+/// shows in another form (e.g. `prune`'s table on stdout).
+pub fn to_file_only(text: &str) {
+    let l = logger();
+    if let Some(f) = l.file.lock().expect("log lock").as_mut() {
+        let stamp = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
+        let tag = l.tag.lock().expect("log lock");
+        let _ = writeln!(f, "{stamp} rbackup[{}] {tag}: {}{text}", std::process::id(), Level::Info.prefix());
+    }
+}
+
 /// Writes one line. Use the macros.
 pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     let l = logger();

@@ -185,6 +185,11 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
         }
         Command::Prune(a) => {
             let job = job(cli, &a.store.overrides())?;
+            // What prune deletes is recorded in the job's log.
+            if !a.dry_run {
+                open_log(&job)?;
+            }
+            log::set_tag(&job.job);
             prune::run(&job, &Rules::from(&a.rules).or(&job.prune), a.dry_run)
         }
         Command::Verify(a) => {

@@ -177,6 +177,8 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
         if !d.keep && !dry_run {
             store.delete(&d.snapshot)?;
             removed += 1;
+            // Also under -q, in the job's log: what was deleted stays known.
+            crate::log::to_file_only(&format!("removed {} ({})", d.snapshot.folder, d.reason));
         }
     }
     if !dry_run {

@@ -174,5 +174,6 @@ fn the_agents_before_command_runs_before_the_listing_and_its_failure_fails_the_r
     let (code, _, err) = pull("--backup");
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("the server's --before command failed") && err.contains("exit code 4"), "{err}");
+    assert!(err.contains("it said: the database is down"), "the command's last words: {err}");
     assert_eq!(complete(&bk, "srv").len(), 1, "no new snapshot");
 }

@@ -456,3 +456,33 @@ fn a_snapshot_linked_from_a_format_1_manifest_has_every_file_hashed_with_digest_
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "", "nothing changed: {err}");
 }
+
+/// Regression (a newcomer's walk): with -q (cron, the anacron script) nothing
+/// recorded which snapshots prune deleted. Each is now in the job's log.
+#[test]
+fn what_prune_deletes_is_in_the_jobs_log_even_under_quiet() {
+    let tmp = scratch();
+    let (src, bk, log) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("web.log"));
+    write(&src.join("a.txt"), b"a");
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.web]\nsource = \"{}\"\nbackups_folder = \"{}\"\nlog_file = \"{}\"\nkeep_last = 1\nprune_after_backup = true\n",
+        src.display(),
+        bk.display(),
+        log.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let quiet = |args: &[&str]| {
+        let mut all = vec!["-q", "-c", c, "-j", "web"];
+        all.extend_from_slice(args);
+        run(&all.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>())
+    };
+    assert_eq!(quiet(&["--backup"]).0, 0);
+    let first = complete(&bk, "web")[0].file_name().unwrap().to_string_lossy().into_owned();
+    let (code, out, err) = quiet(&["--backup"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.is_empty() && err.is_empty(), "-q printed: {out}{err}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(&format!("removed {first} (no rule keeps it)")), "{text}");
+}
