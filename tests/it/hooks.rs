@@ -101,7 +101,8 @@ fn a_failing_post_hook_is_said_and_the_snapshot_stands() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("post_hook: cleanup failed"), "{err}");
     assert!(
-        err.contains("post_hook `") && err.contains("failed with exit code 1 (the run's outcome stands: OK)"),
+        err.contains("post_hook `")
+            && err.contains("failed with exit code 1; it said: cleanup failed (the run's outcome stands: OK)"),
         "{err}"
     );
     assert_eq!(complete(&tmp.path().join("bk"), "web").len(), 1);
