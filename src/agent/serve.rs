@@ -119,7 +119,6 @@ fn receive(root: Option<Dir>, options: &SessionOptions, reader: FrameReader<File
     let cfg = SinkConfig {
         fresh: root.is_none(),
         dest: root,
-        bases: Vec::new(),
         policy: Policy::Restore,
         delete: options.delete,
         dry_run: options.dry_run,
@@ -127,7 +126,7 @@ fn receive(root: Option<Dir>, options: &SessionOptions, reader: FrameReader<File
         delta: options.delta,
         privs,
         compress: options.compress,
-        recorder: crate::sink::Recorder::default(),
+        ..SinkConfig::default()
     };
     let threads = crate::session::SinkThreads::start(reader, stdout, &cfg);
     let mut events = Forward { out: threads.out.clone(), enc: Encoder::new(options.compress) };

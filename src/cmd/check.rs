@@ -8,8 +8,6 @@ use anyhow::Result;
 
 use crate::config::{Job, SourceSpec};
 use crate::error::Code;
-use crate::fs::meta::Privileges;
-use crate::plan::Policy;
 use crate::report::human_bytes;
 use crate::report::{Events, Problem, ProblemKind};
 use crate::sink::SinkConfig;
@@ -104,19 +102,8 @@ fn check_source(job: &Job, r: &mut Report) {
 
     // Walk the whole tree as the backup user would, opening every file.
     let mut events = Unreadable { paths: Vec::new(), count: 0, denied: 0 };
-    let cfg = SinkConfig {
-        dest: None,
-        fresh: true,
-        bases: Vec::new(),
-        policy: Policy::Snapshot,
-        delete: false,
-        dry_run: true,
-        devices: job.devices,
-        delta: false,
-        privs: Privileges::current(),
-        compress: false,
-        recorder: crate::sink::Recorder::default(),
-    };
+    // A dry run writing nowhere: it only lists what can't be read.
+    let cfg = SinkConfig { dry_run: true, devices: job.devices, ..SinkConfig::default() };
     match crate::session::drive_sink(session, cfg, &mut events) {
         Ok(driven) => {
             let user = backup_user(job).unwrap_or_else(|| "USER".into());

@@ -106,6 +106,27 @@ pub struct SinkConfig {
     pub recorder: Recorder,
 }
 
+impl Default for SinkConfig {
+    /// A snapshot sink writing nowhere yet: a fresh destination, no bases,
+    /// nothing removed, no deltas, this process's privileges, no manifest.
+    /// Each session sets what differs.
+    fn default() -> SinkConfig {
+        SinkConfig {
+            dest: None,
+            fresh: true,
+            bases: Vec::new(),
+            policy: Policy::Snapshot,
+            delete: false,
+            dry_run: false,
+            devices: false,
+            delta: false,
+            privs: Privileges::current(),
+            compress: false,
+            recorder: Recorder::default(),
+        }
+    }
+}
+
 /// What a finished sink hands back.
 pub struct SinkOutcome {
     pub stats: Stats,
