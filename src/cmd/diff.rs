@@ -68,10 +68,17 @@ pub fn run(job: &Job, a: &str, b: &str) -> Result<Code> {
     let (sa, sb) = (pick(&snaps, &job.name, Some(a))?, pick(&snaps, &job.name, Some(b))?);
     let changes = diff(&store, &sa, &sb)?;
     let mut counts = [0u64; 4];
+    let mut out = std::io::stdout().lock();
+    let mut reading = true;
     for (change, path) in &changes {
-        println!("{:<9}{}", change.word(), if path.is_empty() { ".".into() } else { format!("{:#}", Shown(path)) });
+        // A reader that stops early (`| head`) is not an error: stop writing.
+        if reading {
+            let shown = if path.is_empty() { ".".into() } else { format!("{:#}", Shown(path)) };
+            reading = std::io::Write::write_fmt(&mut out, format_args!("{:<9}{shown}\n", change.word())).is_ok();
+        }
         counts[*change as usize] += 1;
     }
+    drop(out);
     info!(
         "{} → {}: {} added, {} removed, {} changed, {} metadata only",
         sa.folder, sb.folder, counts[0], counts[1], counts[2], counts[3]

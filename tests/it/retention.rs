@@ -486,3 +486,31 @@ fn what_prune_deletes_is_in_the_jobs_log_even_under_quiet() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains(&format!("removed {first} (no rule keeps it)")), "{text}");
 }
+
+/// Regression: `diff … | head` panicked ("failed printing to stdout") once
+/// head had read enough.
+#[test]
+fn diff_into_a_reader_that_stops_early_ends_quietly() {
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    for i in 0..2000 {
+        write(&src.join(format!("d/f{i:04}")), b"x");
+    }
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    for i in 0..2000 {
+        write(&src.join(format!("d/f{i:04}")), b"changed");
+    }
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' diff previous latest --backups-folder '{}' --name s | head -n 1",
+            bin().display(),
+            bk.display()
+        ))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("changed") || stdout.starts_with("metadata"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
