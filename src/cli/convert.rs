@@ -21,9 +21,9 @@ impl CheckArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             source: self.source.clone(),
-            remote_bin: self.remote_bin.clone(),
-            ssh_config: self.ssh_config.clone(),
-            io_timeout: self.io_timeout,
+            remote_bin: self.connect.remote_bin.clone(),
+            ssh_config: self.connect.ssh_config.clone(),
+            io_timeout: self.connect.io_timeout,
             ..self.store.overrides()
         }
     }
@@ -34,9 +34,9 @@ impl RestoreArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             compress: self.compress,
-            remote_bin: self.remote_bin.clone(),
-            ssh_config: self.ssh_config.clone(),
-            io_timeout: self.io_timeout,
+            remote_bin: self.connect.remote_bin.clone(),
+            ssh_config: self.connect.ssh_config.clone(),
+            io_timeout: self.connect.io_timeout,
             bwlimit: self.bwlimit.clone(),
             ..self.store.overrides()
         }
@@ -52,9 +52,9 @@ impl RunArgs {
             log_file: self.log_file.clone(),
             devices: self.devices,
             compress: self.compress,
-            remote_bin: self.remote_bin.clone(),
-            ssh_config: self.ssh_config.clone(),
-            io_timeout: self.io_timeout,
+            remote_bin: self.connect.remote_bin.clone(),
+            ssh_config: self.connect.ssh_config.clone(),
+            io_timeout: self.connect.io_timeout,
             exclude_from: self.exclude_from.clone(),
             one_file_system: self.one_file_system,
             bwlimit: self.bwlimit.clone(),
@@ -96,10 +96,10 @@ impl RunArgs {
         if let Some(rate) = &self.bwlimit {
             args.extend(["--bwlimit".into(), rate.into()]);
         }
-        if let Some(bin) = &self.remote_bin {
+        if let Some(bin) = &self.connect.remote_bin {
             args.extend(["--remote-bin".into(), bin.into()]);
         }
-        if let Some(secs) = self.io_timeout {
+        if let Some(secs) = self.connect.io_timeout {
             args.extend(["--io-timeout".into(), secs.to_string().into()]);
         }
         Ok(args)

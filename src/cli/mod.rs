@@ -153,6 +153,23 @@ pub struct StoreArgs {
     pub name: Option<String>,
 }
 
+/// How to reach the agent: options of every command that talks to it.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ConnectArgs {
+    /// The rbackup binary on the server, like rsync's --rsync-path [default: rbackup]
+    #[arg(long, value_name = "PATH")]
+    pub remote_bin: Option<String>,
+
+    /// An ssh config file for this job (ssh -F): host, port, identity, `known_hosts`
+    #[arg(long, value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+
+    /// End the run as failed when the agent sends nothing (or takes nothing) for this
+    /// long; 0 waits forever [default: 300, or io_timeout in the job]
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<u64>,
+}
+
 /// Options of `backup` and `continue`; they override the config file.
 #[derive(Args, Debug, Default, Clone)]
 pub struct RunArgs {
@@ -184,18 +201,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub compress: bool,
 
-    /// The rbackup binary on the server, like rsync's --rsync-path [default: rbackup]
-    #[arg(long, value_name = "PATH")]
-    pub remote_bin: Option<String>,
-
-    /// An ssh config file for this job (ssh -F): host, port, identity, `known_hosts`
-    #[arg(long, value_name = "FILE")]
-    pub ssh_config: Option<PathBuf>,
-
-    /// End the run as failed when the agent sends nothing (or takes nothing) for this
-    /// long; 0 waits forever [default: 300, or io_timeout in the job]
-    #[arg(long, value_name = "SECS")]
-    pub io_timeout: Option<u64>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// Write the end-of-run summary as JSON to this file
     #[arg(long, value_name = "FILE")]
@@ -391,18 +398,8 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub compress: bool,
 
-    /// The rbackup binary on the server [default: rbackup]
-    #[arg(long, value_name = "PATH")]
-    pub remote_bin: Option<String>,
-
-    /// An ssh config file for this job (ssh -F)
-    #[arg(long, value_name = "FILE")]
-    pub ssh_config: Option<PathBuf>,
-
-    /// End the run as failed when the agent sends nothing (or takes nothing) for this
-    /// long; 0 waits forever [default: 300, or io_timeout in the job]
-    #[arg(long, value_name = "SECS")]
-    pub io_timeout: Option<u64>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// Send at most RATE bytes per second on average: 500K, 5M, 1G or plain
     /// bytes; 0 for no limit [default: the job's bwlimit]
@@ -514,18 +511,8 @@ pub struct CheckArgs {
     #[arg(long, value_name = "SRC")]
     pub source: Option<String>,
 
-    /// The rbackup binary on the server [default: rbackup]
-    #[arg(long, value_name = "PATH")]
-    pub remote_bin: Option<String>,
-
-    /// An ssh config file for this job (ssh -F)
-    #[arg(long, value_name = "FILE")]
-    pub ssh_config: Option<PathBuf>,
-
-    /// End the run as failed when the agent sends nothing (or takes nothing) for this
-    /// long; 0 waits forever [default: 300, or io_timeout in the job]
-    #[arg(long, value_name = "SECS")]
-    pub io_timeout: Option<u64>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// Check every job of the config file
     #[arg(long)]
