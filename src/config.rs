@@ -69,6 +69,13 @@ pub struct JobConfig {
     /// Prune after every successful backup.
     #[serde(default)]
     pub prune_after_backup: bool,
+    /// Second backups folders (`replicate`), e.g. a USB drive.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// Replicate to every one of `replicas` after each backup that
+    /// completed a snapshot.
+    #[serde(default)]
+    pub replicate_after_backup: bool,
     /// Run on the desktop (`/bin/sh -c`) before a backup writes anything;
     /// its failure aborts the run (see `hooks`).
     pub pre_hook: Option<String>,
@@ -160,6 +167,8 @@ pub struct Job {
     pub email: Option<EmailConfig>,
     pub prune: Rules,
     pub prune_after_backup: bool,
+    pub replicas: Vec<String>,
+    pub replicate_after_backup: bool,
     pub pre_hook: Option<String>,
     pub post_hook: Option<String>,
     pub hook_timeout: std::time::Duration,
@@ -346,6 +355,8 @@ pub fn resolve(file: Option<&(PathBuf, FileConfig)>, job: Option<&str>, cli: &Ov
             keep_yearly: base.keep_yearly,
         },
         prune_after_backup: base.prune_after_backup,
+        replicas: base.replicas.clone(),
+        replicate_after_backup: base.replicate_after_backup,
         pre_hook: base.pre_hook.clone(),
         post_hook: base.post_hook.clone(),
         hook_timeout: base.hook_timeout.map_or(crate::hooks::DEFAULT_TIMEOUT, std::time::Duration::from_secs),

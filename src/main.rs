@@ -93,7 +93,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             log::set_tag(&job.job);
             interrupt::install()?;
             let resume = matches!(cli.command, Command::Continue(_));
-            let opts = backup::RunOptions { resume, dry_run: args.dry_run };
+            let opts = backup::RunOptions { resume, dry_run: args.dry_run, ..Default::default() };
             let started = chrono::Utc::now();
             let result = backup::run(&job, &opts);
             match &result {
@@ -116,15 +116,27 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             if let Some(path) = &args.stats_json {
                 backup::write_stats_json(path, &job, &report)?;
             }
+            // Replicas first: a snapshot prune removes would never reach them.
+            let mut code = report.code;
+            if job.replicate_after_backup && report.snapshot.is_some() && interrupt::received().is_none() {
+                for to in &job.replicas {
+                    let done = rbackup::cmd::replicate::run(&job, to, false);
+                    let replicated = done.unwrap_or_else(|e| {
+                        error!("replicating to {to} after the backup failed (the snapshot is complete): {e:#}");
+                        code_of(&e)
+                    });
+                    code = Code::worst([code, replicated]);
+                }
+            }
             if job.prune_after_backup
                 && report.snapshot.is_some()
                 && interrupt::received().is_none()
                 && let Err(e) = prune::run(&job, &job.prune, false)
             {
                 error!("prune after the backup failed (the snapshot is complete): {e:#}");
-                return Ok(Code::worst([report.code, code_of(&e)]));
+                return Ok(Code::worst([code, code_of(&e)]));
             }
-            Ok(report.code)
+            Ok(code)
         }
         Command::Restore(args) => {
             let job = job(cli, &args.overrides())?;
@@ -199,6 +211,24 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
         Command::Diff(a) => {
             let job = job(cli, &a.store.overrides())?;
             diff::run(&job, &a.a, &a.b)
+        }
+        Command::Replicate(a) => {
+            let job = job(cli, &a.store.overrides())?;
+            open_log(&job)?;
+            log::set_tag(&job.job);
+            interrupt::install()?;
+            let to = match &a.to {
+                Some(to) => vec![to.clone()],
+                None if job.replicas.is_empty() => {
+                    return Err(rbackup::usage!("no destination: give --to DIR, or set `replicas` in the job"));
+                }
+                None => job.replicas.clone(),
+            };
+            let mut code = Code::Ok;
+            for to in &to {
+                code = Code::worst([code, rbackup::cmd::replicate::run(&job, to, a.dry_run)?]);
+            }
+            Ok(code)
         }
         Command::History(a) => {
             let job = job(cli, &a.store.overrides())?;

@@ -100,6 +100,10 @@ pub enum Command {
     #[command(long_flag = "history", after_help = HISTORY_EXAMPLES)]
     History(HistoryArgs),
 
+    /// Copy every complete snapshot a second backups folder lacks, oldest first, unchanged files
+    /// hardlinked to the replica before, each checked against its original's manifest
+    Replicate(ReplicateArgs),
+
     /// Put a snapshot (or chosen paths of it) back, with owners, modes, ACLs, xattrs and times
     #[command(long_flag = "restore", after_help = RESTORE_EXAMPLES)]
     Restore(RestoreArgs),
@@ -337,6 +341,22 @@ pub struct DiffArgs {
     /// The newer snapshot
     #[arg(default_value = "latest")]
     pub b: String,
+}
+
+/// Options of `replicate`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ReplicateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// The second backups folder (a local folder: a second drive); created 0700 if missing
+    /// [default: each of the job's `replicas`]
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<String>,
+
+    /// Print what each replica would take, write nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Options of `history`.

@@ -32,6 +32,18 @@ pub struct RunOptions {
     /// Finish the latest `.incomplete` instead of starting a new snapshot.
     pub resume: bool,
     pub dry_run: bool,
+    /// A replica (`replicate`): the snapshot is named with this time (its
+    /// original's), and every file's content digest must equal the one the
+    /// original's manifest records, or the replica is not made.
+    pub replica_of: Option<Replica>,
+}
+
+/// The snapshot a replica copies.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pub time: chrono::DateTime<Utc>,
+    /// The original's manifests folder and its manifest's name there.
+    pub manifest: (Dir, String),
 }
 
 /// What a run produced, for reports.
@@ -240,8 +252,9 @@ pub fn run_with(
     };
     let plan = plan_run(&snapshots, opts.resume, &folder_shown)?;
     // A new snapshot's name is chosen now, for the pre_hook to know it.
-    let new_stamp = match (&plan.resume, &store) {
-        (None, Some(store)) if !opts.dry_run => Some(store.new_stamp()?),
+    let new_stamp = match (&plan.resume, &store, &opts.replica_of) {
+        (None, Some(_), Some(r)) if !opts.dry_run => Some(r.time),
+        (None, Some(store), None) if !opts.dry_run => Some(store.new_stamp()?),
         _ => None,
     };
     if let Some(hook) = &job.pre_hook {
@@ -349,6 +362,11 @@ pub fn run_with(
                 warn!("the manifest could not be finished, the snapshot will have none: {e:#}");
                 None
             });
+            if let Some(replica) = &opts.replica_of {
+                // Before it is named complete: a copy of a damaged file is
+                // refused, not made (it stays .incomplete).
+                crate::cmd::replicate::check_against(replica, manifest.as_ref(), &target.folder, dest)?;
+            }
             let done = store.commit(&target, dest)?;
             if let Err(e) = crate::store::unread::write(store, &done.folder, &events.missing) {
                 warn!("{e:#}: a restore with --delete from {} may remove what it lacks", done.folder);

@@ -10,5 +10,6 @@ pub mod diff;
 pub mod history;
 pub mod list;
 pub mod prune;
+pub mod replicate;
 pub mod restore;
 pub mod verify;

@@ -105,6 +105,8 @@ fn job(bk: &Path) -> Job {
         email: None,
         prune: Default::default(),
         prune_after_backup: false,
+        replicas: vec![],
+        replicate_after_backup: false,
         pre_hook: None,
         post_hook: None,
         hook_timeout: rbackup::hooks::DEFAULT_TIMEOUT,
@@ -143,7 +145,9 @@ fn run_hostile_with(
         while let Ok(Some(_)) = agent.input.read() {}
     });
     let conn = Connection::from_streams(desk_r, desk_w, "the hostile agent", job.io_timeout).unwrap();
-    let result = backup::run_with(&job, &RunOptions { resume, dry_run: false }, |_| Ok((conn, PathBuf::from("/srv"))));
+    let result = backup::run_with(&job, &RunOptions { resume, dry_run: false, ..Default::default() }, |_| {
+        Ok((conn, PathBuf::from("/srv")))
+    });
     agent.join().unwrap();
     result
 }

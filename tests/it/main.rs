@@ -26,6 +26,7 @@ mod interrupt;
 mod man;
 mod package;
 mod races;
+mod replicate;
 mod reports;
 mod restore;
 mod resume;

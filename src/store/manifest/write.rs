@@ -191,6 +191,11 @@ pub struct FinishedManifest {
 }
 
 impl FinishedManifest {
+    /// Reads it back (before it has its final name).
+    pub fn reader(&self) -> Result<super::ManifestReader> {
+        super::ManifestReader::open(&self.dir, &self.temp)?.context("the manifest just written is gone")
+    }
+
     /// Gives the manifest its final name (after the snapshot got its own).
     pub fn commit(self) -> io::Result<()> {
         self.dir.rename(&self.temp, self.name.as_bytes())?;

@@ -1,0 +1,177 @@
+//! `replicate --to DEST`: copy every complete snapshot a second backups
+//! folder lacks, oldest first, each under its own name (a second drive).
+//!
+//! A replica is taken like a backup whose source is the original snapshot,
+//! read through the local agent (`cmd::backup`): written as `.incomplete`
+//! and renamed when flushed, resumed by the next `replicate` after a kill,
+//! and every file unchanged since the previous replica hardlinked to it —
+//! so the second drive holds the history at the cost of what changed, like
+//! the first (where `cp -a` would break the links). Before a replica is
+//! named complete, each file's content digest must equal the one the
+//! original's manifest recorded: the copy of a file that rotted on the
+//! first drive is refused, not made.
+//!
+//! This round replicates to a local folder; a destination over SSH and an
+//! append-only agent are not built yet.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd::backup::{self, Replica, RunOptions};
+use crate::config::{Job, SourceSpec};
+use crate::error::Code;
+use crate::fs::safefs::Dir;
+use crate::store::manifest::{self, FinishedManifest, Kind, ManifestReader};
+use crate::store::{Snapshot, Store, lock};
+use crate::{info, usage, warn};
+
+/// Replicates `job`'s complete snapshots into the backups folder `to`.
+pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
+    let to = destination(to)?;
+    refuse_overlap(&to, &job.backups_folder)?;
+    let source = Store::open(&job.backups_folder, &job.name)?;
+    source.require_snapshots()?;
+    let shown = crate::store::shown(&job.backups_folder, &job.name);
+    // Nothing is deleted from the originals while they are read.
+    let _readers = lock::acquire_readers(&source.meta_dir()?, "replicate", &shown)?;
+    let originals: Vec<Snapshot> = source.snapshots()?.into_iter().filter(|s| s.complete).collect();
+    let have: Vec<Snapshot> = match Store::open(&to, &job.name) {
+        Ok(s) => s.snapshots()?,
+        Err(_) => Vec::new(),
+    };
+    let missing: Vec<&Snapshot> =
+        originals.iter().filter(|o| !have.iter().any(|h| h.complete && h.time == o.time)).collect();
+    if missing.is_empty() {
+        info!("{} holds every snapshot of {shown} ({} of them)", to.display(), originals.len());
+        return Ok(Code::Ok);
+    }
+    info!("{} of {} snapshots to replicate into {}", missing.len(), originals.len(), to.display());
+    let manifests = manifest::folder(&source.meta_dir()?)?;
+    let mut worst = Code::Ok;
+    for original in missing {
+        let resume = have.iter().any(|h| !h.complete && h.time == original.time);
+        let replica =
+            Replica { time: original.time, manifest: (manifests.clone(), manifest::file_name(&original.folder)) };
+        let copy = Job {
+            source: Some(SourceSpec::Local(job.backups_folder.join(&original.folder))),
+            backups_folder: to.clone(),
+            // Everything the snapshot holds, as it holds it.
+            excludes: Vec::new(),
+            paths: Vec::new(),
+            devices: true,
+            one_file_system: false,
+            pre_hook: None,
+            post_hook: None,
+            log_file: None,
+            ..job.clone()
+        };
+        let opts = RunOptions { resume, dry_run, replica_of: Some(replica) };
+        info!("{} {}", if resume { "continuing the replica of" } else { "replicating" }, original.folder);
+        let result =
+            backup::run_with(&copy, &opts, |job| crate::transport::connect(job, crate::wire::msg::Role::Source));
+        match result {
+            Ok(report) => {
+                if !dry_run {
+                    backup::print_summary(&report, dry_run);
+                }
+                worst = Code::worst([worst, report.code]);
+            }
+            Err(e) => {
+                // The next snapshot would link from a replica that isn't
+                // there: stop here; `replicate` again goes on from it.
+                return Err(e.context(format!("replicating {}", original.folder)));
+            }
+        }
+    }
+    Ok(worst)
+}
+
+/// `DEST`: a local folder (absolute). A destination over SSH is not built yet.
+fn destination(to: &str) -> Result<PathBuf> {
+    match SourceSpec::parse_as(to, "replica destination")? {
+        SourceSpec::Local(p) => Ok(p),
+        SourceSpec::Remote { .. } => Err(usage!(
+            "--to {to}: replicating over SSH is not built yet; replicate to a local folder (a second drive, or a \
+             remote filesystem mounted here)"
+        )),
+    }
+}
+
+/// The replica's folder must be neither inside the originals' nor around them.
+fn refuse_overlap(to: &Path, backups: &Path) -> Result<()> {
+    let canon = |p: &Path| crate::fs::safefs::resolve_existing_ancestor(p).unwrap_or_else(|| p.to_path_buf());
+    let (to_c, backups_c) = (canon(to), canon(backups));
+    if to_c.starts_with(&backups_c) || backups_c.starts_with(&to_c) {
+        bail!(usage!(
+            "--to {}: it overlaps the backups folder {}; a replica belongs on another drive",
+            to.display(),
+            backups.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the replica's manifest, just written, against its original's:
+/// every file both record must have the same content digest. `folder` names
+/// the replica (`dest`, still `.incomplete`) in messages. A file that
+/// differs is removed from it, so that the next `replicate`, which resumes
+/// the replica, reads it again rather than keep it.
+pub fn check_against(replica: &Replica, written: Option<&FinishedManifest>, folder: &str, dest: &Dir) -> Result<()> {
+    let (dir, name) = &replica.manifest;
+    let Some(mut theirs) = ManifestReader::open(dir, name.as_bytes()).context("reading the original's manifest")?
+    else {
+        warn!("{folder}: the original has no manifest; the copy is checked only against what was read");
+        return Ok(());
+    };
+    let Some(written) = written else {
+        bail!("{folder}: the replica's manifest could not be written, so it can't be checked: not made")
+    };
+    let mut ours = written.reader()?;
+    let (mut checked, mut damaged_count, mut damaged) = (0u64, 0u64, Vec::new());
+    while let Some(mine) = ours.next_record()? {
+        if mine.kind != Kind::File {
+            continue;
+        }
+        // Both lists are in the same order: walk the original's to this path.
+        let found = loop {
+            match theirs.next_record()? {
+                Some(r) if r.path == mine.path => break Some(r),
+                Some(r) if manifest::dfs_cmp(&r.path, &mine.path).is_lt() => {}
+                _ => break None,
+            }
+        };
+        let Some(orig) = found else { continue };
+        if theirs.digest() != ours.digest() {
+            continue;
+        }
+        if let (Some(a), Some(b)) = (orig.hash, mine.hash) {
+            if a != b {
+                let (parent, name) = match mine.path.iter().rposition(|&b| b == b'/') {
+                    Some(i) => (&mine.path[..i], &mine.path[i + 1..]),
+                    None => (&b""[..], &mine.path[..]),
+                };
+                let dir = if parent.is_empty() { Ok(dest.clone()) } else { dest.resolve_dir(parent) };
+                if let Err(e) = dir.and_then(|d| d.unlink(name)) {
+                    warn!("{folder}: {} could not be removed: {e}", crate::fs::safefs::Shown(&mine.path));
+                }
+                if damaged.is_empty() {
+                    damaged.clone_from(&mine.path);
+                }
+                damaged_count += 1;
+                continue;
+            }
+            checked += 1;
+        }
+    }
+    if damaged_count > 0 {
+        let more = if damaged_count > 1 { format!(" (and {} more)", damaged_count - 1) } else { String::new() };
+        bail!(
+            "{folder}: {}{more} reads differently from what its snapshot recorded (the original is damaged; \
+             `rbackup verify` names what): not replicated",
+            crate::fs::safefs::Shown(&damaged)
+        );
+    }
+    crate::debug!("{folder}: {checked} files checked against the original's manifest");
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! `replicate --to DIR`: a second backups folder with the same snapshots,
+//! unchanged files hardlinked between replicas, each checked against its
+//! original's manifest, resumed after a failure.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::common::*;
+
+fn replicate(bk: &Path, to: &Path) -> (i32, String, String) {
+    let args = ["replicate", "--backups-folder", bk.to_str().unwrap(), "--name", "s", "--to", to.to_str().unwrap()];
+    run(&args.iter().map(OsStr::new).collect::<Vec<_>>())
+}
+
+fn names(folder: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn replicas_keep_the_names_the_links_and_the_digests_of_the_originals() {
+    let tmp = scratch();
+    let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("usb/backups"));
+    rich_tree(&src);
+    write(&src.join("big.bin"), &noise(3, 2 << 20));
+    for round in 0..3 {
+        write(&src.join("changes.txt"), format!("round {round}").as_bytes());
+        let (code, _, err) = backup(&src, &bk, "s", &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let originals = complete(&bk, "s");
+    let (code, _, err) = replicate(&bk, &rep);
+    assert_eq!(code, 0, "{err}");
+    let replicas = complete(&rep, "s");
+    let folder = |p: &Path| p.file_name().unwrap().to_owned();
+    assert_eq!(
+        replicas.iter().map(|p| folder(p)).collect::<Vec<_>>(),
+        originals.iter().map(|p| folder(p)).collect::<Vec<_>>()
+    );
+    for (o, r) in originals.iter().zip(&replicas) {
+        assert_same_tree(o, r, &[]);
+    }
+    // Unchanged files are one inode across replicas, as across the originals.
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&replicas[0].join("big.bin")), ino(&replicas[2].join("big.bin")));
+    assert_ne!(ino(&replicas[0].join("changes.txt")), ino(&replicas[1].join("changes.txt")));
+    assert_ne!(ino(&replicas[0].join("big.bin")), ino(&originals[0].join("big.bin")), "a copy, not a link to drive 1");
+    // Each replica has its manifest: verify reads it.
+    let args = ["verify", "--backups-folder", rep.to_str().unwrap(), "--name", "s", "--snapshot", "all"];
+    let (code, _, err) = run(&args.iter().map(OsStr::new).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    // Nothing new: nothing done.
+    let before = names(&rep);
+    let (code, _, err) = replicate(&bk, &rep);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("holds every snapshot"), "{err}");
+    assert_eq!(names(&rep), before);
+}
+
+/// A file that rotted on the first drive (same size and time, other bytes)
+/// is not copied into a replica named complete; once the original is
+/// mended, the next `replicate` finishes the replica it left.
+#[test]
+fn a_replica_of_a_damaged_file_is_refused_and_the_next_run_finishes_it() {
+    let tmp = scratch();
+    let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("rep"));
+    write(&src.join("a.txt"), b"first");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    write(&src.join("b.txt"), b"only in the second");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    let second = complete(&bk, "s")[1].clone();
+    let rotten = second.join("b.txt");
+    let mtime = std::fs::metadata(&rotten).unwrap().modified().unwrap();
+    let set_bytes = |bytes: &[u8]| {
+        std::fs::write(&rotten, bytes).unwrap();
+        std::fs::File::options().write(true).open(&rotten).unwrap().set_modified(mtime).unwrap();
+    };
+    set_bytes(b"ONLY IN THE SECOND");
+    let (code, _, err) = replicate(&bk, &rep);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("b.txt reads differently from what its snapshot recorded") && err.contains("not replicated"),
+        "{err}"
+    );
+    let state = snapshots(&rep, "s");
+    assert_eq!(state.iter().filter(|(_, c)| *c).count(), 1, "only the sound snapshot is a complete replica: {state:?}");
+    assert!(state.iter().any(|(_, c)| !c), "the refused one stays .incomplete: {state:?}");
+
+    set_bytes(b"only in the second");
+    let (code, _, err) = replicate(&bk, &rep);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("continuing the replica of"), "{err}");
+    let replicas = complete(&rep, "s");
+    assert_eq!(replicas.len(), 2);
+    assert!(snapshots(&rep, "s").iter().all(|(_, c)| *c));
+    assert_eq!(std::fs::read(replicas[1].join("b.txt")).unwrap(), b"only in the second");
+}
+
+#[test]
+fn a_destination_that_overlaps_the_originals_or_is_remote_is_refused() {
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("a.txt"), b"a");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    let (code, _, err) = replicate(&bk, &bk.join("copy"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("overlaps the backups folder"), "{err}");
+    let args = ["replicate", "--backups-folder", bk.to_str().unwrap(), "--name", "s", "--to", "backup2:/backups"];
+    let (code, _, err) = run(&args.iter().map(OsStr::new).collect::<Vec<_>>());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("over SSH is not built yet"), "{err}");
+}
+
+/// `replicas` and `replicate_after_backup` in a job: every backup that made a
+/// snapshot is replicated before prune runs; `replicate` alone uses them too.
+#[test]
+fn a_job_replicates_after_each_backup_before_it_prunes() {
+    let tmp = scratch();
+    let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("rep"));
+    write(&src.join("a.txt"), b"a");
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [\"{}\"]\nreplicate_after_backup = true\n\
+         keep_last = 1\nprune_after_backup = true\n",
+        src.display(),
+        bk.display(),
+        rep.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let rb = |args: &[&str]| {
+        let mut all = vec!["-c", c, "-j", "s"];
+        all.extend_from_slice(args);
+        run(&all.iter().map(OsStr::new).collect::<Vec<_>>())
+    };
+    for round in 0..2 {
+        write(&src.join("a.txt"), format!("round {round}").as_bytes());
+        let (code, _, err) = rb(&["--backup"]);
+        assert_eq!(code, 0, "{err}");
+    }
+    // Drive 1 keeps one; the replica got both before prune removed the first.
+    assert_eq!(complete(&bk, "s").len(), 1);
+    let replicas = complete(&rep, "s");
+    assert_eq!(replicas.len(), 2);
+    assert_eq!(std::fs::read(replicas[0].join("a.txt")).unwrap(), b"round 0");
+    let (code, _, err) = rb(&["replicate"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("holds every snapshot"), "{err}");
+}
