@@ -212,6 +212,17 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let job = job(cli, &a.store.overrides())?;
             diff::run(&job, &a.a, &a.b)
         }
+        Command::Status(a) => {
+            if cli.job.is_some() || a.backups_folder.is_some() {
+                rbackup::cmd::status::run(&job(cli, &a.overrides())?)?;
+            } else {
+                let all = rbackup::cmd::all_jobs::AllJobs::load(cli.config.as_deref(), None)?;
+                for name in &all.names {
+                    rbackup::cmd::status::run(&all.resolve(name, &a.overrides())?)?;
+                }
+            }
+            Ok(Code::Ok)
+        }
         Command::Replicate(a) => {
             let job = job(cli, &a.store.overrides())?;
             open_log(&job)?;

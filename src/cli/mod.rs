@@ -100,6 +100,9 @@ pub enum Command {
     #[command(long_flag = "history", after_help = HISTORY_EXAMPLES)]
     History(HistoryArgs),
 
+    /// Which snapshots each replica holds and which are pending (every job, or -j JOB)
+    Status(StoreArgs),
+
     /// Copy every complete snapshot a second backups folder lacks, oldest first, unchanged files
     /// hardlinked to the replica before, each checked against its original's manifest
     Replicate(ReplicateArgs),

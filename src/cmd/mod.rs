@@ -12,4 +12,5 @@ pub mod list;
 pub mod prune;
 pub mod replicate;
 pub mod restore;
+pub mod status;
 pub mod verify;

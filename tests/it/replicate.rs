@@ -150,3 +150,45 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("holds every snapshot"), "{err}");
 }
+
+/// `status` says, per snapshot, which replica holds it and which not, with
+/// what a pending one would copy, and what to run.
+#[test]
+fn status_matches_what_is_where() {
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    let (usb, other) = (tmp.path().join("usb"), tmp.path().join("other"));
+    write(&src.join("big.bin"), &noise(4, 1 << 20));
+    write(&src.join("a.txt"), b"a");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    write(&src.join("a.txt"), b"changed");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [\"{}\", \"{}\", \"/nonexistent/drive\"]\n",
+        src.display(),
+        bk.display(),
+        usb.display(),
+        other.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    // Only the first snapshot is on the USB drive.
+    assert_eq!(replicate(&bk, &usb).0, 0);
+    let newest = complete(&usb, "s").pop().unwrap();
+    std::fs::remove_dir_all(&newest).unwrap();
+    let (code, out, err) = run(&["-c", c, "status"].iter().map(OsStr::new).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("s.")).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    let cells =
+        |row: &str| row.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_string).collect::<Vec<_>>();
+    let (first, second) = (cells(rows[0]), cells(rows[1]));
+    assert_eq!(first[1], "yes", "{out}");
+    assert!(first[2].starts_with("pending (1.0 MiB)"), "all of it, to the empty replica: {out}");
+    assert_eq!(first[3], "unreadable", "{out}");
+    assert_eq!(second[1], "pending (7 B)", "only what changed, with the first replica there: {out}");
+    assert!(out.contains(&format!("replica {}: 1 snapshot pending", usb.display())), "{out}");
+    assert!(out.contains(&format!("replica {}: 2 snapshots pending", other.display())), "{out}");
+    assert!(out.contains("replica /nonexistent/drive: can't be read (not mounted?)"), "{out}");
+}
