@@ -192,3 +192,38 @@ fn status_matches_what_is_where() {
     assert!(out.contains(&format!("replica {}: 2 snapshots pending", other.display())), "{out}");
     assert!(out.contains("replica /nonexistent/drive: can't be read (not mounted?)"), "{out}");
 }
+
+/// Killed mid-file, then run again: the replica is finished from what it
+/// had, exact, and the replicas before it are untouched.
+#[test]
+fn a_replicate_killed_mid_file_is_finished_by_the_next_one() {
+    let tmp = scratch();
+    let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("rep"));
+    write(&src.join("a.txt"), b"a");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    sh(&format!("head -c 300M /dev/urandom > '{}'", src.join("big.bin").display()));
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    // The first replica, then the second killed while its big file arrives.
+    let (code, _, err) = replicate(&bk, &rep);
+    assert_eq!(code, 0, "{err}");
+    let first = complete(&rep, "s")[0].clone();
+    std::fs::remove_dir_all(complete(&rep, "s")[1].clone()).unwrap();
+    let before = read_tree(&first);
+    let mut child = std::process::Command::new(bin())
+        .args(["replicate", "--backups-folder", bk.to_str().unwrap(), "--name", "s", "--to", rep.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::resume::kill_when(&mut child, "the big file is half copied", || {
+        crate::resume::temps(&rep).iter().any(|(_, len)| *len > 100 << 20)
+    });
+    assert!(snapshots(&rep, "s").iter().any(|(_, c)| !c), "an .incomplete replica is left");
+    let (code, _, err) = replicate(&bk, &rep);
+    assert_eq!(code, 0, "{err}");
+    let replicas = complete(&rep, "s");
+    assert_eq!(replicas.len(), 2);
+    assert_same_tree(&complete(&bk, "s")[1], &replicas[1], &[]);
+    assert!(diff_trees(&before, &read_tree(&first), &[]).is_empty(), "the replica before was touched");
+    assert!(crate::resume::temps(&rep).is_empty(), "a temporary file was left");
+}

@@ -23,7 +23,7 @@ fn incomplete(bk: &Path) -> Option<PathBuf> {
 }
 
 /// Temporary files (names `.rbk~…`) anywhere under `root`, with their sizes.
-fn temps(root: &Path) -> Vec<(PathBuf, u64)> {
+pub(crate) fn temps(root: &Path) -> Vec<(PathBuf, u64)> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -41,7 +41,7 @@ fn temps(root: &Path) -> Vec<(PathBuf, u64)> {
 }
 
 /// SIGKILLs `child` once `ready` holds; panics if the run ended first.
-fn kill_when(child: &mut Child, what: &str, mut ready: impl FnMut() -> bool) {
+pub(crate) fn kill_when(child: &mut Child, what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if ready() {
