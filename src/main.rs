@@ -10,8 +10,8 @@ use rbackup::cmd::prune::Rules;
 use rbackup::config::{self, Job, Overrides};
 use rbackup::error::{Code, code_of};
 use rbackup::{
-    agent::serve, cmd::after_run, cmd::backup, cmd::check, cmd::diff, cmd::list, cmd::prune, cmd::restore, cmd::verify,
-    error, interrupt, log, setup, store,
+    agent::serve, cmd::backup, cmd::check, cmd::diff, cmd::list, cmd::prune, cmd::restore, cmd::verify, error,
+    interrupt, log, setup, store,
 };
 
 fn main() -> ExitCode {
@@ -94,49 +94,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             interrupt::install()?;
             let resume = matches!(cli.command, Command::Continue(_));
             let opts = backup::RunOptions { resume, dry_run: args.dry_run, ..Default::default() };
-            let started = chrono::Utc::now();
-            let result = backup::run(&job, &opts);
-            match &result {
-                Ok(report) => backup::print_summary(report, opts.dry_run),
-                Err(e) => error!("{e:#}"),
-            }
-            if !opts.dry_run {
-                // Before the report and the mail, which then show its output.
-                let (code, snapshot) = match &result {
-                    Ok(r) => (r.code, r.snapshot.as_deref()),
-                    Err(e) => (code_of(e), None),
-                };
-                backup::post_hook(&job, code, snapshot);
-            }
-            after_run::after_backup(&job, if resume { "continue" } else { "backup" }, started, &result, opts.dry_run);
-            let report = match result {
-                Ok(r) => r,
-                Err(e) => return Ok(code_of(&e)),
-            };
-            if let Some(path) = &args.stats_json {
-                backup::write_stats_json(path, &job, &report)?;
-            }
-            // Replicas first: a snapshot prune removes would never reach them.
-            let mut code = report.code;
-            if job.replicate_after_backup && report.snapshot.is_some() && interrupt::received().is_none() {
-                for to in &job.replicas {
-                    let done = rbackup::cmd::replicate::run(&job, to, false);
-                    let replicated = done.unwrap_or_else(|e| {
-                        error!("replicating to {to} after the backup failed (the snapshot is complete): {e:#}");
-                        code_of(&e)
-                    });
-                    code = Code::worst([code, replicated]);
-                }
-            }
-            if job.prune_after_backup
-                && report.snapshot.is_some()
-                && interrupt::received().is_none()
-                && let Err(e) = prune::run(&job, &job.prune, false)
-            {
-                error!("prune after the backup failed (the snapshot is complete): {e:#}");
-                return Ok(Code::worst([code, code_of(&e)]));
-            }
-            Ok(code)
+            rbackup::cmd::run::command(&job, &opts, args.stats_json.as_deref())
         }
         Command::Restore(args) => {
             let job = job(cli, &args.overrides())?;

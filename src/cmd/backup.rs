@@ -144,33 +144,6 @@ impl Events for DesktopEvents {
     }
 }
 
-/// The variables every hook of `job` sees.
-pub fn hook_env(job: &Job, snapshot: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("RBACKUP_JOB", job.job.clone()),
-        ("RBACKUP_SNAPSHOT", snapshot.to_string()),
-        ("RBACKUP_BACKUPS_FOLDER", job.backups_folder.display().to_string()),
-    ]
-}
-
-/// Runs the job's `post_hook`, if any, after a backup that ended with
-/// `code` (and made `snapshot`, if it did). Its failure is said, and changes
-/// nothing of the run's outcome. A run refused before it began (another run
-/// holds the lock, a setting to fix) runs no hook: the `post_hook` would
-/// undo what the `pre_hook` of the run holding the lock did.
-pub fn post_hook(job: &Job, code: Code, snapshot: Option<&str>) {
-    let Some(hook) = &job.post_hook else { return };
-    if matches!(code, Code::Locked | Code::Usage) {
-        return;
-    }
-    let mut env = hook_env(job, snapshot.unwrap_or_default());
-    env.push(("RBACKUP_RESULT", code.word().to_string()));
-    env.push(("RBACKUP_EXIT_CODE", code.status().to_string()));
-    if let Err(e) = crate::hooks::run("post_hook", hook, &env, job.hook_timeout, crate::hooks::Output::Log) {
-        crate::error!("{e:#} (the run's outcome stands: {})", code.word());
-    }
-}
-
 /// Runs `backup` or `continue` for `job`.
 pub fn run(job: &Job, opts: &RunOptions) -> Result<RunReport> {
     run_with(job, opts, |job| transport::connect(job, Role::Source))
@@ -267,7 +240,7 @@ pub fn run_with(
                 (None, Some(t)) => crate::store::folder_name(&job.name, t, true),
                 (None, None) => String::new(),
             };
-            let env = hook_env(job, &snapshot);
+            let env = crate::cmd::run::hook_env(job, &snapshot);
             // Before anything is written: a failure leaves no snapshot.
             crate::hooks::run("pre_hook", hook, &env, job.hook_timeout, crate::hooks::Output::Log)
                 .context("the backup did not start")?;
@@ -494,54 +467,6 @@ fn plan_run(snapshots: &[Snapshot], resume: bool, folder: &str) -> Result<RunPla
     }
     bases.extend(latest_complete.cloned());
     Ok(RunPlan { resume: None, bases })
-}
-
-/// Prints the end-of-run summary.
-pub fn print_summary(report: &RunReport, dry_run: bool) {
-    let s = &report.stats;
-    let what = match (&report.snapshot, dry_run) {
-        (_, true) => "dry run".to_string(),
-        (Some(name), false) => format!("snapshot {name}"),
-        (None, false) => "run".to_string(),
-    };
-    info!("{what}: {} in {:.1} s", report.code.word(), report.seconds);
-    info!(
-        "  entries {}: directories {}, files {}, symlinks {}, special {}",
-        s.entries, s.directories, s.files, s.symlinks, s.specials
-    );
-    info!(
-        "  unchanged, hardlinked {}; metadata-only changes, copied locally {}; fetched whole {}, as delta {}; \
-         already in place {}; removed {}",
-        s.linked, s.copied_locally, s.fetched_whole, s.fetched_delta, s.kept, s.removed
-    );
-    info!(
-        "  data fetched {}, written {}, received on the wire {}",
-        crate::report::human_bytes(s.bytes_fetched),
-        crate::report::human_bytes(s.bytes_written),
-        crate::report::human_bytes(s.wire_bytes_received)
-    );
-    if s.warnings > 0 {
-        info!("  warnings {} (listed above)", s.warnings);
-    }
-    if dry_run && !crate::log::on_stderr(crate::log::Level::Debug) {
-        info!("  only changes are listed; -v lists every entry");
-    }
-}
-
-/// Writes the summary of a run as JSON (for benchmarks and monitoring).
-pub fn write_stats_json(path: &std::path::Path, job: &Job, report: &RunReport) -> Result<()> {
-    let json = serde_json::json!({
-        "job": job.job,
-        "source": job.source.as_ref().map(ToString::to_string),
-        "snapshot": report.snapshot,
-        "result": report.code,
-        "exit_code": report.code.status(),
-        "seconds": report.seconds,
-        "stats": report.stats,
-        "problems": report.problems,
-    });
-    let text = serde_json::to_string_pretty(&json).expect("JSON of plain data");
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

@@ -12,5 +12,6 @@ pub mod list;
 pub mod prune;
 pub mod replicate;
 pub mod restore;
+pub mod run;
 pub mod status;
 pub mod verify;

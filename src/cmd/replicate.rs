@@ -73,7 +73,7 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
         match result {
             Ok(report) => {
                 if !dry_run {
-                    backup::print_summary(&report, dry_run);
+                    crate::cmd::run::print_summary(&report, dry_run);
                 }
                 worst = Code::worst([worst, report.code]);
             }
