@@ -55,16 +55,7 @@ pub struct RestoreReport {
 pub fn normalize_paths(paths: &[String]) -> Result<Vec<Vec<u8>>> {
     paths
         .iter()
-        .map(|p| {
-            let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
-            if parts.contains(&"..") {
-                return Err(usage!("--path {p:?} contains `..`"));
-            }
-            if parts.is_empty() {
-                return Ok(Vec::new());
-            }
-            Ok(parts.join("/").into_bytes())
-        })
+        .map(|p| crate::store::select::normalize(p.as_bytes()).map_err(|why| usage!("--path {p:?}: {why}")))
         .collect()
 }
 

@@ -1,6 +1,7 @@
 //! Which snapshot a command means: `--snapshot latest`, `previous`, a
 //! folder name, a stamp or a UTC time — one parser for restore, verify and
-//! diff.
+//! diff — and which path in a snapshot (`normalize`, for restore's
+//! `--path` and `history`).
 
 use anyhow::{Result, anyhow};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
@@ -64,6 +65,20 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     }
     let day = NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok()?;
     Some(day.and_hms_opt(23, 59, 59)?.and_utc())
+}
+
+/// Checks and normalizes PATH: relative to the snapshot root (a leading `/`
+/// means the same), `.` and doubled slashes dropped, no `..`. The root itself
+/// is the empty path.
+pub fn normalize(path: &[u8]) -> Result<Vec<u8>, String> {
+    let parts: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".").collect();
+    if parts.contains(&&b".."[..]) {
+        return Err("`..` is not allowed: give the path as the snapshot holds it, relative to its root".into());
+    }
+    if path.contains(&0) {
+        return Err("a path holds no NUL byte".into());
+    }
+    Ok(parts.join(&b'/'))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 
 use crate::digest::Version;
 use crate::store::manifest::{Kind, Record};
+pub use crate::store::select::normalize;
 
 /// Where a sighting's record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,20 +141,6 @@ pub fn rows(sightings: &[Sighting]) -> Vec<(usize, Change)> {
         }
     }
     out
-}
-
-/// Checks and normalizes PATH: relative to the snapshot root (a leading `/`
-/// means the same), `.` and doubled slashes dropped, no `..`. The root itself
-/// is the empty path.
-pub fn normalize(path: &[u8]) -> Result<Vec<u8>, String> {
-    let parts: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".").collect();
-    if parts.contains(&&b".."[..]) {
-        return Err("`..` is not allowed: give the path as the snapshot holds it, relative to its root".into());
-    }
-    if path.contains(&0) {
-        return Err("a path holds no NUL byte".into());
-    }
-    Ok(parts.join(&b'/'))
 }
 
 #[cfg(test)]
