@@ -14,7 +14,9 @@ use crate::notify::EmailConfig;
 use crate::store::rules::Rules;
 use crate::usage;
 
+mod replicas;
 mod select;
+pub use replicas::Destination;
 pub use select::{normalize_path, read_exclude_file};
 
 /// The file read when `--config` is not given, if it exists.
@@ -69,9 +71,10 @@ pub struct JobConfig {
     /// Prune after every successful backup.
     #[serde(default)]
     pub prune_after_backup: bool,
-    /// Second backups folders (`replicate`), e.g. a USB drive.
-    #[serde(default)]
-    pub replicas: Vec<String>,
+    /// Where `replicate` copies the snapshots (a USB drive, a host over
+    /// SSH), each with its own retention rules if it says so.
+    #[serde(default, deserialize_with = "replicas::destinations")]
+    pub replicas: Vec<Destination>,
     /// Replicate to every one of `replicas` after each backup that
     /// completed a snapshot.
     #[serde(default)]
@@ -167,7 +170,7 @@ pub struct Job {
     pub email: Option<EmailConfig>,
     pub prune: Rules,
     pub prune_after_backup: bool,
-    pub replicas: Vec<String>,
+    pub replicas: Vec<Destination>,
     pub replicate_after_backup: bool,
     pub pre_hook: Option<String>,
     pub post_hook: Option<String>,

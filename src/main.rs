@@ -187,15 +187,15 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             log::set_tag(&job.job);
             interrupt::install()?;
             let to = match &a.to {
-                Some(to) => vec![to.clone()],
+                Some(to) => vec![rbackup::config::Destination::named(to, &job.replicas)],
                 None if job.replicas.is_empty() => {
                     return Err(rbackup::usage!("no destination: give --to DIR, or set `replicas` in the job"));
                 }
                 None => job.replicas.clone(),
             };
             let mut code = Code::Ok;
-            for to in &to {
-                code = Code::worst([code, rbackup::cmd::replicate::run(&job, to, a.dry_run)?]);
+            for dest in &to {
+                code = Code::worst([code, rbackup::cmd::replicate::run(&job, dest, a.dry_run)?]);
             }
             Ok(code)
         }

@@ -19,16 +19,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::cmd::backup::{self, Replica, RunOptions};
-use crate::config::{Job, SourceSpec};
+use crate::config::{Destination, Job, SourceSpec};
 use crate::error::Code;
 use crate::fs::safefs::Dir;
 use crate::store::manifest::{self, FinishedManifest, Kind, ManifestReader};
+use crate::store::rules::Rules;
 use crate::store::{Snapshot, Store, lock};
 use crate::{info, usage, warn};
 
-/// Replicates `job`'s complete snapshots into the backups folder `to`.
-pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
-    let to = destination(to)?;
+/// Replicates into `dest` the complete snapshots of `job` that its rules
+/// keep (all of them without rules), then, with `prune = true`, deletes
+/// there what they don't.
+pub fn run(job: &Job, dest: &Destination, dry_run: bool) -> Result<Code> {
+    let to = destination(&dest.to)?;
     refuse_overlap(&to, &job.backups_folder)?;
     let source = Store::open(&job.backups_folder, &job.name)?;
     source.require_snapshots()?;
@@ -40,13 +43,57 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
         Ok(s) => s.snapshots()?,
         Err(_) => Vec::new(),
     };
+    let wanted = wanted(&originals, &have, &dest.keep, chrono::Utc::now())?;
     let missing: Vec<&Snapshot> =
-        originals.iter().filter(|o| !have.iter().any(|h| h.complete && h.time == o.time)).collect();
-    if missing.is_empty() {
-        info!("{} holds every snapshot of {shown} ({} of them)", to.display(), originals.len());
-        return Ok(Code::Ok);
+        wanted.iter().copied().filter(|o| !have.iter().any(|h| h.complete && h.time == o.time)).collect();
+    let code = if missing.is_empty() {
+        let of = if dest.keep.is_empty() { "every snapshot" } else { "every snapshot its rules keep" };
+        info!("{} holds {of} of {shown} ({} of them)", to.display(), wanted.len());
+        Code::Ok
+    } else {
+        let of = if dest.keep.is_empty() { String::new() } else { " its rules keep".to_string() };
+        info!("{} of the {} snapshots{of} to replicate into {}", missing.len(), wanted.len(), to.display());
+        copy_each(job, &to, &missing, dry_run)?
+    };
+    if dest.prune && Store::open(&to, &job.name).is_ok_and(|s| s.snapshots().is_ok_and(|v| !v.is_empty())) {
+        info!("pruning {} by its own rules", to.display());
+        let there = Job { backups_folder: to.clone(), ..job.clone() };
+        let pruned = crate::cmd::prune::run(&there, &dest.keep, dry_run)
+            .with_context(|| format!("pruning the replica {}", to.display()))?;
+        return Ok(Code::worst([code, pruned]));
     }
-    info!("{} of {} snapshots to replicate into {}", missing.len(), originals.len(), to.display());
+    Ok(code)
+}
+
+/// The originals a destination with the rules `keep` holds: every one
+/// without rules; else those the rules keep, applied to the originals and
+/// the replicas it already has together (a month's newest snapshot may be
+/// one the originals no longer hold). Oldest first.
+pub fn wanted<'a>(
+    originals: &'a [Snapshot],
+    held: &[Snapshot],
+    keep: &Rules,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<&'a Snapshot>> {
+    if keep.is_empty() {
+        return Ok(originals.iter().filter(|s| s.complete).collect());
+    }
+    let mut all: Vec<Snapshot> = originals.iter().filter(|s| s.complete).cloned().collect();
+    let only_held: Vec<Snapshot> =
+        held.iter().filter(|h| h.complete && !all.iter().any(|o| o.time == h.time)).cloned().collect();
+    all.extend(only_held);
+    let kept: Vec<_> =
+        crate::cmd::prune::plan(&all, keep, now)?.into_iter().filter(|d| d.keep).map(|d| d.snapshot.time).collect();
+    Ok(originals.iter().filter(|s| s.complete && kept.contains(&s.time)).collect())
+}
+
+/// Copies each of `missing` (oldest first) into the backups folder `to`.
+fn copy_each(job: &Job, to: &Path, missing: &[&Snapshot], dry_run: bool) -> Result<Code> {
+    let source = Store::open(&job.backups_folder, &job.name)?;
+    let have: Vec<Snapshot> = match Store::open(to, &job.name) {
+        Ok(s) => s.snapshots()?,
+        Err(_) => Vec::new(),
+    };
     let manifests = manifest::folder(&source.meta_dir()?)?;
     let mut worst = Code::Ok;
     for original in missing {
@@ -55,7 +102,7 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
             Replica { time: original.time, manifest: (manifests.clone(), manifest::file_name(&original.folder)) };
         let copy = Job {
             source: Some(SourceSpec::Local(job.backups_folder.join(&original.folder))),
-            backups_folder: to.clone(),
+            backups_folder: to.to_path_buf(),
             // Everything the snapshot holds, as it holds it.
             excludes: Vec::new(),
             paths: Vec::new(),
@@ -174,4 +221,44 @@ pub fn check_against(replica: &Replica, written: Option<&FinishedManifest>, fold
     }
     crate::debug!("{folder}: {checked} files checked against the original's manifest");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(stamp: &str) -> Snapshot {
+        let time = crate::store::parse_stamp(stamp).unwrap();
+        Snapshot { folder: format!("s.{stamp}"), time, complete: true }
+    }
+
+    fn stamps(v: &[&Snapshot]) -> Vec<String> {
+        v.iter().map(|s| s.stamp()).collect()
+    }
+
+    #[test]
+    fn without_rules_every_original_is_wanted() {
+        let originals = [snap("01-11-26_03-00-00"), snap("02-11-26_03-00-00")];
+        let got = wanted(&originals, &[], &Rules::default(), chrono::Utc::now()).unwrap();
+        assert_eq!(got.len(), 2);
+    }
+
+    /// A monthly destination takes each month's newest snapshot; one it
+    /// already holds counts, so a newer original of that month is taken
+    /// (its own prune then drops the older one), and one the originals
+    /// lost is not asked for.
+    #[test]
+    fn a_monthly_destination_takes_each_months_newest() {
+        let originals = [
+            snap("30-10-26_03-00-00"),
+            snap("31-10-26_03-00-00"),
+            snap("02-11-26_03-00-00"),
+            snap("03-11-26_03-00-00"),
+        ];
+        let held = [snap("15-09-26_03-00-00"), snap("02-11-26_03-00-00")];
+        let keep = Rules { keep_monthly: Some(12), ..Rules::default() };
+        let now = crate::store::parse_stamp("04-11-26_00-00-00").unwrap();
+        let got = wanted(&originals, &held, &keep, now).unwrap();
+        assert_eq!(stamps(&got), ["31-10-26_03-00-00", "03-11-26_03-00-00"]);
+    }
 }

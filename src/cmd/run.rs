@@ -121,10 +121,10 @@ pub fn command(job: &Job, opts: &RunOptions, stats_json: Option<&Path>) -> Resul
     // Replicas first: a snapshot prune removes would never reach them.
     let mut code = report.code;
     if job.replicate_after_backup && report.snapshot.is_some() && crate::interrupt::received().is_none() {
-        for to in &job.replicas {
-            let done = crate::cmd::replicate::run(job, to, false);
+        for dest in &job.replicas {
+            let done = crate::cmd::replicate::run(job, dest, false);
             let replicated = done.unwrap_or_else(|e| {
-                crate::error!("replicating to {to} after the backup failed (the snapshot is complete): {e:#}");
+                crate::error!("replicating to {} after the backup failed (the snapshot is complete): {e:#}", dest.to);
                 crate::error::code_of(&e)
             });
             code = Code::worst([code, replicated]);

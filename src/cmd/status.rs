@@ -27,15 +27,28 @@ pub fn run(job: &Job) -> Result<()> {
         .replicas
         .iter()
         .map(|r| {
-            let path = Path::new(r);
+            let path = Path::new(&r.to);
             let held = match Store::open(path, &job.name).and_then(|s| s.snapshots()) {
                 Ok(h) => Some(h),
                 Err(_) if !path.exists() && path.parent().is_some_and(Path::is_dir) => Some(Vec::new()),
                 Err(_) => None,
             };
-            (r.clone(), held)
+            (r.to.clone(), held)
         })
         .collect();
+    // Which snapshots each replica's rules keep (all of them without rules).
+    let complete: Vec<Snapshot> = snaps.iter().filter(|s| s.complete).cloned().collect();
+    let now = chrono::Utc::now();
+    let wanted: Vec<Vec<chrono::DateTime<chrono::Utc>>> = job
+        .replicas
+        .iter()
+        .zip(&replicas)
+        .map(|(r, (_, held))| {
+            let held = held.as_deref().unwrap_or_default();
+            let w = crate::cmd::replicate::wanted(&complete, held, &r.keep, now)?;
+            Ok(w.iter().map(|s| s.time).collect())
+        })
+        .collect::<Result<_>>()?;
     let manifests = manifest::folder(&store.meta_dir()?)?;
     let open =
         |s: &Snapshot| ManifestReader::open(&manifests, manifest::file_name(&s.folder).as_bytes()).ok().flatten();
@@ -62,6 +75,7 @@ pub fn run(job: &Job) -> Result<()> {
             let word = match held {
                 None => "unreadable".to_string(),
                 Some(h) if h.iter().any(|r| r.complete && r.time == s.time) => "yes".to_string(),
+                Some(_) if !wanted[i].contains(&s.time) => "not kept there".to_string(),
                 Some(_) => {
                     pending[i].0 += 1;
                     pending[i].1 += new.unwrap_or(0);

@@ -227,3 +227,58 @@ fn a_replicate_killed_mid_file_is_finished_by_the_next_one() {
     assert!(diff_trees(&before, &read_tree(&first), &[]).is_empty(), "the replica before was touched");
     assert!(crate::resume::temps(&rep).is_empty(), "a temporary file was left");
 }
+
+/// A destination with its own rules gets only what they keep, and with
+/// `prune = true` loses there what they no longer keep; `status` says
+/// which snapshots it doesn't keep.
+#[test]
+fn a_destination_with_its_own_rules_gets_and_keeps_only_those() {
+    let tmp = scratch();
+    let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("usb"));
+    write(&src.join("big.bin"), &noise(5, 1 << 20));
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [{{ to = \"{}\", keep_last = 2, prune = true }}]\n",
+        src.display(),
+        bk.display(),
+        rep.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let rb = |args: &[&str]| {
+        let mut all = vec!["-c", c, "-j", "s"];
+        all.extend_from_slice(args);
+        run(&all.iter().map(OsStr::new).collect::<Vec<_>>())
+    };
+    let folder = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    for round in 0..3 {
+        write(&src.join("a.txt"), format!("round {round}").as_bytes());
+        let (code, _, err) = rb(&["--backup"]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let originals: Vec<String> = complete(&bk, "s").iter().map(|p| folder(p)).collect();
+    let (code, out, err) = rb(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let first_row = out.lines().find(|l| l.contains(&originals[0])).unwrap();
+    assert!(first_row.contains("not kept there"), "{out}");
+    assert!(out.contains("2 snapshots pending"), "{out}");
+    let (code, _, err) = rb(&["replicate"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("2 of the 2 snapshots its rules keep"), "{err}");
+    assert_eq!(complete(&rep, "s").iter().map(|p| folder(p)).collect::<Vec<_>>(), originals[1..]);
+
+    // One more: it is copied, linked to the replica before, and the oldest
+    // replica goes by the destination's rule.
+    write(&src.join("a.txt"), b"round 3");
+    assert_eq!(rb(&["--backup"]).0, 0);
+    let (code, _, err) = rb(&["replicate"]);
+    assert_eq!(code, 0, "{err}");
+    let originals: Vec<String> = complete(&bk, "s").iter().map(|p| folder(p)).collect();
+    let replicas = complete(&rep, "s");
+    assert_eq!(replicas.iter().map(|p| folder(p)).collect::<Vec<_>>(), originals[2..]);
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&replicas[0].join("big.bin")), ino(&replicas[1].join("big.bin")));
+    assert_eq!(std::fs::read(replicas[1].join("a.txt")).unwrap(), b"round 3");
+    // The originals themselves are untouched: the job has no rules of its own.
+    assert_eq!(originals.len(), 4);
+}
