@@ -90,8 +90,12 @@ pub fn open_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
+        && !parent.is_dir()
     {
-        std::fs::create_dir_all(parent)?;
+        // "File exists" alone would not say that the folder is the problem.
+        std::fs::create_dir_all(parent).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("its folder {} can't be made: {e}", parent.display()))
+        })?;
     }
     let f = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path)?;
     *logger().file.lock().expect("log lock") = Some(f);

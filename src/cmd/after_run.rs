@@ -56,7 +56,10 @@ pub fn after_backup(job: &Job, command: &str, started: DateTime<Utc>, result: &R
         "error": result.as_ref().err().map(|e| format!("{e:#}")),
         "last_success": last_success,
     });
+    // A run that found the lock taken did nothing: the summary is the
+    // running one's to write when it ends, not this one's.
     if let Some(store) = &store
+        && code != Code::Locked
         && let Err(e) = write_last_run(store, &summary)
     {
         warn!("could not write the last-run summary: {e:#}");

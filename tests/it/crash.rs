@@ -194,8 +194,13 @@ fn a_second_concurrent_run_exits_locked_and_names_the_holder() {
     assert!(still_running, "the first run ended before the second could test the lock");
     assert_eq!(code, 75, "{err}");
     assert!(err.contains(&format!("pid {}", first.id())), "{err}");
+    // The locked run leaves the last-run summary to the running one.
+    let last_run = bk.join("srv.rbackup/last-run.json");
+    assert!(!last_run.exists(), "{}", std::fs::read_to_string(&last_run).unwrap_or_default());
     assert!(first.wait().unwrap().success());
     assert_eq!(complete(&bk, "srv").len(), 1);
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&last_run).unwrap()).unwrap();
+    assert_eq!(summary["exit_code"], 0, "{summary}");
     // Nothing stale: the next run proceeds.
     assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
 }

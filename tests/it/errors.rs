@@ -278,3 +278,20 @@ fn a_full_backups_filesystem_names_the_file_and_the_way_out() {
     assert!(err.contains("writing big.bin") && err.contains("filesystem is full"), "{err}");
     assert!(err.contains("--continue"), "{err}");
 }
+
+/// A `log_file` whose folder is a file says so, not just "File exists".
+#[test]
+fn a_log_file_whose_folder_cannot_be_made_names_the_folder() {
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    write(&src.join("f"), b"f");
+    let blocker = tmp.path().join("logs");
+    write(&blocker, b"a file where the log folder should be");
+    let log = blocker.join("srv.log");
+    let (code, _, err) = backup(&src, &bk, "srv", &["--log-file", log.to_str().unwrap()]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("its folder {} can't be made", blocker.display())) && err.contains("File exists"),
+        "{err}"
+    );
+}
