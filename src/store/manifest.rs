@@ -7,7 +7,10 @@
 //! (magic, format version, snapshot name), the entries in the listing's order
 //! (depth first, names sorted bytewise — see [`dfs_cmp`]), and a footer with
 //! the entry count. A manifest without its footer is incomplete; one is only
-//! named after its snapshot once the snapshot is complete.
+//! named after its snapshot once the snapshot is complete. The stream is cut
+//! into zstd frames of [`index::FRAME_EVERY`] records, and an index of where
+//! each frame starts follows them in a skippable frame ([`index`]), so that
+//! one path is found without decompressing the whole manifest.
 //!
 //! Entries arrive in listing order but a fetched file's hash only when its
 //! data has been written: the writer holds records back until every one
@@ -20,7 +23,7 @@
 
 use std::cmp::Ordering;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -29,6 +32,7 @@ use crate::digest::Version;
 use crate::fs::meta::Xattr;
 use crate::fs::safefs::Dir;
 
+mod index;
 mod write;
 pub use write::{FinishedManifest, ManifestWriter, partials};
 
@@ -194,37 +198,58 @@ impl ManifestReader {
     /// not decoded: their path is read straight from the encoding (an enum
     /// variant, then a length-prefixed byte string: postcard's stable wire
     /// format), so a lookup costs little more than the decompression.
+    ///
+    /// With the manifest's index ([`index`]), decoding starts at the frame
+    /// holding the path's place, so a lookup reads at most one frame of
+    /// records whatever the manifest's size.
     pub fn find(mut self, path: &[u8]) -> Result<Option<Record>> {
-        let mut buf = Vec::new();
-        // Records are small: read them out of a buffer, not one zstd call each.
-        let mut input = BufReader::with_capacity(1 << 16, &mut self.input);
-        loop {
-            let mut len = [0u8; 4];
-            if crate::wire::frame::read_full(&mut input, &mut len)? != 4 {
-                bail!("the manifest ends without its footer (an interrupted run's)");
-            }
-            let len = u32::from_le_bytes(len) as usize;
-            if len > RECORD_MAX {
-                bail!("manifest record of {len} bytes is too large");
-            }
-            buf.resize(len, 0);
-            if crate::wire::frame::read_full(&mut input, &mut buf)? != len {
-                bail!("manifest cut in the middle of a record");
-            }
-            let order = entry_path(&buf).map(|p| dfs_cmp(p, path));
-            if order == Some(Ordering::Less) {
-                self.seen += 1;
-                continue;
-            }
-            return match postcard::from_bytes(&buf).context("undecodable manifest record")? {
-                Item::Entry(r) if r.path == path => Ok(Some(r)),
-                Item::Entry(r) if dfs_cmp(&r.path, path) == Ordering::Less => bail!("a manifest record misread"),
-                Item::Entry(_) => Ok(None),
-                Item::Footer { entries } if entries == self.seen => Ok(None),
-                Item::Footer { entries } => bail!("manifest footer says {entries} entries, {} were read", self.seen),
-                Item::Header { .. } => bail!("a second header in a manifest"),
-            };
+        if self.seen == 0
+            && let Some(mark) =
+                index::read(self.input.get_ref().get_ref()).and_then(|m| index::start_for(&m, path).cloned())
+        {
+            let mut file = self.input.get_ref().get_ref().try_clone()?;
+            file.seek(io::SeekFrom::Start(mark.offset))?;
+            let mut input = zstd::stream::read::Decoder::new(file)?;
+            input.window_log_max(27)?;
+            let mut seen = mark.entries;
+            return scan(BufReader::with_capacity(1 << 16, input), &mut seen, path)
+                .with_context(|| format!("reading from the frame its index names at byte {}", mark.offset));
         }
+        // Records are small: read them out of a buffer, not one zstd call each.
+        let input = BufReader::with_capacity(1 << 16, &mut self.input);
+        scan(input, &mut self.seen, path)
+    }
+}
+
+/// Reads records up to `path`'s place; `seen` counts the records before.
+fn scan(mut input: impl Read, seen: &mut u64, path: &[u8]) -> Result<Option<Record>> {
+    let mut buf = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        if crate::wire::frame::read_full(&mut input, &mut len)? != 4 {
+            bail!("the manifest ends without its footer (an interrupted run's)");
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > RECORD_MAX {
+            bail!("manifest record of {len} bytes is too large");
+        }
+        buf.resize(len, 0);
+        if crate::wire::frame::read_full(&mut input, &mut buf)? != len {
+            bail!("manifest cut in the middle of a record");
+        }
+        let order = entry_path(&buf).map(|p| dfs_cmp(p, path));
+        if order == Some(Ordering::Less) {
+            *seen += 1;
+            continue;
+        }
+        return match postcard::from_bytes(&buf).context("undecodable manifest record")? {
+            Item::Entry(r) if r.path == path => Ok(Some(r)),
+            Item::Entry(r) if dfs_cmp(&r.path, path) == Ordering::Less => bail!("a manifest record misread"),
+            Item::Entry(_) => Ok(None),
+            Item::Footer { entries } if entries == *seen => Ok(None),
+            Item::Footer { entries } => bail!("manifest footer says {entries} entries, {seen} were read"),
+            Item::Header { .. } => bail!("a second header in a manifest"),
+        };
     }
 }
 
@@ -396,6 +421,56 @@ mod tests {
             assert_eq!(find(absent), None);
         }
         assert_eq!(entry_path(&postcard::to_stdvec(&Item::Entry(rec(&long))).unwrap()), Some(&long[..]));
+    }
+
+    /// A manifest of many frames reads the same record by record, and a
+    /// lookup starts at its frame: it finds paths past a frame it could
+    /// not have decoded.
+    #[test]
+    fn lookups_start_at_the_frame_the_index_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        let mut w = ManifestWriter::create(&dir, "s").unwrap();
+        let n = index::FRAME_EVERY * 3 + 5;
+        let path = |i: u64| format!("d{:02}/f{i:08}", i / 1000).into_bytes();
+        w.push(Record { kind: Kind::Dir, ..rec(b"") }, None).unwrap();
+        let mut dirs = 0;
+        for i in 0..n {
+            if i % 1000 == 0 {
+                w.push(Record { kind: Kind::Dir, ..rec(format!("d{:02}", i / 1000).as_bytes()) }, None).unwrap();
+                dirs += 1;
+            }
+            w.push(Record { hash: Some([(i % 251) as u8; 32]), ..rec(&path(i)) }, None).unwrap();
+        }
+        w.finish().unwrap().commit().unwrap();
+        let mut r = ManifestReader::open(&dir, b"s").unwrap().unwrap();
+        let mut count = 0;
+        while r.next_record().unwrap().is_some() {
+            count += 1;
+        }
+        assert_eq!(count, 1 + dirs + n);
+        let file = std::fs::File::open(tmp.path().join("s")).unwrap();
+        let marks = index::read(&file).expect("an index");
+        assert_eq!(marks.len(), 3);
+        let find = |p: &[u8]| ManifestReader::open(&dir, b"s").unwrap().unwrap().find(p).unwrap();
+        for i in (0..n).step_by(997).chain([n - 1, index::FRAME_EVERY * 2]) {
+            assert_eq!(find(&path(i)).map(|r| r.hash), Some(Some([(i % 251) as u8; 32])), "{i}");
+        }
+        for absent in [&b"d00/f"[..], b"d05/x", b"d99", b"e"] {
+            assert_eq!(find(absent), None);
+        }
+        // Damage the end of the first frame: reading it fails, but a path in
+        // the last frame is still found, from its own frame.
+        let mut bytes = std::fs::read(tmp.path().join("s")).unwrap();
+        let at = usize::try_from(marks[0].offset).unwrap() - 40;
+        for b in &mut bytes[at..at + 30] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(tmp.path().join("s"), &bytes).unwrap();
+        let mut r = ManifestReader::open(&dir, b"s").unwrap().unwrap();
+        let whole = std::iter::from_fn(|| r.next_record().transpose()).collect::<Result<Vec<_>>>();
+        assert!(whole.is_err(), "the damage is where it should be");
+        assert!(find(&path(n - 1)).is_some());
     }
 
     #[test]

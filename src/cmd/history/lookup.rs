@@ -1,11 +1,13 @@
 //! Finding one path in one snapshot: in its manifest when it has one, else
 //! with `lstat` in the snapshot folder.
 //!
-//! A manifest is one zstd stream in listing order (docs/design.md,
-//! "Formats"): it has no index to seek in, so a lookup streams it from the
-//! start and stops at the first record at or past the path — on average half
-//! a manifest, one record in memory at a time (rule 10). The snapshots are
-//! independent, so several are read at once, one thread each.
+//! A manifest is a zstd stream in listing order, cut into frames with an
+//! index of where each starts (docs/design.md, "Formats"): a lookup decodes
+//! from the frame holding the path's place and stops at the first record at
+//! or past it — one frame at most, one record in memory at a time (rule 10).
+//! A manifest without an index (written before it) is streamed from the
+//! start. The snapshots are independent, so several are read at once, one
+//! thread each.
 //!
 //! The snapshot tree is only touched when the manifest is missing or
 //! damaged, and then through directory handles (rule 3): `resolve` beneath

@@ -8,8 +8,33 @@ use std::io::{self, BufWriter, Write};
 
 use anyhow::{Context, Result, bail};
 
+use super::index::{FRAME_EVERY, Mark};
 use super::{FLUSH_AFTER, FLUSH_EVERY, FORMAT, Item, MAGIC, PARTIAL, Record, file_name};
 use crate::fs::safefs::Dir;
+
+/// The file under the zstd frames, counting the bytes written: where each
+/// frame starts, for the index.
+struct Counted {
+    file: BufWriter<File>,
+    bytes: u64,
+}
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+type Frame = zstd::stream::write::Encoder<'static, Counted>;
+
+fn frame(out: Counted) -> io::Result<Frame> {
+    zstd::stream::write::Encoder::new(out, 1)
+}
 
 fn write_item(out: &mut impl Write, item: &Item) -> io::Result<()> {
     let bytes = postcard::to_stdvec(item).expect("records always serialize");
@@ -26,7 +51,10 @@ struct Held {
 
 /// Writes a manifest while its snapshot is written (see the module doc).
 pub struct ManifestWriter {
-    out: zstd::stream::write::Encoder<'static, BufWriter<File>>,
+    /// The frame being written; `None` only between two frames.
+    out: Option<Frame>,
+    /// Where each frame after the first starts (see [`super::index`]).
+    marks: Vec<Mark>,
     held: VecDeque<Held>,
     /// Sequence number of `held`'s front.
     front: u64,
@@ -63,10 +91,11 @@ impl ManifestWriter {
             rustix::fs::Mode::from_raw_mode(0o600),
         )
         .with_context(|| format!("cannot create the manifest of {snapshot}"))?;
-        let mut out = zstd::stream::write::Encoder::new(BufWriter::new(File::from(fd)), 1)?;
+        let mut out = frame(Counted { file: BufWriter::new(File::from(fd)), bytes: 0 })?;
         write_item(&mut out, &Item::Header { magic: MAGIC.into(), format, snapshot: snapshot.to_string() })?;
         Ok(ManifestWriter {
-            out,
+            out: Some(out),
+            marks: Vec::new(),
             held: VecDeque::new(),
             front: 0,
             waiting: HashMap::new(),
@@ -135,7 +164,10 @@ impl ManifestWriter {
             let h = self.held.pop_front().expect("checked");
             self.front += 1;
             let Some(record) = h.record else { continue };
-            write_item(&mut self.out, &Item::Entry(record))?;
+            if self.entries > 0 && self.entries.is_multiple_of(FRAME_EVERY) {
+                self.next_frame(&record.path)?;
+            }
+            write_item(self.out.as_mut().expect("between frames only in next_frame"), &Item::Entry(record))?;
             self.entries += 1;
             wrote = true;
             if self.entries.is_multiple_of(FLUSH_EVERY) {
@@ -152,7 +184,16 @@ impl ManifestWriter {
     /// it wrote (a resumed run reuses it).
     fn flush(&mut self) -> io::Result<()> {
         self.flushed_at = std::time::Instant::now();
-        self.out.flush()
+        self.out.as_mut().expect("between frames only in next_frame").flush()
+    }
+
+    /// Ends the zstd frame and starts the next, whose first record is
+    /// `path`: a lookup can start decoding there.
+    fn next_frame(&mut self, path: &[u8]) -> io::Result<()> {
+        let out = self.out.take().expect("between frames only here").finish()?;
+        self.marks.push(Mark { offset: out.bytes, entries: self.entries, path: path.to_vec() });
+        self.out = Some(frame(out)?);
+        Ok(())
     }
 
     /// Writes the footer and flushes the file to disk; the manifest keeps its
@@ -161,8 +202,11 @@ impl ManifestWriter {
         if !self.held.is_empty() {
             bail!("{} manifest entries still wait for their content", self.held.len());
         }
-        write_item(&mut self.out, &Item::Footer { entries: self.entries })?;
-        let file = self.out.finish()?.into_inner().map_err(io::IntoInnerError::into_error)?;
+        let mut out = self.out.take().expect("between frames only in next_frame");
+        write_item(&mut out, &Item::Footer { entries: self.entries })?;
+        let mut out = out.finish()?;
+        super::index::write(&mut out, &self.marks)?;
+        let file = out.file.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
         Ok(FinishedManifest { dir: self.dir, temp: self.temp, name: self.name })
     }
