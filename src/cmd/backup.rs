@@ -450,10 +450,12 @@ struct RunPlan {
 fn plan_run(snapshots: &[Snapshot], resume: bool, folder: &str) -> Result<RunPlan> {
     let latest_complete = snapshots.iter().rfind(|s| s.complete);
     if resume {
-        let inc = snapshots
-            .iter()
-            .rfind(|s| !s.complete)
-            .ok_or_else(|| anyhow!("nothing to continue: there is no {folder}.incomplete"))?;
+        let inc = snapshots.iter().rfind(|s| !s.complete).ok_or_else(|| {
+            crate::usage!(
+                "nothing to continue: there is no {folder}.incomplete (the last run finished); `--backup` takes \
+                     a new snapshot"
+            )
+        })?;
         let base = snapshots.iter().rfind(|s| s.complete && s.time < inc.time).or(latest_complete);
         return Ok(RunPlan { resume: Some(inc.clone()), bases: base.into_iter().cloned().collect() });
     }

@@ -195,8 +195,8 @@ fn continue_without_an_interrupted_run_says_so() {
     assert_eq!(backup(&src, &bk, "srv", &[]).0, 0);
     let before = snapshots(&bk, "srv");
     let (code, _, err) = continue_backup(&src, &bk, "srv", &[]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("nothing to continue"), "{err}");
+    assert_eq!(code, 2, "a request that can't be done, nothing done: {err}");
+    assert!(err.contains("nothing to continue") && err.contains("--backup"), "{err}");
     assert_eq!(snapshots(&bk, "srv"), before);
 }
 
