@@ -182,7 +182,8 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
         }
     }
     if !dry_run {
-        info!("{removed} snapshots removed, {} kept", decisions.iter().filter(|d| d.keep).count());
+        let kept = decisions.iter().filter(|d| d.keep).count() as u64;
+        info!("{} removed, {kept} kept", crate::report::count(removed, "snapshot", "snapshots"));
     }
     Ok(Code::Ok)
 }

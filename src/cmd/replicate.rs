@@ -55,6 +55,15 @@ pub fn run(job: &Job, dest: &Destination, dry_run: bool) -> Result<Code> {
         info!("{} of the {} snapshots{of} to replicate into {}", missing.len(), wanted.len(), to.display());
         copy_each(job, &to, &missing, dry_run)?
     };
+    if dest.prune && dry_run {
+        // What prune would remove once the missing ones are there.
+        let mut after: Vec<Snapshot> = have.iter().filter(|h| h.complete).cloned().collect();
+        after.extend(missing.iter().map(|m| (*m).clone()));
+        for d in crate::cmd::prune::plan(&after, &dest.keep, chrono::Utc::now())?.iter().filter(|d| !d.keep) {
+            println!("{:<12} {}  ({}, on {})", "would remove", d.snapshot.folder, d.reason, to.display());
+        }
+        return Ok(code);
+    }
     if dest.prune && Store::open(&to, &job.name).is_ok_and(|s| s.snapshots().is_ok_and(|v| !v.is_empty())) {
         info!("pruning {} by its own rules", to.display());
         let there = Job { backups_folder: to.clone(), ..job.clone() };

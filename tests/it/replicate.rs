@@ -271,6 +271,12 @@ fn a_destination_with_its_own_rules_gets_and_keeps_only_those() {
     // replica goes by the destination's rule.
     write(&src.join("a.txt"), b"round 3");
     assert_eq!(rb(&["--backup"]).0, 0);
+    // A dry run says what the destination's prune would remove, and does nothing.
+    let before = names(&rep);
+    let (code, out, err) = rb(&["replicate", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("would remove {}", originals[1])), "{out}");
+    assert_eq!(names(&rep), before);
     let (code, _, err) = rb(&["replicate"]);
     assert_eq!(code, 0, "{err}");
     let originals: Vec<String> = complete(&bk, "s").iter().map(|p| folder(p)).collect();
