@@ -1,0 +1,299 @@
+//! What the pages show, gathered from the store: the jobs' last runs and
+//! snapshot ages, a job's snapshots with their sizes and changes, one
+//! directory of a snapshot. Plain data, no HTML.
+//!
+//! Sizes need a walk of every snapshot (`list`'s usage) and changes a pass
+//! over two manifests (`diff`): a complete snapshot never changes, so both
+//! are kept in [`Cache`] — the changes per pair of snapshots, the sizes per
+//! set of snapshots (what only one snapshot holds depends on the others).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Duration, Utc};
+use rustix::fs::{FileType, Stat};
+
+use crate::cmd::diff::{self, Change};
+use crate::cmd::list::{self, Usage};
+use crate::cmd::status::{self, Replica};
+use crate::config::Job;
+use crate::fs::safefs::{Dir, file_type};
+use crate::store::{Snapshot, Store};
+
+/// Staleness when a job has too few snapshots to tell its rhythm: a day
+/// and two hours (the shipped timers run daily).
+const STALE_DEFAULT_HOURS: i64 = 26;
+
+/// Results kept between requests.
+#[derive(Default)]
+pub struct Cache {
+    counts: Mutex<HashMap<(String, String, String), Counts>>,
+    usage: Mutex<HashMap<String, Sizes>>,
+}
+
+/// A set of snapshot folders, their sizes, and their total on disk.
+type Sizes = (Vec<String>, Vec<Usage>, u64);
+
+/// The job's last run, from `NAME.rbackup/last-run.json`.
+#[derive(Debug, Clone)]
+pub struct LastRun {
+    pub result: String,
+    pub end: Option<DateTime<Utc>>,
+    pub seconds: f64,
+    pub exit_code: i64,
+    pub warnings: u64,
+    pub snapshot: Option<String>,
+    pub error: Option<String>,
+}
+
+/// One job on the home page.
+#[derive(Debug, Clone)]
+pub struct JobCard {
+    pub name: String,
+    pub folder: String,
+    pub last_run: Option<LastRun>,
+    pub newest: Option<Snapshot>,
+    pub complete: usize,
+    /// An `.incomplete` snapshot: a run going on, or one to `--continue`.
+    pub incomplete: Option<String>,
+    /// Older than this, the newest snapshot is overdue.
+    pub stale_after: Duration,
+    pub replicas: Vec<Replica>,
+    /// Why the job's store could not be read.
+    pub error: Option<String>,
+}
+
+impl JobCard {
+    pub fn age(&self) -> Option<Duration> {
+        self.newest.as_ref().map(|s| Utc::now() - s.time)
+    }
+
+    pub fn stale(&self) -> bool {
+        self.age().is_none_or(|a| a > self.stale_after)
+    }
+}
+
+/// The card of `job`; an unreadable store is said on the card, not an error.
+pub fn card(name: &str, job: Result<Job>) -> JobCard {
+    let mut card = JobCard {
+        name: name.to_string(),
+        folder: String::new(),
+        last_run: None,
+        newest: None,
+        complete: 0,
+        incomplete: None,
+        stale_after: Duration::hours(STALE_DEFAULT_HOURS),
+        replicas: Vec::new(),
+        error: None,
+    };
+    let filled = job.and_then(|job| {
+        card.folder = crate::store::shown(&job.backups_folder, &job.name);
+        let store = Store::open(&job.backups_folder, &job.name)?;
+        card.last_run = last_run(&store);
+        let snaps = store.snapshots()?;
+        let complete: Vec<&Snapshot> = snaps.iter().filter(|s| s.complete).collect();
+        card.complete = complete.len();
+        card.newest = complete.last().map(|s| (*s).clone());
+        card.incomplete = snaps.iter().rev().find(|s| !s.complete).map(|s| s.folder.clone());
+        card.stale_after = stale_after(&complete.iter().map(|s| s.time).collect::<Vec<_>>());
+        card.replicas = status::status(&job)?.replicas;
+        Ok(())
+    });
+    if let Err(e) = filled {
+        card.error = Some(format!("{e:#}"));
+    }
+    card
+}
+
+/// How old the newest snapshot may be: twice the usual gap between the
+/// job's recent snapshots (the median of the last ten gaps), or a day and
+/// two hours when there are fewer than two snapshots.
+pub fn stale_after(times: &[DateTime<Utc>]) -> Duration {
+    let recent = &times[times.len().saturating_sub(11)..];
+    let mut gaps: Vec<Duration> = recent.windows(2).map(|w| w[1] - w[0]).collect();
+    if gaps.is_empty() {
+        return Duration::hours(STALE_DEFAULT_HOURS);
+    }
+    gaps.sort();
+    gaps[gaps.len() / 2] * 2
+}
+
+fn last_run(store: &Store) -> Option<LastRun> {
+    let meta = store.dir().try_open_dir(format!("{}.rbackup", store.name).as_bytes()).ok()??;
+    let v: serde_json::Value = serde_json::from_reader(meta.open_file(b"last-run.json").ok()?).ok()?;
+    Some(LastRun {
+        result: v["result"].as_str().unwrap_or("?").to_string(),
+        end: v["end"].as_str().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc)),
+        seconds: v["seconds"].as_f64().unwrap_or(0.0),
+        exit_code: v["exit_code"].as_i64().unwrap_or(-1),
+        warnings: v["warnings"].as_u64().unwrap_or(0),
+        snapshot: v["snapshot"].as_str().map(str::to_string),
+        error: v["error"].as_str().map(str::to_string),
+    })
+}
+
+/// What changed from one snapshot to the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub added: u64,
+    pub removed: u64,
+    pub changed: u64,
+    pub metadata: u64,
+}
+
+/// One snapshot on the job page.
+#[derive(Debug, Clone)]
+pub struct SnapRow {
+    pub snapshot: Snapshot,
+    pub usage: Option<Usage>,
+    /// Against the complete snapshot before; `None` for the first.
+    pub counts: Option<Counts>,
+}
+
+/// A job's snapshots, oldest first, with sizes and changes; and the bytes
+/// all of them take on disk.
+pub fn snapshots(cache: &Cache, job: &Job) -> Result<(Vec<SnapRow>, Option<u64>)> {
+    let store = Store::open(&job.backups_folder, &job.name)?;
+    let snaps: Vec<Snapshot> = store.snapshots()?.into_iter().filter(|s| s.complete).collect();
+    let folders: Vec<String> = snaps.iter().map(|s| s.folder.clone()).collect();
+    let key = format!("{}\0{}", job.backups_folder.display(), job.name);
+    let cached = cache.usage.lock().expect("no panic holding it").get(&key).filter(|(f, ..)| *f == folders).cloned();
+    let (usage, total) = match cached {
+        Some((_, u, t)) => (u, t),
+        None => {
+            let (u, t) = list::usage(&store, &snaps).context("measuring the snapshots")?;
+            cache.usage.lock().expect("no panic holding it").insert(key.clone(), (folders, u.clone(), t));
+            (u, t)
+        }
+    };
+    let mut rows = Vec::new();
+    for (i, s) in snaps.iter().enumerate() {
+        let counts = match i.checked_sub(1).map(|p| &snaps[p]) {
+            None => None,
+            Some(prev) => counts(cache, &store, &key, prev, s).ok(),
+        };
+        rows.push(SnapRow { snapshot: s.clone(), usage: usage.get(i).copied(), counts });
+    }
+    Ok((rows, Some(total)))
+}
+
+fn counts(cache: &Cache, store: &Store, key: &str, a: &Snapshot, b: &Snapshot) -> Result<Counts> {
+    let k = (key.to_string(), a.folder.clone(), b.folder.clone());
+    if let Some(c) = cache.counts.lock().expect("no panic holding it").get(&k) {
+        return Ok(*c);
+    }
+    let mut c = Counts::default();
+    for (change, _) in diff::diff(store, a, b)? {
+        match change {
+            Change::Added => c.added += 1,
+            Change::Removed => c.removed += 1,
+            Change::Content => c.changed += 1,
+            Change::Metadata => c.metadata += 1,
+        }
+    }
+    cache.counts.lock().expect("no panic holding it").insert(k, c);
+    Ok(c)
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub name: Vec<u8>,
+    pub kind: FileType,
+    pub stat: Stat,
+    /// A symlink's target, as text to show (never followed).
+    pub target: Option<Vec<u8>>,
+    /// Against the same path in the snapshot before: `new`, `changed`,
+    /// `deleted` (then `stat` is the old one), or `None` for the same.
+    pub change: Option<&'static str>,
+}
+
+/// The entries of `dir`, directories first, then by name (bytes); with
+/// `prev` (the same directory in the snapshot before, if it has it), each
+/// says whether it changed, and the deleted ones are listed too.
+pub fn list_dir(dir: &Dir, prev: Option<&Dir>, compare: bool) -> std::io::Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    for name in dir.names()? {
+        let Ok(stat) = dir.stat(&name) else { continue };
+        let kind = file_type(&stat);
+        let target = (kind == FileType::Symlink).then(|| dir.read_link(&name).unwrap_or_default());
+        let change = if compare { change(prev, &name, &stat, target.as_deref()) } else { None };
+        out.push(Entry { name, kind, stat, target, change });
+    }
+    if compare && let Some(prev) = prev {
+        for name in prev.names()? {
+            if out.iter().any(|e| e.name == name) {
+                continue;
+            }
+            let Ok(stat) = prev.stat(&name) else { continue };
+            let kind = file_type(&stat);
+            let target = (kind == FileType::Symlink).then(|| prev.read_link(&name).unwrap_or_default());
+            out.push(Entry { name, kind, stat, target, change: Some("deleted") });
+        }
+    }
+    out.sort_by(|a, b| (a.kind != FileType::Directory, &a.name).cmp(&(b.kind != FileType::Directory, &b.name)));
+    Ok(out)
+}
+
+/// A hardlink between snapshots is one unchanged file; another inode is
+/// another content or other metadata. A directory changed when its own
+/// metadata or mtime (an entry added or removed) did.
+fn change(prev: Option<&Dir>, name: &[u8], st: &Stat, target: Option<&[u8]>) -> Option<&'static str> {
+    let Some(p) = prev.and_then(|d| d.try_stat(name).ok().flatten()) else { return Some("new") };
+    let kind = file_type(st);
+    if file_type(&p) != kind {
+        return Some("changed");
+    }
+    let same_meta = (p.st_mode, p.st_uid, p.st_gid, p.st_mtime, p.st_mtime_nsec)
+        == (st.st_mode, st.st_uid, st.st_gid, st.st_mtime, st.st_mtime_nsec);
+    let same = match kind {
+        FileType::RegularFile => (p.st_dev, p.st_ino) == (st.st_dev, st.st_ino),
+        FileType::Symlink => same_meta && prev.and_then(|d| d.read_link(name).ok()).as_deref() == target,
+        _ => same_meta && p.st_rdev == st.st_rdev,
+    };
+    (!same).then_some("changed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(h: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + h * 3600, 0).unwrap()
+    }
+
+    #[test]
+    fn overdue_is_twice_the_usual_gap() {
+        assert_eq!(stale_after(&[]), Duration::hours(26));
+        assert_eq!(stale_after(&[t(0)]), Duration::hours(26));
+        assert_eq!(stale_after(&[t(0), t(1), t(2), t(3)]), Duration::hours(2));
+        // One long pause does not move the median.
+        assert_eq!(stale_after(&[t(0), t(24), t(48), t(200), t(224)]), Duration::hours(48));
+    }
+
+    #[test]
+    fn a_listing_says_new_changed_and_deleted_against_the_snapshot_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        for d in [&a, &b] {
+            std::fs::create_dir_all(d.join("sub")).unwrap();
+        }
+        std::fs::write(a.join("same"), "1").unwrap();
+        std::fs::hard_link(a.join("same"), b.join("same")).unwrap();
+        std::fs::write(a.join("edited"), "1").unwrap();
+        std::fs::write(b.join("edited"), "2").unwrap();
+        std::fs::write(a.join("gone"), "1").unwrap();
+        std::fs::write(b.join("born"), "1").unwrap();
+        let (da, db) = (Dir::open_path(&a).unwrap(), Dir::open_path(&b).unwrap());
+        let l = list_dir(&db, Some(&da), true).unwrap();
+        let got: Vec<(String, Option<&str>)> =
+            l.iter().map(|e| (String::from_utf8_lossy(&e.name).into_owned(), e.change)).collect();
+        assert_eq!(got[0].0, "sub", "directories first");
+        let of = |n: &str| got.iter().find(|(m, _)| m == n).unwrap().1;
+        assert_eq!(of("same"), None);
+        assert_eq!(of("edited"), Some("changed"));
+        assert_eq!(of("born"), Some("new"));
+        assert_eq!(of("gone"), Some("deleted"));
+    }
+}
