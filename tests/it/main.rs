@@ -35,3 +35,4 @@ mod selection;
 mod setup;
 mod ssh;
 mod systemd;
+mod ui;

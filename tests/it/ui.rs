@@ -1,0 +1,260 @@
+//! `rbackup ui` over HTTP: who gets in (token, session cookie, Host),
+//! what a POST needs (CSRF, Origin, --allow-actions), what a URL can reach
+//! (nothing above the snapshot, no symlink followed), how hostile names are
+//! shown (escaped), the security headers, and a restore through the
+//! console's preview and confirmation.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use crate::common::web::{Console, request, store_with_hostile_names};
+use crate::common::*;
+
+fn snap_names(bk: &Path) -> Vec<String> {
+    complete(bk, "srv").iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect()
+}
+
+#[test]
+fn ui_refuses_without_a_session_and_with_a_wrong_token() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &[]);
+    let snap = &snap_names(&bk)[1];
+    for path in ["/", "/job?job=srv", &format!("/browse?job=srv&snap={snap}"), "/log", "/assets/style.css"] {
+        assert_eq!(ui.get(path, None).status, 401, "{path} without a session");
+        assert_eq!(ui.get(path, Some("rbackup_session=0123456789abcdef")).status, 401, "{path} with a made-up session");
+    }
+    assert_eq!(ui.get("/?token=wrong", None).status, 403);
+    assert_eq!(ui.get(&format!("/?token={}x", ui.token), None).status, 403);
+    let r = ui.get(&format!("/job?job=srv&token={}", ui.token), None);
+    assert_eq!(r.status, 303);
+    let cookie = r.header("set-cookie").unwrap();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert_eq!(r.header("location"), Some("/job?job=srv"), "the token is stripped from the address");
+    let cookie = cookie.split(';').next().unwrap();
+    let home = ui.get("/", Some(cookie));
+    assert_eq!(home.status, 200);
+    assert!(home.text().contains("/job?job=srv"), "the job is listed");
+    // A page of another site whose name resolves to 127.0.0.1 (DNS rebinding).
+    let r = request(&ui.addr, "GET", "/", "evil.example:80", &[("Cookie".into(), cookie.into())], b"");
+    assert_eq!(r.status, 403);
+}
+
+#[test]
+fn ui_answers_carry_a_strict_csp_and_no_inline_script() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let snap = &snap_names(&bk)[1];
+    for path in [
+        "/",
+        "/job?job=srv",
+        &format!("/browse?job=srv&snap={snap}&p=docs"),
+        &format!("/file?job=srv&snap={snap}&p=docs/a.txt"),
+        "/log",
+        "/nope",
+    ] {
+        let r = ui.get(path, Some(&cookie));
+        let csp = r.header("content-security-policy").unwrap_or_else(|| panic!("{path}: no CSP"));
+        for directive in ["default-src 'none'", "script-src 'self'", "frame-ancestors 'none'", "base-uri 'none'"] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{path}");
+        let text = r.text();
+        for (i, _) in text.match_indices("<script") {
+            assert!(text[i..].starts_with("<script src=\"/assets/app.js\""), "{path}: inline script at {i}");
+        }
+        assert!(!text.contains(" style="), "{path}: an inline style");
+    }
+    assert_eq!(ui.get("/nope", None).header("x-frame-options"), Some("DENY"), "refusals carry them too");
+}
+
+#[test]
+fn ui_posts_need_the_csrf_token_our_origin_and_allow_actions() {
+    require_root();
+    let tmp = scratch();
+    let (_, _, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    assert_eq!(ui.post("/action", &cookie, "job=srv&kind=verify").status, 403, "no CSRF token");
+    assert_eq!(ui.post("/action", &cookie, "job=srv&kind=verify&csrf=0000").status, 403, "a wrong one");
+    let other = ui.login();
+    assert_eq!(
+        ui.post("/action", &other, &format!("job=srv&kind=verify&csrf={csrf}")).status,
+        403,
+        "another session's"
+    );
+    let foreign = vec![
+        ("Cookie".to_string(), cookie.clone()),
+        ("Origin".to_string(), "http://evil.example".to_string()),
+        ("Content-Type".to_string(), "application/x-www-form-urlencoded".to_string()),
+    ];
+    let body = format!("job=srv&kind=verify&csrf={csrf}");
+    assert_eq!(request(&ui.addr, "POST", "/action", &ui.addr, &foreign, body.as_bytes()).status, 403, "another origin");
+    let ok = ui.post("/action", &cookie, &body);
+    assert_eq!(ok.status, 303, "{}", ok.text());
+    let op = ok.header("location").unwrap().to_string();
+    assert!(op.starts_with("/op?id="), "{op}");
+    let page = ui.wait_op(&op, &cookie);
+    assert!(page.contains("Finished: exit code 0"), "{page}");
+
+    // Read-only: nothing offered, every POST refused even with its token.
+    let ro = Console::start(&config, &[]);
+    let cookie = ro.login();
+    let home = ro.get("/", Some(&cookie)).text();
+    assert!(!home.contains("name=\"csrf\"") && !home.contains("Back up now"), "{home}");
+    // Refused as read-only whatever the form holds.
+    assert_eq!(ro.post("/action", &cookie, "job=srv&kind=backup&csrf=x").status, 403);
+    assert_eq!(ro.get("/restore?job=srv&snap=x&p=", Some(&cookie)).status, 403);
+}
+
+#[test]
+fn ui_urls_cannot_climb_out_and_symlinks_are_shown_not_followed() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let snap = &snap_names(&bk)[1];
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let first_line = passwd.lines().next().unwrap().to_string();
+    let leaks = |path: &str| {
+        let r = ui.get(path, Some(&cookie));
+        let t = r.text();
+        assert!(!t.contains(&first_line), "{path} served /etc/passwd: {t}");
+        r.status
+    };
+    for p in [
+        "..%2f..%2f..%2fetc%2fpasswd",
+        "../../../etc/passwd",
+        "docs%2f..%2f..%2f..",
+        "a%00b",
+        "%2e%2e%2fetc",
+        "x/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    ] {
+        for page in ["browse", "file", "download"] {
+            let status = leaks(&format!("/{page}?job=srv&snap={snap}&p={p}"));
+            assert_eq!(status, 400, "/{page} with p={p}");
+        }
+    }
+    // The snapshot and the job are names to look up, never paths.
+    for q in ["snap=..&p=etc/passwd", "snap=..%2f..%2fetc&p=passwd", "snap=%2fetc&p=passwd"] {
+        assert_eq!(leaks(&format!("/download?job=srv&{q}")), 404, "{q}");
+    }
+    assert_eq!(leaks(&format!("/download?job=..%2f..&snap={snap}&p=etc/passwd")), 404);
+    // Encoded slashes in the URL's path reach no file either.
+    for path in ["/assets/..%2f..%2f..%2fetc%2fpasswd", "/..%2f..%2fetc%2fpasswd", "/assets/%2e%2e/%2e%2e/etc/passwd"] {
+        assert_eq!(leaks(path), 404, "{path}");
+    }
+    // A symlink to a file outside: listed with its target, its page says so, never served.
+    let root = ui.get(&format!("/browse?job=srv&snap={snap}"), Some(&cookie)).text();
+    assert!(root.contains("→ /etc/passwd") && root.contains("→ /etc<"), "{root}");
+    let page = ui.get(&format!("/file?job=srv&snap={snap}&p=out"), Some(&cookie));
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("/etc/passwd") && !page.text().contains(&first_line));
+    assert!(!page.text().contains("Download this version"), "a symlink offers no download");
+    assert_ne!(leaks(&format!("/download?job=srv&snap={snap}&p=out")), 200);
+    // A symlink to a directory outside: not entered, nothing beneath it reached.
+    assert_ne!(leaks(&format!("/browse?job=srv&snap={snap}&p=outdir")), 200);
+    assert_ne!(leaks(&format!("/download?job=srv&snap={snap}&p=outdir/passwd")), 200);
+    leaks(&format!("/file?job=srv&snap={snap}&p=outdir/passwd"));
+}
+
+#[test]
+fn ui_renders_hostile_names_escaped_and_non_utf8_names_round_trip() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let snap = &snap_names(&bk)[1];
+    let page = ui.get(&format!("/browse?job=srv&snap={snap}&p=docs"), Some(&cookie)).text();
+    assert!(!page.contains("<script>alert") && !page.contains("<img src=x"), "{page}");
+    assert!(page.contains("&lt;script&gt;alert(1)"), "{page}");
+    assert!(page.contains("&lt;img src=x onerror=alert(2)&gt;"), "{page}");
+    assert!(page.contains("new\\nline"), "a newline is shown as \\n: {page}");
+    assert!(page.contains("bad\\xffname"), "an invalid byte is shown as \\xff: {page}");
+    // Its link carries the raw byte, percent-encoded, and leads back to it.
+    assert!(page.contains("p=docs/bad%FFname"), "{page}");
+    let file = ui.get(&format!("/file?job=srv&snap={snap}&p=docs/bad%FFname"), Some(&cookie));
+    assert_eq!(file.status, 200);
+    assert!(file.text().contains("bad\\xffname"));
+    let dl = ui.get(&format!("/download?job=srv&snap={snap}&p=docs/bad%FFname"), Some(&cookie));
+    assert_eq!(dl.status, 200);
+    assert_eq!(dl.body, std::fs::read(src.join(OsStr::from_bytes(b"docs/bad\xffname"))).unwrap());
+    let hist = ui.get(&format!("/file?job=srv&snap={snap}&p=docs/%3Cscript%3Ealert(1)"), Some(&cookie)).text();
+    assert!(!hist.contains("<script>alert"), "{hist}");
+    assert!(hist.contains("&lt;script&gt;alert(1)"), "{hist}");
+}
+
+#[test]
+fn ui_file_history_and_downloads_of_each_version() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let snaps = snap_names(&bk);
+    let page = ui.get(&format!("/file?job=srv&snap={}&p=docs/a.txt", snaps[1]), Some(&cookie)).text();
+    assert!(page.contains(">new<") && page.contains(">changed<"), "{page}");
+    for (s, want) in snaps.iter().zip([&b"first version\n"[..], b"second version, longer\n"]) {
+        let r = ui.get(&format!("/download?job=srv&snap={s}&p=docs/a.txt"), Some(&cookie));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, want, "{s}");
+        assert!(r.header("content-disposition").unwrap().starts_with("attachment"));
+    }
+    let changed = ui.get(&format!("/browse?job=srv&snap={}&p=docs&changed=1", snaps[1]), Some(&cookie)).text();
+    assert!(changed.contains("p=docs/a.txt") && !changed.contains("alert(1)"), "only what changed: {changed}");
+    let job = ui.get("/job?job=srv", Some(&cookie)).text();
+    assert!(job.contains("<svg") && job.contains(&snaps[0]) && job.contains(&snaps[1]), "{job}");
+}
+
+#[test]
+fn ui_restore_previews_then_restores_on_confirmation_and_logs_it() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let snap = &snap_names(&bk)[0];
+    let to = tmp.path().join("restored");
+    let form = format!("csrf={csrf}&job=srv&snap={snap}&p=docs%252Fa.txt&dest=local&to={}&step=preview", to.display());
+    let r = ui.post("/restore", &cookie, &form);
+    assert_eq!(r.status, 303, "{}", r.text());
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(preview.contains("docs/a.txt") && preview.contains("id=\"confirm\""), "{preview}");
+    assert!(!to.join("docs/a.txt").exists(), "a preview writes nothing");
+    let r = ui.post("/restore", &cookie, &form.replace("step=preview", "step=run"));
+    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(done.contains("Finished: exit code 0"), "{done}");
+    assert_eq!(std::fs::read(to.join("docs/a.txt")).unwrap(), std::fs::read(bk.join(snap).join("docs/a.txt")).unwrap());
+    let log = std::fs::read_to_string(bk.join("srv.rbackup/console.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4, "started and finished, twice: {log}");
+    assert!(log.lines().last().unwrap().contains("\"exit_code\":0"), "{log}");
+    let page = ui.get("/log", Some(&cookie)).text();
+    assert!(page.contains("Restore docs/a.txt"), "{page}");
+}
+
+#[test]
+fn ui_refuses_a_non_loopback_address() {
+    let tmp = scratch();
+    let config = tmp.path().join("rbackup.toml");
+    std::fs::write(&config, format!("[job.srv]\nsource = \"/srv\"\nbackups_folder = \"{}\"\n", tmp.path().display()))
+        .unwrap();
+    for extra in [&[][..], &["--allow-remote"][..]] {
+        let mut args: Vec<&OsStr> =
+            vec!["-c".as_ref(), config.as_os_str(), "ui".as_ref(), "--listen".as_ref(), "0.0.0.0:0".as_ref()];
+        args.extend(extra.iter().map(OsStr::new));
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(err.contains("refusing to listen on 0.0.0.0") && out.is_empty(), "{err}");
+    }
+}
