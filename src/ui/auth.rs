@@ -13,7 +13,8 @@
 //!   token (the field `csrf`, or the header `X-CSRF-Token`).
 //! - Every answer carries a strict Content-Security-Policy (scripts and
 //!   styles from the console only, no inline script, no framing), `nosniff`
-//!   and `no-referrer`, and is not cached.
+//!   and `Referrer-Policy: same-origin` (`no-referrer` would make a browser
+//!   send `Origin: null` with the forms), and is not cached.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -133,7 +134,7 @@ pub async fn guard(AxState(state): AxState<Arc<State>>, req: Request, next: Next
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }

@@ -36,3 +36,4 @@ mod setup;
 mod ssh;
 mod systemd;
 mod ui;
+mod ui_browser;

@@ -119,8 +119,27 @@ pub fn request(addr: &str, method: &str, path: &str, host: &str, headers: &[(Str
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
+    // Read to the end of the answer by its length (a peer may keep the
+    // connection open), else to the end of the connection.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            let body = &raw[end + 4..];
+            if len.is_some_and(|n| body.len() >= n) || (head.contains("chunked") && body.ends_with(b"0\r\n\r\n")) {
+                break;
+            }
+        }
+        match s.read(&mut buf).unwrap() {
+            0 => break,
+            n => raw.extend_from_slice(&buf[..n]),
+        }
+    }
     parse(&raw)
 }
 
