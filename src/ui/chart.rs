@@ -1,34 +1,26 @@
 //! The job page's chart of space over time, drawn on the server as SVG (no
-//! script, nothing loaded from elsewhere): each snapshot's apparent size and
-//! the bytes only it holds, and the running total of those — what the
-//! snapshots so far add up to on disk, give or take what later ones share.
+//! script, nothing loaded from elsewhere): each snapshot's apparent size,
+//! the bytes only it holds (what deleting it would free), and the level of
+//! what all the snapshots take on disk together.
 
 use maud::{Markup, html};
 
 use super::data::SnapRow;
 use crate::report::human_bytes;
 
-const W: f64 = 640.0;
+const W: f64 = 960.0;
 const H: f64 = 220.0;
 const LEFT: f64 = 70.0;
 const BOTTOM: f64 = 24.0;
 const TOP: f64 = 10.0;
 
 /// The chart, or nothing when no snapshot has sizes.
-pub fn space(rows: &[SnapRow]) -> Markup {
+pub fn space(rows: &[SnapRow], total: u64) -> Markup {
     let sized: Vec<(&SnapRow, crate::cmd::list::Usage)> = rows.iter().filter_map(|r| r.usage.map(|u| (r, u))).collect();
     if sized.is_empty() {
         return html! {};
     }
-    let mut running = 0u64;
-    let cumulative: Vec<u64> = sized
-        .iter()
-        .map(|(_, u)| {
-            running += u.unique;
-            running
-        })
-        .collect();
-    let max = sized.iter().map(|(_, u)| u.apparent).chain(cumulative.iter().copied()).max().unwrap_or(0).max(1);
+    let max = sized.iter().map(|(_, u)| u.apparent).chain([total]).max().unwrap_or(0).max(1);
     let n = sized.len();
     let x =
         |i: usize| if n == 1 { LEFT + (W - LEFT) / 2.0 } else { LEFT + (W - LEFT - 10.0) * i as f64 / (n - 1) as f64 };
@@ -38,7 +30,6 @@ pub fn space(rows: &[SnapRow]) -> Markup {
     };
     let apparent = line(&mut sized.iter().map(|(_, u)| u.apparent));
     let unique = line(&mut sized.iter().map(|(_, u)| u.unique));
-    let total = line(&mut cumulative.iter().copied());
     let first = sized[0].0.snapshot.time.format("%Y-%m-%d").to_string();
     let last = sized[n - 1].0.snapshot.time.format("%Y-%m-%d").to_string();
     html! {
@@ -51,7 +42,7 @@ pub fn space(rows: &[SnapRow]) -> Markup {
                 text.label x=(LEFT) y=(H - 6.0) { (first) }
                 text.label x=(W - 4.0) y=(H - 6.0) text-anchor="end" { (last) }
                 polyline.s-apparent points=(apparent) {}
-                polyline.s-total points=(total) {}
+                line.s-total x1=(LEFT) y1=(format!("{:.1}", y(total))) x2=(W - 10.0) y2=(format!("{:.1}", y(total))) {}
                 polyline.s-unique points=(unique) {}
                 @for (i, (r, u)) in sized.iter().enumerate() {
                     circle.s-apparent cx=(format!("{:.1}", x(i))) cy=(format!("{:.1}", y(u.apparent))) r="3" {
@@ -62,7 +53,7 @@ pub fn space(rows: &[SnapRow]) -> Markup {
             figcaption {
                 span.key.s-apparent { "apparent size" }
                 span.key.s-unique { "only in that snapshot" }
-                span.key.s-total { "on disk, snapshots so far" }
+                span.key.s-total { "all snapshots on disk" }
             }
         }
     }

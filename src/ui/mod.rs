@@ -122,8 +122,12 @@ pub fn run(opts: &Options) -> Result<Code> {
         });
         let mode = if opts.allow_actions { "restores and actions allowed" } else { "read-only" };
         crate::info!("web console for {} ({mode}); stop it with Ctrl-C", state.config.display());
-        // The URL on stdout alone, so a script (or a test) can read it.
-        println!("http://{addr}/?token={token}");
+        // The URL on stdout alone, so a script (or a test) can read it; a
+        // token from a file stays out of the output (and the journal).
+        match &opts.token_file {
+            None => println!("http://{addr}/?token={token}"),
+            Some(f) => println!("http://{addr}/?token=TOKEN (TOKEN is in {})", f.display()),
+        }
         std::io::Write::flush(&mut std::io::stdout())?;
         axum::serve(listener, router(state)).await.context("the web console stopped")?;
         Ok::<_, anyhow::Error>(())

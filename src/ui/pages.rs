@@ -213,7 +213,7 @@ pub async fn job(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Res
         h1 { "Job " (name) }
         @if rows.is_empty() { p { "No complete snapshot yet." } }
         @else {
-            (chart::space(&rows))
+            (chart::space(&rows, total.unwrap_or(0)))
             @if let Some(t) = total { p.muted { "All " (rows.len()) " snapshots take " (human_bytes(t)) " on disk together." } }
             div.scroll {
                 table.snaps {

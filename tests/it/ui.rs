@@ -258,3 +258,24 @@ fn ui_refuses_a_non_loopback_address() {
         assert!(err.contains("refusing to listen on 0.0.0.0") && out.is_empty(), "{err}");
     }
 }
+
+#[test]
+fn ui_reads_its_token_from_a_file_and_never_prints_it() {
+    require_root();
+    let tmp = scratch();
+    let (_, _, config) = store_with_hostile_names(tmp.path());
+    let file = tmp.path().join("ui-token");
+    let token = "tok-0123456789abcdef0123456789";
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let mut ui = Console::start(&config, &["--token-file", file.to_str().unwrap()]);
+    assert!(ui.token.starts_with("TOKEN (TOKEN is in ") && !ui.token.contains(token), "printed: {}", ui.token);
+    assert_eq!(ui.get(&format!("/?token={token}x"), None).status, 403);
+    ui.token = token.to_string();
+    let cookie = ui.login();
+    assert_eq!(ui.get("/", Some(&cookie)).status, 200);
+    std::fs::write(&file, "short\n").unwrap();
+    let (code, _, err) =
+        run(&["-c".as_ref(), config.as_os_str(), "ui".as_ref(), "--token-file".as_ref(), file.as_os_str()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at least 16"), "{err}");
+}

@@ -48,7 +48,7 @@ fn ui_browser_walk_from_the_url_to_a_restored_file() {
         b.click("section.card.job h2 a");
         b.find("table.snaps");
         assert_eq!(b.count("table.snaps tbody tr"), 2, "both snapshots on the timeline");
-        assert_eq!(b.count("figure.chart svg polyline"), 3, "the space chart");
+        assert_eq!(b.count("figure.chart svg polyline"), 2, "the space chart");
         b.screenshot(&shots, "job");
         pages.push(("job", b.url()));
 
