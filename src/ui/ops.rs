@@ -91,10 +91,10 @@ impl Ops {
         self.all.lock().expect("no panic holding it").iter().find(|o| o.id == id).cloned()
     }
 
-    /// The ids of `job`'s operations still running.
-    pub fn running_for(&self, job: &str) -> Vec<u64> {
+    /// `job`'s operations still running.
+    pub fn running_for(&self, job: &str) -> Vec<Arc<Op>> {
         let all = self.all.lock().expect("no panic holding it");
-        all.iter().filter(|o| o.job == job && o.snapshot().1.is_none()).map(|o| o.id).collect()
+        all.iter().filter(|o| o.job == job && o.snapshot().1.is_none()).cloned().collect()
     }
 }
 

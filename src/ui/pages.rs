@@ -169,7 +169,10 @@ fn card(st: &State, csrf: &Csrf, c: &JobCard) -> Markup {
                 }
             }
             @for op in &running {
-                p.running { "Running: " a href=(url("/op", &[("id", op.to_string().as_bytes())])) { "live output" } }
+                p.running {
+                    "Running: " a href=(url("/op", &[("id", op.id.to_string().as_bytes())])) { (op.title) }
+                    @if let Some(last) = op.snapshot().0.last() { br; code { (last) } }
+                }
             }
             @if st.allow_actions {
                 div.actions {

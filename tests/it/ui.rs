@@ -279,3 +279,27 @@ fn ui_reads_its_token_from_a_file_and_never_prints_it() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("at least 16"), "{err}");
 }
+
+#[test]
+fn ui_prune_shows_its_dry_run_and_deletes_only_when_confirmed() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("keep_last = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=prune-preview"));
+    assert_eq!(r.status, 303, "{}", r.text());
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let older = &snap_names(&bk)[0];
+    assert!(preview.contains(older.as_str()) && preview.contains("id=\"confirm\""), "{preview}");
+    assert_eq!(complete(&bk, "srv").len(), 2, "a preview deletes nothing");
+    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=prune"));
+    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(done.contains("Finished: exit code 0"), "{done}");
+    assert_eq!(complete(&bk, "srv").len(), 1, "the older snapshot is gone");
+    assert!(!bk.join(older).exists());
+}
