@@ -115,15 +115,23 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
     let found = blocking(move || {
         let o = open(&st2, &p2)?;
         let dir = paths::open_dir(&o.root, &rel2)?;
-        let prev = if changed { o.previous_root().and_then(|r| paths::open_dir(&r, &rel2).ok()) } else { None };
-        let mut entries = data::list_dir(&dir, prev.as_ref(), changed)?;
-        if changed {
-            entries.retain(|e| e.change.is_some());
-        }
-        Ok((o.job.job.clone(), o.snap().clone(), o.index > 0, entries))
+        // Only what changed: every entry compared. Else only this page's
+        // entries are looked at.
+        let (total, entries) = if changed {
+            let prev = o.previous_root().and_then(|r| paths::open_dir(&r, &rel2).ok());
+            let mut all = data::list_dir(&dir, prev.as_ref(), true)?;
+            all.retain(|e| e.change.is_some());
+            let total = all.len();
+            (total, all.into_iter().skip(page * PAGE).take(PAGE).collect())
+        } else {
+            let names = data::sorted_names(&dir)?;
+            let slice = names.get(page * PAGE..).unwrap_or_default();
+            (names.len(), data::stat_entries(&dir, &slice[..slice.len().min(PAGE)]))
+        };
+        Ok((o.job.job.clone(), o.snap().clone(), o.index > 0, total, entries))
     })
     .await;
-    let (job, snap, has_prev, entries) = match found {
+    let (job, snap, has_prev, total, entries) = match found {
         Ok(f) => f,
         Err(e) => {
             // A path that is not a directory (a file, a symlink) has a page of its own.
@@ -142,9 +150,7 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
         }
     };
     let (j, s) = (job.as_bytes(), snap.folder.as_bytes());
-    let pages = entries.len().div_ceil(PAGE).max(1);
-    let page = page.min(pages - 1);
-    let shown_entries = &entries[page * PAGE..((page + 1) * PAGE).min(entries.len())];
+    let pages = total.div_ceil(PAGE).max(1);
     let toggle = if changed { "0" } else { "1" };
     let page_url = |n: usize| {
         url(
@@ -171,17 +177,18 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
                 a.button href=(url("/restore", &[("job", j), ("snap", s), ("p", &rel)])) { "Restore this folder…" }
             }
         }
-        @if entries.is_empty() { p { @if changed { "Nothing changed here." } @else { "Empty folder." } } }
+        @if total == 0 { p { @if changed { "Nothing changed here." } @else { "Empty folder." } } }
+        @else if entries.is_empty() { p { "No such page." } }
         @else {
             div.scroll { table.listing {
                 thead { tr { th { "Name" } th { "Mode" } th { "Owner" } th.num { "Size" } th { "Modified (UTC)" } } }
-                tbody { @for e in shown_entries { (entry_row(j, s, &rel, e)) } }
+                tbody { @for e in &entries { (entry_row(j, s, &rel, e)) } }
             } }
         }
         @if pages > 1 {
             nav.pages {
                 @if page > 0 { a href=(page_url(page - 1)) { "‹ previous" } }
-                span { "page " (page + 1) " of " (pages) " (" (entries.len()) " entries)" }
+                span { "page " (page + 1) " of " (pages) " (" (total) " entries)" }
                 @if page + 1 < pages { a href=(page_url(page + 1)) { "next ›" } }
             }
         }

@@ -209,7 +209,39 @@ pub struct Entry {
     pub change: Option<&'static str>,
 }
 
-/// The entries of `dir`, directories first, then by name (bytes); with
+/// The names of `dir`, directories first, then by name (bytes), from
+/// `readdir` alone: a page of a huge directory `lstat`s only its own
+/// entries ([`stat_entries`]).
+pub fn sorted_names(dir: &Dir) -> std::io::Result<Vec<(Vec<u8>, bool)>> {
+    let mut names: Vec<(Vec<u8>, bool)> = dir
+        .entries()?
+        .into_iter()
+        .map(|(_, name, t)| {
+            let is_dir = match t {
+                FileType::Unknown => dir.stat(&name).is_ok_and(|st| file_type(&st) == FileType::Directory),
+                t => t == FileType::Directory,
+            };
+            (name, is_dir)
+        })
+        .collect();
+    names.sort_by(|a, b| (!a.1, &a.0).cmp(&(!b.1, &b.0)));
+    Ok(names)
+}
+
+/// The entries of `names` in `dir` (one that vanished is left out).
+pub fn stat_entries(dir: &Dir, names: &[(Vec<u8>, bool)]) -> Vec<Entry> {
+    names
+        .iter()
+        .filter_map(|(name, _)| {
+            let stat = dir.stat(name).ok()?;
+            let kind = file_type(&stat);
+            let target = (kind == FileType::Symlink).then(|| dir.read_link(name).unwrap_or_default());
+            Some(Entry { name: name.clone(), kind, stat, target, change: None })
+        })
+        .collect()
+}
+
+/// Every entry of `dir`, directories first, then by name (bytes); with
 /// `prev` (the same directory in the snapshot before, if it has it), each
 /// says whether it changed, and the deleted ones are listed too.
 pub fn list_dir(dir: &Dir, prev: Option<&Dir>, compare: bool) -> std::io::Result<Vec<Entry>> {

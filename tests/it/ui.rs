@@ -303,3 +303,33 @@ fn ui_prune_shows_its_dry_run_and_deletes_only_when_confirmed() {
     assert_eq!(complete(&bk, "srv").len(), 1, "the older snapshot is gone");
     assert!(!bk.join(older).exists());
 }
+
+#[test]
+fn ui_listings_paginate_with_directories_first() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk, config) = store_with_hostile_names(tmp.path());
+    for i in 0..450 {
+        write(&src.join(format!("many/f{i:03}")), b"");
+    }
+    std::fs::create_dir(src.join("many/zz-dir")).unwrap();
+    let (code, _, err) = run(&["-c".as_ref(), config.as_os_str(), "backup".as_ref()]);
+    assert_eq!(code, 0, "{err}");
+    let snap = snap_names(&bk).pop().unwrap();
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let mut seen = Vec::new();
+    for page in 0..3 {
+        let text = ui.get(&format!("/browse?job=srv&snap={snap}&p=many&page={page}"), Some(&cookie)).text();
+        assert!(text.contains(&format!("page {} of 3 (451 entries)", page + 1)), "{text}");
+        let names: Vec<String> =
+            text.match_indices("p=many/").map(|(i, _)| text[i + 7..].split('"').next().unwrap().to_string()).collect();
+        if page == 0 {
+            assert_eq!(names[0], "zz-dir", "directories first");
+        }
+        seen.extend(names);
+    }
+    let mut want: Vec<String> = (0..450).map(|i| format!("f{i:03}")).collect();
+    want.insert(0, "zz-dir".into());
+    assert_eq!(seen, want, "three pages, each entry once, in order");
+}
