@@ -15,7 +15,7 @@ use anyhow::{Result, anyhow};
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State as AxState};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use rustix::fs::{FileType, Stat};
 
@@ -134,17 +134,16 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
     let (job, snap, has_prev, total, entries) = match found {
         Ok(f) => f,
         Err(e) => {
-            // A path that is not a directory (a file, a symlink) has a page of its own.
+            // A path that is not a directory (a file, a symlink, never
+            // followed) has a page of its own.
             if let Some(io) = e.downcast_ref::<std::io::Error>()
                 && matches!(
                     rustix::io::Errno::from_io_error(io),
                     Some(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP)
                 )
             {
-                return error_page(
-                    StatusCode::NOT_FOUND,
-                    &format!("{} is not a folder (a file or a symlink, which is never followed)", shown(&rel)),
-                );
+                let (j, s) = (params.get("job").unwrap_or_default(), params.get("snap").unwrap_or_default());
+                return Redirect::to(&url("/file", &[("job", j), ("snap", s), ("p", &rel)])).into_response();
             }
             return failed(&e);
         }

@@ -17,7 +17,8 @@
 //!   without following any symlink;
 //! - [`data`]: what the pages show, gathered from the store;
 //! - [`pages`], [`browse`], [`chart`]: the HTML (maud, escaped by default);
-//! - [`ops`]: child processes, their live output (SSE), the operation log.
+//! - [`ops`], [`restore`]: child processes, their live output (SSE), the
+//!   operation log; a restore's destination, preview and confirmation.
 
 mod assets;
 mod auth;
