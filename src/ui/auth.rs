@@ -1,8 +1,9 @@
 //! Who may talk to the console, and what every answer carries.
 //!
-//! - The `Host` header must name the address the console listens on (a
-//!   page of another site that rebinds its DNS name to 127.0.0.1 sends its
-//!   own name, and is refused).
+//! - On loopback, the `Host` header must name the address the console
+//!   listens on (a page of another site that rebinds its DNS name to
+//!   127.0.0.1 sends its own name, and is refused); over TLS the
+//!   certificate check does that.
 //! - A secret token, made at start (or read from `--token-file`), is given
 //!   once in the URL; it is exchanged for a random session id in an
 //!   `HttpOnly`, `SameSite=Strict` cookie, and the answer redirects to the
@@ -45,7 +46,11 @@ pub struct Auth {
     token: String,
     /// Session id → its CSRF token, in order of creation.
     sessions: Mutex<Vec<(String, String)>>,
-    hosts: Vec<String>,
+    /// The `Host` headers accepted; `None`: any (over TLS, where a page of
+    /// another name can't reach the console without a certificate error).
+    hosts: Option<Vec<String>>,
+    /// `https` or `http`: what an `Origin` must start with.
+    scheme: &'static str,
 }
 
 /// The session's CSRF token, for the forms of a page.
@@ -53,13 +58,15 @@ pub struct Auth {
 pub struct Csrf(pub String);
 
 impl Auth {
-    pub fn new(token: String, addr: SocketAddr) -> Auth {
+    /// For a console listening on `addr`, over TLS or not.
+    pub fn new(token: String, addr: SocketAddr, tls: bool) -> Auth {
         let port = addr.port();
         let mut hosts = vec![addr.to_string()];
         if addr.ip().is_loopback() {
             hosts.extend([format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")]);
         }
-        Auth { token, sessions: Mutex::new(Vec::new()), hosts }
+        let hosts = (!tls || addr.ip().is_loopback()).then_some(hosts);
+        Auth { token, sessions: Mutex::new(Vec::new()), hosts, scheme: if tls { "https" } else { "http" } }
     }
 
     fn new_session(&self) -> Result<(String, String)> {
@@ -142,7 +149,7 @@ pub async fn guard(AxState(state): AxState<Arc<State>>, req: Request, next: Next
 async fn check(state: &State, req: Request, next: Next) -> Response {
     let auth = &state.auth;
     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
-    if !auth.hosts.iter().any(|h| h == host) {
+    if auth.hosts.as_ref().is_some_and(|hosts| !hosts.iter().any(|h| h == host)) {
         return refuse(StatusCode::FORBIDDEN, "This console answers only to the address it listens on.");
     }
     let host = host.to_string();
@@ -168,7 +175,8 @@ async fn check(state: &State, req: Request, next: Next) -> Response {
         };
         let mut resp = Response::new(Body::empty());
         *resp.status_mut() = StatusCode::SEE_OTHER;
-        let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict");
+        let secure = if auth.scheme == "https" { "; Secure" } else { "" };
+        let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict{secure}");
         resp.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("ASCII"));
         resp.headers_mut()
             .insert(header::LOCATION, HeaderValue::from_str(&target).unwrap_or(HeaderValue::from_static("/")));
@@ -183,7 +191,7 @@ async fn check(state: &State, req: Request, next: Next) -> Response {
     let mut req = req;
     if req.method() != Method::GET && req.method() != Method::HEAD {
         if let Some(origin) = req.headers().get(header::ORIGIN) {
-            let ok = origin.to_str().is_ok_and(|o| o == format!("http://{host}"));
+            let ok = origin.to_str().is_ok_and(|o| o == format!("{}://{host}", auth.scheme));
             if !ok {
                 return refuse(StatusCode::FORBIDDEN, "A form of another site was refused.");
             }
@@ -232,8 +240,11 @@ mod tests {
 
     #[test]
     fn only_the_listening_address_is_a_host() {
-        let a = Auth::new("t".into(), "127.0.0.1:8470".parse().unwrap());
-        assert!(a.hosts.contains(&"localhost:8470".to_string()));
-        assert!(!a.hosts.iter().any(|h| h.starts_with("evil")));
+        let a = Auth::new("t".into(), "127.0.0.1:8470".parse().unwrap(), false);
+        let hosts = a.hosts.unwrap();
+        assert!(hosts.contains(&"localhost:8470".to_string()));
+        assert!(!hosts.iter().any(|h| h.starts_with("evil")));
+        assert!(Auth::new("t".into(), "127.0.0.1:8470".parse().unwrap(), true).hosts.is_some());
+        assert!(Auth::new("t".into(), "0.0.0.0:8470".parse().unwrap(), true).hosts.is_none());
     }
 }

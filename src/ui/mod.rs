@@ -11,6 +11,7 @@
 //! adds no second way to write anything.
 //!
 //! The layers, outside in:
+//! - [`tls`]: TLS, for an address beyond loopback (`--allow-remote`);
 //! - [`auth`]: Host check, the secret token exchanged for a session cookie,
 //!   CSRF on every POST, the security headers on every answer;
 //! - [`paths`]: URL bytes ⇄ snapshot paths, resolved beneath the snapshot
@@ -29,6 +30,7 @@ mod ops;
 mod pages;
 mod paths;
 mod restore;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -90,18 +92,19 @@ pub fn run(opts: &Options) -> Result<Code> {
     if !ip.is_loopback() {
         if !opts.allow_remote {
             return Err(usage!(
-                "refusing to listen on {ip}: it is not a loopback address; the console can restore and delete \
+                "refusing to listen on {ip}: it is not a loopback address, and the console can restore and delete \
                  as root. Keep the default 127.0.0.1 and reach it through `ssh -L 8470:127.0.0.1:8470 desktop`, \
                  or give --allow-remote with --tls-cert and --tls-key"
             ));
         }
-        // TLS is not built yet: a non-loopback address is refused whatever
-        // the flags, rather than served in clear text.
-        return Err(usage!(
-            "refusing to listen on {ip}: serving the console beyond loopback needs TLS, which this version does \
-             not have yet; keep 127.0.0.1 and use an SSH tunnel (`ssh -L 8470:127.0.0.1:8470 desktop`)"
-        ));
+        if opts.tls.is_none() {
+            return Err(usage!(
+                "refusing to listen on {ip} without TLS: give --tls-cert FILE and --tls-key FILE (PEM), or keep \
+                 127.0.0.1 and use an SSH tunnel"
+            ));
+        }
     }
+    let tls = opts.tls.as_ref().map(|(cert, key)| tls::acceptor(cert, key)).transpose()?;
     let all = AllJobs::load(opts.config.as_deref(), None)?;
     let config = std::path::absolute(&all.file.0).unwrap_or_else(|_| all.file.0.clone());
     let token = match &opts.token_file {
@@ -114,23 +117,33 @@ pub fn run(opts: &Options) -> Result<Code> {
             .await
             .with_context(|| format!("cannot listen on {}", opts.listen))?;
         let addr = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let state = Arc::new(State {
             config,
             allow_actions: opts.allow_actions,
-            auth: auth::Auth::new(token.clone(), addr),
+            auth: auth::Auth::new(token.clone(), addr, tls.is_some()),
             ops: ops::Ops::default(),
             cache: data::Cache::default(),
         });
         let mode = if opts.allow_actions { "restores and actions allowed" } else { "read-only" };
         crate::info!("web console for {} ({mode}); stop it with Ctrl-C", state.config.display());
+        if !ip.is_loopback() {
+            crate::warn!(
+                "listening on {addr}, beyond this machine: whoever reaches it with the token acts as root on the backups"
+            );
+        }
         // The URL on stdout alone, so a script (or a test) can read it; a
         // token from a file stays out of the output (and the journal).
         match &opts.token_file {
-            None => println!("http://{addr}/?token={token}"),
-            Some(f) => println!("http://{addr}/?token=TOKEN (TOKEN is in {})", f.display()),
+            None => println!("{scheme}://{addr}/?token={token}"),
+            Some(f) => println!("{scheme}://{addr}/?token=TOKEN (TOKEN is in {})", f.display()),
         }
         std::io::Write::flush(&mut std::io::stdout())?;
-        axum::serve(listener, router(state)).await.context("the web console stopped")?;
+        match tls {
+            Some(acceptor) => axum::serve(tls::TlsListener::new(listener, acceptor)?, router(state)).await,
+            None => axum::serve(listener, router(state)).await,
+        }
+        .context("the web console stopped")?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(Code::Ok)

@@ -244,19 +244,88 @@ fn ui_restore_previews_then_restores_on_confirmation_and_logs_it() {
 }
 
 #[test]
-fn ui_refuses_a_non_loopback_address() {
+fn ui_refuses_a_non_loopback_address_without_allow_remote_and_tls() {
     let tmp = scratch();
     let config = tmp.path().join("rbackup.toml");
     std::fs::write(&config, format!("[job.srv]\nsource = \"/srv\"\nbackups_folder = \"{}\"\n", tmp.path().display()))
         .unwrap();
-    for extra in [&[][..], &["--allow-remote"][..]] {
+    for (extra, why) in [(&[][..], "--allow-remote"), (&["--allow-remote"][..], "without TLS")] {
         let mut args: Vec<&OsStr> =
             vec!["-c".as_ref(), config.as_os_str(), "ui".as_ref(), "--listen".as_ref(), "0.0.0.0:0".as_ref()];
         args.extend(extra.iter().map(OsStr::new));
         let (code, out, err) = run(&args);
         assert_eq!(code, 2, "{out}{err}");
-        assert!(err.contains("refusing to listen on 0.0.0.0") && out.is_empty(), "{err}");
+        assert!(err.contains("refusing to listen on 0.0.0.0") && err.contains(why) && out.is_empty(), "{err}");
     }
+}
+
+/// One HTTP/1.1 request over TLS (through `openssl s_client`, which does
+/// not check the test's self-signed certificate); the raw answer.
+fn https_get(port: u16, path: &str) -> String {
+    let mut child = std::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &format!("127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl (scripts/install-deps.sh installs it)");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: desktop.example:{port}\r\nConnection: close\r\n\r\n");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), req.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn ui_beyond_loopback_speaks_only_tls_with_a_secure_cookie() {
+    require_root();
+    let tmp = scratch();
+    let (_, _, config) = store_with_hostile_names(tmp.path());
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    sh(&format!(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=desktop.example \
+         -keyout '{}' -out '{}' 2>/dev/null",
+        key.display(),
+        cert.display()
+    ));
+    let mut child = rbackup(&[
+        "-c".as_ref(),
+        config.as_os_str(),
+        "ui".as_ref(),
+        "--listen".as_ref(),
+        "0.0.0.0:0".as_ref(),
+        "--allow-remote".as_ref(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let rest = line.trim().strip_prefix("https://0.0.0.0:").unwrap_or_else(|| panic!("printed {line:?}"));
+    let (port, token) = rest.split_once("/?token=").unwrap();
+    let port: u16 = port.parse().unwrap();
+    let answer = https_get(port, &format!("/?token={token}"));
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    let cookie = answer.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_default();
+    assert!(cookie.contains("Secure") && cookie.contains("HttpOnly"), "{cookie}");
+    assert!(https_get(port, "/").starts_with("HTTP/1.1 401"), "no session over TLS either");
+    // Plain HTTP gets no page.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    plain.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    std::io::Write::write_all(&mut plain, format!("GET /?token={token} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut got);
+    assert!(!String::from_utf8_lossy(&got).contains("HTTP/1.1"), "{got:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("beyond this machine"), "a warning: {err}");
 }
 
 #[test]
