@@ -42,6 +42,11 @@ pub use super::restore::{restore, restore_form};
 pub const LOG_FILE: &str = "console.jsonl";
 /// Output lines kept with an operation's "finished" record.
 const LOG_TAIL: usize = 10;
+/// Output lines kept in memory per operation; later ones are dropped
+/// (the command's own log keeps everything).
+const LINES_MAX: usize = 20_000;
+/// Finished operations kept in memory (their pages); the log keeps all.
+const OPS_MAX: usize = 100;
 
 /// What a finished preview offers to run.
 #[derive(Debug, Clone)]
@@ -72,7 +77,11 @@ impl Op {
     fn push(&self, line: String) {
         let n = {
             let mut s = self.state.lock().expect("no panic holding it");
-            s.0.push(line);
+            match s.0.len() {
+                n if n < LINES_MAX => s.0.push(line),
+                n if n == LINES_MAX => s.0.push(format!("(more output than {LINES_MAX} lines: see the job's log)")),
+                _ => return,
+            }
             s.0.len()
         };
         self.tick.send_replace(n);
@@ -117,7 +126,15 @@ pub fn start(st: &Arc<State>, job: &Job, title: String, args: Vec<String>, confi
         state: Mutex::new((Vec::new(), None)),
         tick: watch::channel(0).0,
     });
-    st.ops.all.lock().expect("no panic holding it").push(op.clone());
+    {
+        let mut all = st.ops.all.lock().expect("no panic holding it");
+        if all.len() >= OPS_MAX
+            && let Some(i) = all.iter().position(|o| o.snapshot().1.is_some())
+        {
+            all.remove(i);
+        }
+        all.push(op.clone());
+    }
     record(job, &json!({"event": "started", "op": op.id, "title": op.title, "command": op.command}));
     let (out, err) = (child.stdout.take(), child.stderr.take());
     let job = job.clone();
