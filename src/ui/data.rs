@@ -16,7 +16,7 @@ use rustix::fs::{FileType, Stat};
 
 use crate::cmd::diff::{self, Change};
 use crate::cmd::list::{self, Usage};
-use crate::cmd::status::{self, Replica};
+use crate::cmd::status::{self, Held, Replica};
 use crate::config::Job;
 use crate::fs::safefs::{Dir, file_type};
 use crate::store::{Snapshot, Store};
@@ -149,6 +149,8 @@ pub struct SnapRow {
     pub usage: Option<Usage>,
     /// Against the complete snapshot before; `None` for the first.
     pub counts: Option<Counts>,
+    /// Whether each of the job's `replicas` holds it (as `status` says).
+    pub replicas: Vec<Held>,
 }
 
 /// A job's snapshots, oldest first, with sizes and changes; and the bytes
@@ -167,13 +169,16 @@ pub fn snapshots(cache: &Cache, job: &Job) -> Result<(Vec<SnapRow>, Option<u64>)
             (u, t)
         }
     };
+    let held = if job.replicas.is_empty() { Vec::new() } else { status::status(job)?.rows };
     let mut rows = Vec::new();
     for (i, s) in snaps.iter().enumerate() {
         let counts = match i.checked_sub(1).map(|p| &snaps[p]) {
             None => None,
             Some(prev) => counts(cache, &store, &key, prev, s).ok(),
         };
-        rows.push(SnapRow { snapshot: s.clone(), usage: usage.get(i).copied(), counts });
+        let replicas =
+            held.iter().find(|r| r.snapshot.folder == s.folder).map(|r| r.replicas.clone()).unwrap_or_default();
+        rows.push(SnapRow { snapshot: s.clone(), usage: usage.get(i).copied(), counts, replicas });
     }
     Ok((rows, Some(total)))
 }

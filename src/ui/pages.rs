@@ -18,7 +18,7 @@ use super::auth::Csrf;
 use super::data::{self, JobCard};
 use super::paths::{Params, encode};
 use super::{State, chart};
-use crate::cmd::status::Replica;
+use crate::cmd::status::{Held, Replica};
 use crate::report::human_bytes;
 
 /// A page: title, the trail of links above it, its body.
@@ -204,10 +204,11 @@ pub async fn job(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Res
     let n2 = name.clone();
     let found = blocking(move || {
         let job = st2.job(&n2)?;
-        data::snapshots(&st2.cache, &job)
+        let (rows, total) = data::snapshots(&st2.cache, &job)?;
+        Ok((rows, total, job.replicas))
     })
     .await;
-    let (rows, total) = match found {
+    let (rows, total, replicas) = match found {
         Ok(r) => r,
         Err(e) => return failed(&e),
     };
@@ -220,7 +221,10 @@ pub async fn job(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Res
             @if let Some(t) = total { p.muted { "All " (rows.len()) " snapshots take " (human_bytes(t)) " on disk together." } }
             div.scroll {
                 table.snaps {
-                    thead { tr { th { "Snapshot" } th { "Size" } th { "Only here" } th { "Added" } th { "Removed" } th { "Changed" } th { "Metadata" } } }
+                    thead { tr {
+                        th { "Snapshot" } th { "Size" } th { "Only here" } th { "Added" } th { "Removed" } th { "Changed" } th { "Metadata" }
+                        @for r in &replicas { th { "On " (r) } }
+                    } }
                     tbody {
                         @for r in rows.iter().rev() {
                             tr {
@@ -233,6 +237,13 @@ pub async fn job(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Res
                                 @match r.counts {
                                     Some(c) => { td.num { (c.added) } td.num { (c.removed) } td.num { (c.changed) } td.num { (c.metadata) } }
                                     None => { td.num colspan="4" { "first" } }
+                                }
+                                @for h in &r.replicas {
+                                    td { @match h {
+                                        Held::Yes => span.ok { "yes" },
+                                        Held::Pending(b) => span.warn { "pending" @if let Some(b) = b { " (" (human_bytes(*b)) ")" } },
+                                        Held::Unreadable => span.warn { "unreadable" },
+                                    } }
                                 }
                             }
                         }

@@ -402,3 +402,26 @@ fn ui_listings_paginate_with_directories_first() {
     want.insert(0, "zz-dir".into());
     assert_eq!(seen, want, "three pages, each entry once, in order");
 }
+
+#[test]
+fn ui_shows_what_each_replica_holds_and_what_is_pending() {
+    require_root();
+    let tmp = scratch();
+    let (_, _, config) = store_with_hostile_names(tmp.path());
+    let usb = tmp.path().join("usb");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("replicas = [\"{}\"]\n", usb.display()));
+    std::fs::write(&config, text).unwrap();
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let home = ui.get("/", Some(&cookie)).text();
+    assert!(home.contains("2 pending, about"), "{home}");
+    let job = ui.get("/job?job=srv", Some(&cookie)).text();
+    assert!(job.contains(&format!("On {}", usb.display())) && job.matches(">pending").count() == 2, "{job}");
+    let (code, _, err) = run(&["-c".as_ref(), config.as_os_str(), "replicate".as_ref()]);
+    assert_eq!(code, 0, "{err}");
+    let home = ui.get("/", Some(&cookie)).text();
+    assert!(home.contains("up to date"), "{home}");
+    let job = ui.get("/job?job=srv", Some(&cookie)).text();
+    assert_eq!(job.matches(">yes<").count(), 2, "{job}");
+}
