@@ -7,10 +7,10 @@
 //! are kept in [`Cache`] — the changes per pair of snapshots, the sizes per
 //! set of snapshots (what only one snapshot holds depends on the others).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use chrono::{DateTime, Duration, Utc};
 use rustix::fs::{FileType, Stat};
 
@@ -25,11 +25,16 @@ use crate::store::{Snapshot, Store};
 /// and two hours (the shipped timers run daily).
 const STALE_DEFAULT_HOURS: i64 = 26;
 
-/// Results kept between requests.
+/// Results kept between requests (cheap to clone: one shared cache).
+#[derive(Default, Clone)]
+pub struct Cache(Arc<Inner>);
+
 #[derive(Default)]
-pub struct Cache {
+struct Inner {
     counts: Mutex<HashMap<(String, String, String), Counts>>,
     usage: Mutex<HashMap<String, Sizes>>,
+    /// Jobs whose snapshots are being measured.
+    measuring: Mutex<HashSet<String>>,
 }
 
 /// A set of snapshot folders, their sizes, and their total on disk.
@@ -153,41 +158,69 @@ pub struct SnapRow {
     pub replicas: Vec<Held>,
 }
 
-/// A job's snapshots, oldest first, with sizes and changes; and the bytes
-/// all of them take on disk.
-pub fn snapshots(cache: &Cache, job: &Job) -> Result<(Vec<SnapRow>, Option<u64>)> {
+/// A job's snapshots, oldest first, with the sizes and changes known so
+/// far; the bytes all of them take on disk, once known; and whether they
+/// are being measured. What isn't known yet is measured in a thread of its
+/// own (a walk of every snapshot can take minutes on a big store), so the
+/// page answers at once and shows the figures when it is reloaded.
+pub fn snapshots(cache: &Cache, job: &Job) -> Result<(Vec<SnapRow>, Option<u64>, bool)> {
     let store = Store::open(&job.backups_folder, &job.name)?;
     let snaps: Vec<Snapshot> = store.snapshots()?.into_iter().filter(|s| s.complete).collect();
     let folders: Vec<String> = snaps.iter().map(|s| s.folder.clone()).collect();
     let key = format!("{}\0{}", job.backups_folder.display(), job.name);
-    let cached = cache.usage.lock().expect("no panic holding it").get(&key).filter(|(f, ..)| *f == folders).cloned();
-    let (usage, total) = match cached {
-        Some((_, u, t)) => (u, t),
-        None => {
-            let (u, t) = list::usage(&store, &snaps).context("measuring the snapshots")?;
-            cache.usage.lock().expect("no panic holding it").insert(key.clone(), (folders, u.clone(), t));
-            (u, t)
-        }
-    };
+    let sizes = cache.0.usage.lock().expect("no panic holding it").get(&key).filter(|(f, ..)| *f == folders).cloned();
     let held = if job.replicas.is_empty() { Vec::new() } else { status::status(job)?.rows };
     let mut rows = Vec::new();
+    let mut complete = sizes.is_some();
     for (i, s) in snaps.iter().enumerate() {
-        let counts = match i.checked_sub(1).map(|p| &snaps[p]) {
-            None => None,
-            Some(prev) => counts(cache, &store, &key, prev, s).ok(),
-        };
+        let counts = i.checked_sub(1).and_then(|p| cache.counts(&key, &snaps[p], s));
+        complete &= i == 0 || counts.is_some();
         let replicas =
             held.iter().find(|r| r.snapshot.folder == s.folder).map(|r| r.replicas.clone()).unwrap_or_default();
-        rows.push(SnapRow { snapshot: s.clone(), usage: usage.get(i).copied(), counts, replicas });
+        let usage = sizes.as_ref().and_then(|(_, u, _)| u.get(i).copied());
+        rows.push(SnapRow { snapshot: s.clone(), usage, counts, replicas });
     }
-    Ok((rows, Some(total)))
+    if !complete {
+        measure(cache, key, store, snaps);
+    }
+    Ok((rows, sizes.map(|(_, _, t)| t), !complete))
 }
 
-fn counts(cache: &Cache, store: &Store, key: &str, a: &Snapshot, b: &Snapshot) -> Result<Counts> {
-    let k = (key.to_string(), a.folder.clone(), b.folder.clone());
-    if let Some(c) = cache.counts.lock().expect("no panic holding it").get(&k) {
-        return Ok(*c);
+/// Measures sizes and changes of `snaps` in a thread, once per job at a time.
+fn measure(cache: &Cache, key: String, store: Store, snaps: Vec<Snapshot>) {
+    if !cache.0.measuring.lock().expect("no panic holding it").insert(key.clone()) {
+        return;
     }
+    let cache = cache.clone();
+    std::thread::spawn(move || {
+        for pair in snaps.windows(2) {
+            if cache.counts(&key, &pair[0], &pair[1]).is_none()
+                && let Ok(c) = count_changes(&store, &pair[0], &pair[1])
+            {
+                let k = (key.clone(), pair[0].folder.clone(), pair[1].folder.clone());
+                cache.0.counts.lock().expect("no panic holding it").insert(k, c);
+            }
+        }
+        match list::usage(&store, &snaps) {
+            Ok((u, t)) => {
+                let folders = snaps.iter().map(|s| s.folder.clone()).collect();
+                cache.0.usage.lock().expect("no panic holding it").insert(key.clone(), (folders, u, t));
+            }
+            Err(e) => crate::warn!("could not measure the snapshots of {}: {e:#}", store.shown()),
+        }
+        cache.0.measuring.lock().expect("no panic holding it").remove(&key);
+    });
+}
+
+impl Cache {
+    fn counts(&self, key: &str, a: &Snapshot, b: &Snapshot) -> Option<Counts> {
+        let k = (key.to_string(), a.folder.clone(), b.folder.clone());
+        self.0.counts.lock().expect("no panic holding it").get(&k).copied()
+    }
+}
+
+/// What changed from `a` to `b`, from their manifests (as `diff` counts).
+fn count_changes(store: &Store, a: &Snapshot, b: &Snapshot) -> Result<Counts> {
     let mut c = Counts::default();
     for (change, _) in diff::diff(store, a, b)? {
         match change {
@@ -197,7 +230,6 @@ fn counts(cache: &Cache, store: &Store, key: &str, a: &Snapshot, b: &Snapshot) -
             Change::Metadata => c.metadata += 1,
         }
     }
-    cache.counts.lock().expect("no panic holding it").insert(k, c);
     Ok(c)
 }
 

@@ -204,11 +204,11 @@ pub async fn job(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Res
     let n2 = name.clone();
     let found = blocking(move || {
         let job = st2.job(&n2)?;
-        let (rows, total) = data::snapshots(&st2.cache, &job)?;
-        Ok((rows, total, job.replicas))
+        let (rows, total, measuring) = data::snapshots(&st2.cache, &job)?;
+        Ok((rows, total, measuring, job.replicas))
     })
     .await;
-    let (rows, total, replicas) = match found {
+    let (rows, total, measuring, replicas) = match found {
         Ok(r) => r,
         Err(e) => return failed(&e),
     };
@@ -216,8 +216,9 @@ pub async fn job(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Res
     let body = html! {
         h1 { "Job " (name) }
         @if rows.is_empty() { p { "No complete snapshot yet." } }
+        @if measuring { p #measuring.running { "Measuring the snapshots' sizes and changes… (this page reloads itself)" } }
         @else {
-            (chart::space(&rows, total.unwrap_or(0)))
+            @if let Some(t) = total { (chart::space(&rows, t)) }
             @if let Some(t) = total { p.muted { "All " (rows.len()) " snapshots take " (human_bytes(t)) " on disk together." } }
             div.scroll {
                 table.snaps {

@@ -212,8 +212,9 @@ fn ui_file_history_and_downloads_of_each_version() {
     }
     let changed = ui.get(&format!("/browse?job=srv&snap={}&p=docs&changed=1", snaps[1]), Some(&cookie)).text();
     assert!(changed.contains("p=docs/a.txt") && !changed.contains("alert(1)"), "only what changed: {changed}");
-    let job = ui.get("/job?job=srv", Some(&cookie)).text();
+    let job = ui.job_page("srv", &cookie);
     assert!(job.contains("<svg") && job.contains(&snaps[0]) && job.contains(&snaps[1]), "{job}");
+    assert!(job.contains("<td class=\"num\">1</td>"), "one file changed: {job}");
 }
 
 #[test]
@@ -416,12 +417,12 @@ fn ui_shows_what_each_replica_holds_and_what_is_pending() {
     let cookie = ui.login();
     let home = ui.get("/", Some(&cookie)).text();
     assert!(home.contains("2 pending, about"), "{home}");
-    let job = ui.get("/job?job=srv", Some(&cookie)).text();
+    let job = ui.job_page("srv", &cookie);
     assert!(job.contains(&format!("On {}", usb.display())) && job.matches(">pending").count() == 2, "{job}");
     let (code, _, err) = run(&["-c".as_ref(), config.as_os_str(), "replicate".as_ref()]);
     assert_eq!(code, 0, "{err}");
     let home = ui.get("/", Some(&cookie)).text();
     assert!(home.contains("up to date"), "{home}");
-    let job = ui.get("/job?job=srv", Some(&cookie)).text();
+    let job = ui.job_page("srv", &cookie);
     assert_eq!(job.matches(">yes<").count(), 2, "{job}");
 }

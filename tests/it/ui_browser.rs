@@ -46,7 +46,8 @@ fn ui_browser_walk_from_the_url_to_a_restored_file() {
         pages.push(("home", b.url()));
 
         b.click("section.card.job h2 a");
-        b.find("table.snaps");
+        // The figures come once measured: the page reloads itself until then.
+        b.find("figure.chart");
         assert_eq!(b.count("table.snaps tbody tr"), 2, "both snapshots on the timeline");
         assert_eq!(b.count("figure.chart svg polyline"), 2, "the space chart");
         b.screenshot(&shots, "job");

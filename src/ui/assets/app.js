@@ -1,6 +1,12 @@
 // rbackup ui: the live output of a running operation, over Server-Sent
-// Events. Pages work without it (reload to see the output so far).
+// Events, and a job page that reloads while its figures are measured.
+// Pages work without it (reload by hand).
 "use strict";
+(function () {
+  if (document.getElementById("measuring")) {
+    window.setTimeout(function () { window.location.reload(); }, 1500);
+  }
+})();
 (function () {
   var status = document.getElementById("status");
   var output = document.getElementById("output");

@@ -68,6 +68,19 @@ impl Console {
         request(&self.addr, "POST", path, &self.addr, &headers, body.as_bytes())
     }
 
+    /// The page of `job` once its sizes and changes are measured.
+    pub fn job_page(&self, job: &str, cookie: &str) -> String {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let page = self.get(&format!("/job?job={job}"), Some(cookie)).text();
+            if !page.contains("id=\"measuring\"") {
+                return page;
+            }
+            assert!(Instant::now() < until, "the job page stays unmeasured:\n{page}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Waits for operation page `path` (`/op?id=N`) to finish; its text.
     pub fn wait_op(&self, path: &str, cookie: &str) -> String {
         let until = Instant::now() + Duration::from_secs(60);
