@@ -21,7 +21,7 @@ use rustix::fs::{FileType, Stat};
 
 use super::State;
 use super::data::{self, Entry};
-use super::pages::{blocking, error_page, failed, layout, url, when};
+use super::pages::{NotFound, blocking, error_page, failed, layout, url, when};
 use super::paths::{self, Params, shown};
 use crate::cmd::history::{self, change::Change, mode_string};
 use crate::config::Job;
@@ -54,14 +54,14 @@ impl Opened {
 }
 
 fn open(st: &State, params: &Params) -> Result<Opened> {
-    let job = st.job(params.str("job").ok_or_else(|| anyhow!("no job given"))?)?;
-    let want = params.str("snap").ok_or_else(|| anyhow!("no snapshot given"))?;
+    let job = st.job(params.str("job").ok_or_else(|| NotFound("no job given".into()))?)?;
+    let want = params.str("snap").ok_or_else(|| NotFound("no snapshot given".into()))?;
     let store = Store::open(&job.backups_folder, &job.name)?;
     let snaps: Vec<Snapshot> = store.snapshots()?.into_iter().filter(|s| s.complete).collect();
     let index = snaps
         .iter()
         .position(|s| s.folder == want)
-        .ok_or_else(|| anyhow!("no snapshot {want:?} of job {} is complete", job.job))?;
+        .ok_or_else(|| NotFound(format!("no snapshot {want:?} of job {} is complete", job.job)))?;
     let root = store.open_snapshot(&snaps[index])?;
     Ok(Opened { job, store, snaps, index, root })
 }

@@ -80,7 +80,7 @@ impl State {
     pub fn job(&self, name: &str) -> Result<crate::config::Job> {
         let all = self.jobs()?;
         if !all.names.iter().any(|n| n == name) {
-            return Err(usage!("no job {name:?} in {}", self.config.display()));
+            return Err(pages::NotFound(format!("no job {name:?} in {}", self.config.display())).into());
         }
         all.resolve(name, &crate::config::Overrides::default())
     }

@@ -58,13 +58,18 @@ pub fn error_page(status: StatusCode, what: &str) -> Response {
     r
 }
 
+/// A job, snapshot or path that a URL names and the store doesn't have.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
 /// An error of reading the store: 404 for what isn't there, else 500.
 pub fn failed(e: &anyhow::Error) -> Response {
-    let text = format!("{e:#}");
-    let missing = e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
-        || text.starts_with("no job")
-        || text.contains("no snapshot");
-    error_page(if missing { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR }, &text)
+    let missing = e.chain().any(|c| {
+        c.is::<NotFound>()
+            || c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    });
+    error_page(if missing { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR }, &format!("{e:#}"))
 }
 
 pub async fn not_found() -> Response {
