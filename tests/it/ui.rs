@@ -276,6 +276,16 @@ fn https_get(port: u16, path: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A child killed when the test ends, failed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn ui_beyond_loopback_speaks_only_tls_with_a_secure_cookie() {
     require_root();
@@ -288,7 +298,7 @@ fn ui_beyond_loopback_speaks_only_tls_with_a_secure_cookie() {
         key.display(),
         cert.display()
     ));
-    let mut child = rbackup(&[
+    let child = rbackup(&[
         "-c".as_ref(),
         config.as_os_str(),
         "ui".as_ref(),
@@ -304,6 +314,8 @@ fn ui_beyond_loopback_speaks_only_tls_with_a_secure_cookie() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
+    let mut child = KillOnDrop(child);
+    let child = &mut child.0;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
     let rest = line.trim().strip_prefix("https://0.0.0.0:").unwrap_or_else(|| panic!("printed {line:?}"));
