@@ -438,3 +438,27 @@ fn ui_shows_what_each_replica_holds_and_what_is_pending() {
     let job = ui.job_page("srv", &cookie);
     assert_eq!(job.matches(">yes<").count(), 2, "{job}");
 }
+
+#[test]
+fn ui_home_shows_the_progress_of_a_run_in_the_jobs_log() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let log = tmp.path().join("srv.log");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("log_file = \"{}\"\n", log.display()));
+    std::fs::write(&config, text).unwrap();
+    // A run going on, as the timer's leaves it: its .incomplete snapshot and,
+    // every few seconds, a progress line in the job's log.
+    std::fs::create_dir(bk.join("srv.01-01-30_00-00-00.incomplete")).unwrap();
+    std::fs::write(&log, "2030-01-01 00:00:01 [srv] progress: 1200 entries, 1100 linked, 5.0 MiB fetched so far\n")
+        .unwrap();
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let home = ui.get("/", Some(&cookie)).text();
+    assert!(home.contains("running: progress: 1200 entries, 1100 linked, 5.0 MiB fetched so far"), "{home}");
+    // A log untouched for minutes: no run is said to go on.
+    sh(&format!("touch -d '-5 minutes' '{}'", log.display()));
+    let home = ui.get("/", Some(&cookie)).text();
+    assert!(!home.contains("running: progress") && home.contains("one to --continue"), "{home}");
+}
