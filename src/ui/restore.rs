@@ -64,6 +64,10 @@ pub async fn restore_form(
                     p.muted { "Through the job's write-confined restore agent; the snapshot's version replaces what is there." }
                 }
             }
+            label.option {
+                input type="checkbox" name="delete" value="1";
+                " Also delete what the destination has beyond the snapshot (--delete)"
+            }
             button type="submit" id="preview" { "Preview (dry run)" }
         }
     };
@@ -108,6 +112,10 @@ pub async fn restore(AxState(st): AxState<Arc<State>>, body: String) -> Response
     if !path.is_empty() {
         args.extend(["--path".into(), path.clone()]);
     }
+    let delete = form.str("delete") == Some("1");
+    if delete {
+        args.push("--delete".into());
+    }
     let to = form.str("to").unwrap_or_default().trim().to_string();
     let target = match dest {
         "local" if to.starts_with('/') && !to.contains('\n') => {
@@ -124,8 +132,15 @@ pub async fn restore(AxState(st): AxState<Arc<State>>, body: String) -> Response
     let what = if path.is_empty() { snap.to_string() } else { format!("{} of {snap}", shown(&rel)) };
     let (title, confirm) = if preview {
         args.push("--dry-run".into());
-        let fields =
-            [("job", name), ("snap", snap), ("p", &encode(&rel)), ("dest", dest), ("to", &to), ("step", "run")];
+        let fields = [
+            ("job", name),
+            ("snap", snap),
+            ("p", &encode(&rel)),
+            ("dest", dest),
+            ("to", &to),
+            ("delete", if delete { "1" } else { "0" }),
+            ("step", "run"),
+        ];
         let confirm = Confirm {
             label: format!("Restore to {target}"),
             action: "/restore".into(),

@@ -462,3 +462,30 @@ fn ui_home_shows_the_progress_of_a_run_in_the_jobs_log() {
     let home = ui.get("/", Some(&cookie)).text();
     assert!(!home.contains("running: progress") && home.contains("one to --continue"), "{home}");
 }
+
+#[test]
+fn ui_restores_back_to_the_source_in_place_with_delete_after_a_preview() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk, config) = store_with_hostile_names(tmp.path());
+    write(&src.join("docs/added-later.txt"), b"not in any snapshot");
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let snap = &snap_names(&bk)[0];
+    let form = ui.get(&format!("/restore?job=srv&snap={snap}&p=docs"), Some(&cookie)).text();
+    assert!(form.contains(&format!("Back to the server, in place: <code>{}</code>", src.display())), "{form}");
+    let body = format!("csrf={csrf}&job=srv&snap={snap}&p=docs&dest=server&delete=1&step=preview");
+    let r = ui.post("/restore", &cookie, &body);
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(
+        preview.contains("--delete") && preview.contains("added-later.txt"),
+        "the preview names what goes: {preview}"
+    );
+    assert!(src.join("docs/added-later.txt").exists(), "a preview deletes nothing");
+    let r = ui.post("/restore", &cookie, &body.replace("step=preview", "step=run"));
+    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(done.contains("Finished: exit code 0"), "{done}");
+    assert_eq!(std::fs::read(src.join("docs/a.txt")).unwrap(), b"first version\n");
+    assert!(!src.join("docs/added-later.txt").exists(), "--delete removed it");
+}
