@@ -489,3 +489,24 @@ fn ui_restores_back_to_the_source_in_place_with_delete_after_a_preview() {
     assert_eq!(std::fs::read(src.join("docs/a.txt")).unwrap(), b"first version\n");
     assert!(!src.join("docs/added-later.txt").exists(), "--delete removed it");
 }
+
+#[test]
+fn ui_with_a_job_shows_that_job_only() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk, config) = store_with_hostile_names(tmp.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[job.other]\nsource = \"{}\"\nbackups_folder = \"{}\"\n", src.display(), bk.display()));
+    std::fs::write(&config, text).unwrap();
+    let all = Console::start(&config, &[]);
+    let cookie = all.login();
+    let home = all.get("/", Some(&cookie)).text();
+    assert!(home.contains("/job?job=srv") && home.contains("/job?job=other"), "{home}");
+    let one = Console::start(&config, &["-j", "other"]);
+    let cookie = one.login();
+    let home = one.get("/", Some(&cookie)).text();
+    assert!(!home.contains("/job?job=srv") && home.contains("/job?job=other"), "{home}");
+    assert_eq!(one.get("/job?job=srv", Some(&cookie)).status, 404);
+    let (code, _, err) = run(&["-c".as_ref(), config.as_os_str(), "-j".as_ref(), "nope".as_ref(), "ui".as_ref()]);
+    assert_eq!(code, 2, "{err}");
+}
