@@ -510,3 +510,27 @@ fn ui_with_a_job_shows_that_job_only() {
     let (code, _, err) = run(&["-c".as_ref(), config.as_os_str(), "-j".as_ref(), "nope".as_ref(), "ui".as_ref()]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn ui_streams_an_operations_output_as_server_sent_events() {
+    require_root();
+    let tmp = scratch();
+    let (_, _, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=verify"));
+    let id = r.header("location").unwrap().strip_prefix("/op?id=").unwrap().to_string();
+    // From the first line to the end: every line, then `done` with the exit code.
+    let events = ui.get(&format!("/op/events?id={id}&from=0"), Some(&cookie));
+    assert_eq!(events.header("content-type"), Some("text/event-stream"));
+    let text = events.text();
+    assert!(text.contains("event: line\ndata: "), "{text}");
+    assert!(text.trim_end().ends_with("event: done\ndata: 0"), "{text}");
+    let page = ui.wait_op(&format!("/op?id={id}"), &cookie);
+    let lines = text.matches("event: line").count();
+    assert_eq!(
+        page.split("<pre id=\"output\">").nth(1).unwrap().split("</pre>").next().unwrap().lines().count(),
+        lines
+    );
+}
