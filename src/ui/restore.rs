@@ -108,9 +108,11 @@ pub async fn restore(AxState(st): AxState<Arc<State>>, body: String) -> Response
             &format!("{} is not UTF-8: restore the folder that holds it", shown(&rel)),
         );
     };
-    let mut args = vec!["restore".to_string(), "--snapshot".into(), snap.to_string()];
+    // `--opt=VALUE`: a value that starts with `-` (a file named `--help`)
+    // stays a value.
+    let mut args = vec!["restore".to_string(), format!("--snapshot={snap}")];
     if !path.is_empty() {
-        args.extend(["--path".into(), path.clone()]);
+        args.push(format!("--path={path}"));
     }
     let delete = form.str("delete") == Some("1");
     if delete {
@@ -119,7 +121,7 @@ pub async fn restore(AxState(st): AxState<Arc<State>>, body: String) -> Response
     let to = form.str("to").unwrap_or_default().trim().to_string();
     let target = match dest {
         "local" if to.starts_with('/') && !to.contains('\n') => {
-            args.extend(["--to".into(), to.clone()]);
+            args.push(format!("--to={to}"));
             to.clone()
         }
         "local" => return error_page(StatusCode::BAD_REQUEST, "Give the local folder as an absolute path."),

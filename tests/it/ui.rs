@@ -534,3 +534,20 @@ fn ui_streams_an_operations_output_as_server_sent_events() {
         lines
     );
 }
+
+#[test]
+fn ui_restores_a_file_named_like_an_option() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let snap = &snap_names(&bk)[0];
+    let to = tmp.path().join("restored");
+    let body = format!("csrf={csrf}&job=srv&snap={snap}&p=--help&dest=local&to={}&step=run", to.display());
+    let r = ui.post("/restore", &cookie, &body);
+    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(done.contains("Finished: exit code 0") && done.contains("--path=--help"), "{done}");
+    assert_eq!(std::fs::read(to.join("--help")).unwrap(), b"a file named like an option");
+}
