@@ -35,6 +35,8 @@ use super::paths::Params;
 const COOKIE: &str = "rbackup_session";
 /// Largest form the console accepts.
 const FORM_MAX: usize = 64 * 1024;
+/// How long a session lasts; then the token is needed again.
+const SESSION_LIFE: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 /// Most sessions kept; the oldest goes when a new one would pass it.
 const SESSIONS_MAX: usize = 64;
 
@@ -45,12 +47,19 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 pub struct Auth {
     token: String,
     /// Session id → its CSRF token, in order of creation.
-    sessions: Mutex<Vec<(String, String)>>,
+    sessions: Mutex<Vec<Session>>,
     /// The `Host` headers accepted; `None`: any (over TLS, where a page of
     /// another name can't reach the console without a certificate error).
     hosts: Option<Vec<String>>,
     /// `https` or `http`: what an `Origin` must start with.
     scheme: &'static str,
+}
+
+/// A session id, its CSRF token, and when it began.
+struct Session {
+    id: String,
+    csrf: String,
+    since: std::time::Instant,
 }
 
 /// The session's CSRF token, for the forms of a page.
@@ -69,19 +78,26 @@ impl Auth {
         Auth { token, sessions: Mutex::new(Vec::new()), hosts, scheme: if tls { "https" } else { "http" } }
     }
 
-    fn new_session(&self) -> Result<(String, String)> {
-        let s = (random_hex(32)?, random_hex(32)?);
+    /// A new session's id.
+    fn new_session(&self) -> Result<String> {
+        let s = Session { id: random_hex(32)?, csrf: random_hex(32)?, since: std::time::Instant::now() };
+        let id = s.id.clone();
         let mut sessions = self.sessions.lock().expect("no panic holding it");
+        sessions.retain(|s| s.since.elapsed() < SESSION_LIFE);
         if sessions.len() >= SESSIONS_MAX {
             sessions.remove(0);
         }
-        sessions.push(s.clone());
-        Ok(s)
+        sessions.push(s);
+        Ok(id)
     }
 
+    /// The CSRF token of a live session.
     fn csrf_of(&self, session: &str) -> Option<String> {
         let sessions = self.sessions.lock().expect("no panic holding it");
-        sessions.iter().find(|(id, _)| ct_eq(id.as_bytes(), session.as_bytes())).map(|(_, c)| c.clone())
+        sessions
+            .iter()
+            .find(|s| ct_eq(s.id.as_bytes(), session.as_bytes()) && s.since.elapsed() < SESSION_LIFE)
+            .map(|s| s.csrf.clone())
     }
 }
 
@@ -158,7 +174,7 @@ async fn check(state: &State, req: Request, next: Next) -> Response {
         if req.method() != Method::GET || !ct_eq(given, auth.token.as_bytes()) {
             return refuse(StatusCode::FORBIDDEN, "Wrong token: open the URL that `rbackup ui` printed.");
         }
-        let Ok((id, _)) = auth.new_session() else {
+        let Ok(id) = auth.new_session() else {
             return refuse(StatusCode::INTERNAL_SERVER_ERROR, "No random bytes for a session.");
         };
         // Back to the same page, without the token in the address.
@@ -176,7 +192,8 @@ async fn check(state: &State, req: Request, next: Next) -> Response {
         let mut resp = Response::new(Body::empty());
         *resp.status_mut() = StatusCode::SEE_OTHER;
         let secure = if auth.scheme == "https" { "; Secure" } else { "" };
-        let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict{secure}");
+        let life = SESSION_LIFE.as_secs();
+        let cookie = format!("{COOKIE}={id}; Path=/; Max-Age={life}; HttpOnly; SameSite=Strict{secure}");
         resp.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("ASCII"));
         resp.headers_mut()
             .insert(header::LOCATION, HeaderValue::from_str(&target).unwrap_or(HeaderValue::from_static("/")));
