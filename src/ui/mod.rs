@@ -113,6 +113,12 @@ pub fn run(opts: &Options) -> Result<Code> {
         }
     }
     let tls = opts.tls.as_ref().map(|(cert, key)| tls::acceptor(cert, key)).transpose()?;
+    if crate::config::find(opts.config.as_deref())?.is_none() {
+        return Err(usage!(
+            "the console shows the jobs of a config file, and there is none: no {} (give -c FILE)",
+            crate::config::DEFAULT_CONFIG
+        ));
+    }
     let all = AllJobs::load(opts.config.as_deref(), None)?;
     if let Some(j) = &opts.job
         && !all.names.contains(j)

@@ -551,3 +551,12 @@ fn ui_restores_a_file_named_like_an_option() {
     assert!(done.contains("Finished: exit code 0") && done.contains("--path=--help"), "{done}");
     assert_eq!(std::fs::read(to.join("--help")).unwrap(), b"a file named like an option");
 }
+
+#[test]
+fn ui_without_a_config_file_says_so() {
+    let tmp = scratch();
+    let missing = tmp.path().join("none.toml");
+    let (code, out, err) = run(&["-c".as_ref(), missing.as_os_str(), "ui".as_ref()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.is_empty() && err.contains("none.toml"), "{err}");
+}
