@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rbackup needs to build (libacl1-dev) and that its
 # tests and benchmarks use (openssh, acl, attr, rsync, python3 with aiosmtpd, groff
-# to check the man pages).
+# to check the man pages, chromium and its WebDriver for the web console's browser
+# test).
 # Idempotent: does nothing when everything is there. Needs root (or sudo).
 set -euo pipefail
 
-packages=(libacl1-dev pkg-config openssh-server openssh-client acl attr rsync python3 python3-aiosmtpd time openssl systemd groff-base)
+packages=(libacl1-dev pkg-config openssh-server openssh-client acl attr rsync python3 python3-aiosmtpd time openssl systemd groff-base chromium chromium-driver fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

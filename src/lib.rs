@@ -21,7 +21,8 @@
 //! 10. [`report`] counts what happened, [`cmd::after_run`] leaves the summary and sends the
 //!     mail ([`notify`]); [`error`] turns problems into the exit code.
 //!
-//! [`setup`] prepares both sides once; [`log`] and [`progress`] are what the admin sees.
+//! [`setup`] prepares both sides once; [`log`] and [`progress`] are what the admin sees;
+//! [`ui`] is a web console that reads the store and runs the commands above as child processes.
 
 pub mod agent;
 pub mod cli;
@@ -43,4 +44,5 @@ pub mod sink;
 pub mod source;
 pub mod store;
 pub mod transport;
+pub mod ui;
 pub mod wire;

@@ -6,8 +6,12 @@
 #![allow(clippy::doc_markdown)]
 
 mod convert;
+mod examples;
 pub use convert::refuse_with_all;
+use examples::{HISTORY_EXAMPLES, RESTORE_EXAMPLES, SETUP_SERVER_EXAMPLES};
 pub mod man;
+mod ui;
+pub use ui::UiArgs;
 
 use std::path::PathBuf;
 
@@ -146,6 +150,10 @@ pub enum Command {
     /// forced command: restrict,command="rbackup serve --read-only --root /srv/content")
     #[command(long_flag = "serve")]
     Serve(ServeArgs),
+
+    /// A web console on 127.0.0.1: every job at a glance, browse snapshots, a file's history,
+    /// restores (with --allow-actions); prints the URL with its secret token (docs/ui.md)
+    Ui(UiArgs),
 }
 
 /// Where the snapshots are.
@@ -378,17 +386,6 @@ pub struct HistoryArgs {
     pub json: bool,
 }
 
-const HISTORY_EXAMPLES: &str = "\
-Examples:
-  # When did this file change?
-  rbackup -j server history etc/nginx/nginx.conf
-
-  # Every version of it, copied out as nginx.conf.<stamp>
-  rbackup -j server history etc/nginx/nginx.conf --all-versions-to /tmp/versions
-
-Rows come from the manifests; a snapshot without one is looked up in its
-folder. See docs/restore.md.";
-
 /// Options of `restore`.
 #[derive(Args, Debug, Default, Clone)]
 pub struct RestoreArgs {
@@ -430,20 +427,6 @@ pub struct RestoreArgs {
     pub bwlimit: Option<String>,
 }
 
-const RESTORE_EXAMPLES: &str = "\
-Examples:
-  # Everything of the latest snapshot, back where it came from
-  rbackup -j server --restore
-
-  # One directory as it was on 3 March, into a scratch folder to inspect
-  rbackup -j server restore --snapshot 2026-03-03 --path home/alice --to /tmp/inspect
-
-  # See first what a full restore with --delete would do
-  rbackup -j server restore --delete --dry-run
-
-Over SSH the server runs `rbackup serve --write --root DIR`, normally as root
-through a forced command; see docs/restore.md.";
-
 /// Options of `setup-server`.
 #[derive(Args, Debug, Clone)]
 pub struct SetupServerArgs {
@@ -484,10 +467,6 @@ pub struct SetupServerArgs {
     #[arg(long, value_name = "CMD")]
     pub before: Option<String>,
 }
-
-const SETUP_SERVER_EXAMPLES: &str = "\
-Example (the line `rbackup setup-client` prints):
-  rbackup setup-server --user backupuser --root /srv/content --key 'ssh-ed25519 AAAA... rbackup-server@desktop'";
 
 /// Options of `setup-client` (the job's name is `--job`).
 #[derive(Args, Debug, Clone)]

@@ -2,6 +2,9 @@
 //! of them the replica holds and which are pending, with what each pending
 //! one would copy — "which backups are on which drive" without opening
 //! every folder by hand. Read from the names and the manifests only.
+//!
+//! [`status`] gathers the facts (the web console shows them too); [`run`]
+//! prints them.
 
 use std::path::Path;
 
@@ -12,90 +15,165 @@ use crate::report::human_bytes;
 use crate::store::manifest::{self, Kind, ManifestReader, Record, dfs_cmp};
 use crate::store::{Snapshot, Store};
 
-/// Prints the status of `job`.
-pub fn run(job: &Job) -> Result<()> {
+/// Whether one replica holds one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    Yes,
+    /// Not held, and not to be: the replica's own rules leave it out
+    /// (`replicas` entries with `keep_*`, docs/replicate.md).
+    NotKept,
+    /// Not yet; what copying it would take (`None`: unknown, no manifest).
+    Pending(Option<u64>),
+    /// The replica's folder can't be read (a drive not mounted?).
+    Unreadable,
+}
+
+/// One snapshot of the job and, for a complete one, its state in each replica
+/// (in the job's order of `replicas`).
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub snapshot: Snapshot,
+    pub replicas: Vec<Held>,
+}
+
+/// One replica: its folder as configured, and what is pending there.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pub name: String,
+    /// `false` when its folder can't be read.
+    pub readable: bool,
+    pub pending: u64,
+    pub pending_bytes: u64,
+}
+
+/// A job's snapshots and its replicas' state.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub rows: Vec<Row>,
+    pub replicas: Vec<Replica>,
+}
+
+/// The status of `job`, from the snapshot names and the manifests.
+pub fn status(job: &Job) -> Result<Status> {
     let store = Store::open(&job.backups_folder, &job.name)?;
     let snaps = store.snapshots()?;
-    println!("{}: {}", job.job, crate::store::shown(&job.backups_folder, &job.name));
-    if snaps.is_empty() {
-        println!("  no snapshots yet");
-        return Ok(());
-    }
     // What each replica holds: nothing yet if its folder isn't made but its
     // parent is there; `None` if it can't be read (a drive not mounted?).
-    let replicas: Vec<(String, Option<Vec<Snapshot>>)> = job
+    let held: Vec<Option<Vec<Snapshot>>> = job
         .replicas
         .iter()
         .map(|r| {
             let path = Path::new(&r.to);
-            let held = match Store::open(path, &job.name).and_then(|s| s.snapshots()) {
+            match Store::open(path, &job.name).and_then(|s| s.snapshots()) {
                 Ok(h) => Some(h),
                 Err(_) if !path.exists() && path.parent().is_some_and(Path::is_dir) => Some(Vec::new()),
                 Err(_) => None,
-            };
-            (r.to.clone(), held)
+            }
         })
         .collect();
+    let mut replicas: Vec<Replica> = job
+        .replicas
+        .iter()
+        .zip(&held)
+        .map(|(r, h)| Replica { name: r.to.clone(), readable: h.is_some(), pending: 0, pending_bytes: 0 })
+        .collect();
+    let mut rows = Vec::new();
+    if snaps.is_empty() {
+        return Ok(Status { rows, replicas });
+    }
     // Which snapshots each replica's rules keep (all of them without rules).
     let complete: Vec<Snapshot> = snaps.iter().filter(|s| s.complete).cloned().collect();
     let now = chrono::Utc::now();
     let wanted: Vec<Vec<chrono::DateTime<chrono::Utc>>> = job
         .replicas
         .iter()
-        .zip(&replicas)
-        .map(|(r, (_, held))| {
-            let held = held.as_deref().unwrap_or_default();
-            let w = crate::cmd::replicate::wanted(&complete, held, &r.keep, now)?;
+        .zip(&held)
+        .map(|(r, h)| {
+            let w = crate::cmd::replicate::wanted(&complete, h.as_deref().unwrap_or_default(), &r.keep, now)?;
             Ok(w.iter().map(|s| s.time).collect())
         })
         .collect::<Result<_>>()?;
     let manifests = manifest::folder(&store.meta_dir()?)?;
     let open =
         |s: &Snapshot| ManifestReader::open(&manifests, manifest::file_name(&s.folder).as_bytes()).ok().flatten();
-    let width = snaps.iter().map(|s| s.folder.len()).max().unwrap_or(0);
-    if !replicas.is_empty() {
+    let mut previous: Option<&Snapshot> = None;
+    for s in &snaps {
+        if !s.complete {
+            rows.push(Row { snapshot: s.clone(), replicas: Vec::new() });
+            continue;
+        }
+        // What a replica of it copies: the files not in the one before.
+        let mut new = None;
+        let mut states = Vec::new();
+        for (i, h) in held.iter().enumerate() {
+            let state = match h {
+                None => Held::Unreadable,
+                Some(h) if h.iter().any(|r| r.complete && r.time == s.time) => Held::Yes,
+                Some(_) if !wanted[i].contains(&s.time) => Held::NotKept,
+                Some(_) => {
+                    if new.is_none() {
+                        new = Some(open(s).and_then(|m| new_bytes(previous.and_then(open), m).ok()));
+                    }
+                    let bytes = new.flatten();
+                    replicas[i].pending += 1;
+                    replicas[i].pending_bytes += bytes.unwrap_or(0);
+                    Held::Pending(bytes)
+                }
+            };
+            states.push(state);
+        }
+        rows.push(Row { snapshot: s.clone(), replicas: states });
+        previous = Some(s);
+    }
+    Ok(Status { rows, replicas })
+}
+
+/// Prints the status of `job`.
+pub fn run(job: &Job) -> Result<()> {
+    let st = status(job)?;
+    println!("{}: {}", job.job, crate::store::shown(&job.backups_folder, &job.name));
+    if st.rows.is_empty() {
+        println!("  no snapshots yet");
+        return Ok(());
+    }
+    let width = st.rows.iter().map(|r| r.snapshot.folder.len()).max().unwrap_or(0);
+    if !st.replicas.is_empty() {
         let mut head = format!("  {:<width$}", "snapshot");
-        for (name, _) in &replicas {
-            head.push_str(&format!("  {name:<24}"));
+        for r in &st.replicas {
+            head.push_str(&format!("  {:<24}", r.name));
         }
         println!("{}", head.trim_end());
     }
-    let mut pending = vec![(0u64, 0u64); replicas.len()];
-    let mut previous: Option<&Snapshot> = None;
-    for s in &snaps {
-        let mut line = format!("  {:<width$}", s.folder);
-        if !s.complete {
+    for row in &st.rows {
+        let mut line = format!("  {:<width$}", row.snapshot.folder);
+        if !row.snapshot.complete {
             line.push_str("  (interrupted or in progress)");
             println!("{line}");
             continue;
         }
-        // What a replica of it copies: the files not in the one before.
-        let new = open(s).and_then(|m| new_bytes(previous.and_then(open), m).ok());
-        for (i, (_, held)) in replicas.iter().enumerate() {
+        for held in &row.replicas {
             let word = match held {
-                None => "unreadable".to_string(),
-                Some(h) if h.iter().any(|r| r.complete && r.time == s.time) => "yes".to_string(),
-                Some(_) if !wanted[i].contains(&s.time) => "not kept there".to_string(),
-                Some(_) => {
-                    pending[i].0 += 1;
-                    pending[i].1 += new.unwrap_or(0);
+                Held::Unreadable => "unreadable".to_string(),
+                Held::Yes => "yes".to_string(),
+                Held::NotKept => "not kept there".to_string(),
+                Held::Pending(new) => {
                     format!("pending ({})", new.map_or_else(|| "size unknown".into(), human_bytes))
                 }
             };
             line.push_str(&format!("  {word:<24}"));
         }
         println!("{}", line.trim_end());
-        previous = Some(s);
     }
-    for ((name, held), (n, bytes)) in replicas.iter().zip(&pending) {
-        match held {
-            None => println!("  replica {name}: can't be read (not mounted?)"),
-            Some(_) if *n == 0 => println!("  replica {name}: up to date"),
-            Some(_) => println!(
-                "  replica {name}: {} pending, about {} to copy (`{}`)",
+    for r in &st.replicas {
+        match r {
+            Replica { readable: false, .. } => println!("  replica {}: can't be read (not mounted?)", r.name),
+            Replica { pending: 0, .. } => println!("  replica {}: up to date", r.name),
+            Replica { pending: n, pending_bytes: bytes, .. } => println!(
+                "  replica {}: {} pending, about {} to copy (`{}`)",
+                r.name,
                 crate::report::count(*n, "snapshot", "snapshots"),
                 human_bytes(*bytes),
-                job.command(&format!("replicate --to {name}"))
+                job.command(&format!("replicate --to {}", r.name))
             ),
         }
     }

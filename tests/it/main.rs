@@ -35,3 +35,5 @@ mod selection;
 mod setup;
 mod ssh;
 mod systemd;
+mod ui;
+mod ui_browser;

@@ -1,7 +1,8 @@
 //! The systemd units: `systemd-analyze verify` is clean, the service rates
 //! 2.2 or better in `systemd-analyze security`, and a real backup runs under
 //! the service's capability bounding set. `rbackup-all.service`/`.timer`
-//! (every job, `backup --all`) keep every property of the per-job units.
+//! (every job, `backup --all`) keep every property of the per-job units;
+//! `rbackup-ui.service` (the web console) is verified and rated the same.
 //! Also the anacron script.
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,8 @@ use std::process::Command;
 
 use crate::common::*;
 
-const UNITS: [&str; 4] = ["rbackup@.service", "rbackup@.timer", "rbackup-all.service", "rbackup-all.timer"];
+const UNITS: [&str; 5] =
+    ["rbackup@.service", "rbackup@.timer", "rbackup-all.service", "rbackup-all.timer", "rbackup-ui.service"];
 
 /// The units, copied with ExecStart pointing at the binary under test (verify
 /// checks that the command exists).
@@ -35,6 +37,7 @@ fn the_units_verify_cleanly_and_the_service_is_hardened() {
             "rbackup@server.timer",
             "rbackup-all.service",
             "rbackup-all.timer",
+            "rbackup-ui.service",
         ])
         .current_dir(&dir)
         .output()
@@ -42,7 +45,7 @@ fn the_units_verify_cleanly_and_the_service_is_hardened() {
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
 
-    for service in ["rbackup@server.service", "rbackup-all.service"] {
+    for service in ["rbackup@server.service", "rbackup-all.service", "rbackup-ui.service"] {
         let out = Command::new("systemd-analyze")
             .args(["security", "--offline=true", "--threshold=22", service])
             .current_dir(&dir)

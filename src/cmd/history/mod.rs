@@ -47,9 +47,7 @@ pub fn run(job: &Job, opts: &Options) -> Result<Code> {
         export::refuse_inside(to, &store.folder)?;
     }
     store.require_snapshots()?;
-    let meta_dir = store.meta_dir()?;
-    let _lock = lock::acquire_readers(&meta_dir, "history", &store.shown())?;
-    let snapshots: Vec<Snapshot> = store.snapshots()?.into_iter().filter(|s| s.complete).collect();
+    let Found { snapshots, sightings, rows } = lookup(&store, &path)?;
     if snapshots.is_empty() {
         return Err(usage!(
             "there is no complete snapshot of {} in {} yet (finish the interrupted one with `rbackup --continue`)",
@@ -57,7 +55,6 @@ pub fn run(job: &Job, opts: &Options) -> Result<Code> {
             job.backups_folder.display()
         ));
     }
-    let mut sightings = lookup::sightings(&store, &manifest::folder(&meta_dir)?, &snapshots, &path)?;
     if sightings.iter().all(Option::is_none) {
         return Err(usage!(
             "{} is in none of the {} snapshots of {} ({}); give the path relative to the snapshot root, as \
@@ -68,8 +65,6 @@ pub fn run(job: &Job, opts: &Options) -> Result<Code> {
             store.shown()
         ));
     }
-    fill_inodes(&store, &snapshots, &mut sightings, &path)?;
-    let rows = change::rows(&sightings);
     let text = if opts.json { json(&snapshots, &sightings, &rows)? } else { table(&snapshots, &sightings, &rows) };
     print(&text)?;
     let trees = sightings.iter().flatten().filter(|s| s.source == Source::Tree).count();
@@ -101,6 +96,30 @@ pub fn run(job: &Job, opts: &Options) -> Result<Code> {
         info!("{} version{} copied to {}", written.len(), if written.len() == 1 { "" } else { "s" }, to.display());
     }
     Ok(Code::Ok)
+}
+
+/// A path's history: the complete snapshots (oldest first), the path as
+/// each holds it, and the rows of [`change::rows`].
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub snapshots: Vec<Snapshot>,
+    pub sightings: Vec<Sighting>,
+    pub rows: Vec<(usize, Change)>,
+}
+
+/// Looks `path` (normalized, see [`change::normalize`]) up in every complete
+/// snapshot, from the manifests, holding the readers lock meanwhile.
+pub fn lookup(store: &Store, path: &[u8]) -> Result<Found> {
+    let meta_dir = store.meta_dir()?;
+    let _lock = lock::acquire_readers(&meta_dir, "history", &store.shown())?;
+    let snapshots: Vec<Snapshot> = store.snapshots()?.into_iter().filter(|s| s.complete).collect();
+    if snapshots.is_empty() {
+        return Ok(Found { snapshots, sightings: Vec::new(), rows: Vec::new() });
+    }
+    let mut sightings = lookup::sightings(store, &manifest::folder(&meta_dir)?, &snapshots, path)?;
+    fill_inodes(store, &snapshots, &mut sightings, path)?;
+    let rows = change::rows(&sightings);
+    Ok(Found { snapshots, sightings, rows })
 }
 
 /// Where two neighbouring sightings can't be compared by their digests,

@@ -15,6 +15,8 @@ pub mod bench;
 pub mod midrun;
 pub mod smtp;
 pub mod sshd;
+pub mod web;
+pub mod webdriver;
 
 /// Fails loudly unless the test runs as root: these tests create files of
 /// other owners, `trusted.*` xattrs and device nodes. They never skip.
