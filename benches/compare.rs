@@ -1,7 +1,7 @@
 //! rbackup against `rsync -aHAX --numeric-ids --sparse --link-dest`, over the
 //! same SSH, on the same machine, in the same run. See docs/performance.md;
 //! run it with `sudo scripts/bench.sh` (arguments: --files N --rounds N
-//! --rss-files N --delete-files N --seed N --dense-mib N --sparse-mib N --work DIR
+//! --rss-files N --delete-files N --replicate-snapshots N --seed N --dense-mib N --sparse-mib N --work DIR
 //! --no-fresh-fs).
 
 #![allow(clippy::pedantic)] // bench code, like test code
@@ -23,6 +23,7 @@ fn main() {
             "--rounds" => cfg.rounds = val().parse().unwrap(),
             "--rss-files" => cfg.rss_files = val().parse().unwrap(),
             "--delete-files" => cfg.delete_files = val().parse().unwrap(),
+            "--replicate-snapshots" => cfg.replicate_snapshots = val().parse().unwrap(),
             "--seed" => cfg.seed = val().parse().unwrap(),
             "--dense-mib" => cfg.dense_bytes = val().parse::<u64>().unwrap() << 20,
             "--sparse-mib" => cfg.sparse_bytes = val().parse::<u64>().unwrap() << 20,

@@ -14,6 +14,9 @@ use std::time::Instant;
 use super::sshd::Sshd;
 use super::{bin, diff_trees, noise, read_tree, sh, write};
 
+mod replicate;
+pub use replicate::Replication;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -27,6 +30,8 @@ pub struct Config {
     pub rss_files: usize,
     /// Files of the deletion case (0: skip it).
     pub delete_files: usize,
+    /// Snapshots of the replication case (0: skip it).
+    pub replicate_snapshots: usize,
     pub work: PathBuf,
     /// Write the snapshots to a fresh ext4 filesystem made for the run (a
     /// loop-mounted image), rather than to the work directory's.
@@ -45,6 +50,7 @@ impl Config {
             rounds: 3,
             rss_files: 1_000_000,
             delete_files: 100_000,
+            replicate_snapshots: 30,
             work,
             fresh_fs: true,
         }
@@ -296,6 +302,7 @@ pub struct Results {
     /// Median time of `ssh HOST true` over the same SSH: the floor under both
     /// tools' times.
     pub ssh_floor: f64,
+    pub replication: Option<Replication>,
 }
 
 /// A fresh ext4 filesystem (`mkfs.ext4` defaults, journal included) on a
@@ -310,8 +317,9 @@ struct FreshFs {
 }
 
 impl FreshFs {
-    fn make(work: &Path) -> Result<FreshFs, String> {
-        let (image, mount) = (work.join("dest.img"), work.join("dest"));
+    /// Makes `work/NAME.img`, mounted on `work/NAME`.
+    fn make(work: &Path, name: &str) -> Result<FreshFs, String> {
+        let (image, mount) = (work.join(format!("{name}.img")), work.join(name));
         // Left mounted by an interrupted run?
         let _ = Command::new("umount").arg(&mount).stderr(std::process::Stdio::null()).status();
         let _ = std::fs::remove_file(&image);
@@ -365,7 +373,7 @@ pub fn run(cfg: &Config) -> Results {
     sshd.grant_read(&src);
     let tools = Tools { sshd: &sshd, cfg, src: src.clone() };
     let fresh = if cfg.fresh_fs {
-        FreshFs::make(&cfg.work)
+        FreshFs::make(&cfg.work, "dest")
             .map_err(|e| eprintln!("bench: no fresh filesystem ({e}); writing to the work directory"))
     } else {
         Err(())
@@ -443,6 +451,7 @@ pub fn run(cfg: &Config) -> Results {
 
     remove(&rsy);
     remove(&rbk);
+    let replication = (cfg.replicate_snapshots > 0).then(|| replicate::replication_case(cfg, &tools, &files, &dest));
     if cfg.delete_files > 0 {
         cases.push(delete_case(cfg, &sshd, &dest));
     }
@@ -452,7 +461,7 @@ pub fn run(cfg: &Config) -> Results {
     }
     remove(&src);
     drop(fresh);
-    Results { cases, dest_fs, ssh_floor }
+    Results { cases, dest_fs, ssh_floor, replication }
 }
 
 /// Creates `n` empty files in directories of 1,000 under `root`, the tree
@@ -611,6 +620,9 @@ pub fn report(cfg: &Config, results: &Results) -> String {
             ok(&c.rbackup_equal),
             ok(&c.rsync_equal).replace("NO", "no")
         );
+    }
+    if let Some(r) = &results.replication {
+        s.push_str(&replicate::report(r));
     }
     s
 }
