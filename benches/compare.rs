@@ -36,7 +36,11 @@ fn main() {
     let results = run(&cfg);
     let table = report(&cfg, &results);
     println!("{table}");
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.md");
+    // The target directory cargo built into (CARGO_TARGET_DIR may move it).
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"), Into::into);
+    std::fs::create_dir_all(&target).unwrap();
+    let out = target.join("bench-results.md");
     std::fs::write(&out, &table).unwrap();
     eprintln!("results written to {}", out.display());
 }
