@@ -1,7 +1,7 @@
 //! rbackup against `rsync -aHAX --numeric-ids --sparse --link-dest`, over the
 //! same SSH, on the same machine, in the same run. See docs/performance.md;
 //! run it with `sudo scripts/bench.sh` (arguments: --files N --rounds N
-//! --rss-files N --delete-files N --seed N --dense-mib N --sparse-mib N --work DIR
+//! --rss-files N --delete-files N --replicate-snapshots N --seed N --dense-mib N --sparse-mib N --work DIR
 //! --no-fresh-fs).
 
 #![allow(clippy::pedantic)] // bench code, like test code
@@ -23,6 +23,7 @@ fn main() {
             "--rounds" => cfg.rounds = val().parse().unwrap(),
             "--rss-files" => cfg.rss_files = val().parse().unwrap(),
             "--delete-files" => cfg.delete_files = val().parse().unwrap(),
+            "--replicate-snapshots" => cfg.replicate_snapshots = val().parse().unwrap(),
             "--seed" => cfg.seed = val().parse().unwrap(),
             "--dense-mib" => cfg.dense_bytes = val().parse::<u64>().unwrap() << 20,
             "--sparse-mib" => cfg.sparse_bytes = val().parse::<u64>().unwrap() << 20,
@@ -35,7 +36,11 @@ fn main() {
     let results = run(&cfg);
     let table = report(&cfg, &results);
     println!("{table}");
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.md");
+    // The target directory cargo built into (CARGO_TARGET_DIR may move it).
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"), Into::into);
+    std::fs::create_dir_all(&target).unwrap();
+    let out = target.join("bench-results.md");
     std::fs::write(&out, &table).unwrap();
     eprintln!("results written to {}", out.display());
 }

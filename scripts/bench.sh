@@ -10,7 +10,8 @@
 #   sudo scripts/bench.sh --files 2000 --rounds 1 --rss-files 10000   # a quick look
 #
 # Other arguments: --delete-files N (files of the deletion case, default
-# 100000; 0 skips it), --seed N, --dense-mib N, --sparse-mib N, --work DIR
+# 100000; 0 skips it), --replicate-snapshots N (snapshots of the replication
+# case, default 30; 0 skips it), --seed N, --dense-mib N, --sparse-mib N, --work DIR
 # (default /tmp/rbackup-bench; needs ~2 GiB, and ~4 GiB of inodes for the
 # memory case), --no-fresh-fs (write snapshots to the work directory's
 # filesystem).

@@ -64,6 +64,10 @@ const RESTORE_BASIS_MAX: u64 = 256 << 20;
 /// stored as a hole no tool could read back in a lifetime.
 const FILE_SIZE_MAX: u64 = 1 << 50;
 
+/// Announced sizes from which a new file is sized before its data comes
+/// (below it, every filesystem a snapshot can live on holds the file).
+const SIZE_PROBE_FROM: u64 = 1 << 30;
+
 /// Largest window a delta frame may rebuild.
 const DELTA_OUT_MAX: u32 = 8 << 20;
 
@@ -208,9 +212,15 @@ impl Sink<'_> {
         // Sized to the announced size first: free (a hole), and a size this
         // filesystem can't hold shows before any data is written. Then cut
         // to the data kept, so that the file's length always says how much
-        // of it was received (what a resumed run may keep).
+        // of it was received (what a resumed run may keep). A new file of a
+        // size any filesystem holds is left as created, empty: on ext4, cutting
+        // a file to zero makes its close start writing its data back there
+        // and then (`auto_da_alloc`), which cost a full snapshot a tenth of
+        // its time.
         let sized = if size > FILE_SIZE_MAX {
             Err(std::io::Error::from(rustix::io::Errno::FBIG))
+        } else if from == 0 && size < SIZE_PROBE_FROM {
+            Ok(())
         } else {
             temp.file_mut().set_len(size).and_then(|()| temp.file_mut().set_len(from))
         };
@@ -406,8 +416,12 @@ impl Sink<'_> {
             return self.give_up(pending, ProblemKind::Failed, format!("{why}: not in the snapshot"));
         };
         // A trailing hole, or the end of a file that shrank while read, costs
-        // nothing.
-        temp.file_mut().set_len(size).with_context(|| format!("sizing {}", Shown(&rel)))?;
+        // nothing. (Only then: a truncate to the same size is still a
+        // journaled inode update, and on ext4 an empty file's close flushes.)
+        let len = temp.file_mut().metadata().with_context(|| format!("sizing {}", Shown(&rel)))?.len();
+        if len != size {
+            temp.file_mut().set_len(size).with_context(|| format!("sizing {}", Shown(&rel)))?;
+        }
         let delta = base.is_some();
         let content = hasher.finish(size);
         if (delta || resumed > 0) && (bad_delta || hash != Some(content)) {

@@ -14,6 +14,7 @@ fn the_benchmark_runs_and_both_snapshots_equal_the_source() {
         rounds: 1,
         rss_files: 2000,
         delete_files: 500,
+        replicate_snapshots: 3,
         work: work.path().join("bench"),
         // Keep the smoke run to what any machine has.
         fresh_fs: false,
@@ -43,4 +44,16 @@ fn the_benchmark_runs_and_both_snapshots_equal_the_source() {
     }
     let changed = &cases[2];
     assert!(changed.rbackup[0].wire_bytes > 0 && changed.rsync[0].wire_bytes > 0);
+    // The replication case: every tool ran; rbackup's and rsync's replicas
+    // equal the originals snapshot by snapshot, links included.
+    let rep = results.replication.as_ref().expect("the replication case ran");
+    assert_eq!(rep.tools.len(), 3);
+    for t in &rep.tools {
+        assert_eq!(t.runs.len(), 1, "{}", t.tool);
+        assert!(t.bytes > 0, "{}", t.tool);
+    }
+    for t in &rep.tools[..2] {
+        assert!(matches!(t.equal, Some(Ok(()))), "{}: {:?}", t.tool, t.equal);
+    }
+    assert!(matches!(rep.incremental_equal, Some(Ok(()))), "{:?}", rep.incremental_equal);
 }

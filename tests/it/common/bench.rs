@@ -14,6 +14,11 @@ use std::time::Instant;
 use super::sshd::Sshd;
 use super::{bin, diff_trees, noise, read_tree, sh, write};
 
+mod fresh_fs;
+mod replicate;
+use fresh_fs::FreshFs;
+pub use replicate::Replication;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -27,6 +32,8 @@ pub struct Config {
     pub rss_files: usize,
     /// Files of the deletion case (0: skip it).
     pub delete_files: usize,
+    /// Snapshots of the replication case (0: skip it).
+    pub replicate_snapshots: usize,
     pub work: PathBuf,
     /// Write the snapshots to a fresh ext4 filesystem made for the run (a
     /// loop-mounted image), rather than to the work directory's.
@@ -45,6 +52,7 @@ impl Config {
             rounds: 3,
             rss_files: 1_000_000,
             delete_files: 100_000,
+            replicate_snapshots: 30,
             work,
             fresh_fs: true,
         }
@@ -296,45 +304,7 @@ pub struct Results {
     /// Median time of `ssh HOST true` over the same SSH: the floor under both
     /// tools' times.
     pub ssh_floor: f64,
-}
-
-/// A fresh ext4 filesystem (`mkfs.ext4` defaults, journal included) on a
-/// loop-mounted sparse image: the state of a typical backup disk, the same
-/// for both tools whatever the work directory's filesystem went through.
-/// (On ext4 without a journal, the inodes of files deleted in the last minutes
-/// are skipped one by one when allocating: every round's clean-up would slow
-/// the next round's file creation.)
-struct FreshFs {
-    mount: PathBuf,
-    image: PathBuf,
-}
-
-impl FreshFs {
-    fn make(work: &Path) -> Result<FreshFs, String> {
-        let (image, mount) = (work.join("dest.img"), work.join("dest"));
-        // Left mounted by an interrupted run?
-        let _ = Command::new("umount").arg(&mount).stderr(std::process::Stdio::null()).status();
-        let _ = std::fs::remove_file(&image);
-        std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
-        let f = std::fs::File::create(&image).map_err(|e| e.to_string())?;
-        f.set_len(8 << 30).map_err(|e| e.to_string())?;
-        let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
-        if !ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image)) {
-            return Err("mkfs.ext4 failed".into());
-        }
-        if !ok(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount)) {
-            let _ = std::fs::remove_file(&image);
-            return Err("mount -o loop failed (no loop devices here?)".into());
-        }
-        Ok(FreshFs { mount, image })
-    }
-}
-
-impl Drop for FreshFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = std::fs::remove_file(&self.image);
-    }
+    pub replication: Option<Replication>,
 }
 
 /// Median wall time of `ssh HOST true` over five tries.
@@ -365,7 +335,7 @@ pub fn run(cfg: &Config) -> Results {
     sshd.grant_read(&src);
     let tools = Tools { sshd: &sshd, cfg, src: src.clone() };
     let fresh = if cfg.fresh_fs {
-        FreshFs::make(&cfg.work)
+        FreshFs::make(&cfg.work, "dest")
             .map_err(|e| eprintln!("bench: no fresh filesystem ({e}); writing to the work directory"))
     } else {
         Err(())
@@ -443,6 +413,7 @@ pub fn run(cfg: &Config) -> Results {
 
     remove(&rsy);
     remove(&rbk);
+    let replication = (cfg.replicate_snapshots > 0).then(|| replicate::replication_case(cfg, &tools, &files, &dest));
     if cfg.delete_files > 0 {
         cases.push(delete_case(cfg, &sshd, &dest));
     }
@@ -452,7 +423,7 @@ pub fn run(cfg: &Config) -> Results {
     }
     remove(&src);
     drop(fresh);
-    Results { cases, dest_fs, ssh_floor }
+    Results { cases, dest_fs, ssh_floor, replication }
 }
 
 /// Creates `n` empty files in directories of 1,000 under `root`, the tree
@@ -611,6 +582,9 @@ pub fn report(cfg: &Config, results: &Results) -> String {
             ok(&c.rbackup_equal),
             ok(&c.rsync_equal).replace("NO", "no")
         );
+    }
+    if let Some(r) = &results.replication {
+        s.push_str(&replicate::report(r));
     }
     s
 }

@@ -174,7 +174,7 @@ fn xattrs_at(dir: &impl AsFd, name: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
-fn info_at(dir: &impl AsFd, name: &[u8]) -> Info {
+fn info_at(dir: &impl AsFd, name: &[u8], hashes: &mut Hashes) -> Info {
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).unwrap();
     let ft = FileType::from_raw_mode(st.st_mode);
     let kind = match ft {
@@ -188,12 +188,15 @@ fn info_at(dir: &impl AsFd, name: &[u8]) -> Info {
         FileType::Unknown => "unknown",
     };
     let content = (ft == FileType::RegularFile).then(|| {
-        let fd =
-            rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).unwrap();
-        let mut f = std::fs::File::from(fd);
-        let mut h = blake3::Hasher::new();
-        std::io::copy(&mut f, &mut h).unwrap();
-        *h.finalize().as_bytes()
+        let key = (st.st_dev as u64, st.st_ino as u64, st.st_ctime as i64, st.st_ctime_nsec as i64);
+        *hashes.entry(key).or_insert_with(|| {
+            let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                .unwrap();
+            let mut f = std::fs::File::from(fd);
+            let mut h = blake3::Hasher::new();
+            std::io::copy(&mut f, &mut h).unwrap();
+            *h.finalize().as_bytes()
+        })
     });
     let target = (ft == FileType::Symlink).then(|| rustix::fs::readlinkat(dir, name, Vec::new()).unwrap().into_bytes());
     Info {
@@ -223,13 +226,22 @@ fn names(dir: &OwnedFd) -> Vec<Vec<u8>> {
     out
 }
 
+/// Content digests already computed, by device, inode and ctime: trees that
+/// share inodes (hardlinked snapshots) are hashed once per inode.
+pub type Hashes = std::collections::HashMap<(u64, u64, i64, i64), [u8; 32]>;
+
 /// Reads a whole tree, root included.
 pub fn read_tree(root: &Path) -> Tree {
+    read_tree_with(root, &mut Hashes::new())
+}
+
+/// [`read_tree`], taking content digests from `hashes` and adding to it.
+pub fn read_tree_with(root: &Path, hashes: &mut Hashes) -> Tree {
     let parent = root.parent().unwrap();
     let pfd = rustix::fs::open(parent, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap();
     let rname = root.file_name().unwrap().as_bytes();
     let mut tree = Tree::new();
-    tree.insert(Vec::new(), info_at(&pfd, rname));
+    tree.insert(Vec::new(), info_at(&pfd, rname, hashes));
     let mut stack = vec![(open_dir_at(&pfd, rname), Vec::<u8>::new())];
     while let Some((dir, rel)) = stack.pop() {
         for name in names(&dir) {
@@ -238,7 +250,7 @@ pub fn read_tree(root: &Path) -> Tree {
                 path.push(b'/');
             }
             path.extend_from_slice(&name);
-            let info = info_at(&dir, &name);
+            let info = info_at(&dir, &name, hashes);
             if info.kind == "dir" {
                 stack.push((open_dir_at(&dir, &name), path.clone()));
             }
