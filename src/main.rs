@@ -182,7 +182,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             Ok(Code::Ok)
         }
         Command::Replicate(a) => {
-            let job = job(cli, &a.store.overrides())?;
+            let job = job(cli, &a.overrides())?;
             open_log(&job)?;
             log::set_tag(&job.job);
             interrupt::install()?;

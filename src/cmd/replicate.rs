@@ -11,14 +11,16 @@
 //! original's manifest recorded: the copy of a file that rotted on the
 //! first drive is refused, not made.
 //!
-//! This round replicates to a local folder; a destination over SSH and an
-//! append-only agent are not built yet.
+//! Over SSH (`[user@]host:/path`), the off-site host's append-only agent
+//! takes each replica the same way ([`super::replicate_ssh`]): the desktop
+//! serves the original and sends its manifest, the agent checks and commits.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use crate::cmd::backup::{self, Replica, RunOptions};
+use crate::cmd::replicate_ssh::Remote;
 use crate::config::{Job, SourceSpec};
 use crate::error::Code;
 use crate::fs::safefs::Dir;
@@ -28,17 +30,20 @@ use crate::{info, usage, warn};
 
 /// Replicates `job`'s complete snapshots into the backups folder `to`.
 pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
-    let to = destination(to)?;
-    refuse_overlap(&to, &job.backups_folder)?;
+    let (to, remote) = destination(to)?;
+    if remote.is_none() {
+        refuse_overlap(&to, &job.backups_folder)?;
+    }
     let source = Store::open(&job.backups_folder, &job.name)?;
     source.require_snapshots()?;
     let shown = crate::store::shown(&job.backups_folder, &job.name);
     // Nothing is deleted from the originals while they are read.
     let _readers = lock::acquire_readers(&source.meta_dir()?, "replicate", &shown)?;
     let originals: Vec<Snapshot> = source.snapshots()?.into_iter().filter(|s| s.complete).collect();
-    let have: Vec<Snapshot> = match Store::open(&to, &job.name) {
-        Ok(s) => s.snapshots()?,
-        Err(_) => Vec::new(),
+    let have: Vec<Snapshot> = match (&remote, Store::open(&to, &job.name)) {
+        (Some(r), _) => r.held(job).with_context(|| format!("asking {r} which snapshots it holds"))?,
+        (None, Ok(s)) => s.snapshots()?,
+        (None, Err(_)) => Vec::new(),
     };
     let missing: Vec<&Snapshot> =
         originals.iter().filter(|o| !have.iter().any(|h| h.complete && h.time == o.time)).collect();
@@ -50,6 +55,15 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
     let manifests = manifest::folder(&source.meta_dir()?)?;
     let mut worst = Code::Ok;
     for original in missing {
+        if let Some(remote) = &remote {
+            if dry_run {
+                println!("replicate {} to {remote}", original.folder);
+                continue;
+            }
+            // As below: the next one would link from a replica not there.
+            remote.replicate(job, &source, original).with_context(|| format!("replicating {}", original.folder))?;
+            continue;
+        }
         let resume = have.iter().any(|h| !h.complete && h.time == original.time);
         let replica =
             Replica { time: original.time, manifest: (manifests.clone(), manifest::file_name(&original.folder)) };
@@ -66,7 +80,7 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
             log_file: None,
             ..job.clone()
         };
-        let opts = RunOptions { resume, dry_run, replica_of: Some(replica) };
+        let opts = RunOptions { resume, dry_run, replica_of: Some(replica), ..RunOptions::default() };
         info!("{} {}", if resume { "continuing the replica of" } else { "replicating" }, original.folder);
         let result =
             backup::run_with(&copy, &opts, |job| crate::transport::connect(job, crate::wire::msg::Role::Source));
@@ -87,15 +101,13 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
     Ok(worst)
 }
 
-/// `DEST`: a local folder (absolute). A destination over SSH is not built yet.
-fn destination(to: &str) -> Result<PathBuf> {
-    match SourceSpec::parse_as(to, "replica destination")? {
-        SourceSpec::Local(p) => Ok(p),
-        SourceSpec::Remote { .. } => Err(usage!(
-            "--to {to}: replicating over SSH is not built yet; replicate to a local folder (a second drive, or a \
-             remote filesystem mounted here)"
-        )),
-    }
+/// `DEST`: a local folder (absolute), or `[user@]host:/path` and the
+/// append-only agent there (the path as a folder, for messages).
+pub fn destination(to: &str) -> Result<(PathBuf, Option<Remote>)> {
+    Ok(match SourceSpec::parse_as(to, "replica destination")? {
+        SourceSpec::Local(p) => (p, None),
+        SourceSpec::Remote { user, host, path } => (PathBuf::from(to), Some(Remote { user, host, path })),
+    })
 }
 
 /// The replica's folder must be neither inside the originals' nor around them.

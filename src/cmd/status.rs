@@ -28,6 +28,14 @@ pub fn run(job: &Job) -> Result<()> {
         .iter()
         .map(|r| {
             let path = Path::new(r);
+            // Over SSH, the append-only agent says what it holds.
+            if let Ok((_, Some(remote))) = crate::cmd::replicate::destination(r) {
+                let held = remote.held(job);
+                if let Err(e) = &held {
+                    crate::warn!("asking {remote} which snapshots it holds: {e:#}");
+                }
+                return (r.clone(), held.ok());
+            }
             let held = match Store::open(path, &job.name).and_then(|s| s.snapshots()) {
                 Ok(h) => Some(h),
                 Err(_) if !path.exists() && path.parent().is_some_and(Path::is_dir) => Some(Vec::new()),
@@ -75,6 +83,9 @@ pub fn run(job: &Job) -> Result<()> {
     }
     for ((name, held), (n, bytes)) in replicas.iter().zip(&pending) {
         match held {
+            None if matches!(crate::cmd::replicate::destination(name), Ok((_, Some(_)))) => {
+                println!("  replica {name}: can't be asked (see the warning above)");
+            }
             None => println!("  replica {name}: can't be read (not mounted?)"),
             Some(_) if *n == 0 => println!("  replica {name}: up to date"),
             Some(_) => println!(

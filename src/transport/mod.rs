@@ -18,7 +18,10 @@
 //! multiplexing master, a process the agent started), and shutdown must not
 //! depend on it.
 
+mod accept;
 pub mod link;
+
+pub use accept::Pending;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -180,7 +183,7 @@ impl Connection {
     pub fn local(root: &Path, role: Role, timeout: Option<Duration>) -> Result<Connection> {
         let exe = std::env::current_exe().context("cannot find the rbackup binary to start the local agent")?;
         let mut cmd = Command::new(exe);
-        cmd.arg("serve").arg(if role == Role::Source { "--read-only" } else { "--write" }).arg("--root").arg(root);
+        cmd.arg("serve").arg(mode_flag(role)).arg("--root").arg(root);
         Connection::spawn(cmd, &format!("the local agent for {}", root.display()), timeout)
     }
 
@@ -209,6 +212,18 @@ impl Connection {
     /// Starts `<remote_bin> serve` on `host` over SSH. With a forced command in
     /// the server's `authorized_keys`, the server runs its own command instead.
     pub fn ssh(user: Option<&str>, host: &str, job: &Job, role: Role) -> Result<Connection> {
+        Connection::ssh_with(user, host, job, &[mode_flag(role).to_string()])
+    }
+
+    /// Starts `<remote_bin> serve --append-only --root ROOT` on `host`, to
+    /// take replicas into `ROOT` (a forced command decides instead).
+    pub fn ssh_replica(user: Option<&str>, host: &str, job: &Job, root: &Path) -> Result<Connection> {
+        let root = crate::setup::quote(root)?;
+        Connection::ssh_with(user, host, job, &[mode_flag(Role::Replica).to_string(), "--root".into(), root])
+    }
+
+    /// Starts `<remote_bin> serve ARGS` on `host` (`args` are shell words).
+    fn ssh_with(user: Option<&str>, host: &str, job: &Job, args: &[String]) -> Result<Connection> {
         let rt =
             tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the SSH runtime")?;
         let mut b = openssh::SessionBuilder::default();
@@ -233,7 +248,10 @@ impl Connection {
         })?;
         let session = Arc::new(session);
         let mut cmd = session.clone().arc_raw_command(&job.remote_bin);
-        cmd.raw_arg("serve").raw_arg(if role == Role::Source { "--read-only" } else { "--write" });
+        cmd.raw_arg("serve");
+        for a in args {
+            cmd.raw_arg(a);
+        }
         cmd.stdin(openssh::Stdio::piped()).stdout(openssh::Stdio::piped()).stderr(openssh::Stdio::piped());
         let mut child =
             rt.block_on(cmd.spawn()).with_context(|| format!("cannot start `{} serve` on {shown}", job.remote_bin))?;
@@ -318,6 +336,15 @@ impl Connection {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Refused(String);
+
+/// The agent's flag that makes it `role`.
+fn mode_flag(role: Role) -> &'static str {
+    match role {
+        Role::Source => "--read-only",
+        Role::Sink => "--write",
+        Role::Replica => "--append-only",
+    }
+}
 
 impl Handle {
     /// Ends the connection from this side: every thread reading from or
