@@ -162,6 +162,7 @@ impl From<ModeArg> for AccessMode {
         match m {
             ModeArg::Acl => AccessMode::Acl,
             ModeArg::Capability => AccessMode::Capability,
+            ModeArg::Replica => AccessMode::Replica,
         }
     }
 }
@@ -181,7 +182,7 @@ impl From<&ServeArgs> for ServeOptions {
 impl From<&SetupServerArgs> for ServerOptions {
     fn from(a: &SetupServerArgs) -> ServerOptions {
         ServerOptions {
-            user: a.user.clone(),
+            user: a.user.clone().unwrap_or_default(),
             root: a.root.clone(),
             key: a.key.clone(),
             mode: a.mode.into(),

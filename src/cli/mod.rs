@@ -308,6 +308,8 @@ pub enum ModeArg {
     /// A copy of the agent that only the backup user can run, with
     /// `CAP_DAC_READ_SEARCH`.
     Capability,
+    /// The off-site host of replicas: root's key confined to `serve --append-only --root DIR`
+    Replica,
 }
 
 /// Options of `prune`.
@@ -462,19 +464,20 @@ through a forced command; see docs/restore.md.";
 /// Options of `setup-server`.
 #[derive(Args, Debug, Clone)]
 pub struct SetupServerArgs {
-    /// The backup user (created if missing)
+    /// The backup user (created if missing; not with --mode replica)
     #[arg(long, value_name = "USER")]
-    pub user: String,
+    pub user: Option<String>,
 
-    /// The tree to back up
+    /// The tree to back up (with --mode replica: the folder replicas go into)
     #[arg(long, value_name = "DIR")]
     pub root: PathBuf,
 
-    /// The desktop's public key for backups (one authorized_keys line)
+    /// The desktop's public key for backups (with --mode replica: for replicas)
     #[arg(long, value_name = "PUBKEY")]
     pub key: String,
 
-    /// How the backup user reads: ACLs on the tree, or an agent with CAP_DAC_READ_SEARCH
+    /// How the backup user reads: ACLs on the tree, or an agent with CAP_DAC_READ_SEARCH; or
+    /// `replica`: this host takes the desktop's replicas, append-only
     #[arg(long, value_enum, default_value = "acl")]
     pub mode: ModeArg,
 

@@ -245,6 +245,13 @@ pub fn run_session(
         Some(r) => plan_replica(&snapshots, r.time, &folder_shown)?,
         None => plan_run(&snapshots, opts.resume, &folder_shown)?,
     };
+    if let (true, Some(r), Some(store)) = (opts.append_only, &opts.replica_of, &store) {
+        // Under the lock, as the complete snapshot above (rule 11).
+        let name = crate::store::folder_name(&job.name, r.time, true);
+        if crate::store::manifest::folder(&store.meta_dir()?)?.try_stat(name.as_bytes())?.is_some() {
+            return Err(anyhow!("the manifest of {name} is already there: a replica never replaces it"));
+        }
+    }
     // A new snapshot's name is chosen now, for the pre_hook to know it.
     let new_stamp = match (&plan.resume, &store, &opts.replica_of) {
         (None, Some(_), Some(r)) if !opts.dry_run => Some(r.time),

@@ -60,6 +60,11 @@ fn replicas_over_ssh_into_an_append_only_agent_equal_the_originals() {
     std::fs::create_dir(&rep).unwrap();
     sshd.authorize_root(&forced_append_only(&sshd, &rep));
     three_snapshots(&src, &bk);
+    // A dry run says what it would replicate, and writes nothing.
+    let (code, out, err) = replicate_ssh(&sshd, &bk, &rep, &["--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("replicate s.")).count(), 3, "{out}");
+    assert_eq!(std::fs::read_dir(&rep).unwrap().count(), 0, "a dry run wrote into the replica folder");
 
     let (code, _, err) = replicate_ssh(&sshd, &bk, &rep, &[]);
     assert_eq!(code, 0, "{err}\n{}", sshd.log());
@@ -149,7 +154,7 @@ fn an_offsite_replica_of_a_damaged_file_is_refused_not_committed() {
     };
     set_bytes(b"ONLY IN THE SECOND");
 
-    let (code, _, err) = replicate_ssh(&sshd, &bk, &rep, &[]);
+    let (code, _, err) = replicate_ssh(&sshd, &bk, &rep, &["--compress"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("b.txt reads differently from what its snapshot recorded"), "{err}");
     let state = snapshots(&rep, "s");
@@ -157,7 +162,7 @@ fn an_offsite_replica_of_a_damaged_file_is_refused_not_committed() {
     assert!(state.iter().any(|(_, c)| !c), "the refused one stays .incomplete: {state:?}");
 
     set_bytes(b"only in the second");
-    let (code, _, err) = replicate_ssh(&sshd, &bk, &rep, &[]);
+    let (code, _, err) = replicate_ssh(&sshd, &bk, &rep, &["--compress", "--bwlimit", "10M"]);
     assert_eq!(code, 0, "{err}");
     assert!(snapshots(&rep, "s").iter().all(|(_, c)| *c));
     assert_same_tree(&complete(&bk, "s")[1], &complete(&rep, "s")[1], &[]);
