@@ -157,7 +157,7 @@ fn sink_msg() -> impl Strategy<Value = SinkMsg> {
         vec((".*", any::<u64>()), 0..5).prop_map(|summary| SinkMsg::Finish { summary }),
         ".*".prop_map(SinkMsg::Fatal),
         vec(".*", 0..5).prop_map(SinkMsg::Held),
-        ".*".prop_map(SinkMsg::Committed),
+        (".*", any::<u64>()).prop_map(|(folder, problems)| SinkMsg::Committed { folder, problems }),
     ]
 }
 

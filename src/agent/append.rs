@@ -74,13 +74,13 @@ pub fn run(root: &Path) -> Result<()> {
             // The session's streams are gone by now: the last word goes on
             // a link of its own, bounded like every other wait.
             let last = match &result {
-                Ok(done) => SinkMsg::Committed(done.clone()),
+                Ok((folder, problems)) => SinkMsg::Committed { folder: folder.clone(), problems: *problems },
                 Err(e) => SinkMsg::Fatal(format!("{e:#}")),
             };
             let out = std::io::stdout().as_fd().try_clone_to_owned()?;
             let mut w = Link::new("the desktop", Some(IDLE)).writer(out)?;
             let _ = w.write_all(&Encoder::new(false).msg(&last)).and_then(|()| w.flush());
-            result.map(|done| crate::info!("{done} is complete"))
+            result.map(|(done, _)| crate::info!("{done} is complete"))
         }
     }
 }
@@ -172,7 +172,7 @@ fn check_free(root: &Path, name: &str, folder: &str) -> Result<(), String> {
 
 /// Takes the replica of `folder` over `session`: receives the original's
 /// manifest, then runs a backup of the desktop's snapshot into R. Returns
-/// the complete replica's name.
+/// the complete replica's name and the problems the run had.
 fn take(
     root: &Path,
     name: &str,
@@ -180,7 +180,7 @@ fn take(
     folder: &str,
     compress: bool,
     mut session: Session,
-) -> Result<String> {
+) -> Result<(String, u64)> {
     let store = Store::open(root, name)?;
     // The original's manifest is kept beside this stamp's own bookkeeping,
     // under the snapshot's name (the next try overwrites it), and removed
@@ -196,7 +196,9 @@ fn take(
     let opts = RunOptions { resume, dry_run: false, replica_of: Some(Replica { time, manifest }), append_only: true };
     let report = backup::run_session(&job, &opts, |_, _| Ok(session));
     let _ = originals.unlink(folder.as_bytes());
-    report?.snapshot.ok_or_else(|| anyhow!("{folder} was not made"))
+    let report = report?;
+    let problems = report.problems.len() as u64;
+    Ok((report.snapshot.ok_or_else(|| anyhow!("{folder} was not made"))?, problems))
 }
 
 /// Writes the manifest the desktop sends into `dir`, named `folder`;

@@ -61,7 +61,9 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
                 continue;
             }
             // As below: the next one would link from a replica not there.
-            remote.replicate(job, &source, original).with_context(|| format!("replicating {}", original.folder))?;
+            let code =
+                remote.replicate(job, &source, original).with_context(|| format!("replicating {}", original.folder))?;
+            worst = Code::worst([worst, code]);
             continue;
         }
         let resume = have.iter().any(|h| !h.complete && h.time == original.time);

@@ -18,6 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::config::Job;
+use crate::error::Code;
 use crate::fs::safefs::Shown;
 use crate::report::Stats;
 use crate::source::{self, Selection};
@@ -82,8 +83,9 @@ impl Remote {
     }
 
     /// Has the agent take the replica of `original`, a complete snapshot of
-    /// `store`, and says what it copied.
-    pub fn replicate(&self, job: &Job, store: &Store, original: &Snapshot) -> Result<()> {
+    /// `store`, and says what it copied. `Partial` if the agent could not
+    /// take some entries as they are (it logged which).
+    pub fn replicate(&self, job: &Job, store: &Store, original: &Snapshot) -> Result<Code> {
         let started = Instant::now();
         let session = self.open(job, ReplicaAsk::Write { folder: original.folder.clone() })?;
         let Session { mut reader, mut writer, conn: mut handle, .. } = session;
@@ -99,13 +101,13 @@ impl Remote {
                 source::run(snapshot, everything, job.compress, job.bwlimit, &mut reader, writer, &mut on_log)
             })
             .and_then(|summary| match read_msg::<SinkMsg, _>(&mut reader)? {
-                SinkMsg::Committed(done) => Ok((summary, done)),
+                SinkMsg::Committed { folder, problems } => Ok((summary, folder, problems)),
                 SinkMsg::Fatal(message) => {
                     bail!(PeerFailed { side: "receiving", message: format!("{:#}", Shown(message.as_bytes())) })
                 }
                 _ => bail!(ProtocolError::Unexpected("the agent's last word is not the replica's outcome".into())),
             });
-        let (summary, done) = match result {
+        let (summary, done, problems) = match result {
             Ok(r) => r,
             Err(e) => {
                 handle.stop();
@@ -129,7 +131,14 @@ impl Remote {
             s.fetched_delta,
             s.bytes_fetched
         );
-        Ok(())
+        if problems > 0 {
+            warn!(
+                "{problems} entries of {} could not be taken as they are (with -v, the agent's messages name them)",
+                Shown(done.as_bytes())
+            );
+            return Ok(Code::Partial);
+        }
+        Ok(Code::Ok)
     }
 }
 

@@ -147,7 +147,7 @@ fn read_sink<R: Read>(
                 side: "receiving",
                 message: format!("{:#}", Shown(message.as_bytes()))
             }),
-            SinkMsg::Held(_) | SinkMsg::Committed(_) => {
+            SinkMsg::Held(_) | SinkMsg::Committed { .. } => {
                 bail!(ProtocolError::Unexpected("the sink answered a replica's question in a session".into()))
             }
         }

@@ -333,8 +333,12 @@ pub enum SinkMsg {
     /// The append-only agent's answer to [`ReplicaAsk::List`]: folder names.
     Held(Vec<String>),
     /// The append-only agent checked the replica against the original's
-    /// manifest and named it complete, under this name.
-    Committed(String),
+    /// manifest and named it complete as `folder`; `problems`: entries it
+    /// could not take as they are (each logged on its side).
+    Committed {
+        folder: String,
+        problems: u64,
+    },
 }
 
 /// What a [`SinkMsg::Log`] line is.

@@ -393,7 +393,7 @@ fn hostile_listing(session: Session) -> anyhow::Result<String> {
                 let _ = conn.finish();
                 anyhow::bail!("{m}")
             }
-            SinkMsg::Committed(name) => return Ok(name),
+            SinkMsg::Committed { folder, .. } => return Ok(folder),
             _ => {}
         }
     }
@@ -409,7 +409,7 @@ fn serve_tree(session: Session, tree: &Path) -> anyhow::Result<String> {
     let last = rbackup::wire::read_msg::<SinkMsg, _>(&mut reader)?;
     conn.finish()?;
     match last {
-        SinkMsg::Committed(name) => Ok(name),
+        SinkMsg::Committed { folder, .. } => Ok(folder),
         other => anyhow::bail!("{other:?}"),
     }
 }
