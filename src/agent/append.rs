@@ -102,7 +102,7 @@ fn check_hello(hello: &Hello, root: &Path) -> Result<Ask, String> {
             .into());
     }
     let asked = Path::new(std::ffi::OsStr::from_bytes(&hello.path));
-    if normal(asked) != normal(root) {
+    if normal(asked).is_none() || normal(asked) != normal(root) {
         return Err(format!(
             "this agent writes replicas only into {} (its --root), not {}",
             root.display(),
@@ -288,6 +288,7 @@ mod tests {
         assert!(check_hello(&hello("/srv/replicas/x"), root).is_err());
         assert!(check_hello(&hello("/srv/replicas/.."), root).is_err());
         assert!(check_hello(&hello("/srv"), root).is_err());
+        assert!(check_hello(&hello("srv/replicas"), Path::new("srv/replicas")).is_err(), "relative");
         let mut h = hello("/srv/replicas");
         h.role = Role::Source;
         assert!(check_hello(&h, root).unwrap_err().contains("only takes replicas"));

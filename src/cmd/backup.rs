@@ -543,6 +543,25 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_finishes_only_its_own_incomplete_and_never_a_complete_stamp() {
+        let s = snaps(&[
+            "s.01-01-20_00-00-00",
+            "s.02-01-20_00-00-00.incomplete",
+            "s.03-01-20_00-00-00",
+            "s.04-01-20_00-00-00.incomplete",
+        ]);
+        let t = |f: &str| s.iter().find(|x| x.folder == f).unwrap().time;
+        let p = plan_replica(&s, t("s.02-01-20_00-00-00.incomplete"), "x").unwrap();
+        assert_eq!(p.resume.unwrap().folder, "s.02-01-20_00-00-00.incomplete");
+        assert_eq!(p.bases[0].folder, "s.01-01-20_00-00-00", "the replica before it, not the newest");
+        let p = plan_replica(&s, t("s.04-01-20_00-00-00.incomplete") + chrono::Duration::days(1), "x").unwrap();
+        assert!(p.resume.is_none(), "another stamp's .incomplete is not taken over");
+        assert_eq!(p.bases.len(), 1);
+        assert_eq!(p.bases[0].folder, "s.03-01-20_00-00-00");
+        assert!(plan_replica(&s, t("s.03-01-20_00-00-00"), "x").is_err());
+    }
+
+    #[test]
     fn continue_without_incomplete_is_an_error() {
         let s = snaps(&["s.01-01-20_00-00-00"]);
         assert!(plan_run(&s, true, "x").is_err());
