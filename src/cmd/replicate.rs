@@ -40,6 +40,8 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
     // Nothing is deleted from the originals while they are read.
     let _readers = lock::acquire_readers(&source.meta_dir()?, "replicate", &shown)?;
     let originals: Vec<Snapshot> = source.snapshots()?.into_iter().filter(|s| s.complete).collect();
+    // One SSH connection for every session with an off-site agent.
+    let remote = remote.as_ref().map(|r| r.connect(job)).transpose()?;
     let have: Vec<Snapshot> = match (&remote, Store::open(&to, &job.name)) {
         (Some(r), _) => r.held(job).with_context(|| format!("asking {r} which snapshots it holds"))?,
         (None, Ok(s)) => s.snapshots()?,

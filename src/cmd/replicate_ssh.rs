@@ -23,7 +23,7 @@ use crate::fs::safefs::Shown;
 use crate::report::Stats;
 use crate::source::{self, Selection};
 use crate::store::{Snapshot, Store};
-use crate::transport::{Connection, Session};
+use crate::transport::{Connection, Session, SshHost};
 use crate::wire::frame::{CHUNK, Encoder};
 use crate::wire::msg::{Hello, LogKind, ReplicaAsk, Role, SessionOptions, SinkMsg, SourceMsg};
 use crate::wire::{PeerFailed, ProtocolError, SOFTWARE, read_msg};
@@ -38,6 +38,13 @@ pub struct Remote {
     pub path: PathBuf,
 }
 
+/// An off-site backups folder reached: one SSH connection for every
+/// session with its agent (what it holds, then each snapshot).
+pub struct Connected<'a> {
+    remote: &'a Remote,
+    host: SshHost,
+}
+
 impl std::fmt::Display for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.user {
@@ -48,12 +55,25 @@ impl std::fmt::Display for Remote {
 }
 
 impl Remote {
+    /// Connects to the host, for the sessions that follow.
+    pub fn connect(&self, job: &Job) -> Result<Connected<'_>> {
+        Ok(Connected { remote: self, host: SshHost::connect(self.user.as_deref(), &self.host, job)? })
+    }
+}
+
+impl std::fmt::Display for Connected<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.remote.fmt(f)
+    }
+}
+
+impl Connected<'_> {
     /// A session with the agent that asks `ask`.
     fn open(&self, job: &Job, ask: ReplicaAsk) -> Result<Session> {
-        let conn = Connection::ssh_replica(self.user.as_deref(), &self.host, job, &self.path)?;
+        let conn = Connection::ssh_replica(&self.host, job, &self.remote.path)?;
         let hello = Hello {
             role: Role::Replica,
-            path: self.path.as_os_str().as_encoded_bytes().to_vec(),
+            path: self.remote.path.as_os_str().as_encoded_bytes().to_vec(),
             options: SessionOptions { compress: job.compress, bwlimit: job.bwlimit, ..SessionOptions::default() },
             version: SOFTWARE.to_string(),
             replica: Some(ask),

@@ -30,7 +30,7 @@ pub fn run(job: &Job) -> Result<()> {
             let path = Path::new(r);
             // Over SSH, the append-only agent says what it holds.
             if let Ok((_, Some(remote))) = crate::cmd::replicate::destination(r) {
-                let held = remote.held(job);
+                let held = remote.connect(job).and_then(|c| c.held(job));
                 if let Err(e) = &held {
                     crate::warn!("asking {remote} which snapshots it holds: {e:#}");
                 }
