@@ -42,10 +42,9 @@ pub fn run(job: &Job, to: &str, dry_run: bool) -> Result<Code> {
     let originals: Vec<Snapshot> = source.snapshots()?.into_iter().filter(|s| s.complete).collect();
     // One SSH connection for every session with an off-site agent.
     let remote = remote.as_ref().map(|r| r.connect(job)).transpose()?;
-    let have: Vec<Snapshot> = match (&remote, Store::open(&to, &job.name)) {
-        (Some(r), _) => r.held(job).with_context(|| format!("asking {r} which snapshots it holds"))?,
-        (None, Ok(s)) => s.snapshots()?,
-        (None, Err(_)) => Vec::new(),
+    let have: Vec<Snapshot> = match &remote {
+        Some(r) => r.held(job).with_context(|| format!("asking {r} which snapshots it holds"))?,
+        None => Store::open(&to, &job.name).map_or_else(|_| Ok(Vec::new()), |s| s.snapshots())?,
     };
     let missing: Vec<&Snapshot> =
         originals.iter().filter(|o| !have.iter().any(|h| h.complete && h.time == o.time)).collect();
