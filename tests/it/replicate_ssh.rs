@@ -168,8 +168,10 @@ fn an_offsite_replica_of_a_damaged_file_is_refused_not_committed() {
     assert_same_tree(&complete(&bk, "s")[1], &complete(&rep, "s")[1], &[]);
 }
 
-/// The agent killed with SIGKILL while a large file arrives: the next
-/// `replicate` finishes that replica, exact, and the one before is untouched.
+/// Killed with SIGKILL while a large file arrives — first the desktop
+/// (its agent ends by itself), then the agent — and the next `replicate`
+/// finishes that replica from what it kept, exact; the one before is
+/// untouched and no temporary file is left.
 #[test]
 fn an_offsite_replica_killed_mid_file_is_finished_by_the_next_run() {
     let sshd = Sshd::start();
@@ -189,27 +191,21 @@ fn an_offsite_replica_killed_mid_file_is_finished_by_the_next_run() {
     let first = complete(&rep, "s")[0].clone();
     let before = read_tree(&first);
 
-    let mut args: Vec<String> = ["replicate", "--backups-folder", bk.to_str().unwrap(), "--name", "s", "--to"]
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    args.push(Sshd::root_target(&rep));
-    args.extend(sshd.args());
-    let mut child = std::process::Command::new(bin())
-        .args(&args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        if crate::resume::temps(&rep).iter().any(|(_, len)| *len > 50 << 20) {
-            break;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the replicate ended before the big file was half copied");
-        assert!(std::time::Instant::now() < deadline, "the big file never arrived");
-        std::thread::sleep(Duration::from_millis(1));
+    // The desktop killed: its agent sees the connection end and goes.
+    let mut child = start_replicate(&sshd, &bk, &rep);
+    wait_for_partial(&mut child, &rep, 40 << 20);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !agents_of(&rep).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the agent outlived its desktop by 30 s");
+        std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(snapshots(&rep, "s").iter().any(|(_, c)| !c), "an .incomplete replica is left");
+
+    // The agent killed, further on.
+    let mut child = start_replicate(&sshd, &bk, &rep);
+    wait_for_partial(&mut child, &rep, 120 << 20);
     let agents = agents_of(&rep);
     assert_eq!(agents.len(), 1, "one append-only agent for {}: {agents:?}", rep.display());
     sh(&format!("kill -9 {}", agents[0]));
@@ -224,6 +220,32 @@ fn an_offsite_replica_killed_mid_file_is_finished_by_the_next_run() {
     assert_same_tree(&complete(&bk, "s")[1], &replicas[1], &[]);
     assert_eq!(read_tree(&first), before, "the replica before was touched");
     assert!(crate::resume::temps(&rep).is_empty(), "a temporary file was left");
+}
+
+/// `replicate` to `rbk-root:rep`, in the background.
+fn start_replicate(sshd: &Sshd, bk: &Path, rep: &Path) -> std::process::Child {
+    let mut args: Vec<String> = ["replicate", "--backups-folder", bk.to_str().unwrap(), "--name", "s", "--to"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    args.push(Sshd::root_target(rep));
+    args.extend(sshd.args());
+    std::process::Command::new(bin())
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until a temporary file in `rep` holds more than `bytes`.
+fn wait_for_partial(child: &mut std::process::Child, rep: &Path, bytes: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !crate::resume::temps(rep).iter().any(|(_, len)| *len > bytes) {
+        assert!(child.try_wait().unwrap().is_none(), "the replicate ended before {bytes} bytes of the big file");
+        assert!(std::time::Instant::now() < deadline, "the big file never reached {bytes} bytes");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Pids of the append-only agents writing into `root`.
@@ -318,7 +340,13 @@ fn a_patched_desktop_cannot_make_the_append_only_agent_destroy_or_rewrite_a_snap
         "s.99-99-99_99-99-99".into(),
         format!("s.{stamp}/"),
     ] {
-        assert_refused(&rep, &hello(&rep, Role::Replica, write_ask(&bad)), "");
+        match agent(&rep, &hello(&rep, Role::Replica, write_ask(&bad))) {
+            Ok(_) => panic!("the agent took {bad:?}"),
+            Err(e) => {
+                let e = format!("{e:#}");
+                assert!(e.contains("invalid --name") || e.contains("not a snapshot's name"), "{bad:?}: {e}");
+            }
+        }
         assert!(!tmp.path().join(&bad).exists() && !Path::new("/etc").join(&bad).exists());
     }
     assert_refused(&rep, &hello(&rep, Role::Replica, Some(ReplicaAsk::List { name: "../bk/s".into() })), "invalid");
