@@ -103,10 +103,11 @@ fn replicas_over_ssh_into_an_append_only_agent_equal_the_originals() {
     std::fs::write(
         &cfg,
         format!(
-            "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [\"{}\"]\nssh_config = \"{}\"\n",
+            "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [\"{}\", \"{}\"]\nssh_config = \"{}\"\n",
             src.display(),
             bk.display(),
             Sshd::root_target(&rep),
+            sshd.source(&rep),
             sshd.ssh_config.display()
         ),
     )
@@ -115,8 +116,12 @@ fn replicas_over_ssh_into_an_append_only_agent_equal_the_originals() {
     assert_eq!(code, 0, "{err}");
     let rows: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("s.")).collect();
     assert_eq!(rows.len(), 3, "{out}");
-    assert!(rows.iter().all(|r| r.trim_end().ends_with("yes")), "{out}");
+    assert!(rows.iter().all(|r| r.split_whitespace().nth(1) == Some("yes")), "{out}");
     assert!(out.contains(&format!("replica {}: up to date", Sshd::root_target(&rep))), "{out}");
+    // The backup user has no key here: that replica can't be asked, and says so.
+    assert!(rows.iter().all(|r| r.trim_end().ends_with("unreadable")), "{out}");
+    assert!(out.contains(&format!("replica {}: can't be asked", sshd.source(&rep))), "{out}");
+    assert!(err.contains("refused the authentication"), "{err}");
 }
 
 /// The entries of `tree` (read at `root`) beneath `sub`, relative to it.
