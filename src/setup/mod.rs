@@ -61,7 +61,7 @@ fn command(program: &str, args: &[&str]) -> Result<()> {
 }
 
 /// Quotes a path for the forced command (run by the account's shell).
-pub(crate) fn quote(p: &Path) -> Result<String> {
+fn quote(p: &Path) -> Result<String> {
     let s = p.to_str().ok_or_else(|| usage!("{} is not UTF-8", p.display()))?;
     if s.contains(['\'', '"', '\n', '\\']) {
         bail!(usage!("{s:?} contains quotes or newlines"));

@@ -4,6 +4,8 @@
 //! master: a `replicate` asks the off-site host what it holds, then sends
 //! each snapshot it lacks, with one SSH handshake in all.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,19 +71,18 @@ impl Connection {
     /// Starts `<remote_bin> serve` on `host` over SSH. With a forced command in
     /// the server's `authorized_keys`, the server runs its own command instead.
     pub fn ssh(user: Option<&str>, host: &str, job: &Job, role: Role) -> Result<Connection> {
-        Connection::ssh_on(&SshHost::connect(user, host, job)?, job, &[mode_flag(role).to_string()])
+        Connection::ssh_on(&SshHost::connect(user, host, job)?, job, &[mode_flag(role).into()])
     }
 
     /// Starts `<remote_bin> serve --append-only --root ROOT` over `host`'s
     /// master, to take replicas into `ROOT` (a forced command decides instead).
     pub fn ssh_replica(host: &SshHost, job: &Job, root: &Path) -> Result<Connection> {
-        let root = crate::setup::quote(root)?;
-        Connection::ssh_on(host, job, &[mode_flag(Role::Replica).to_string(), "--root".into(), root])
+        Connection::ssh_on(host, job, &[mode_flag(Role::Replica).into(), "--root".into(), shell_word(root)])
     }
 
     /// Starts `<remote_bin> serve ARGS` over `host`'s master (`args` are
     /// shell words).
-    fn ssh_on(host: &SshHost, job: &Job, args: &[String]) -> Result<Connection> {
+    fn ssh_on(host: &SshHost, job: &Job, args: &[OsString]) -> Result<Connection> {
         let rt = runtime()?;
         let mut cmd = host.session().arc_raw_command(&job.remote_bin);
         cmd.raw_arg("serve");
@@ -114,6 +115,21 @@ impl SshAgent {
     }
 }
 
+/// `p` as one word for the remote shell, whatever bytes it holds: in single
+/// quotes, each `'` written `'\''`.
+fn shell_word(p: &Path) -> OsString {
+    let mut out = b"'".to_vec();
+    for &b in p.as_os_str().as_bytes() {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    OsString::from_vec(out)
+}
+
 /// The runtime an SSH operation runs on: each its own, on the caller's thread.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the SSH runtime")
@@ -129,6 +145,15 @@ fn keepalive(io_timeout: Option<Duration>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remote_path_is_one_shell_word() {
+        let word = shell_word(Path::new("/srv/it's here"));
+        assert_eq!(word, OsString::from("'/srv/it'\\''s here'"));
+        let script = format!("printf %s {}", word.to_str().unwrap());
+        let out = std::process::Command::new("sh").arg("-c").arg(script).output().unwrap();
+        assert_eq!(out.stdout, b"/srv/it's here");
+    }
 
     #[test]
     fn keepalives_follow_the_io_timeout() {

@@ -124,6 +124,34 @@ fn replicas_over_ssh_into_an_append_only_agent_equal_the_originals() {
     assert!(err.contains("refused the authentication"), "{err}");
 }
 
+/// Without a forced command (a key the admin didn't confine), `replicate`
+/// starts `REMOTE_BIN serve --append-only --root PATH` itself, the path
+/// quoted for the remote shell. (As a user that isn't root, the agent keeps
+/// no other owners: contents, modes and times are compared.)
+#[test]
+fn without_a_forced_command_replicate_starts_the_append_only_agent_itself() {
+    let sshd = Sshd::start();
+    let tmp = scratch();
+    let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("off site's"));
+    std::fs::create_dir(&rep).unwrap();
+    sh(&format!("chown {} \"{}\"", sshd.user.name, rep.display()));
+    sshd.authorize("");
+    write(&src.join("a.txt"), b"a");
+    write(&src.join("d/b.txt"), b"b");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    let mut args: Vec<String> = ["replicate", "--backups-folder", bk.to_str().unwrap(), "--name", "s", "--to"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    args.push(sshd.source(&rep));
+    args.extend(sshd.args());
+    let (code, _, err) = run(&args.iter().map(OsStr::new).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}\n{}", sshd.log());
+    let replica = complete(&rep, "s").pop().expect("a replica");
+    assert_eq!(std::fs::read(replica.join("d/b.txt")).unwrap(), b"b");
+    assert_eq!(std::fs::metadata(replica.join("a.txt")).unwrap().uid(), sshd.user.uid());
+}
+
 /// The entries of `tree` (read at `root`) beneath `sub`, relative to it.
 fn before_sub(tree: &Tree, root: &Path, sub: &Path) -> Tree {
     let prefix = sub.strip_prefix(root).unwrap().as_os_str().as_encoded_bytes().to_vec();
