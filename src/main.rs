@@ -41,10 +41,10 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
     match &cli.command {
         Command::Serve(args) => {
             log::set_tag(log::AGENT_TAG);
-            if args.write {
-                // A restore's agent writes: a Ctrl-C (which reaches a local
-                // agent too) or a stop ends its sink at a safe point, so no
-                // temporary file is left in the destination. (A read-only
+            if args.write || args.append_only {
+                // A restore's (or a replica's) agent writes: a Ctrl-C (which
+                // reaches a local agent too) or a stop ends its sink at a safe
+                // point, so no temporary file is left in the destination. (A read-only
                 // agent has nothing to clean up, and ends when the desktop
                 // hangs up.)
                 interrupt::install()?;
@@ -182,7 +182,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             Ok(Code::Ok)
         }
         Command::Replicate(a) => {
-            let job = job(cli, &a.store.overrides())?;
+            let job = job(cli, &a.overrides())?;
             open_log(&job)?;
             log::set_tag(&job.job);
             interrupt::install()?;

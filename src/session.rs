@@ -23,7 +23,8 @@ use crate::wire::{Outbox, ProtocolError, SOFTWARE, spawn_writer};
 /// The hello that asks the agent to be `role` for `path` (beneath the root
 /// its forced command allows), with `options`.
 pub fn hello(role: Role, path: &Path, options: SessionOptions) -> Hello {
-    Hello { role, path: path.as_os_str().as_encoded_bytes().to_vec(), options, version: SOFTWARE.to_string() }
+    let path = path.as_os_str().as_encoded_bytes().to_vec();
+    Hello { role, path, options, version: SOFTWARE.to_string(), replica: None }
 }
 
 /// A sink's two threads: the reader (frames in, with the look-ahead of

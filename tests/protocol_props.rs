@@ -18,8 +18,8 @@ use proptest::prelude::*;
 use rbackup::fs::meta::{Meta, Xattr};
 use rbackup::wire::frame::{Encoder, Frame, FrameReader, MAX_FRAME};
 use rbackup::wire::msg::{
-    Entry, Fetch, Hello, Link, LogKind, ReadError, ReadStatus, Reply, Role, SessionOptions, SinkMsg, SkipReason,
-    SourceMsg, SpecialKind,
+    Entry, Fetch, Hello, Link, LogKind, ReadError, ReadStatus, ReplicaAsk, Reply, Role, SessionOptions, SinkMsg,
+    SkipReason, SourceMsg, SpecialKind,
 };
 
 // ------------------------------------------------------- allocation counting
@@ -137,6 +137,8 @@ fn source_msg() -> impl Strategy<Value = SourceMsg> {
             .prop_map(|(id, error)| SourceMsg::FileFailed { id, error }),
         ".*".prop_map(SourceMsg::Fatal),
         (any::<u64>(), any::<u64>()).prop_map(|(id, done)| SourceMsg::Hashing { id, done }),
+        bytes(200).prop_map(SourceMsg::Manifest),
+        any::<bool>().prop_map(|present| SourceMsg::ManifestEnd { present }),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, size, offset)| SourceMsg::FileResume {
             id,
             size,
@@ -154,31 +156,44 @@ fn sink_msg() -> impl Strategy<Value = SinkMsg> {
             .prop_map(|(kind, text)| SinkMsg::Log { kind, text }),
         vec((".*", any::<u64>()), 0..5).prop_map(|summary| SinkMsg::Finish { summary }),
         ".*".prop_map(SinkMsg::Fatal),
+        vec(".*", 0..5).prop_map(SinkMsg::Held),
+        (".*", any::<u64>()).prop_map(|(folder, problems)| SinkMsg::Committed { folder, problems }),
     ]
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
     (
         (any::<bool>(), bytes(100), any::<bool>(), vec(".*", 0..3), vec(bytes(20), 0..3), any::<[bool; 4]>(), ".*"),
-        any::<u64>(),
+        (any::<u64>(), proptest::option::of((any::<bool>(), ".*"))),
     )
         .prop_map(
-            |((sink, path, compress, excludes, only, [devices, delete, dry_run, delta], version), bwlimit)| Hello {
-                role: if sink { Role::Sink } else { Role::Source },
-                path,
-                options: SessionOptions {
-                    compress,
-                    excludes,
-                    only,
-                    devices,
-                    delete,
-                    dry_run,
-                    delta,
-                    probe_read: dry_run,
-                    one_file_system: delete,
-                    bwlimit,
-                },
-                version,
+            |((sink, path, compress, excludes, only, [devices, delete, dry_run, delta], version), (bwlimit, ask))| {
+                Hello {
+                    role: match (&ask, sink) {
+                        (Some(_), _) => Role::Replica,
+                        (None, true) => Role::Sink,
+                        (None, false) => Role::Source,
+                    },
+                    replica: ask.map(
+                        |(list, name)| {
+                            if list { ReplicaAsk::List { name } } else { ReplicaAsk::Write { folder: name } }
+                        },
+                    ),
+                    path,
+                    options: SessionOptions {
+                        compress,
+                        excludes,
+                        only,
+                        devices,
+                        delete,
+                        dry_run,
+                        delta,
+                        probe_read: dry_run,
+                        one_file_system: delete,
+                        bwlimit,
+                    },
+                    version,
+                }
             },
         )
 }

@@ -30,6 +30,8 @@ use crate::wire::{Outbox, SOFTWARE, read_msg, read_preamble, write_preamble};
 pub struct ServeOptions {
     /// Receive data (restores) instead of sending it.
     pub write: bool,
+    /// Take replicas into the root, append-only ([`super::append`]).
+    pub append_only: bool,
     /// Serve only this directory and what is beneath it.
     pub root: Option<std::path::PathBuf>,
     /// Run before each backup lists the root (see `hooks`).
@@ -39,6 +41,10 @@ pub struct ServeOptions {
 
 /// Runs the agent until the desktop is done.
 pub fn run(args: &ServeOptions) -> Result<()> {
+    if args.append_only {
+        let root = args.root.as_deref().context("--append-only needs --root: the backups folder replicas go into")?;
+        return super::append::run(root);
+    }
     let stdin = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     let mut stdout = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
     write_preamble(&mut stdout)?;
@@ -61,6 +67,13 @@ pub fn run(args: &ServeOptions) -> Result<()> {
                     .into(),
             );
         }
+        (Role::Replica, _) => {
+            return refuse(
+                "this agent doesn't take replicas; they need a key whose forced command is \
+                 `rbackup serve --append-only --root DIR`"
+                    .into(),
+            );
+        }
         (Role::Sink, false) => {
             return refuse(
                 "this agent is read-only; restores need a key whose forced command is \
@@ -74,6 +87,7 @@ pub fn run(args: &ServeOptions) -> Result<()> {
         Role::Source => Create::No,
         Role::Sink if hello.options.dry_run => Create::Pretend,
         Role::Sink => Create::Yes,
+        Role::Replica => unreachable!("refused above"),
     };
     let (root, root_path) = match open_root(args.root.as_deref(), &hello.path, create) {
         Ok(r) => r,
@@ -102,10 +116,11 @@ pub fn run(args: &ServeOptions) -> Result<()> {
             selection.one_file_system = options.one_file_system;
             // A backup's listing is the snapshot: chosen `paths` are whole.
             selection.whole_on_the_way = true;
-            source::run(root, selection, options.compress, options.bwlimit, reader, stdout, &mut |_, _| {})?;
+            source::run(root, selection, options.compress, options.bwlimit, &mut reader, stdout, &mut |_, _| {})?;
             Ok(())
         }
         Role::Sink => receive(root, &hello.options, reader, stdout),
+        Role::Replica => unreachable!("refused above"),
     }
 }
 

@@ -2,7 +2,8 @@
 //! take: the only place that knows both.
 
 use super::{
-    CheckArgs, Cli, ModeArg, RestoreArgs, RulesArgs, RunArgs, ServeArgs, SetupClientArgs, SetupServerArgs, StoreArgs,
+    CheckArgs, Cli, ModeArg, ReplicateArgs, RestoreArgs, RulesArgs, RunArgs, ServeArgs, SetupClientArgs,
+    SetupServerArgs, StoreArgs,
 };
 use crate::agent::serve::ServeOptions;
 use crate::cmd::prune::Rules;
@@ -30,6 +31,20 @@ impl CheckArgs {
 }
 
 impl RestoreArgs {
+    /// The job settings these options override.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            compress: self.compress,
+            remote_bin: self.connect.remote_bin.clone(),
+            ssh_config: self.connect.ssh_config.clone(),
+            io_timeout: self.connect.io_timeout,
+            bwlimit: self.bwlimit.clone(),
+            ..self.store.overrides()
+        }
+    }
+}
+
+impl ReplicateArgs {
     /// The job settings these options override.
     pub fn overrides(&self) -> Overrides {
         Overrides {
@@ -147,6 +162,7 @@ impl From<ModeArg> for AccessMode {
         match m {
             ModeArg::Acl => AccessMode::Acl,
             ModeArg::Capability => AccessMode::Capability,
+            ModeArg::Replica => AccessMode::Replica,
         }
     }
 }
@@ -155,6 +171,7 @@ impl From<&ServeArgs> for ServeOptions {
     fn from(a: &ServeArgs) -> ServeOptions {
         ServeOptions {
             write: a.write,
+            append_only: a.append_only,
             root: a.root.clone(),
             before: a.before.clone(),
             before_timeout: std::time::Duration::from_secs(a.before_timeout),
@@ -165,7 +182,7 @@ impl From<&ServeArgs> for ServeOptions {
 impl From<&SetupServerArgs> for ServerOptions {
     fn from(a: &SetupServerArgs) -> ServerOptions {
         ServerOptions {
-            user: a.user.clone(),
+            user: a.user.clone().unwrap_or_default(),
             root: a.root.clone(),
             key: a.key.clone(),
             mode: a.mode.into(),

@@ -12,6 +12,8 @@ use examples::{HISTORY_EXAMPLES, RESTORE_EXAMPLES, SETUP_SERVER_EXAMPLES};
 pub mod man;
 mod ui;
 pub use ui::UiArgs;
+mod serve;
+pub use serve::ServeArgs;
 
 use std::path::PathBuf;
 
@@ -314,6 +316,8 @@ pub enum ModeArg {
     /// A copy of the agent that only the backup user can run, with
     /// `CAP_DAC_READ_SEARCH`.
     Capability,
+    /// The off-site host of replicas: root's key confined to `serve --append-only --root DIR`
+    Replica,
 }
 
 /// Options of `prune`.
@@ -360,14 +364,27 @@ pub struct ReplicateArgs {
     #[command(flatten)]
     pub store: StoreArgs,
 
-    /// The second backups folder (a local folder: a second drive); created 0700 if missing
-    /// [default: each of the job's `replicas`]
-    #[arg(long, value_name = "DIR")]
+    /// The second backups folder: a local folder (a second drive; created 0700 if missing), or
+    /// `[user@]host:/path` served by `rbackup serve --append-only` [default: each of the job's
+    /// `replicas`]
+    #[arg(long, value_name = "DEST")]
     pub to: Option<String>,
 
     /// Print what each replica would take, write nothing
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Compress the data on the wire with zstd (over SSH)
+    #[arg(long)]
+    pub compress: bool,
+
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+
+    /// Send at most RATE bytes per second on average (over SSH): 500K, 5M, 1G or plain bytes;
+    /// 0 for no limit [default: the job's bwlimit]
+    #[arg(long, value_name = "RATE")]
+    pub bwlimit: Option<String>,
 }
 
 /// Options of `history`.
@@ -430,19 +447,20 @@ pub struct RestoreArgs {
 /// Options of `setup-server`.
 #[derive(Args, Debug, Clone)]
 pub struct SetupServerArgs {
-    /// The backup user (created if missing)
+    /// The backup user (created if missing; not with --mode replica)
     #[arg(long, value_name = "USER")]
-    pub user: String,
+    pub user: Option<String>,
 
-    /// The tree to back up
+    /// The tree to back up (with --mode replica: the folder replicas go into)
     #[arg(long, value_name = "DIR")]
     pub root: PathBuf,
 
-    /// The desktop's public key for backups (one authorized_keys line)
+    /// The desktop's public key for backups (with --mode replica: for replicas)
     #[arg(long, value_name = "PUBKEY")]
     pub key: String,
 
-    /// How the backup user reads: ACLs on the tree, or an agent with CAP_DAC_READ_SEARCH
+    /// How the backup user reads: ACLs on the tree, or an agent with CAP_DAC_READ_SEARCH; or
+    /// `replica`: this host takes the desktop's replicas, append-only
     #[arg(long, value_enum, default_value = "acl")]
     pub mode: ModeArg,
 
@@ -524,32 +542,6 @@ pub struct CheckArgs {
     /// without the network or the backups folders; exit code 2 if anything is wrong
     #[arg(long)]
     pub config_only: bool,
-}
-
-/// Options of the agent.
-#[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Only send data; refuse to write anything (the default)
-    #[arg(long, conflicts_with = "write")]
-    pub read_only: bool,
-
-    /// Only receive data (restores); refuse to send
-    #[arg(long)]
-    pub write: bool,
-
-    /// Serve only this directory and what is beneath it
-    #[arg(long, value_name = "DIR")]
-    pub root: Option<PathBuf>,
-
-    /// Run this command (/bin/sh -c) before each backup lists the root, e.g. a
-    /// database dump; fixed here, in the forced command, the desktop can only
-    /// trigger it
-    #[arg(long, value_name = "CMD")]
-    pub before: Option<String>,
-
-    /// Seconds the --before command may run before it is killed
-    #[arg(long, value_name = "SECS", default_value_t = 3600)]
-    pub before_timeout: u64,
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::progress::Progress;
 use crate::report::{Events, Problem, Stats};
 use crate::sink::{ManifestSet, Recorder, SinkConfig};
 use crate::store::{Snapshot, Store};
-use crate::transport::{self, Connection, Handle};
+use crate::transport::{self, Connection, Handle, Session};
 use crate::wire::msg::{Role, SessionOptions};
 use crate::{info, store::lock, usage, warn};
 
@@ -36,6 +36,10 @@ pub struct RunOptions {
     /// original's), and every file's content digest must equal the one the
     /// original's manifest records, or the replica is not made.
     pub replica_of: Option<Replica>,
+    /// The append-only agent's run (`serve --append-only`): nothing is
+    /// removed, not even the interrupted runs a new snapshot supersedes
+    /// (docs/design.md rule 11).
+    pub append_only: bool,
 }
 
 /// The snapshot a replica copies.
@@ -185,6 +189,20 @@ pub fn run_with(
     opts: &RunOptions,
     connect: impl FnOnce(&Job) -> Result<(Connection, std::path::PathBuf)>,
 ) -> Result<RunReport> {
+    run_session(job, opts, |job, options| {
+        let (conn, path) = connect(job)?;
+        conn.handshake(&crate::session::hello(Role::Source, &path, options))
+    })
+}
+
+/// Runs `backup` or `continue` over the session `open` returns, given the
+/// options the run asks of its source. The append-only agent opens its
+/// session with the desktop that serves the original snapshot.
+pub fn run_session(
+    job: &Job,
+    opts: &RunOptions,
+    open: impl FnOnce(&Job, SessionOptions) -> Result<Session>,
+) -> Result<RunReport> {
     let started = Instant::now();
     let source =
         job.source.clone().ok_or_else(|| usage!("no source: give --source SRC, or set `source` in the job"))?;
@@ -223,7 +241,17 @@ pub fn run_with(
         Some(s) => s.snapshots()?,
         None => Vec::new(),
     };
-    let plan = plan_run(&snapshots, opts.resume, &folder_shown)?;
+    let plan = match &opts.replica_of {
+        Some(r) => plan_replica(&snapshots, r.time, &folder_shown)?,
+        None => plan_run(&snapshots, opts.resume, &folder_shown)?,
+    };
+    if let (true, Some(r), Some(store)) = (opts.append_only, &opts.replica_of, &store) {
+        // Under the lock, as the complete snapshot above (rule 11).
+        let name = crate::store::folder_name(&job.name, r.time, true);
+        if crate::store::manifest::folder(&store.meta_dir()?)?.try_stat(name.as_bytes())?.is_some() {
+            return Err(anyhow!("the manifest of {name} is already there: a replica never replaces it"));
+        }
+    }
     // A new snapshot's name is chosen now, for the pre_hook to know it.
     let new_stamp = match (&plan.resume, &store, &opts.replica_of) {
         (None, Some(_), Some(r)) if !opts.dry_run => Some(r.time),
@@ -248,10 +276,8 @@ pub fn run_with(
     }
 
     // Connect before creating anything.
-    let (conn, path) = connect(job)?;
-    let hello = crate::session::hello(
-        Role::Source,
-        &path,
+    let session = open(
+        job,
         SessionOptions {
             compress: job.compress,
             excludes: job.excludes.clone(),
@@ -264,8 +290,7 @@ pub fn run_with(
             only: job.paths.iter().map(|p| p.clone().into_bytes()).collect(),
             ..SessionOptions::default()
         },
-    );
-    let session = conn.handshake(&hello)?;
+    )?;
     crate::debug!("connected to the agent in {:.3} s", started.elapsed().as_secs_f64());
 
     let open = |s: &Snapshot| -> Result<Dir> { store.as_ref().expect("snapshots come from a store").open_snapshot(s) };
@@ -351,7 +376,7 @@ pub fn run_with(
                 warn!("the manifest of {} could not be named: {e}", done.folder);
             }
             store.remove_partial_manifests(&target.folder);
-            for old in snapshots.iter().filter(|s| !s.complete && s.time < done.time) {
+            for old in snapshots.iter().filter(|s| !s.complete && s.time < done.time && !opts.append_only) {
                 if let Some(signal) = crate::interrupt::received() {
                     // The snapshot is complete; the next run removes the rest.
                     info!("{signal}: {} is left for the next run to remove", old.folder);
@@ -439,6 +464,24 @@ fn recorder(store: &Store, target: &Snapshot, plan: &RunPlan) -> Result<Recorder
     Ok(Recorder { writer, dest, bases })
 }
 
+/// A replica of the snapshot taken at `time`: finish its own `.incomplete`
+/// if there is one, else start it; link from the newest complete replica
+/// before it (the one a replica of the next snapshot differs least from).
+/// A complete snapshot of that time is refused here, under the lock: a
+/// replica never writes into one (docs/design.md rule 11).
+fn plan_replica(snapshots: &[Snapshot], time: chrono::DateTime<Utc>, folder: &str) -> Result<RunPlan> {
+    if snapshots.iter().any(|s| s.complete && s.time == time) {
+        return Err(anyhow!(
+            "{folder} already holds the snapshot of {}: a replica is never rewritten",
+            crate::store::stamp(time)
+        ));
+    }
+    let resume = snapshots.iter().find(|s| !s.complete && s.time == time).cloned();
+    let base =
+        snapshots.iter().rfind(|s| s.complete && s.time < time).or_else(|| snapshots.iter().rfind(|s| s.complete));
+    Ok(RunPlan { resume, bases: base.into_iter().cloned().collect() })
+}
+
 /// Which snapshot to write and what to link from.
 struct RunPlan {
     /// `continue`: the `.incomplete` to finish.
@@ -499,6 +542,25 @@ mod tests {
         let p = plan_run(&s, true, "x").unwrap();
         assert_eq!(p.resume.unwrap().folder, "s.01-01-20_00-00-00.incomplete");
         assert_eq!(p.bases[0].folder, "s.30-12-19_00-00-00");
+    }
+
+    #[test]
+    fn a_replica_finishes_only_its_own_incomplete_and_never_a_complete_stamp() {
+        let s = snaps(&[
+            "s.01-01-20_00-00-00",
+            "s.02-01-20_00-00-00.incomplete",
+            "s.03-01-20_00-00-00",
+            "s.04-01-20_00-00-00.incomplete",
+        ]);
+        let t = |f: &str| s.iter().find(|x| x.folder == f).unwrap().time;
+        let p = plan_replica(&s, t("s.02-01-20_00-00-00.incomplete"), "x").unwrap();
+        assert_eq!(p.resume.unwrap().folder, "s.02-01-20_00-00-00.incomplete");
+        assert_eq!(p.bases[0].folder, "s.01-01-20_00-00-00", "the replica before it, not the newest");
+        let p = plan_replica(&s, t("s.04-01-20_00-00-00.incomplete") + chrono::Duration::days(1), "x").unwrap();
+        assert!(p.resume.is_none(), "another stamp's .incomplete is not taken over");
+        assert_eq!(p.bases.len(), 1);
+        assert_eq!(p.bases[0].folder, "s.03-01-20_00-00-00");
+        assert!(plan_replica(&s, t("s.03-01-20_00-00-00"), "x").is_err());
     }
 
     #[test]

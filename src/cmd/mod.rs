@@ -11,6 +11,7 @@ pub mod history;
 pub mod list;
 pub mod prune;
 pub mod replicate;
+pub mod replicate_ssh;
 pub mod restore;
 pub mod run;
 pub mod status;

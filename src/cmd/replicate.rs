@@ -11,14 +11,16 @@
 //! original's manifest recorded: the copy of a file that rotted on the
 //! first drive is refused, not made.
 //!
-//! This round replicates to a local folder; a destination over SSH and an
-//! append-only agent are not built yet.
+//! Over SSH (`[user@]host:/path`), the off-site host's append-only agent
+//! takes each replica the same way ([`super::replicate_ssh`]): the desktop
+//! serves the original and sends its manifest, the agent checks and commits.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use crate::cmd::backup::{self, Replica, RunOptions};
+use crate::cmd::replicate_ssh::{Connected, Remote};
 use crate::config::{Destination, Job, SourceSpec};
 use crate::error::Code;
 use crate::fs::safefs::Dir;
@@ -31,17 +33,21 @@ use crate::{info, usage, warn};
 /// keep (all of them without rules), then, with `prune = true`, deletes
 /// there what they don't.
 pub fn run(job: &Job, dest: &Destination, dry_run: bool) -> Result<Code> {
-    let to = destination(&dest.to)?;
-    refuse_overlap(&to, &job.backups_folder)?;
+    let (to, remote) = destination(&dest.to)?;
+    if remote.is_none() {
+        refuse_overlap(&to, &job.backups_folder)?;
+    }
     let source = Store::open(&job.backups_folder, &job.name)?;
     source.require_snapshots()?;
     let shown = crate::store::shown(&job.backups_folder, &job.name);
     // Nothing is deleted from the originals while they are read.
     let _readers = lock::acquire_readers(&source.meta_dir()?, "replicate", &shown)?;
     let originals: Vec<Snapshot> = source.snapshots()?.into_iter().filter(|s| s.complete).collect();
-    let have: Vec<Snapshot> = match Store::open(&to, &job.name) {
-        Ok(s) => s.snapshots()?,
-        Err(_) => Vec::new(),
+    // One SSH connection for every session with an off-site agent.
+    let remote = remote.as_ref().map(|r| r.connect(job)).transpose()?;
+    let have: Vec<Snapshot> = match &remote {
+        Some(r) => r.held(job).with_context(|| format!("asking {r} which snapshots it holds"))?,
+        None => Store::open(&to, &job.name).map_or_else(|_| Ok(Vec::new()), |s| s.snapshots())?,
     };
     let wanted = wanted(&originals, &have, &dest.keep, chrono::Utc::now())?;
     let missing: Vec<&Snapshot> =
@@ -53,7 +59,7 @@ pub fn run(job: &Job, dest: &Destination, dry_run: bool) -> Result<Code> {
     } else {
         let of = if dest.keep.is_empty() { String::new() } else { " its rules keep".to_string() };
         info!("{} of the {} snapshots{of} to replicate into {}", missing.len(), wanted.len(), to.display());
-        copy_each(job, &to, &missing, dry_run)?
+        copy_each(job, &to, remote.as_ref(), &have, &missing, dry_run)?
     };
     if dest.prune && dry_run {
         // What prune would remove once the missing ones are there.
@@ -96,16 +102,31 @@ pub fn wanted<'a>(
     Ok(originals.iter().filter(|s| s.complete && kept.contains(&s.time)).collect())
 }
 
-/// Copies each of `missing` (oldest first) into the backups folder `to`.
-fn copy_each(job: &Job, to: &Path, missing: &[&Snapshot], dry_run: bool) -> Result<Code> {
+/// Copies each of `missing` (oldest first) into the backups folder `to`,
+/// or through the append-only agent of `remote`; `have` is what it holds.
+fn copy_each(
+    job: &Job,
+    to: &Path,
+    remote: Option<&Connected>,
+    have: &[Snapshot],
+    missing: &[&Snapshot],
+    dry_run: bool,
+) -> Result<Code> {
     let source = Store::open(&job.backups_folder, &job.name)?;
-    let have: Vec<Snapshot> = match Store::open(to, &job.name) {
-        Ok(s) => s.snapshots()?,
-        Err(_) => Vec::new(),
-    };
     let manifests = manifest::folder(&source.meta_dir()?)?;
     let mut worst = Code::Ok;
     for original in missing {
+        if let Some(remote) = &remote {
+            if dry_run {
+                println!("replicate {} to {remote}", original.folder);
+                continue;
+            }
+            // As below: the next one would link from a replica not there.
+            let code =
+                remote.replicate(job, &source, original).with_context(|| format!("replicating {}", original.folder))?;
+            worst = Code::worst([worst, code]);
+            continue;
+        }
         let resume = have.iter().any(|h| !h.complete && h.time == original.time);
         let replica =
             Replica { time: original.time, manifest: (manifests.clone(), manifest::file_name(&original.folder)) };
@@ -122,7 +143,7 @@ fn copy_each(job: &Job, to: &Path, missing: &[&Snapshot], dry_run: bool) -> Resu
             log_file: None,
             ..job.clone()
         };
-        let opts = RunOptions { resume, dry_run, replica_of: Some(replica) };
+        let opts = RunOptions { resume, dry_run, replica_of: Some(replica), ..RunOptions::default() };
         info!("{} {}", if resume { "continuing the replica of" } else { "replicating" }, original.folder);
         let result =
             backup::run_with(&copy, &opts, |job| crate::transport::connect(job, crate::wire::msg::Role::Source));
@@ -143,15 +164,13 @@ fn copy_each(job: &Job, to: &Path, missing: &[&Snapshot], dry_run: bool) -> Resu
     Ok(worst)
 }
 
-/// `DEST`: a local folder (absolute). A destination over SSH is not built yet.
-fn destination(to: &str) -> Result<PathBuf> {
-    match SourceSpec::parse_as(to, "replica destination")? {
-        SourceSpec::Local(p) => Ok(p),
-        SourceSpec::Remote { .. } => Err(usage!(
-            "--to {to}: replicating over SSH is not built yet; replicate to a local folder (a second drive, or a \
-             remote filesystem mounted here)"
-        )),
-    }
+/// `DEST`: a local folder (absolute), or `[user@]host:/path` and the
+/// append-only agent there (the path as a folder, for messages).
+pub fn destination(to: &str) -> Result<(PathBuf, Option<Remote>)> {
+    Ok(match SourceSpec::parse_as(to, "replica destination")? {
+        SourceSpec::Local(p) => (p, None),
+        SourceSpec::Remote { user, host, path } => (PathBuf::from(to), Some(Remote { user, host, path })),
+    })
 }
 
 /// The replica's folder must be neither inside the originals' nor around them.

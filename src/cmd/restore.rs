@@ -148,7 +148,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     if !opts.dry_run {
         info!("restoring {} to {target}", snapshot.folder);
     }
-    let crate::transport::Session { reader, writer, conn: mut handle, .. } = session;
+    let crate::transport::Session { mut reader, writer, conn: mut handle, .. } = session;
     let mut problems = 0u64;
     let dry_run = opts.dry_run;
     let mut on_log = |kind: LogKind, text: &str| match kind {
@@ -162,7 +162,7 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     };
     let mut selection = Selection::new(&[], &paths)?;
     selection.keep_unlisted = kept;
-    let result = source::run(snap_dir, selection, job.compress, job.bwlimit, reader, writer, &mut on_log);
+    let result = source::run(snap_dir, selection, job.compress, job.bwlimit, &mut reader, writer, &mut on_log);
     let summary = match result {
         Ok(s) => s,
         Err(e) => {

@@ -24,8 +24,12 @@ pub enum Held {
     NotKept,
     /// Not yet; what copying it would take (`None`: unknown, no manifest).
     Pending(Option<u64>),
-    /// The replica's folder can't be read (a drive not mounted?).
+    /// The replica's folder can't be read (a drive not mounted?), or its
+    /// agent can't be asked.
     Unreadable,
+    /// An off-site replica that wasn't asked (the console doesn't open SSH
+    /// connections to draw a page).
+    NotAsked,
 }
 
 /// One snapshot of the job and, for a complete one, its state in each replica
@@ -40,8 +44,12 @@ pub struct Row {
 #[derive(Debug, Clone)]
 pub struct Replica {
     pub name: String,
-    /// `false` when its folder can't be read.
+    /// `false` when its folder can't be read (or its agent not asked).
     pub readable: bool,
+    /// Over SSH (`[user@]host:/path`).
+    pub remote: bool,
+    /// Over SSH and not asked ([`status`] with `ask_remote` false).
+    pub asked: bool,
     pub pending: u64,
     pub pending_bytes: u64,
 }
@@ -53,8 +61,9 @@ pub struct Status {
     pub replicas: Vec<Replica>,
 }
 
-/// The status of `job`, from the snapshot names and the manifests.
-pub fn status(job: &Job) -> Result<Status> {
+/// The status of `job`, from the snapshot names and the manifests; an
+/// off-site replica's agent is asked what it holds if `ask_remote`.
+pub fn status(job: &Job, ask_remote: bool) -> Result<Status> {
     let store = Store::open(&job.backups_folder, &job.name)?;
     let snaps = store.snapshots()?;
     // What each replica holds: nothing yet if its folder isn't made but its
@@ -64,6 +73,17 @@ pub fn status(job: &Job) -> Result<Status> {
         .iter()
         .map(|r| {
             let path = Path::new(&r.to);
+            // Over SSH, the append-only agent says what it holds.
+            if let Ok((_, Some(remote))) = crate::cmd::replicate::destination(&r.to) {
+                if !ask_remote {
+                    return None;
+                }
+                let held = remote.connect(job).and_then(|c| c.held(job));
+                if let Err(e) = &held {
+                    crate::warn!("asking {remote} which snapshots it holds: {e:#}");
+                }
+                return held.ok();
+            }
             match Store::open(path, &job.name).and_then(|s| s.snapshots()) {
                 Ok(h) => Some(h),
                 Err(_) if !path.exists() && path.parent().is_some_and(Path::is_dir) => Some(Vec::new()),
@@ -75,7 +95,17 @@ pub fn status(job: &Job) -> Result<Status> {
         .replicas
         .iter()
         .zip(&held)
-        .map(|(r, h)| Replica { name: r.to.clone(), readable: h.is_some(), pending: 0, pending_bytes: 0 })
+        .map(|(r, h)| {
+            let remote = !r.is_local();
+            Replica {
+                name: r.to.clone(),
+                readable: h.is_some(),
+                remote,
+                asked: !remote || ask_remote,
+                pending: 0,
+                pending_bytes: 0,
+            }
+        })
         .collect();
     let mut rows = Vec::new();
     if snaps.is_empty() {
@@ -107,6 +137,7 @@ pub fn status(job: &Job) -> Result<Status> {
         let mut states = Vec::new();
         for (i, h) in held.iter().enumerate() {
             let state = match h {
+                None if !replicas[i].asked => Held::NotAsked,
                 None => Held::Unreadable,
                 Some(h) if h.iter().any(|r| r.complete && r.time == s.time) => Held::Yes,
                 Some(_) if !wanted[i].contains(&s.time) => Held::NotKept,
@@ -130,7 +161,7 @@ pub fn status(job: &Job) -> Result<Status> {
 
 /// Prints the status of `job`.
 pub fn run(job: &Job) -> Result<()> {
-    let st = status(job)?;
+    let st = status(job, true)?;
     println!("{}: {}", job.job, crate::store::shown(&job.backups_folder, &job.name));
     if st.rows.is_empty() {
         println!("  no snapshots yet");
@@ -154,6 +185,7 @@ pub fn run(job: &Job) -> Result<()> {
         for held in &row.replicas {
             let word = match held {
                 Held::Unreadable => "unreadable".to_string(),
+                Held::NotAsked => "not asked".to_string(),
                 Held::Yes => "yes".to_string(),
                 Held::NotKept => "not kept there".to_string(),
                 Held::Pending(new) => {
@@ -166,6 +198,9 @@ pub fn run(job: &Job) -> Result<()> {
     }
     for r in &st.replicas {
         match r {
+            Replica { readable: false, remote: true, .. } => {
+                println!("  replica {}: can't be asked (see the warning above)", r.name);
+            }
             Replica { readable: false, .. } => println!("  replica {}: can't be read (not mounted?)", r.name),
             Replica { pending: 0, .. } => println!("  replica {}: up to date", r.name),
             Replica { pending: n, pending_bytes: bytes, .. } => println!(

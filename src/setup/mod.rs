@@ -6,7 +6,9 @@
 //!
 //! - [`server`]: the backup user, the agent it runs, its keys ([`keys`]) and
 //!   its read access ([`grant`]);
-//! - [`client`]: the desktop's keys, the server's host key, the job.
+//! - [`client`]: the desktop's keys, the server's host key, the job;
+//! - [`replica`] (`--mode replica`): the off-site host of replicas, root's
+//!   key confined to the append-only agent.
 //!
 //! The backup user's login shell, which runs only the agent, is runtime
 //! security code and lives with the agent ([`crate::agent::shell`]).
@@ -14,6 +16,7 @@
 mod client;
 mod grant;
 mod keys;
+mod replica;
 mod server;
 
 pub use client::{ClientOptions, client, default_log_file, restore_alias};

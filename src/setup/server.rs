@@ -20,6 +20,9 @@ pub enum AccessMode {
     /// A copy of the agent that only the backup user can run, with
     /// `CAP_DAC_READ_SEARCH`.
     Capability,
+    /// No backup user: the off-site host of replicas, root's key confined
+    /// to the append-only agent ([`super::replica`]).
+    Replica,
 }
 
 /// Options of `setup-server`.
@@ -63,6 +66,12 @@ pub(super) fn lookup_user(user: &str) -> Result<Option<(u32, u32, PathBuf, Strin
 
 /// `setup-server`: see the module doc and docs/setup.md.
 pub fn server(o: &ServerOptions) -> Result<()> {
+    if o.mode == AccessMode::Replica {
+        return super::replica::replica(o);
+    }
+    if o.user.is_empty() {
+        bail!(usage!("setup-server needs --user: the backup user (created if missing)"));
+    }
     if !rustix::process::geteuid().is_root() && !o.dry_run {
         bail!("setup-server needs root (it creates a user and sets ACLs)");
     }
@@ -83,6 +92,7 @@ pub fn server(o: &ServerOptions) -> Result<()> {
     let agent = match o.mode {
         AccessMode::Acl => exe.clone(),
         AccessMode::Capability => agent_path(&o.agent_dir, &o.user),
+        AccessMode::Replica => unreachable!("set up by setup::replica"),
     };
     let before = match &o.before {
         Some(cmd) => format!(" --before {}", quote(Path::new(cmd))?),
@@ -144,6 +154,7 @@ pub fn server(o: &ServerOptions) -> Result<()> {
     match o.mode {
         AccessMode::Acl => not_granted = grant_tree(&steps, &root, &o.user, uid)?,
         AccessMode::Capability => install_agent(&steps, &exe, &agent, gid)?,
+        AccessMode::Replica => unreachable!("set up by setup::replica"),
     }
     grant_ancestors(&steps, &root, uid)?;
 
@@ -205,12 +216,13 @@ pub(super) fn check_root_login() {
     let value = text.lines().find_map(|l| l.strip_prefix("permitrootlogin ")).unwrap_or("unknown");
     if !matches!(value, "forced-commands-only" | "without-password" | "prohibit-password" | "yes") {
         warn!(
-            "sshd has PermitRootLogin {value}: the restore key can't log in. Set \
+            "sshd has PermitRootLogin {value}: root's confined keys (restore, replica) can't log in. Set \
              `PermitRootLogin forced-commands-only` in /etc/ssh/sshd_config and reload sshd"
         );
     } else if value != "forced-commands-only" {
         info!(
-            "sshd has PermitRootLogin {value}; `forced-commands-only` is the tightest setting that lets the restore key in"
+            "sshd has PermitRootLogin {value}; `forced-commands-only` is the tightest setting that lets root's \
+             confined keys in"
         );
     }
 }

@@ -312,6 +312,9 @@ impl<'e> Sink<'e> {
             SourceMsg::Fatal(message) => {
                 bail!(crate::wire::PeerFailed { side: "sending", message: format!("{:#}", Shown(message.as_bytes())) })
             }
+            SourceMsg::Manifest(_) | SourceMsg::ManifestEnd { .. } => {
+                Err(violation("a manifest in the middle of a session"))
+            }
         }
     }
 

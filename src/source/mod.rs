@@ -81,7 +81,7 @@ pub fn run<R, W>(
     selection: Selection,
     compress: bool,
     bwlimit: u64,
-    reader: FrameReader<R>,
+    reader: &mut FrameReader<R>,
     writer: W,
     on_log: &mut dyn FnMut(LogKind, &str),
 ) -> Result<Vec<(String, u64)>>
@@ -123,7 +123,7 @@ where
 }
 
 fn read_sink<R: Read>(
-    mut reader: FrameReader<R>,
+    reader: &mut FrameReader<R>,
     credits: &Credits,
     fetches: &std::sync::mpsc::Sender<Fetch>,
     on_log: &mut dyn FnMut(LogKind, &str),
@@ -147,6 +147,9 @@ fn read_sink<R: Read>(
                 side: "receiving",
                 message: format!("{:#}", Shown(message.as_bytes()))
             }),
+            SinkMsg::Held(_) | SinkMsg::Committed { .. } => {
+                bail!(ProtocolError::Unexpected("the sink answered a replica's question in a session".into()))
+            }
         }
     }
 }

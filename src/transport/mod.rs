@@ -18,7 +18,12 @@
 //! multiplexing master, a process the agent started), and shutdown must not
 //! depend on it.
 
+mod accept;
 pub mod link;
+mod ssh;
+
+pub use accept::Pending;
+pub use ssh::SshHost;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -180,7 +185,7 @@ impl Connection {
     pub fn local(root: &Path, role: Role, timeout: Option<Duration>) -> Result<Connection> {
         let exe = std::env::current_exe().context("cannot find the rbackup binary to start the local agent")?;
         let mut cmd = Command::new(exe);
-        cmd.arg("serve").arg(if role == Role::Source { "--read-only" } else { "--write" }).arg("--root").arg(root);
+        cmd.arg("serve").arg(mode_flag(role)).arg("--root").arg(root);
         Connection::spawn(cmd, &format!("the local agent for {}", root.display()), timeout)
     }
 
@@ -204,49 +209,6 @@ impl Connection {
         timeout: Option<Duration>,
     ) -> Result<Connection> {
         Connection::new(reader.into(), writer.into(), None, peer.to_string(), Agent::Local(None), timeout)
-    }
-
-    /// Starts `<remote_bin> serve` on `host` over SSH. With a forced command in
-    /// the server's `authorized_keys`, the server runs its own command instead.
-    pub fn ssh(user: Option<&str>, host: &str, job: &Job, role: Role) -> Result<Connection> {
-        let rt =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the SSH runtime")?;
-        let mut b = openssh::SessionBuilder::default();
-        b.known_hosts_check(openssh::KnownHosts::Strict)
-            .control_directory(std::env::temp_dir())
-            .control_persist(openssh::ControlPersist::IdleFor(std::num::NonZeroUsize::new(30).expect("nonzero")))
-            .server_alive_interval(keepalive(job.io_timeout))
-            .connect_timeout(Duration::from_secs(30));
-        if let Some(u) = user {
-            b.user(u.to_string());
-        }
-        if let Some(cfg) = &job.ssh_config {
-            b.config_file(cfg);
-        }
-        let shown = match user {
-            Some(u) => format!("{u}@{host}"),
-            None => host.to_string(),
-        };
-        let session = rt.block_on(b.connect_mux(host)).map_err(|e| match e {
-            openssh::Error::Connect(io) => anyhow!(classify_ssh_error(&shown, &io.to_string())),
-            other => anyhow!(SshError::Other { host: shown.clone(), detail: format!("{other:#}") }),
-        })?;
-        let session = Arc::new(session);
-        let mut cmd = session.clone().arc_raw_command(&job.remote_bin);
-        cmd.raw_arg("serve").raw_arg(if role == Role::Source { "--read-only" } else { "--write" });
-        cmd.stdin(openssh::Stdio::piped()).stdout(openssh::Stdio::piped()).stderr(openssh::Stdio::piped());
-        let mut child =
-            rt.block_on(cmd.spawn()).with_context(|| format!("cannot start `{} serve` on {shown}", job.remote_bin))?;
-        let stdin = child.stdin().take().expect("piped stdin").into_owned_fd()?;
-        let stdout = child.stdout().take().expect("piped stdout").into_owned_fd()?;
-        let stderr = child.stderr().take().expect("piped stderr").into_owned_fd()?;
-        let agent = Agent::Ssh(Box::new(SshAgent {
-            rt,
-            session: Some(session),
-            child: Some(child),
-            remote_bin: job.remote_bin.clone(),
-        }));
-        Connection::new(stdout, stdin, Some(stderr), format!("the agent on {shown}"), agent, job.io_timeout)
     }
 
     fn new(
@@ -318,6 +280,15 @@ impl Connection {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Refused(String);
+
+/// The agent's flag that makes it `role`.
+fn mode_flag(role: Role) -> &'static str {
+    match role {
+        Role::Source => "--read-only",
+        Role::Sink => "--write",
+        Role::Replica => "--append-only",
+    }
+}
 
 impl Handle {
     /// Ends the connection from this side: every thread reading from or
@@ -436,15 +407,6 @@ impl Drop for Handle {
     }
 }
 
-impl SshAgent {
-    /// Closes the master connection, if this was its last user.
-    fn close(&mut self) {
-        if let Some(session) = self.session.take().and_then(Arc::into_inner) {
-            let _ = self.rt.block_on(async { tokio::time::timeout(SSH_CLOSE, session.close()).await });
-        }
-    }
-}
-
 /// Waits for `child` to exit, at most `bound`: `None` if it is still running.
 fn wait_for(child: &mut std::process::Child, bound: Option<Duration>) -> std::io::Result<Option<ExitStatus>> {
     let Some(bound) = bound else { return child.wait().map(Some) };
@@ -458,13 +420,6 @@ fn wait_for(child: &mut std::process::Child, bound: Option<Duration>) -> std::io
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// ssh's `ServerAliveInterval` for an idle timeout: with ssh's default
-/// `ServerAliveCountMax` of 3, a dead connection is dropped after about
-/// `io_timeout`. (The openssh crate can't set the count; an ssh config may.)
-fn keepalive(io_timeout: Option<Duration>) -> Duration {
-    io_timeout.map_or(Duration::from_secs(15), |t| Duration::from_secs((t.as_secs() / 3).max(1)))
 }
 
 fn drain_stderr(pipe: impl Read + Send + 'static, tail: Arc<Mutex<VecDeque<String>>>) -> JoinHandle<()> {
@@ -488,13 +443,6 @@ fn drain_stderr(pipe: impl Read + Send + 'static, tail: Arc<Mutex<VecDeque<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keepalives_follow_the_io_timeout() {
-        assert_eq!(keepalive(Some(Duration::from_secs(300))), Duration::from_secs(100));
-        assert_eq!(keepalive(Some(Duration::from_secs(2))), Duration::from_secs(1));
-        assert_eq!(keepalive(None), Duration::from_secs(15));
-    }
 
     #[test]
     fn ssh_failures_are_told_apart() {

@@ -110,7 +110,7 @@ pub fn card(name: &str, job: Result<Job>) -> JobCard {
             card.progress = job.log_file.as_deref().and_then(progress_line);
         }
         card.stale_after = stale_after(&complete.iter().map(|s| s.time).collect::<Vec<_>>());
-        card.replicas = status::status(&job)?.replicas;
+        card.replicas = status::status(&job, false)?.replicas;
         Ok(())
     });
     if let Err(e) = filled {
@@ -197,7 +197,7 @@ pub fn snapshots(cache: &Cache, job: &Job) -> Result<(Vec<SnapRow>, Option<u64>,
     let folders: Vec<String> = snaps.iter().map(|s| s.folder.clone()).collect();
     let key = format!("{}\0{}", job.backups_folder.display(), job.name);
     let sizes = cache.0.usage.lock().expect("no panic holding it").get(&key).filter(|(f, ..)| *f == folders).cloned();
-    let held = if job.replicas.is_empty() { Vec::new() } else { status::status(job)?.rows };
+    let held = if job.replicas.is_empty() { Vec::new() } else { status::status(job, false)?.rows };
     let mut rows = Vec::new();
     let mut complete = sizes.is_some();
     for (i, s) in snaps.iter().enumerate() {

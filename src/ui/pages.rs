@@ -202,7 +202,8 @@ fn card(st: &State, csrf: &Csrf, c: &JobCard) -> Markup {
 fn replica(r: &Replica) -> Markup {
     html! {
         code { (r.name) } ": "
-        @if !r.readable { span.warn { "can't be read (not mounted?)" } }
+        @if !r.asked { span { "off site: not asked here (" code { "rbackup status" } " asks its agent)" } }
+        @else if !r.readable { span.warn { "can't be read (not mounted?)" } }
         @else if r.pending == 0 { span.ok { "up to date" } }
         @else { span.warn { (r.pending) " pending, about " (human_bytes(r.pending_bytes)) " to copy" } }
     }
@@ -257,6 +258,7 @@ pub async fn job(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Res
                                     td { @match h {
                                         Held::Yes => span.ok { "yes" },
                                         Held::NotKept => span { "not kept there" },
+                                        Held::NotAsked => span { "not asked" },
                                         Held::Pending(b) => span.warn { "pending" @if let Some(b) = b { " (" (human_bytes(*b)) ")" } },
                                         Held::Unreadable => span.warn { "unreadable" },
                                     } }

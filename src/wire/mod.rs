@@ -19,8 +19,10 @@ use frame::{Frame, FrameError, FrameReader, read_full};
 /// content digest ([`crate::digest`]), for whole transfers too. 3: the
 /// hello's `SessionOptions` carry `one_file_system` and `bwlimit` (postcard
 /// is not self-describing: a field more shifts what follows, so an older
-/// peer is refused by the preamble rather than misread).
-pub const VERSION: u32 = 3;
+/// peer is refused by the preamble rather than misread). 4: replicas to an
+/// append-only agent (`Role::Replica`, the hello's `replica`, the manifest
+/// and the agent's answers).
+pub const VERSION: u32 = 4;
 
 /// The software version, sent for messages.
 pub const SOFTWARE: &str = env!("CARGO_PKG_VERSION");

@@ -19,6 +19,9 @@ pub enum Role {
     Source,
     /// The agent receives and writes (restore).
     Sink,
+    /// The agent takes replicas into its backups folder, append-only
+    /// (`serve --append-only`): what it does is [`Hello::replica`].
+    Replica,
 }
 
 /// First message of the desktop, after the preambles.
@@ -31,6 +34,23 @@ pub struct Hello {
     pub options: SessionOptions,
     /// The desktop's rbackup version, for messages.
     pub version: String,
+    /// With [`Role::Replica`]: what the desktop asks of the append-only agent.
+    pub replica: Option<ReplicaAsk>,
+}
+
+/// What a desktop may ask of an append-only agent: nothing else exists to
+/// ask (docs/replicate.md). The agent checks both names before it answers.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaAsk {
+    /// Which snapshot folders of job `name` it holds: answered with
+    /// [`SinkMsg::Held`] after the welcome.
+    List { name: String },
+    /// Take the replica of the snapshot `NAME.dd-mm-yy_hh-mm-ss` (a stamp
+    /// with no complete snapshot there): the desktop sends the original's
+    /// manifest ([`SourceMsg::Manifest`], [`SourceMsg::ManifestEnd`]), then
+    /// serves the snapshot as a backup's source; the agent answers the
+    /// session's end with [`SinkMsg::Committed`] or [`SinkMsg::Fatal`].
+    Write { folder: String },
 }
 
 /// Options of one session, set by the desktop.
@@ -265,6 +285,13 @@ pub enum SourceMsg {
         id: u64,
         done: u64,
     },
+    /// A piece of the original's manifest, before a replica's session
+    /// ([`ReplicaAsk::Write`]), in order.
+    Manifest(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The original's manifest is whole; `present: false`: it has none.
+    ManifestEnd {
+        present: bool,
+    },
 }
 
 /// Most extended attributes one listing batch may hold. An attribute takes
@@ -303,6 +330,15 @@ pub enum SinkMsg {
     },
     /// The sink hit an error it can't go on from.
     Fatal(String),
+    /// The append-only agent's answer to [`ReplicaAsk::List`]: folder names.
+    Held(Vec<String>),
+    /// The append-only agent checked the replica against the original's
+    /// manifest and named it complete as `folder`; `problems`: entries it
+    /// could not take as they are (each logged on its side).
+    Committed {
+        folder: String,
+        problems: u64,
+    },
 }
 
 /// What a [`SinkMsg::Log`] line is.
@@ -480,7 +516,7 @@ mod tests {
     #[test]
     fn a_hello_with_more_patterns_or_paths_than_the_bounds_is_refused_while_decoding() {
         let hello = |options: SessionOptions| {
-            let h = Hello { role: Role::Source, path: b"/".to_vec(), options, version: "x".into() };
+            let h = Hello { role: Role::Source, path: b"/".to_vec(), options, version: "x".into(), replica: None };
             postcard::from_bytes::<Hello>(&postcard::to_stdvec(&h).unwrap())
         };
         let ok = SessionOptions {

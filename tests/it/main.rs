@@ -27,6 +27,7 @@ mod man;
 mod package;
 mod races;
 mod replicate;
+mod replicate_ssh;
 mod reports;
 mod restore;
 mod resume;

@@ -545,6 +545,11 @@ fn setup_server_refuses_bad_input() {
         "--dry-run",
     ]);
     assert_eq!(out.status.code(), Some(2));
+    // --user may be left out only with --mode replica.
+    let out =
+        run_it(&["setup-server", "--root", root, "--key", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE1y", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --user"));
     assert!(Path::new(root).read_dir().unwrap().next().is_none(), "nothing was written");
 }
 
@@ -867,4 +872,79 @@ fn setup_client_restore_refuses_a_job_named_like_its_restore_key() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("has a job named web-restore"), "{err}");
     assert!(!tmp.path().join("etc/keys").exists(), "nothing was made");
+}
+
+/// docs/replicate.md: `setup-server --mode replica` on the off-site host
+/// makes the replica folder and confines the desktop's replica key to root's
+/// append-only agent; a job whose `replicas` names that host (through a
+/// `Host` alias in its ssh config) replicates after each backup.
+#[test]
+fn setup_server_mode_replica_confines_a_key_that_replicate_after_backup_uses() {
+    let s = Setup::new();
+    let rep = s.path("offsite/backups");
+    let _root_keys = RootKeys::hold(&rep);
+    let key = s.path("etc/keys/web-replica");
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    let st =
+        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "replica", "-f"]).arg(&key).status();
+    assert!(st.unwrap().success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let args = ["setup-server", "--mode", "replica", "--root", rep.to_str().unwrap(), "--key", public.trim()];
+    let (code, out, err) = agent_run(&s.sshd, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    let mode = std::fs::metadata(&rep).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.unwrap(), 0o700);
+    let blob = public.split_whitespace().nth(1).unwrap();
+    let root_keys = std::fs::read_to_string(ROOT_KEYS).unwrap();
+    let line = root_keys.lines().find(|l| l.contains(blob)).expect(&root_keys);
+    let forced =
+        format!("restrict,command=\"{} serve --append-only --root {}\" ", s.sshd.agent.display(), rep.display());
+    assert!(line.starts_with(&forced), "{line}");
+    // Idempotent.
+    let (code, out, err) = agent_run(&s.sshd, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("already holds the key"), "{out}");
+    assert_eq!(std::fs::read_to_string(ROOT_KEYS).unwrap().matches(blob).count(), 1);
+
+    // The desktop: a Host alias for the replica key, and the job.
+    let ssh_config = s.path("etc/web.ssh_config");
+    write(
+        &ssh_config,
+        format!(
+            "Host offsite-replica\n  HostName 127.0.0.1\n  User root\n  Port {}\n  IdentityFile {}\n  \
+             IdentitiesOnly yes\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n",
+            s.sshd.port,
+            key.display(),
+            s.sshd.known_hosts.display()
+        )
+        .as_bytes(),
+    );
+    write(&s.path("src/a.txt"), b"to the off-site host");
+    write(
+        &s.path("etc/rbackup.toml"),
+        format!(
+            "[job.web]\nsource = \"{}\"\nbackups_folder = \"{}\"\nssh_config = \"{}\"\nremote_bin = \"{}\"\n\
+             replicas = [\"offsite-replica:{}\"]\nreplicate_after_backup = true\n",
+            s.path("src").display(),
+            s.path("bk").display(),
+            ssh_config.display(),
+            s.sshd.agent.display(),
+            rep.display()
+        )
+        .as_bytes(),
+    );
+    let (code, _, err) = s.rb(&["--backup"]);
+    assert_eq!(code, 0, "{err}\n{}", s.sshd.log());
+    let (originals, replicas) = (complete(&s.path("bk"), "web"), complete(&rep, "web"));
+    assert_eq!(replicas.len(), 1, "{err}");
+    assert_eq!(originals[0].file_name(), replicas[0].file_name());
+    assert_same_tree(&originals[0], &replicas[0], &[]);
+    // The key is good for nothing else: a backup through it is refused.
+    let (cfg, elsewhere) = (ssh_config.display().to_string(), s.path("elsewhere").display().to_string());
+    let args = ["--backup", "--source", "offsite-replica:/etc", "--backups-folder", &elsewhere, "--name", "x"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend(["--ssh-config", &cfg]);
+    let (code, _, err) = run(&args.iter().map(OsStr::new).collect::<Vec<_>>());
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("only takes replicas"), "{err}");
 }
