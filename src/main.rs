@@ -195,7 +195,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             };
             let mut code = Code::Ok;
             for dest in &to {
-                code = Code::worst([code, rbackup::cmd::replicate::run(&job, dest, a.dry_run)?]);
+                code = Code::worst([code, rbackup::cmd::replicate::run(&job, dest, a.dry_run, true)?]);
             }
             Ok(code)
         }

@@ -220,3 +220,60 @@ rbackup_{name}{{job=\"{label}\"}} {value}
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
+
+/// After a backup's replicas, when one failed: the failure shows where a
+/// monitor looks — `last-run.json` (its exit code, and `replica_errors`),
+/// the metrics — and in a mail of its own, since the backup's report went
+/// out before the replicas ran. `code` is the run's code with theirs.
+pub fn after_replicas(job: &Job, failures: &[(String, String)], code: Code) {
+    if failures.is_empty() {
+        return;
+    }
+    let store = Store::open(&job.backups_folder, &job.name).ok();
+    if let Some(store) = &store
+        && let Ok(mut summary) = read_last_run(store)
+    {
+        summary["result"] = json!(code);
+        summary["exit_code"] = json!(code.status());
+        summary["replica_errors"] =
+            failures.iter().map(|(to, e)| json!({ "to": to, "error": e })).collect::<serde_json::Value>();
+        if let Err(e) = write_last_run(store, &summary) {
+            warn!("could not write the last-run summary: {e:#}");
+        }
+        if let Some(path) = &job.metrics_file {
+            let snapshots = store.snapshots().map_or(0, |v| v.iter().filter(|s| s.complete).count());
+            if let Err(e) = write_metrics(path, job, &summary, snapshots) {
+                warn!("could not write the metrics file {}: {e:#}", path.display());
+            }
+        }
+    }
+    if let Some(email) = &job.email
+        && email.wants(code)
+    {
+        use std::fmt::Write;
+        let host = crate::notify::hostname();
+        let subject = format!(
+            "[rbackup] {} on {host}: REPLICA FAILED — {}",
+            job.job,
+            failures.iter().map(|(to, _)| to.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        let mut body = format!(
+            "Job {} on {host}: the backup's snapshot is complete, but replicating it failed.\nExit code: {}\n\n",
+            job.job,
+            code.status()
+        );
+        for (to, e) in failures {
+            let _ = writeln!(body, "{to}:\n  {e}\n");
+        }
+        let _ = writeln!(
+            body,
+            "Nothing was pruned after this backup. What to do: mend the destination (a drive to mount, a host to \
+             reach), then `{}`; `{}` shows what each replica lacks.",
+            job.command("replicate"),
+            job.command("status")
+        );
+        if let Err(e) = email.send(&subject, &body) {
+            error!("could not send the replica failure mail: {e:#}");
+        }
+    }
+}

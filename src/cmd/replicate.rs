@@ -32,10 +32,16 @@ use crate::{info, usage, warn};
 /// Replicates into `dest` the complete snapshots of `job` that its rules
 /// keep (all of them without rules), then, with `prune = true`, deletes
 /// there what they don't.
-pub fn run(job: &Job, dest: &Destination, dry_run: bool) -> Result<Code> {
+///
+/// A local destination is made only when `seed` (a `replicate` typed by
+/// the admin); a scheduled one (`replicate_after_backup`) must already hold
+/// the job's replicas, so that a drive not mounted is an error, not a copy
+/// onto the disk beneath its mount point.
+pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: bool) -> Result<Code> {
     let (to, remote) = destination(&dest.to)?;
     if remote.is_none() {
         refuse_overlap(&to, &job.backups_folder)?;
+        require_local(job, &to, seed)?;
     }
     let source = Store::open(&job.backups_folder, &job.name)?;
     source.require_snapshots()?;
@@ -171,6 +177,44 @@ pub fn destination(to: &str) -> Result<(PathBuf, Option<Remote>)> {
         SourceSpec::Local(p) => (p, None),
         SourceSpec::Remote { user, host, path } => (PathBuf::from(to), Some(Remote { user, host, path })),
     })
+}
+
+/// A local destination: one that holds the job's replicas (its
+/// `NAME.rbackup`), or with `seed`, a folder to make them in, made if
+/// missing beneath a folder that is there (never its parents: those of a
+/// drive not mounted are the mount point's). A destination on the backups
+/// folder's own filesystem is said to be, once.
+fn require_local(job: &Job, to: &Path, seed: bool) -> Result<()> {
+    let meta = to.join(format!("{}.rbackup", job.name));
+    if meta.is_dir() {
+        return Ok(());
+    }
+    if !seed {
+        bail!(
+            "{} holds no replica of {} (a drive not mounted?); nothing was written there. The first replica is \
+             made by hand: `{}`",
+            to.display(),
+            job.name,
+            job.command(&format!("replicate --to {}", to.display()))
+        );
+    }
+    let parent = to.parent().filter(|p| p.is_dir()).ok_or_else(|| {
+        usage!(
+            "--to {}: its parent folder isn't there (a drive not mounted?); rbackup makes only the last folder",
+            to.display()
+        )
+    })?;
+    let dev = |p: &Path| std::fs::metadata(p).ok().map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+    let here = if to.is_dir() { dev(to) } else { dev(parent) };
+    if here.is_some() && here == dev(&job.backups_folder) {
+        warn!(
+            "{} is on the same filesystem as the backups folder {}: a copy there is no second drive (is the drive \
+             mounted?)",
+            to.display(),
+            job.backups_folder.display()
+        );
+    }
+    Ok(())
 }
 
 /// The replica's folder must be neither inside the originals' nor around them.

@@ -120,17 +120,28 @@ pub fn command(job: &Job, opts: &RunOptions, stats_json: Option<&Path>) -> Resul
     }
     // Replicas first: a snapshot prune removes would never reach them.
     let mut code = report.code;
+    let mut failures = Vec::new();
     if job.replicate_after_backup && report.snapshot.is_some() && crate::interrupt::received().is_none() {
         for dest in &job.replicas {
-            let done = crate::cmd::replicate::run(job, dest, false);
-            let replicated = done.unwrap_or_else(|e| {
+            let replicated = crate::cmd::replicate::run(job, dest, false, false).unwrap_or_else(|e| {
                 crate::error!("replicating to {} after the backup failed (the snapshot is complete): {e:#}", dest.to);
+                failures.push((dest.to.clone(), format!("{e:#}")));
                 crate::error::code_of(&e)
             });
             code = Code::worst([code, replicated]);
         }
+        crate::cmd::after_run::after_replicas(job, &failures, code);
+    }
+    // A snapshot pruned now would never reach the replica that failed.
+    if job.prune_after_backup && !failures.is_empty() {
+        crate::warn!(
+            "not pruning after this backup: a replica failed, and what prune removes would never reach it (`{}` \
+             once it is mended)",
+            job.command("replicate")
+        );
     }
     if job.prune_after_backup
+        && failures.is_empty()
         && report.snapshot.is_some()
         && crate::interrupt::received().is_none()
         && let Err(e) = crate::cmd::prune::run(job, &job.prune, false)

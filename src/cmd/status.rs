@@ -84,11 +84,9 @@ pub fn status(job: &Job, ask_remote: bool) -> Result<Status> {
                 }
                 return held.ok();
             }
-            match Store::open(path, &job.name).and_then(|s| s.snapshots()) {
-                Ok(h) => Some(h),
-                Err(_) if !path.exists() && path.parent().is_some_and(Path::is_dir) => Some(Vec::new()),
-                Err(_) => None,
-            }
+            // A folder not there is a drive not mounted (or a replica not
+            // made yet), never an empty replica.
+            Store::open(path, &job.name).and_then(|s| s.snapshots()).ok()
         })
         .collect();
     let mut replicas: Vec<Replica> = job
@@ -201,7 +199,11 @@ pub fn run(job: &Job) -> Result<()> {
             Replica { readable: false, remote: true, .. } => {
                 println!("  replica {}: can't be asked (see the warning above)", r.name);
             }
-            Replica { readable: false, .. } => println!("  replica {}: can't be read (not mounted?)", r.name),
+            Replica { readable: false, .. } => println!(
+                "  replica {}: not there, or can't be read (a drive not mounted? none made yet: `{}`)",
+                r.name,
+                job.command(&format!("replicate --to {}", r.name))
+            ),
             Replica { pending: 0, .. } => println!("  replica {}: up to date", r.name),
             Replica { pending: n, pending_bytes: bytes, .. } => println!(
                 "  replica {}: {} pending, about {} to copy (`{}`)",

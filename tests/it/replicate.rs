@@ -24,6 +24,8 @@ fn names(folder: &Path) -> Vec<String> {
 fn replicas_keep_the_names_the_links_and_the_digests_of_the_originals() {
     let tmp = scratch();
     let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("usb/backups"));
+    // The drive is mounted at usb/: rbackup makes only the last folder.
+    std::fs::create_dir(tmp.path().join("usb")).unwrap();
     rich_tree(&src);
     write(&src.join("big.bin"), &noise(3, 2 << 20));
     for round in 0..3 {
@@ -132,11 +134,25 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
         all.extend_from_slice(args);
         run(&all.iter().map(OsStr::new).collect::<Vec<_>>())
     };
-    for round in 0..2 {
-        write(&src.join("a.txt"), format!("round {round}").as_bytes());
-        let (code, _, err) = rb(&["--backup"]);
-        assert_eq!(code, 0, "{err}");
-    }
+    // The drive holds no replica yet (or isn't mounted): the scheduled
+    // replicate makes nothing, the run says so, and nothing is pruned.
+    write(&src.join("a.txt"), b"round 0");
+    let (code, _, err) = rb(&["--backup"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("holds no replica of s (a drive not mounted?)"), "{err}");
+    assert!(err.contains("not pruning after this backup"), "{err}");
+    assert!(!rep.exists(), "nothing written where the drive should be");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bk.join("s.rbackup/last-run.json")).unwrap()).unwrap();
+    assert_eq!(summary["exit_code"], 1, "{summary}");
+    assert_eq!(summary["replica_errors"][0]["to"], rep.to_str().unwrap(), "{summary}");
+    // Made by hand once; then every backup reaches it before prune.
+    std::fs::create_dir(&rep).unwrap();
+    let (code, _, err) = rb(&["replicate"]);
+    assert_eq!(code, 0, "{err}");
+    write(&src.join("a.txt"), b"round 1");
+    let (code, _, err) = rb(&["--backup"]);
+    assert_eq!(code, 0, "{err}");
     // Drive 1 keeps one; the replica got both before prune removed the first.
     assert_eq!(complete(&bk, "s").len(), 1);
     let replicas = complete(&rep, "s");
@@ -169,6 +185,8 @@ fn status_matches_what_is_where() {
     );
     std::fs::write(&cfg, text).unwrap();
     let c = cfg.to_str().unwrap();
+    // `other` is a drive with no replica yet; /nonexistent/drive isn't there.
+    std::fs::create_dir(&other).unwrap();
     // Only the first snapshot is on the USB drive.
     assert_eq!(replicate(&bk, &usb).0, 0);
     let newest = complete(&usb, "s").pop().unwrap();
@@ -186,7 +204,7 @@ fn status_matches_what_is_where() {
     assert_eq!(second[1], "pending (7 B)", "only what changed, with the first replica there: {out}");
     assert!(out.contains(&format!("replica {}: 1 snapshot pending", usb.display())), "{out}");
     assert!(out.contains(&format!("replica {}: 2 snapshots pending", other.display())), "{out}");
-    assert!(out.contains("replica /nonexistent/drive: can't be read (not mounted?)"), "{out}");
+    assert!(out.contains("replica /nonexistent/drive: not there, or can't be read (a drive not mounted?"), "{out}");
 }
 
 /// Killed mid-file, then run again: the replica is finished from what it
@@ -253,6 +271,7 @@ fn a_destination_with_its_own_rules_gets_and_keeps_only_those() {
         assert_eq!(code, 0, "{err}");
     }
     let originals: Vec<String> = complete(&bk, "s").iter().map(|p| folder(p)).collect();
+    std::fs::create_dir(&rep).unwrap(); // the drive, mounted, with no replica yet
     let (code, out, err) = rb(&["status"]);
     assert_eq!(code, 0, "{err}");
     let first_row = out.lines().find(|l| l.contains(&originals[0])).unwrap();

@@ -422,6 +422,7 @@ fn ui_shows_what_each_replica_holds_and_what_is_pending() {
     let tmp = scratch();
     let (_, _, config) = store_with_hostile_names(tmp.path());
     let usb = tmp.path().join("usb");
+    std::fs::create_dir(&usb).unwrap(); // a drive, mounted, with no replica yet
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!("replicas = [\"{}\"]\n", usb.display()));
     std::fs::write(&config, text).unwrap();
