@@ -361,3 +361,34 @@ fn a_run_stopped_by_sigterm_mails_that_it_was_interrupted_and_how_to_continue() 
     assert!(body.contains("Exit code: 20"), "{body}");
     assert!(body.contains(".incomplete is kept; run `rbackup -c ") && body.contains(" -j web --continue`"), "{body}");
 }
+
+/// The backup's report goes out before its replicas run: a replica that
+/// fails then sends a mail of its own, saying nothing was pruned.
+#[test]
+fn a_failed_replica_after_a_backup_sends_its_own_mail() {
+    require_root();
+    let tmp = scratch();
+    let smtp = Smtp::start(tmp.path(), "plain", None, None);
+    let src = tmp.path().join("src");
+    write(&src.join("a"), b"a");
+    let usb = tmp.path().join("usb/backups");
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.web]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [\"{}\"]\nreplicate_after_backup = true\n\
+         keep_last = 1\nprune_after_backup = true\n\n[email]\nfrom = \"rbackup@example.org\"\n\
+         to = [\"admin@example.org\"]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n",
+        src.display(),
+        tmp.path().join("bk").display(),
+        usb.display(),
+        smtp.port
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (code, _, err) = rb(&cfg, &["-j", "web", "--backup"]);
+    assert_eq!(code, 1, "{err}");
+    let msgs = smtp.messages();
+    assert_eq!(msgs.len(), 1, "the backup itself was OK, so only the replica's mail: {msgs:?}");
+    let subject = msgs[0]["subject"].as_str().unwrap();
+    assert_eq!(subject, format!("[rbackup] web on {}: REPLICA FAILED — {}", hostname(), usb.display()));
+    let body = msgs[0]["body"].as_str().unwrap();
+    assert!(body.contains("holds no replica of web") && body.contains("Nothing was pruned"), "{body}");
+}
