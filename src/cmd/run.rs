@@ -144,7 +144,10 @@ pub fn command(job: &Job, opts: &RunOptions, stats_json: Option<&Path>) -> Resul
         && failures.is_empty()
         && report.snapshot.is_some()
         && crate::interrupt::received().is_none()
-        && let Err(e) = crate::cmd::prune::run(job, &job.prune, false)
+        && let Err(e) = {
+            crate::info!("pruning {} by the job's rules", crate::store::shown(&job.backups_folder, &job.name));
+            crate::cmd::prune::run(job, &job.prune, false)
+        }
     {
         crate::error!("prune after the backup failed (the snapshot is complete): {e:#}");
         return Ok(Code::worst([code, crate::error::code_of(&e)]));

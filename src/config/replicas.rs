@@ -27,7 +27,7 @@ impl Destination {
     pub fn named(to: &str, configured: &[Destination]) -> Destination {
         configured
             .iter()
-            .find(|d| d.to.trim_end_matches('/') == to.trim_end_matches('/'))
+            .find(|d| same_place(&d.to, to))
             .cloned()
             .unwrap_or_else(|| Destination { to: to.to_string(), ..Destination::default() })
     }
@@ -36,6 +36,16 @@ impl Destination {
     pub fn is_local(&self) -> bool {
         self.to.starts_with('/')
     }
+}
+
+/// Whether two spellings name the same destination: `/media/usb//backups/`
+/// is `/media/usb/backups` (components compared; a host's part as is).
+fn same_place(a: &str, b: &str) -> bool {
+    let parts = |s: &str| -> (String, Vec<String>) {
+        let (host, path) = if s.starts_with('/') { ("", s) } else { s.split_once(':').unwrap_or(("", s)) };
+        (host.to_string(), path.split('/').filter(|c| !c.is_empty() && *c != ".").map(str::to_string).collect())
+    };
+    parts(a) == parts(b)
 }
 
 /// The table form of an entry.
@@ -162,5 +172,9 @@ mod tests {
         let conf = parse("replicas = [{ to = \"/media/usb/\", keep_daily = 3 }]").unwrap();
         assert_eq!(Destination::named("/media/usb", &conf).keep.keep_daily, Some(3));
         assert!(Destination::named("/elsewhere", &conf).keep.is_empty());
+        assert_eq!(Destination::named("/media//usb/./", &conf).keep.keep_daily, Some(3));
+        let remote = parse("replicas = [{ to = \"off:/srv/r\", keep_daily = 2 }]").unwrap();
+        assert_eq!(Destination::named("off:/srv//r/", &remote).keep.keep_daily, Some(2));
+        assert!(Destination::named("other:/srv/r", &remote).keep.is_empty());
     }
 }

@@ -37,14 +37,13 @@ pub(super) fn replica(o: &ServerOptions) -> Result<()> {
     let exe = std::env::current_exe()?.canonicalize()?;
     let steps = Steps { dry_run: o.dry_run };
 
-    if o.root.is_dir() {
-        steps.ok(&format!("{} exists", o.root.display()));
-    } else {
-        steps.run(&format!("create {} (0700)", o.root.display()), || {
-            Ok(std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&o.root)?)
-        })?;
-    }
-    let root = if o.dry_run && !o.root.is_dir() { o.root.clone() } else { o.root.canonicalize()? };
+    // The root as the forced command will name it; made only once the key
+    // is known to be acceptable (a refused key changes nothing).
+    let root = match (o.root.canonicalize(), o.root.parent().zip(o.root.file_name())) {
+        (Ok(r), _) => r,
+        (Err(_), Some((parent, name))) => parent.canonicalize().map_or_else(|_| o.root.clone(), |p| p.join(name)),
+        (Err(_), None) => o.root.clone(),
+    };
     let line = format!(
         "restrict,command=\"{} serve --append-only --root {}\" {kind} {blob} {}",
         quote(&exe)?,
@@ -52,15 +51,25 @@ pub(super) fn replica(o: &ServerOptions) -> Result<()> {
         comment(&o.key)
     );
     let key = plan_key(Path::new("/root/.ssh"), &blob, line.trim_end())?;
+    if o.root.is_dir() {
+        steps.ok(&format!("{} exists", o.root.display()));
+    } else {
+        steps.run(&format!("create {} (0700)", o.root.display()), || {
+            Ok(std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&o.root)?)
+        })?;
+    }
     write_key(&steps, &key)?;
     check_root_login();
     if o.dry_run {
         info!("dry run: nothing was changed; run the same command without --dry-run to set up the replica host");
         return Ok(());
     }
+    let host = crate::notify::hostname();
     info!(
-        "replica host ready: on the desktop, add \"root@{}:{}\" to the job's `replicas` (docs/replicate.md)",
-        crate::notify::hostname(),
+        "replica host ready. On the desktop, in the job's ssh_config, a Host alias for the replica key:\n\n  \
+         Host offsite-replica\n    HostName {host}\n    User root\n    IdentityFile \
+         /etc/rbackup/keys/JOB-replica\n    IdentitiesOnly yes\n\nthen in the job: replicas = \
+         [\"offsite-replica:{}\"] (docs/replicate.md, step 3)",
         root.display()
     );
     Ok(())

@@ -905,6 +905,14 @@ fn setup_server_mode_replica_confines_a_key_that_replicate_after_backup_uses() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("already holds the key"), "{out}");
     assert_eq!(std::fs::read_to_string(ROOT_KEYS).unwrap().matches(blob).count(), 1);
+    let said = format!("{out}{err}");
+    assert!(said.contains("Host offsite-replica") && said.contains(&format!("\"offsite-replica:{}\"", rep.display())));
+    // The same key for another root is refused, and nothing is made for it.
+    let other = s.path("offsite/other");
+    let args2 = ["setup-server", "--mode", "replica", "--root", other.to_str().unwrap(), "--key", public.trim()];
+    let (code, out, err) = agent_run(&s.sshd, &args2);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(!other.exists(), "{out}{err}");
 
     // The desktop: a Host alias for the replica key, and the job.
     let ssh_config = s.path("etc/web.ssh_config");
