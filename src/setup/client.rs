@@ -147,6 +147,13 @@ pub fn client(o: &ClientOptions) -> Result<()> {
     cfg.push_str(&format!("Host {host}\n"));
     block(&mut cfg, user.as_deref(), &key);
     let old = std::fs::read_to_string(&ssh_config).ok();
+    // Blocks the admin added for other hosts (an off-site replica's alias,
+    // a jump host) stay, after ours.
+    if let Some(others) = old.as_deref().map(|o| other_blocks(o, &[alias.as_str(), host.as_str()]))
+        && !others.is_empty()
+    {
+        cfg.push_str(&others);
+    }
     if old.as_deref() == Some(&cfg) {
         steps.ok(&format!("{} is up to date", ssh_config.display()));
     } else {
@@ -162,8 +169,8 @@ pub fn client(o: &ClientOptions) -> Result<()> {
                 Ok(())
             })?;
             crate::warn!(
-                "{} is rewritten; its previous version is kept as {}: if you changed it by hand, copy your \
-                 changes back into the new Host blocks",
+                "{} is rewritten (its blocks for other hosts are kept); its previous version is kept as {}: if \
+                 you changed its blocks for this server by hand, copy your changes back",
                 ssh_config.display(),
                 shown.display()
             );
@@ -336,6 +343,26 @@ pub(super) fn accepts(answer: &str) -> bool {
     matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
+/// The `Host` and `Match` blocks of an ssh config for hosts other than
+/// `ours`, as they are written.
+fn other_blocks(old: &str, ours: &[&str]) -> String {
+    let mut out = String::new();
+    let mut keep = false;
+    for line in old.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.first().map(|w| w.to_ascii_lowercase()) {
+            Some(w) if w == "host" => keep = !words[1..].iter().any(|n| ours.contains(n)),
+            Some(w) if w == "match" => keep = true,
+            _ => {}
+        }
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,5 +373,13 @@ mod tests {
     fn the_host_key_prompt_takes_yes_as_ssh_does() {
         assert!(accepts("y\n") && accepts("yes\n") && accepts(" YES "));
         assert!(!accepts("\n") && !accepts("no\n") && !accepts("yess\n"));
+    }
+
+    #[test]
+    fn blocks_for_other_hosts_are_kept_and_ours_are_not() {
+        let old = "# rbackup job web\nHost web-restore\n  User root\nHost server\n  Port 22\n\
+                   Host offsite-replica\n  HostName b2\n  User root\nMatch host x\n  Port 2\n";
+        let kept = other_blocks(old, &["web-restore", "server"]);
+        assert_eq!(kept, "Host offsite-replica\n  HostName b2\n  User root\nMatch host x\n  Port 2\n");
     }
 }

@@ -373,11 +373,16 @@ fn setup_client_again_keeps_the_previous_ssh_config_beside_the_new_one() {
     let ssh_config = s.path("etc/web.ssh_config");
     let mut text = std::fs::read_to_string(&ssh_config).unwrap();
     text.push_str("  ConnectTimeout 7\n");
+    // An off-site replica's alias, added by hand (docs/replicate.md).
+    let replica = "Host offsite-replica\n  HostName backup2.example.org\n  User root\n";
+    text.push_str(replica);
     std::fs::write(&ssh_config, &text).unwrap();
     let (code, out, err) = s.client(&["--restore"]);
     assert_eq!(code, 0, "{out}{err}");
     let kept = s.path("etc/web.ssh_config.before-setup-client");
     assert_eq!(std::fs::read_to_string(&kept).unwrap(), text);
+    let now = std::fs::read_to_string(&ssh_config).unwrap();
+    assert!(now.ends_with(replica) && !now.contains("ConnectTimeout 7"), "{now}");
     assert!(err.contains("previous version is kept as") && err.contains("before-setup-client"), "{err}");
     // Nothing to rewrite: nothing kept again, nothing said.
     std::fs::remove_file(&kept).unwrap();
