@@ -1,8 +1,10 @@
 //! `check`: everything a job needs, tested without writing a snapshot — the
 //! SSH connection and agent, the path served, that the backup user can read
 //! every file (the ACL mask trap), the backups folder's space, inodes and
-//! permissions, the lock, the mail settings. One line per item, and a fix
+//! permissions, the lock, each replica, the mail settings. One line per item, and a fix
 //! for each problem.
+
+use std::os::unix::fs::MetadataExt;
 
 use anyhow::Result;
 
@@ -12,6 +14,7 @@ use crate::report::human_bytes;
 use crate::report::{Events, Problem, ProblemKind};
 use crate::sink::SinkConfig;
 use crate::store::Store;
+
 use crate::transport;
 use crate::wire::SOFTWARE;
 use crate::wire::msg::{Role, SessionOptions};
@@ -65,6 +68,7 @@ pub fn run(job: &Job) -> Result<Code> {
     println!("checking job {}", job.job);
     check_source(job, &mut r);
     check_folder(job, &mut r);
+    check_replicas(job, &mut r);
     check_email(job, &mut r);
     Ok(if r.failed { Code::Error } else { Code::Ok })
 }
@@ -254,6 +258,57 @@ fn check_folder(job: &Job, r: &mut Report) {
                 ));
             }
         }
+    }
+}
+
+/// Each of the job's `replicas`: a drive that holds the job's replicas
+/// (mounted, not the backups folder's own disk), or an append-only agent
+/// that answers.
+fn check_replicas(job: &Job, r: &mut Report) {
+    for dest in &job.replicas {
+        let first = job.command(&format!("replicate --to {}", dest.to));
+        let held = match crate::cmd::replicate::destination(&dest.to) {
+            Ok((_, Some(remote))) => match remote.connect(job).and_then(|c| c.held(job)) {
+                Ok(held) => held,
+                Err(e) => {
+                    r.bad(
+                        &format!("replica {}: its agent can't be asked: {e:#}", dest.to),
+                        "the Host alias, the replica key and setup-server --mode replica: docs/replicate.md",
+                    );
+                    continue;
+                }
+            },
+            Ok((to, None)) => {
+                let dev = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| m.dev());
+                if !to.join(format!("{}.rbackup", job.name)).is_dir() {
+                    let what = format!("replica {}: holds no replica of {} (a drive not mounted?)", dest.to, job.name);
+                    if job.replicate_after_backup {
+                        r.bad(&what, &format!("mount the drive; the first replica is made by hand: `{first}`"));
+                    } else {
+                        println!("note  {what}; the first one is made by `{first}`");
+                    }
+                    continue;
+                }
+                if dev(&to).is_some() && dev(&to) == dev(&job.backups_folder) {
+                    r.bad(
+                        &format!("replica {}: on the backups folder's own filesystem", dest.to),
+                        "a copy there is no second drive: is the drive mounted?",
+                    );
+                    continue;
+                }
+                Store::open(&to, &job.name).and_then(|s| s.snapshots()).unwrap_or_default()
+            }
+            Err(e) => {
+                r.bad(&format!("replica {}: {e:#}", dest.to), "see docs/configuration.md, `replicas`");
+                continue;
+            }
+        };
+        let complete = held.iter().filter(|s| s.complete).count() as u64;
+        r.good(&format!(
+            "replica {}: {}",
+            dest.to,
+            crate::report::count(complete, "complete snapshot", "complete snapshots")
+        ));
     }
 }
 

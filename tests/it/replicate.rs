@@ -303,3 +303,32 @@ fn a_destination_with_its_own_rules_gets_and_keeps_only_those() {
     // The originals themselves are untouched: the job has no rules of its own.
     assert_eq!(originals.len(), 4);
 }
+
+/// `check` looks at each replica: a drive that holds no replica while the
+/// job replicates after each backup fails the check, with the command that
+/// makes the first one; once made, it counts its snapshots.
+#[test]
+fn check_says_whether_each_replica_is_there() {
+    let tmp = scratch();
+    let (src, bk, usb) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("usb"));
+    write(&src.join("a.txt"), b"a");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    let cfg = tmp.path().join("rbackup.toml");
+    let text = format!(
+        "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [\"{}\"]\nreplicate_after_backup = true\n",
+        src.display(),
+        bk.display(),
+        usb.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let check = || run(&["-c", cfg.to_str().unwrap(), "-j", "s", "check"].iter().map(OsStr::new).collect::<Vec<_>>());
+    let (code, out, _) = check();
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains(&format!("FAIL  replica {}: holds no replica of s (a drive not mounted?)", usb.display())));
+    assert!(out.contains("the first replica is made by hand"), "{out}");
+    std::fs::create_dir(&usb).unwrap();
+    assert_eq!(replicate(&bk, &usb).0, 0);
+    let (_, out, _) = check();
+    // On one test filesystem the replica is where the originals are: said.
+    assert!(out.contains(&format!("FAIL  replica {}: on the backups folder's own filesystem", usb.display())), "{out}");
+}
