@@ -370,7 +370,8 @@ pub struct ReplicateArgs {
     #[arg(long, value_name = "DEST")]
     pub to: Option<String>,
 
-    /// Print what each replica would take, write nothing
+    /// List the snapshots each destination would get (and what its own prune would remove;
+    /// `status` says how much each would copy); write nothing
     #[arg(long)]
     pub dry_run: bool,
 

@@ -122,11 +122,16 @@ fn copy_each(
     let manifests = manifest::folder(&source.meta_dir()?)?;
     let mut worst = Code::Ok;
     for original in missing {
-        if let Some(remote) = &remote {
-            if dry_run {
-                println!("replicate {} to {remote}", original.folder);
-                continue;
+        // What a dry run can say without the replicas before it being
+        // there to link from: which snapshots go (`status` says how much).
+        if dry_run {
+            match &remote {
+                Some(remote) => println!("replicate {} to {remote}", original.folder),
+                None => println!("replicate {} to {}", original.folder, to.display()),
             }
+            continue;
+        }
+        if let Some(remote) = &remote {
             // As below: the next one would link from a replica not there.
             let code =
                 remote.replicate(job, &source, original).with_context(|| format!("replicating {}", original.folder))?;

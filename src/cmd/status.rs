@@ -52,6 +52,9 @@ pub struct Replica {
     pub asked: bool,
     pub pending: u64,
     pub pending_bytes: u64,
+    /// Its complete snapshots the backups folder no longer holds (a drive
+    /// that keeps a longer history), oldest first.
+    pub only_there: Vec<String>,
 }
 
 /// A job's snapshots and its replicas' state.
@@ -102,6 +105,12 @@ pub fn status(job: &Job, ask_remote: bool) -> Result<Status> {
                 asked: !remote || ask_remote,
                 pending: 0,
                 pending_bytes: 0,
+                only_there: h
+                    .iter()
+                    .flatten()
+                    .filter(|r| r.complete && !snaps.iter().any(|s| s.complete && s.time == r.time))
+                    .map(|r| r.folder.clone())
+                    .collect(),
             }
         })
         .collect();
@@ -213,6 +222,16 @@ pub fn run(job: &Job) -> Result<()> {
                 job.command(&format!("replicate --to {}", r.name))
             ),
         }
+    }
+    for r in st.replicas.iter().filter(|r| !r.only_there.is_empty()) {
+        let n = r.only_there.len() as u64;
+        println!(
+            "  replica {} also holds {} the backups folder no longer has ({}{})",
+            r.name,
+            crate::report::count(n, "snapshot", "snapshots"),
+            r.only_there[0],
+            if n > 1 { format!(" … {}", r.only_there[r.only_there.len() - 1]) } else { String::new() }
+        );
     }
     if job.replicas.is_empty() {
         println!("  no replicas (set `replicas` in the job, see docs/replicate.md)");

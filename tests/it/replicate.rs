@@ -161,6 +161,11 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
     let (code, _, err) = rb(&["replicate"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("holds every snapshot"), "{err}");
+    // The snapshot only the drive still holds shows in `status`.
+    let (code, out, err) = rb(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let only = replicas[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(out.contains(&format!("also holds 1 snapshot the backups folder no longer has ({only})")), "{out}");
 }
 
 /// `status` says, per snapshot, which replica holds it and which not, with
