@@ -2,7 +2,7 @@
 //! take: the only place that knows both.
 
 use super::{
-    CheckArgs, Cli, ModeArg, ReplicateArgs, RestoreArgs, RulesArgs, RunArgs, ServeArgs, SetupClientArgs,
+    CheckArgs, Cli, ConnectArgs, ModeArg, ReplicateArgs, RestoreArgs, RulesArgs, RunArgs, ServeArgs, SetupClientArgs,
     SetupServerArgs, StoreArgs,
 };
 use crate::agent::serve::ServeOptions;
@@ -17,16 +17,22 @@ impl StoreArgs {
     }
 }
 
+impl ConnectArgs {
+    /// `base` with the connection's settings these options override.
+    fn over(&self, base: Overrides) -> Overrides {
+        Overrides {
+            remote_bin: self.remote_bin.clone(),
+            ssh_config: self.ssh_config.clone(),
+            io_timeout: self.io_timeout,
+            ..base
+        }
+    }
+}
+
 impl CheckArgs {
     /// The job settings these options override.
     pub fn overrides(&self) -> Overrides {
-        Overrides {
-            source: self.source.clone(),
-            remote_bin: self.connect.remote_bin.clone(),
-            ssh_config: self.connect.ssh_config.clone(),
-            io_timeout: self.connect.io_timeout,
-            ..self.store.overrides()
-        }
+        Overrides { source: self.source.clone(), ..self.connect.over(self.store.overrides()) }
     }
 }
 
@@ -35,11 +41,8 @@ impl RestoreArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             compress: self.compress,
-            remote_bin: self.connect.remote_bin.clone(),
-            ssh_config: self.connect.ssh_config.clone(),
-            io_timeout: self.connect.io_timeout,
             bwlimit: self.bwlimit.clone(),
-            ..self.store.overrides()
+            ..self.connect.over(self.store.overrides())
         }
     }
 }
@@ -49,11 +52,8 @@ impl ReplicateArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             compress: self.compress,
-            remote_bin: self.connect.remote_bin.clone(),
-            ssh_config: self.connect.ssh_config.clone(),
-            io_timeout: self.connect.io_timeout,
             bwlimit: self.bwlimit.clone(),
-            ..self.store.overrides()
+            ..self.connect.over(self.store.overrides())
         }
     }
 }
@@ -67,13 +67,10 @@ impl RunArgs {
             log_file: self.log_file.clone(),
             devices: self.devices,
             compress: self.compress,
-            remote_bin: self.connect.remote_bin.clone(),
-            ssh_config: self.connect.ssh_config.clone(),
-            io_timeout: self.connect.io_timeout,
             exclude_from: self.exclude_from.clone(),
             one_file_system: self.one_file_system,
             bwlimit: self.bwlimit.clone(),
-            ..self.store.overrides()
+            ..self.connect.over(self.store.overrides())
         }
     }
 }

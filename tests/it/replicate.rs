@@ -13,6 +13,20 @@ fn replicate(bk: &Path, to: &Path) -> (i32, String, String) {
     run(&args.iter().map(OsStr::new).collect::<Vec<_>>())
 }
 
+/// Writes `rbackup.toml` in `dir` with job `s`, backing up `src` into `bk`,
+/// and `keys` (more job keys, one a line); returns a runner of `rbackup -c
+/// THAT -j s ARGS`.
+fn job_s(dir: &Path, src: &Path, bk: &Path, keys: &str) -> impl Fn(&[&str]) -> (i32, String, String) + use<> {
+    let cfg = dir.join("rbackup.toml");
+    let text = format!("[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\n{keys}", src.display(), bk.display());
+    std::fs::write(&cfg, text).unwrap();
+    move |args: &[&str]| {
+        let mut all: Vec<&OsStr> = vec!["-c".as_ref(), cfg.as_os_str(), "-j".as_ref(), "s".as_ref()];
+        all.extend(args.iter().map(OsStr::new));
+        run(&all)
+    }
+}
+
 fn names(folder: &Path) -> Vec<String> {
     let mut v: Vec<String> =
         std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
@@ -119,21 +133,11 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
     let tmp = scratch();
     let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("rep"));
     write(&src.join("a.txt"), b"a");
-    let cfg = tmp.path().join("rbackup.toml");
-    let text = format!(
-        "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [\"{}\"]\nreplicate_after_backup = true\n\
-         keep_last = 1\nprune_after_backup = true\n",
-        src.display(),
-        bk.display(),
+    let keys = format!(
+        "replicas = [\"{}\"]\nreplicate_after_backup = true\nkeep_last = 1\nprune_after_backup = true\n",
         rep.display()
     );
-    std::fs::write(&cfg, text).unwrap();
-    let c = cfg.to_str().unwrap();
-    let rb = |args: &[&str]| {
-        let mut all = vec!["-c", c, "-j", "s"];
-        all.extend_from_slice(args);
-        run(&all.iter().map(OsStr::new).collect::<Vec<_>>())
-    };
+    let rb = job_s(tmp.path(), &src, &bk, &keys);
     // The drive holds no replica yet (or isn't mounted): the scheduled
     // replicate makes nothing, the run says so, and nothing is pruned.
     write(&src.join("a.txt"), b"round 0");
@@ -255,20 +259,8 @@ fn a_destination_with_its_own_rules_gets_and_keeps_only_those() {
     let tmp = scratch();
     let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("usb"));
     write(&src.join("big.bin"), &noise(5, 1 << 20));
-    let cfg = tmp.path().join("rbackup.toml");
-    let text = format!(
-        "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [{{ to = \"{}\", keep_last = 2, prune = true }}]\n",
-        src.display(),
-        bk.display(),
-        rep.display()
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let c = cfg.to_str().unwrap();
-    let rb = |args: &[&str]| {
-        let mut all = vec!["-c", c, "-j", "s"];
-        all.extend_from_slice(args);
-        run(&all.iter().map(OsStr::new).collect::<Vec<_>>())
-    };
+    let keys = format!("replicas = [{{ to = \"{}\", keep_last = 2, prune = true }}]\n", rep.display());
+    let rb = job_s(tmp.path(), &src, &bk, &keys);
     let folder = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
     for round in 0..3 {
         write(&src.join("a.txt"), format!("round {round}").as_bytes());
@@ -318,15 +310,9 @@ fn check_says_whether_each_replica_is_there() {
     let (src, bk, usb) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("usb"));
     write(&src.join("a.txt"), b"a");
     assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
-    let cfg = tmp.path().join("rbackup.toml");
-    let text = format!(
-        "[job.s]\nsource = \"{}\"\nbackups_folder = \"{}\"\nreplicas = [\"{}\"]\nreplicate_after_backup = true\n",
-        src.display(),
-        bk.display(),
-        usb.display()
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let check = || run(&["-c", cfg.to_str().unwrap(), "-j", "s", "check"].iter().map(OsStr::new).collect::<Vec<_>>());
+    let rb =
+        job_s(tmp.path(), &src, &bk, &format!("replicas = [\"{}\"]\nreplicate_after_backup = true\n", usb.display()));
+    let check = || rb(&["check"]);
     let (code, out, _) = check();
     assert_ne!(code, 0, "{out}");
     assert!(out.contains(&format!("FAIL  replica {}: holds no replica of s (a drive not mounted?)", usb.display())));
