@@ -37,3 +37,4 @@ mod ssh;
 mod systemd;
 mod ui;
 mod ui_browser;
+mod ui_security;

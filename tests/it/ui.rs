@@ -24,7 +24,8 @@ fn ui_refuses_without_a_session_and_with_a_wrong_token() {
     let snap = &snap_names(&bk)[1];
     for path in ["/", "/job?job=srv", &format!("/browse?job=srv&snap={snap}"), "/log", "/assets/style.css"] {
         assert_eq!(ui.get(path, None).status, 401, "{path} without a session");
-        assert_eq!(ui.get(path, Some("rbackup_session=0123456789abcdef")).status, 401, "{path} with a made-up session");
+        let made_up = format!("rbackup_session_{}=0123456789abcdef", ui.addr.rsplit(':').next().unwrap());
+        assert_eq!(ui.get(path, Some(&made_up)).status, 401, "{path} with a made-up session");
     }
     assert_eq!(ui.get("/?token=wrong", None).status, 403);
     assert_eq!(ui.get(&format!("/?token={}x", ui.token), None).status, 403);
@@ -97,7 +98,7 @@ fn ui_posts_need_the_csrf_token_our_origin_and_allow_actions() {
         ("Content-Type".to_string(), "application/x-www-form-urlencoded".to_string()),
     ];
     let body = format!("job=srv&kind=verify&csrf={csrf}");
-    assert_eq!(request(&ui.addr, "POST", "/action", &ui.addr, &foreign, body.as_bytes()).status, 403, "another origin");
+    assert_eq!(request(&ui.addr, "POST", "/action", &ui.host, &foreign, body.as_bytes()).status, 403, "another origin");
     let ok = ui.post("/action", &cookie, &body);
     assert_eq!(ok.status, 303, "{}", ok.text());
     let op = ok.header("location").unwrap().to_string();
