@@ -168,7 +168,7 @@ pub fn read_token(path: &Path) -> Result<String> {
 
 /// Compares without an early exit, so the time taken says nothing of how
 /// much of a guess was right.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

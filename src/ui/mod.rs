@@ -160,6 +160,7 @@ fn router(state: Arc<State>) -> Router {
         .route("/download", get(browse::download))
         .route("/restore", get(ops::restore_form).post(ops::restore))
         .route("/action", post(ops::action))
+        .route("/confirm", post(ops::confirm))
         .route("/op", get(ops::page))
         .route("/op/events", get(ops::events))
         .route("/log", get(ops::log_page))

@@ -234,7 +234,7 @@ fn ui_restore_previews_then_restores_on_confirmation_and_logs_it() {
     let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
     assert!(preview.contains("docs/a.txt") && preview.contains("id=\"confirm\""), "{preview}");
     assert!(!to.join("docs/a.txt").exists(), "a preview writes nothing");
-    let r = ui.post("/restore", &cookie, &form.replace("step=preview", "step=run"));
+    let r = ui.confirm(&preview, &cookie);
     let done = ui.wait_op(r.header("location").unwrap(), &cookie);
     assert!(done.contains("Finished: exit code 0"), "{done}");
     assert_eq!(std::fs::read(to.join("docs/a.txt")).unwrap(), std::fs::read(bk.join(snap).join("docs/a.txt")).unwrap());
@@ -380,7 +380,7 @@ fn ui_prune_shows_its_dry_run_and_deletes_only_when_confirmed() {
     let older = &snap_names(&bk)[0];
     assert!(preview.contains(older.as_str()) && preview.contains("id=\"confirm\""), "{preview}");
     assert_eq!(complete(&bk, "srv").len(), 2, "a preview deletes nothing");
-    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=prune"));
+    let r = ui.confirm(&preview, &cookie);
     let done = ui.wait_op(r.header("location").unwrap(), &cookie);
     assert!(done.contains("Finished: exit code 0"), "{done}");
     assert_eq!(complete(&bk, "srv").len(), 1, "the older snapshot is gone");

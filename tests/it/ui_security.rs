@@ -6,6 +6,8 @@
 //! overflows.
 
 use crate::common::web::{Console, request, store_with_hostile_names};
+use std::os::unix::fs::PermissionsExt;
+
 use crate::common::*;
 
 fn hdr(k: &str, v: &str) -> (String, String) {
@@ -50,4 +52,123 @@ fn ui_session_cookie_is_for_the_consoles_secret_name_alone() {
         assert_eq!(r.status, 303, "{path}");
         assert_eq!(r.header("location").unwrap(), "/", "{path}");
     }
+}
+
+/// `rbackup -c CONFIG restore ARGS...`.
+fn restore_cli(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["-c".as_ref(), config.as_os_str(), "restore".as_ref()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    run(&all)
+}
+
+#[test]
+fn ui_restore_never_follows_a_planted_symlink_or_chmods_an_existing_folder() {
+    require_root();
+    let tmp = scratch();
+    let (_, _, config) = store_with_hostile_names(tmp.path());
+    // A world-writable sticky folder, like /var/tmp, where another user
+    // planted the restore folder as a symlink to a folder of root's.
+    let open = tmp.path().join("open");
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::create_dir(&open).unwrap();
+    sh(&format!("chmod 1777 '{}' && chmod 700 '{}'", open.display(), victim.display()));
+    std::os::unix::fs::symlink(&victim, open.join("srv")).unwrap();
+    let to = open.join("srv");
+    for dry in [true, false] {
+        let mut args = vec!["--path", "docs/a.txt", "--to", to.to_str().unwrap()];
+        if dry {
+            args.push("--dry-run");
+        }
+        let (code, out, err) = restore_cli(&config, &args);
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(err.contains("is a symlink"), "{err}");
+    }
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0, "nothing written through the symlink");
+    assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777, 0o700);
+    // A folder of another user on the way, and a folder others can write to.
+    let theirs = open.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    sh(&format!("chown 4242 '{}'", theirs.display()));
+    let (code, _, err) = restore_cli(&config, &["--to", theirs.join("x").to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("belongs to uid 4242"), "{err}");
+    assert!(!theirs.join("x").exists());
+    let (code, _, err) = restore_cli(&config, &["--to", open.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("writable by others"), "{err}");
+    // Through the sticky folder to a new folder of root's: made 0700, and
+    // then given the snapshot root's metadata, as a restore does.
+    let fresh = open.join("fresh");
+    let (code, _, err) = restore_cli(&config, &["--to", fresh.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(fresh.join("docs/a.txt")).unwrap(), b"second version, longer\n");
+    // A folder that was there keeps its owner and mode (the snapshot
+    // root's 0755 would open a private folder).
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    sh(&format!("chmod 700 '{}'", mine.display()));
+    let (code, _, err) = restore_cli(&config, &["--to", mine.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(mine.join("docs/a.txt").exists());
+    assert_eq!(std::fs::metadata(&mine).unwrap().permissions().mode() & 0o7777, 0o700, "left as it was");
+    // The console offers a folder of root's, not one in /var/tmp.
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let form = ui.get("/restore?job=srv&snap=x&p=docs", Some(&cookie)).text();
+    assert!(form.contains("value=\"/var/lib/rbackup/restore/srv\""), "{form}");
+}
+
+#[test]
+fn ui_restore_and_prune_run_only_through_their_previews_one_use_confirmation() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("keep_last = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let snaps = complete(&bk, "srv");
+    let newest = snaps[1].file_name().unwrap().to_str().unwrap().to_string();
+    let to = tmp.path().join("restored");
+    // A run without a preview: refused, nothing written, nothing deleted.
+    let form = format!("csrf={csrf}&job=srv&snap=latest&p=docs&dest=local&to={}", to.display());
+    let r = ui.post("/restore", &cookie, &format!("{form}&step=run"));
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=prune"));
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(!to.exists());
+    assert_eq!(complete(&bk, "srv").len(), 2);
+    // The preview resolves `latest` to its folder and gives each value as
+    // --flag=VALUE; its confirmation runs that very command, once.
+    let r = ui.post("/restore", &cookie, &format!("{form}&step=preview"));
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(preview.contains(&format!("--snapshot={newest} --path=docs --to={}", to.display())), "{preview}");
+    let forged = preview.replace("name=\"token\" value=\"", "name=\"token\" value=\"0");
+    assert_eq!(ui.confirm(&forged, &cookie).status, 403, "a wrong token");
+    let r = ui.confirm(&preview, &cookie);
+    assert_eq!(r.status, 303, "{}", r.text());
+    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(done.contains(&format!("--snapshot={newest} --path=docs --to=")), "{done}");
+    assert!(done.contains("Finished: exit code 0") && !done.contains("id=\"confirm\""), "{done}");
+    assert_eq!(std::fs::read(to.join("docs/a.txt")).unwrap(), b"second version, longer\n");
+    assert_eq!(ui.confirm(&preview, &cookie).status, 403, "used once");
+    // A value starting with `-` stays a value.
+    let r = ui.post(
+        "/restore",
+        &cookie,
+        &format!("csrf={csrf}&job=srv&snap={newest}&p=-x&dest=local&to={}&step=preview", to.display()),
+    );
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(preview.contains("--path=-x") && preview.contains("has no -x"), "{preview}");
+    // Prune: the snapshots changed since its preview, its confirmation is refused.
+    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=prune-preview"));
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(preview.contains("id=\"confirm\""), "{preview}");
+    let (code, _, err) = run(&["-c".as_ref(), config.as_os_str(), "backup".as_ref()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ui.confirm(&preview, &cookie).status, 409);
+    assert_eq!(complete(&bk, "srv").len(), 3, "nothing pruned");
 }

@@ -77,6 +77,18 @@ impl Console {
         request(&self.addr, "POST", path, &self.host, &headers, body.as_bytes())
     }
 
+    /// Confirms the finished preview whose page is `preview` (its
+    /// `/confirm` form: the operation and its one-use token).
+    pub fn confirm(&self, preview: &str, cookie: &str) -> Resp {
+        let field = |name: &str| {
+            let at =
+                preview.find(&format!("name=\"{name}\" value=\"")).unwrap_or_else(|| panic!("no {name}: {preview}"));
+            preview[at + name.len() + 15..].split('"').next().unwrap().to_string()
+        };
+        let body = format!("csrf={}&id={}&token={}", field("csrf"), field("id"), field("token"));
+        self.post("/confirm", cookie, &body)
+    }
+
     /// The page of `job` once its sizes and changes are measured.
     pub fn job_page(&self, job: &str, cookie: &str) -> String {
         let until = Instant::now() + Duration::from_secs(60);
