@@ -112,6 +112,9 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
     let page: usize = params.str("page").and_then(|p| p.parse().ok()).unwrap_or(0);
     let st2 = st.clone();
     let (p2, rel2) = (params.clone(), rel.clone());
+    // Dropped with this handler when the client leaves: the listing stops.
+    let gone = data::Gone::default();
+    let _gone_on_drop = gone.guard();
     let found = blocking(move || {
         let o = open(&st2, &p2)?;
         let dir = paths::open_dir(&o.root, &rel2)?;
@@ -119,7 +122,7 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
         // entries are looked at.
         let (total, entries) = if changed {
             let prev = o.previous_root().and_then(|r| paths::open_dir(&r, &rel2).ok());
-            let mut all = data::list_dir(&dir, prev.as_ref(), true)?;
+            let mut all = data::list_dir(&dir, prev.as_ref(), true, &gone)?;
             all.retain(|e| e.change.is_some());
             let total = all.len();
             (total, all.into_iter().skip(page * PAGE).take(PAGE).collect())
