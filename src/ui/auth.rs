@@ -154,8 +154,12 @@ pub fn random_hex(n: usize) -> Result<String> {
 /// The token in `path`: its first line, at least 16 characters of
 /// `[A-Za-z0-9_-]` (it goes into URLs as it is).
 pub fn read_token(path: &Path) -> Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+    private_enough(path, &file.metadata()?)?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
     let token = text.lines().next().unwrap_or_default().trim().to_string();
     if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         return Err(crate::usage!(
@@ -164,6 +168,33 @@ pub fn read_token(path: &Path) -> Result<String> {
         ));
     }
     Ok(token)
+}
+
+/// A token file must be root's (or the caller's) and readable by nobody
+/// else — except beneath `$CREDENTIALS_DIRECTORY`, which systemd keeps
+/// private to the service.
+fn private_enough(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty());
+    if credentials.is_some_and(|d| path.starts_with(Path::new(&d))) {
+        return Ok(());
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(crate::usage!(
+            "refusing the token file {}: it belongs to uid {}, who could read or change it;              it must be root's (chown root {0})",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(crate::usage!(
+            "refusing the token file {}: others can read it (mode {:o}), and the token opens the console as root;              chmod 600 {0}",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// Compares without an early exit, so the time taken says nothing of how
@@ -313,11 +344,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let f = tmp.path().join("t");
         std::fs::write(&f, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         assert_eq!(read_token(&f).unwrap(), "0123456789abcdef0123");
         std::fs::write(&f, "short\n").unwrap();
         assert!(read_token(&f).is_err());
         std::fs::write(&f, "0123456789abcdef0123&x=1\n").unwrap();
         assert!(read_token(&f).is_err());
+        // Readable by others: refused, whatever it holds.
+        std::fs::write(&f, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        let e = read_token(&f).unwrap_err().to_string();
+        assert!(e.contains("others can read it") && e.contains("chmod 600"), "{e}");
     }
 
     #[test]

@@ -51,6 +51,8 @@ const LOG_TAIL: usize = 10;
 const LINES_MAX: usize = 20_000;
 /// Finished operations kept in memory (their pages); the log keeps all.
 const OPS_MAX: usize = 100;
+/// Bytes of a job's operation log that its page reads, from the end.
+const LOG_READ_MAX: u64 = 1 << 20;
 
 /// What a finished preview offers to run: the exact command, fixed when
 /// the preview started, behind a one-use token.
@@ -231,8 +233,25 @@ fn read_log(job: &Job, n: usize) -> Vec<serde_json::Value> {
     else {
         return Vec::new();
     };
-    let text = std::io::read_to_string(file).unwrap_or_default();
+    let text = tail(file, LOG_READ_MAX).unwrap_or_default();
     text.lines().rev().take(n).filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// The last `max` bytes of `file` at most, from the start of a line: the
+/// log only grows, and a page shows its newest records.
+fn tail(mut file: std::fs::File, max: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    let from = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes)?;
+    if from > 0 {
+        // The first line is cut: drop it.
+        let start = bytes.iter().position(|&b| b == b'\n').map_or(bytes.len(), |i| i + 1);
+        bytes.drain(..start);
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Refuses what `--allow-actions` alone allows.

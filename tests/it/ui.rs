@@ -350,6 +350,7 @@ fn ui_reads_its_token_from_a_file_and_never_prints_it() {
     let file = tmp.path().join("ui-token");
     let token = "tok-0123456789abcdef0123456789";
     std::fs::write(&file, format!("{token}\n")).unwrap();
+    sh(&format!("chmod 600 '{}'", file.display()));
     let mut ui = Console::start(&config, &["--token-file", file.to_str().unwrap()]);
     assert!(ui.token.starts_with("TOKEN (TOKEN is in ") && !ui.token.contains(token), "printed: {}", ui.token);
     assert_eq!(ui.get(&format!("/?token={token}x"), None).status, 403);

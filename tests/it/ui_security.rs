@@ -172,3 +172,109 @@ fn ui_restore_and_prune_run_only_through_their_previews_one_use_confirmation() {
     assert_eq!(ui.confirm(&preview, &cookie).status, 409);
     assert_eq!(complete(&bk, "srv").len(), 3, "nothing pruned");
 }
+
+#[test]
+fn ui_download_never_opens_a_device_or_fifo_and_refusals_are_not_500() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let snap = complete(&bk, "srv")[1].clone();
+    let name = snap.file_name().unwrap().to_str().unwrap().to_string();
+    // A FIFO in the snapshot, with a writer waiting for a reader: an open
+    // for reading, even O_NONBLOCK, lets the writer through.
+    let fifo = snap.join("docs/fifo");
+    sh(&format!("mkfifo '{}' && mknod '{}' c 1 3", fifo.display(), snap.join("docs/null").display()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f2 = fifo.clone();
+    std::thread::spawn(move || {
+        let w = std::fs::OpenOptions::new().write(true).open(&f2);
+        let _ = tx.send(w.is_ok());
+    });
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let get = |p: &str| ui.get(&format!("/download?job=srv&snap={name}&p={p}"), Some(&cookie));
+    assert_eq!(get("docs/fifo").status, 400);
+    assert_eq!(get("docs/null").status, 400, "a device node");
+    let opened = rx.recv_timeout(std::time::Duration::from_secs(2)).is_ok();
+    if !opened {
+        // Let the writer go.
+        drop(std::fs::File::open(&fifo));
+    }
+    assert!(!opened, "the console opened the FIFO");
+    // A symlink, a path through one, a file as a folder, a folder: 404 or 400, never 500.
+    assert_eq!(get("out").status, 400, "a symlink (shown, never served)");
+    assert_eq!(get("outdir/passwd").status, 404);
+    assert_eq!(get("docs/a.txt/x").status, 404);
+    assert_eq!(get("docs").status, 400);
+    assert_eq!(get("docs/a.txt").body, b"second version, longer\n");
+    // A page number that would overflow: an empty page, not a panic.
+    for page in ["18446744073709551615", "99999999999999999999999"] {
+        let r = ui.get(&format!("/browse?job=srv&snap={name}&p=docs&page={page}"), Some(&cookie));
+        assert_eq!(r.status, 200, "page={page}");
+        let r = ui.get(&format!("/browse?job=srv&snap={name}&p=docs&changed=1&page={page}"), Some(&cookie));
+        assert_eq!(r.status, 200, "page={page}");
+    }
+    assert_eq!(ui.get("/", Some(&cookie)).status, 200, "the console still answers");
+}
+
+#[test]
+fn ui_log_page_reads_only_the_end_of_a_huge_operation_log() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    // 64 GiB of holes, then a record: reading it whole would never end.
+    let log = bk.join("srv.rbackup/console.jsonl");
+    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&log).unwrap();
+    f.set_len(64 << 30).unwrap();
+    drop(f);
+    let rec = r#"{"time":"2030-01-01T00:00:00+00:00","job":"srv","record":{"event":"finished","op":1,"title":"the last one","exit_code":0}}"#;
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, format!("\n{rec}\n").as_bytes()).unwrap();
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let page = ui.get("/log", Some(&cookie));
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("the last one"), "{}", page.text());
+}
+
+#[test]
+fn ui_refuses_a_token_file_others_can_read_or_that_is_not_roots() {
+    require_root();
+    let tmp = scratch();
+    let (_, _, config) = store_with_hostile_names(tmp.path());
+    let file = tmp.path().join("ui-token");
+    std::fs::write(&file, "tok-0123456789abcdef0123456789\n").unwrap();
+    let start = |env: Option<&std::path::Path>| {
+        let mut c = rbackup(&[
+            "-c".as_ref(),
+            config.as_os_str(),
+            "ui".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--token-file".as_ref(),
+            file.as_os_str(),
+        ]);
+        c.env_remove("CREDENTIALS_DIRECTORY");
+        if let Some(d) = env {
+            c.env("CREDENTIALS_DIRECTORY", d);
+        }
+        let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), line, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    sh(&format!("chmod 644 '{}'", file.display()));
+    let (code, line, err) = start(None);
+    assert_eq!(code, Some(2), "{line}{err}");
+    assert!(err.contains("others can read it") && line.is_empty(), "{err}");
+    sh(&format!("chmod 600 '{}' && chown 4242 '{}'", file.display(), file.display()));
+    let (code, _, err) = start(None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("belongs to uid 4242"), "{err}");
+    // systemd's credentials folder is private to the service: accepted.
+    sh(&format!("chown 0 '{}' && chmod 644 '{}'", file.display(), file.display()));
+    let (_, line, err) = start(Some(tmp.path()));
+    assert!(line.contains("/?token=TOKEN"), "{line}{err}");
+}
