@@ -12,8 +12,11 @@
 //! to before the restore opens it: a group- or other-writable folder is
 //! allowed on the way only when it is root's and sticky (`/tmp`), where
 //! others can't rename or remove the entry we go through — and that entry
-//! must itself pass the checks. The target itself must pass them too: no
-//! sticky exception for it.
+//! must itself pass the checks. The target itself must not be writable by
+//! others either (no sticky exception for it); it may belong to another
+//! user (a local source restored in place, `/home/alice`) only when its
+//! parent is not a shared folder like `/tmp`, where anyone could have made
+//! it to catch a restore.
 
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -40,7 +43,8 @@ pub fn prepare(path: &Path, dry_run: bool) -> Result<Target> {
         bail!("the restore folder {} must be an absolute path", path.display());
     }
     let mut dir = Dir::open_path(Path::new("/"))?;
-    check(&dir.stat_self()?, Path::new("/"), false)?;
+    let mut st = dir.stat_self()?;
+    check(&st, Path::new("/"), None)?;
     let names: Vec<&[u8]> = path
         .components()
         .filter_map(|c| match c {
@@ -62,7 +66,9 @@ pub fn prepare(path: &Path, dry_run: bool) -> Result<Target> {
             }
             None => return Ok(Target::Created),
         };
-        check(&dir.stat_self()?, &so_far, last)?;
+        let parent = st;
+        st = dir.stat_self()?;
+        check(&st, &so_far, last.then_some(&parent))?;
     }
     if names.is_empty() {
         bail!("refusing to restore into / itself: give a folder");
@@ -107,11 +113,14 @@ fn io_context(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
     anyhow::Error::from(e).context(format!("{what} {}", path.display()))
 }
 
-/// A folder on the way (or, `last`, the target) must be ours and writable
-/// by nobody else; on the way, root's sticky folders (`/tmp`) are allowed.
-fn check(st: &Stat, path: &Path, last: bool) -> Result<()> {
+/// A folder on the way must be ours and writable by nobody else, except
+/// root's sticky folders (`/tmp`); the target (given with its `parent`)
+/// must be writable by nobody else, and ours unless its parent is private.
+fn check(st: &Stat, path: &Path, parent: Option<&Stat>) -> Result<()> {
     let me = rustix::process::geteuid().as_raw();
-    if st.st_uid != 0 && st.st_uid != me {
+    let last = parent.is_some();
+    let parent_shared = parent.is_some_and(|p| p.st_mode & 0o022 != 0);
+    if st.st_uid != 0 && st.st_uid != me && (!last || parent_shared) {
         bail!(
             "refusing to restore through {}: it belongs to uid {}, who could redirect the restore; \
              restore to a folder of root's (the default, /var/lib/rbackup/restore/JOB, is one)",
@@ -172,5 +181,19 @@ mod tests {
             assert!(prepare(&open.join("x"), false).is_ok());
         }
         assert!(prepare(&open, false).is_err());
+        // Another user's folder: the target only where nobody else could
+        // have made it.
+        let home = tmp.path().join("home");
+        std::fs::create_dir_all(home.join("alice")).unwrap();
+        std::fs::create_dir_all(open.join("alice")).unwrap();
+        if rustix::process::geteuid().is_root() {
+            for d in [home.join("alice"), open.join("alice")] {
+                std::os::unix::fs::chown(&d, Some(4242), None).unwrap();
+            }
+            assert_eq!(prepare(&home.join("alice"), false).unwrap(), Target::Existed);
+            let e = prepare(&open.join("alice"), false).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 4242"), "{e}");
+            assert!(prepare(&home.join("alice/x"), false).is_err(), "not on the way");
+        }
     }
 }
