@@ -199,7 +199,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             }
             Ok(code)
         }
-        Command::Ui(a) => rbackup::ui::run(&a.options(cli.config.clone())),
+        Command::Ui(a) => rbackup::ui::run(&a.options(cli.config.clone(), cli.job.clone())),
         Command::History(a) => {
             let job = job(cli, &a.store.overrides())?;
             let opts = rbackup::cmd::history::Options {

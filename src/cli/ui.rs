@@ -34,10 +34,12 @@ pub struct UiArgs {
 }
 
 impl UiArgs {
-    /// The console's options; `config` is the config file (`-c`), if given.
-    pub fn options(&self, config: Option<PathBuf>) -> crate::ui::Options {
+    /// The console's options; `config` is the config file (`-c`) and `job`
+    /// the one job to show (`-j`), if given.
+    pub fn options(&self, config: Option<PathBuf>, job: Option<String>) -> crate::ui::Options {
         crate::ui::Options {
             config,
+            job,
             listen: self.listen,
             allow_remote: self.allow_remote,
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),

@@ -16,8 +16,8 @@
 //!   `HttpOnly`, `SameSite=Strict` cookie named after the port (two consoles
 //!   keep their own), and the answer redirects to the same page (a path of
 //!   the console, never another host) without the token, so it does not stay
-//!   in the address bar or the history. A session unused for
-//!   [`SESSION_IDLE`] ends. Without a valid session: 401; a wrong token: 403.
+//!   in the address bar or the history. A session ends [`SESSION_LIFE`]
+//!   after it began. Without a valid session: 401; a wrong token: 403.
 //! - Every POST must come from the console's own pages: an `Origin` of
 //!   another site is refused, and the form must carry the session's CSRF
 //!   token (the field `csrf`, or the header `X-CSRF-Token`).
@@ -43,10 +43,10 @@ use super::paths::Params;
 
 /// The cookie holding the session id, followed by `_PORT`.
 const COOKIE: &str = "rbackup_session";
-/// A session unused this long ends: the token is needed again.
-pub const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
 /// Largest form the console accepts.
 const FORM_MAX: usize = 64 * 1024;
+/// How long a session lasts, used or not; then the token is needed again.
+const SESSION_LIFE: Duration = Duration::from_secs(12 * 3600);
 /// Most sessions kept; the oldest goes when a new one would pass it.
 const SESSIONS_MAX: usize = 64;
 
@@ -71,10 +71,11 @@ pub struct Auth {
     cookie: String,
 }
 
+/// A session id, its CSRF token, and when it began.
 struct Session {
     id: String,
     csrf: String,
-    used: Instant,
+    since: Instant,
 }
 
 /// The session's CSRF token, for the forms of a page.
@@ -118,10 +119,12 @@ impl Auth {
         format!("{}://{host}", self.scheme)
     }
 
+    /// A new session's id.
     fn new_session(&self) -> Result<String> {
-        let s = Session { id: random_hex(32)?, csrf: random_hex(32)?, used: Instant::now() };
+        let s = Session { id: random_hex(32)?, csrf: random_hex(32)?, since: Instant::now() };
         let id = s.id.clone();
         let mut sessions = self.sessions.lock().expect("no panic holding it");
+        sessions.retain(|s| s.since.elapsed() < SESSION_LIFE);
         if sessions.len() >= SESSIONS_MAX {
             sessions.remove(0);
         }
@@ -129,14 +132,12 @@ impl Auth {
         Ok(id)
     }
 
-    /// The CSRF token of session `id` as of `now`, which counts as a use;
-    /// a session idle for [`SESSION_IDLE`] is ended.
+    /// The CSRF token of session `id` if it is still live at `now`; an
+    /// ended one is forgotten.
     fn csrf_of(&self, id: &str, now: Instant) -> Option<String> {
         let mut sessions = self.sessions.lock().expect("no panic holding it");
-        sessions.retain(|s| now.saturating_duration_since(s.used) < SESSION_IDLE);
-        let s = sessions.iter_mut().find(|s| ct_eq(s.id.as_bytes(), id.as_bytes()))?;
-        s.used = now;
-        Some(s.csrf.clone())
+        sessions.retain(|s| now.saturating_duration_since(s.since) < SESSION_LIFE);
+        sessions.iter().find(|s| ct_eq(s.id.as_bytes(), id.as_bytes())).map(|s| s.csrf.clone())
     }
 }
 
@@ -291,8 +292,9 @@ async fn check(state: &State, req: Request, next: Next) -> Response {
             .collect();
         let target = local_target(req.uri().path(), &rest.join("&"));
         let secure = if auth.scheme == "https" { "; Secure" } else { "" };
+        let life = SESSION_LIFE.as_secs();
         // No Domain: the cookie is the host's alone.
-        let cookie = format!("{}={id}; Path=/; HttpOnly; SameSite=Strict{secure}", auth.cookie);
+        let cookie = format!("{}={id}; Path=/; Max-Age={life}; HttpOnly; SameSite=Strict{secure}", auth.cookie);
         return redirect(&target, Some(&cookie));
     }
     let Some(csrf) = cookie_session(&req, &auth.cookie).and_then(|s| auth.csrf_of(&s, Instant::now())) else {
@@ -374,13 +376,12 @@ mod tests {
     }
 
     #[test]
-    fn a_session_ends_after_twelve_idle_hours() {
+    fn a_session_ends_twelve_hours_after_it_began() {
         let a = Auth::new("t".into(), "127.0.0.1:8470".parse().unwrap(), false).unwrap();
         let id = a.new_session().unwrap();
         let now = Instant::now();
-        assert!(a.csrf_of(&id, now + Duration::from_secs(11 * 3600)).is_some(), "used after 11 hours");
-        assert!(a.csrf_of(&id, now + Duration::from_secs(22 * 3600)).is_some(), "11 hours after its last use");
-        assert!(a.csrf_of(&id, now + Duration::from_secs(35 * 3600)).is_none(), "idle 13 hours: ended");
+        assert!(a.csrf_of(&id, now + Duration::from_secs(11 * 3600)).is_some(), "after 11 hours");
+        assert!(a.csrf_of(&id, now + Duration::from_secs(13 * 3600)).is_none(), "after 13 hours: ended");
         assert!(a.csrf_of(&id, now).is_none(), "and gone");
     }
 

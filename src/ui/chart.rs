@@ -58,3 +58,39 @@ pub fn space(rows: &[SnapRow], total: u64) -> Markup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmd::list::Usage;
+    use crate::store::named_in_order;
+
+    fn rows(sizes: &[(u64, u64)]) -> Vec<SnapRow> {
+        let names = ["s.01-01-20_00-00-00", "s.02-01-20_00-00-00", "s.03-01-20_00-00-00"];
+        named_in_order(&names[..sizes.len()])
+            .into_iter()
+            .zip(sizes)
+            .map(|(snapshot, &(apparent, unique))| SnapRow {
+                snapshot,
+                usage: Some(Usage { apparent, unique }),
+                counts: None,
+                replicas: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_chart_scales_to_the_largest_figure_and_draws_every_snapshot() {
+        let svg = space(&rows(&[(100, 100), (300, 50), (200, 0)]), 400).into_string();
+        assert_eq!(svg.matches("<circle").count(), 3);
+        assert!(svg.contains(">400 B<"), "the axis reaches the total: {svg}");
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+    }
+
+    #[test]
+    fn one_snapshot_or_empty_sizes_draw_without_dividing_by_zero() {
+        let svg = space(&rows(&[(0, 0)]), 0).into_string();
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+        assert_eq!(space(&[], 0).into_string(), "");
+    }
+}

@@ -64,6 +64,10 @@ pub struct JobCard {
     pub complete: usize,
     /// An `.incomplete` snapshot: a run going on, or one to `--continue`.
     pub incomplete: Option<String>,
+    /// The run going on: its last progress line in the job's `log_file`
+    /// (written every few seconds by a run without a terminal, e.g. the
+    /// timer's), when that was under a minute ago.
+    pub progress: Option<String>,
     /// Older than this, the newest snapshot is overdue.
     pub stale_after: Duration,
     pub replicas: Vec<Replica>,
@@ -90,6 +94,7 @@ pub fn card(name: &str, job: Result<Job>) -> JobCard {
         newest: None,
         complete: 0,
         incomplete: None,
+        progress: None,
         stale_after: Duration::hours(STALE_DEFAULT_HOURS),
         replicas: Vec::new(),
         error: None,
@@ -103,6 +108,9 @@ pub fn card(name: &str, job: Result<Job>) -> JobCard {
         card.complete = complete.len();
         card.newest = complete.last().map(|s| (*s).clone());
         card.incomplete = snaps.iter().rev().find(|s| !s.complete).map(|s| s.folder.clone());
+        if card.incomplete.is_some() {
+            card.progress = job.log_file.as_deref().and_then(progress_line);
+        }
         card.stale_after = stale_after(&complete.iter().map(|s| s.time).collect::<Vec<_>>());
         card.replicas = status::status(&job)?.replicas;
         Ok(())
@@ -124,6 +132,26 @@ pub fn stale_after(times: &[DateTime<Utc>]) -> Duration {
     }
     gaps.sort();
     gaps[gaps.len() / 2] * 2
+}
+
+/// How recent a progress line must be to say a run is going on.
+const PROGRESS_FRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The last `progress:` line of the log file `path`, if the file was
+/// written to within [`PROGRESS_FRESH`].
+pub fn progress_line(path: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if meta.modified().ok()?.elapsed().ok()? > PROGRESS_FRESH {
+        return None;
+    }
+    file.seek(SeekFrom::Start(meta.len().saturating_sub(16 * 1024))).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| l.contains("progress: "))?;
+    Some(line[line.find("progress: ")?..].to_string())
 }
 
 fn last_run(store: &Store) -> Option<LastRun> {

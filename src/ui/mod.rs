@@ -49,6 +49,8 @@ use crate::usage;
 pub struct Options {
     /// The config file (`-c`); `None` is the default one.
     pub config: Option<PathBuf>,
+    /// Show only this job of the config (`-j`).
+    pub job: Option<String>,
     pub listen: SocketAddr,
     pub allow_remote: bool,
     /// Certificate chain and key files, for a non-loopback address.
@@ -63,6 +65,8 @@ pub struct Options {
 pub struct State {
     /// The config file, as the child processes are given it.
     pub config: PathBuf,
+    /// The one job shown, if the console was given one.
+    pub only: Option<String>,
     pub allow_actions: bool,
     pub auth: auth::Auth,
     pub ops: ops::Ops,
@@ -73,7 +77,11 @@ impl State {
     /// The config's jobs, read again on each request (an edited config shows
     /// at the next page).
     pub fn jobs(&self) -> Result<AllJobs> {
-        AllJobs::load(Some(&self.config), None)
+        let mut all = AllJobs::load(Some(&self.config), None)?;
+        if let Some(only) = &self.only {
+            all.names.retain(|n| n == only);
+        }
+        Ok(all)
     }
 
     /// Job `name` of the config, if it has one.
@@ -105,7 +113,18 @@ pub fn run(opts: &Options) -> Result<Code> {
         }
     }
     let tls = opts.tls.as_ref().map(|(cert, key)| tls::acceptor(cert, key)).transpose()?;
+    if crate::config::find(opts.config.as_deref())?.is_none() {
+        return Err(usage!(
+            "the console shows the jobs of a config file, and there is none: no {} (give -c FILE)",
+            crate::config::DEFAULT_CONFIG
+        ));
+    }
     let all = AllJobs::load(opts.config.as_deref(), None)?;
+    if let Some(j) = &opts.job
+        && !all.names.contains(j)
+    {
+        return Err(usage!("no job {j:?} in {} (jobs: {})", all.file.0.display(), all.names.join(", ")));
+    }
     let config = std::path::absolute(&all.file.0).unwrap_or_else(|_| all.file.0.clone());
     let token = match &opts.token_file {
         Some(f) => auth::read_token(f)?,
@@ -121,6 +140,7 @@ pub fn run(opts: &Options) -> Result<Code> {
         let origin = auth.origin(addr);
         let state = Arc::new(State {
             config,
+            only: opts.job.clone(),
             allow_actions: opts.allow_actions,
             auth,
             ops: ops::Ops::default(),

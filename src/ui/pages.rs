@@ -167,7 +167,16 @@ fn card(st: &State, csrf: &Csrf, c: &JobCard) -> Markup {
                         _ => { span.age.stale { "no complete snapshot" } }
                     }
                 }
-                @if let Some(inc) = &c.incomplete { dt { "In progress" } dd { (inc) " (a run going on, or one to --continue)" } }
+                @if let Some(inc) = &c.incomplete {
+                    dt { "In progress" }
+                    dd {
+                        (inc)
+                        @match &c.progress {
+                            Some(p) => { div.running { "running: " (p) } }
+                            None => { " (a run going on, or one to --continue)" }
+                        }
+                    }
+                }
                 @if !c.replicas.is_empty() {
                     dt { "Replicas" }
                     dd { ul.plain { @for r in &c.replicas { li { (replica(r)) } } } }

@@ -74,6 +74,10 @@ pub async fn restore_form(
                     p.muted { "Through the job's write-confined restore agent; the snapshot's version replaces what is there." }
                 }
             }
+            label.option {
+                input type="checkbox" name="delete" value="1";
+                " Also delete what the destination has beyond the snapshot (--delete)"
+            }
             button type="submit" id="preview" { "Preview (dry run)" }
         }
     };
@@ -126,9 +130,15 @@ pub async fn restore(AxState(st): AxState<Arc<State>>, body: String) -> Response
             &format!("{} is not UTF-8: restore the folder that holds it", shown(&rel)),
         );
     };
+    // `--opt=VALUE`: a value that starts with `-` (a file named `--help`)
+    // stays a value.
     let mut args = vec!["restore".to_string(), format!("--snapshot={snap}")];
     if !path.is_empty() {
         args.push(format!("--path={path}"));
+    }
+    let delete = form.str("delete") == Some("1");
+    if delete {
+        args.push("--delete".into());
     }
     let to = form.str("to").unwrap_or_default().trim().to_string();
     let target = match dest {

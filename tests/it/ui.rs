@@ -440,3 +440,127 @@ fn ui_shows_what_each_replica_holds_and_what_is_pending() {
     let job = ui.job_page("srv", &cookie);
     assert_eq!(job.matches(">yes<").count(), 2, "{job}");
 }
+
+#[test]
+fn ui_home_shows_the_progress_of_a_run_in_the_jobs_log() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let log = tmp.path().join("srv.log");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("log_file = \"{}\"\n", log.display()));
+    std::fs::write(&config, text).unwrap();
+    // A run going on, as the timer's leaves it: its .incomplete snapshot and,
+    // every few seconds, a progress line in the job's log.
+    std::fs::create_dir(bk.join("srv.01-01-30_00-00-00.incomplete")).unwrap();
+    std::fs::write(&log, "2030-01-01 00:00:01 [srv] progress: 1200 entries, 1100 linked, 5.0 MiB fetched so far\n")
+        .unwrap();
+    let ui = Console::start(&config, &[]);
+    let cookie = ui.login();
+    let home = ui.get("/", Some(&cookie)).text();
+    assert!(home.contains("running: progress: 1200 entries, 1100 linked, 5.0 MiB fetched so far"), "{home}");
+    // A log untouched for minutes: no run is said to go on.
+    sh(&format!("touch -d '-5 minutes' '{}'", log.display()));
+    let home = ui.get("/", Some(&cookie)).text();
+    assert!(!home.contains("running: progress") && home.contains("one to --continue"), "{home}");
+}
+
+#[test]
+fn ui_restores_back_to_the_source_in_place_with_delete_after_a_preview() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk, config) = store_with_hostile_names(tmp.path());
+    write(&src.join("docs/added-later.txt"), b"not in any snapshot");
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let snap = &snap_names(&bk)[0];
+    let form = ui.get(&format!("/restore?job=srv&snap={snap}&p=docs"), Some(&cookie)).text();
+    assert!(form.contains(&format!("Back to the server, in place: <code>{}</code>", src.display())), "{form}");
+    let body = format!("csrf={csrf}&job=srv&snap={snap}&p=docs&dest=server&delete=1&step=preview");
+    let r = ui.post("/restore", &cookie, &body);
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(
+        preview.contains("--delete") && preview.contains("added-later.txt"),
+        "the preview names what goes: {preview}"
+    );
+    assert!(src.join("docs/added-later.txt").exists(), "a preview deletes nothing");
+    let r = ui.confirm(&preview, &cookie);
+    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(done.contains("Finished: exit code 0"), "{done}");
+    assert_eq!(std::fs::read(src.join("docs/a.txt")).unwrap(), b"first version\n");
+    assert!(!src.join("docs/added-later.txt").exists(), "--delete removed it");
+}
+
+#[test]
+fn ui_with_a_job_shows_that_job_only() {
+    require_root();
+    let tmp = scratch();
+    let (src, bk, config) = store_with_hostile_names(tmp.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[job.other]\nsource = \"{}\"\nbackups_folder = \"{}\"\n", src.display(), bk.display()));
+    std::fs::write(&config, text).unwrap();
+    let all = Console::start(&config, &[]);
+    let cookie = all.login();
+    let home = all.get("/", Some(&cookie)).text();
+    assert!(home.contains("/job?job=srv") && home.contains("/job?job=other"), "{home}");
+    let one = Console::start(&config, &["-j", "other"]);
+    let cookie = one.login();
+    let home = one.get("/", Some(&cookie)).text();
+    assert!(!home.contains("/job?job=srv") && home.contains("/job?job=other"), "{home}");
+    assert_eq!(one.get("/job?job=srv", Some(&cookie)).status, 404);
+    let (code, _, err) = run(&["-c".as_ref(), config.as_os_str(), "-j".as_ref(), "nope".as_ref(), "ui".as_ref()]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn ui_streams_an_operations_output_as_server_sent_events() {
+    require_root();
+    let tmp = scratch();
+    let (_, _, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=verify"));
+    let id = r.header("location").unwrap().strip_prefix("/op?id=").unwrap().to_string();
+    // From the first line to the end: every line, then `done` with the exit code.
+    let events = ui.get(&format!("/op/events?id={id}&from=0"), Some(&cookie));
+    assert_eq!(events.header("content-type"), Some("text/event-stream"));
+    let text = events.text();
+    assert!(text.contains("event: line\ndata: "), "{text}");
+    assert!(text.trim_end().ends_with("event: done\ndata: 0"), "{text}");
+    let page = ui.wait_op(&format!("/op?id={id}"), &cookie);
+    let lines = text.matches("event: line").count();
+    assert_eq!(
+        page.split("<pre id=\"output\">").nth(1).unwrap().split("</pre>").next().unwrap().lines().count(),
+        lines
+    );
+}
+
+#[test]
+fn ui_restores_a_file_named_like_an_option() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Console::start(&config, &["--allow-actions"]);
+    let cookie = ui.login();
+    let csrf = ui.csrf(&cookie);
+    let snap = &snap_names(&bk)[0];
+    let to = tmp.path().join("restored");
+    let body = format!("csrf={csrf}&job=srv&snap={snap}&p=--help&dest=local&to={}&step=preview", to.display());
+    let r = ui.post("/restore", &cookie, &body);
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let r = ui.confirm(&preview, &cookie);
+    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    assert!(done.contains("Finished: exit code 0") && done.contains("--path=--help"), "{done}");
+    assert_eq!(std::fs::read(to.join("--help")).unwrap(), b"a file named like an option");
+}
+
+#[test]
+fn ui_without_a_config_file_says_so() {
+    let tmp = scratch();
+    let missing = tmp.path().join("none.toml");
+    let (code, out, err) = run(&["-c".as_ref(), missing.as_os_str(), "ui".as_ref()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.is_empty() && err.contains("none.toml"), "{err}");
+}

@@ -34,7 +34,8 @@ fn ui_browser_walk_from_the_url_to_a_restored_file() {
     let driver = Driver::start();
     let shots = screenshots();
     let to = tmp.path().join("restored");
-    let snap = complete(&bk, "srv")[0].file_name().unwrap().to_string_lossy().into_owned();
+    let name = |p: &std::path::Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let (snap, newer) = (name(&complete(&bk, "srv")[0]), name(&complete(&bk, "srv")[1]));
     let mut pages: Vec<(&str, String)> = Vec::new();
     {
         let b = driver.browser(1280, 900, &tmp.path().join("profile-desktop"));
@@ -94,6 +95,15 @@ fn ui_browser_walk_from_the_url_to_a_restored_file() {
         b.find("table.log");
         b.screenshot(&shots, "operations");
         pages.push(("operations", b.url()));
+
+        // The newer snapshot, only what changed since the older one.
+        b.goto(&format!("http://{}/browse?job=srv&snap={newer}&p=docs", ui.host));
+        b.click("a.toggle");
+        b.find("table.listing tr.changed");
+        assert_eq!(b.count("table.listing tbody tr"), 1, "only a.txt changed");
+        assert!(b.text("table.listing tbody").contains("a.txt"));
+        b.screenshot(&shots, "browse-changed");
+        pages.push(("browse-changed", b.url()));
     }
     let restored = std::fs::read(to.join("docs/a.txt")).expect("the restored file");
     assert_eq!(restored, std::fs::read(bk.join(&snap).join("docs/a.txt")).unwrap());

@@ -209,6 +209,7 @@ fn parse(raw: &[u8]) -> Resp {
 pub fn store_with_hostile_names(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (src, bk) = (tmp.join("src"), tmp.join("bk"));
     write(&src.join("docs/a.txt"), b"first version\n");
+    write(&src.join("--help"), b"a file named like an option");
     write(&src.join("docs/<script>alert(1)"), b"x");
     write(&src.join("docs/<img src=x onerror=alert(2)>"), b"y");
     write(&src.join("docs/new\nline"), b"z");
