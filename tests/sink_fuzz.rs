@@ -350,6 +350,7 @@ fn run_session(area: &Area, s: &Setup, wire: Vec<u8>) -> Ran {
         privs: Privileges::current().storing_on(&Dir::open_path(&area.path("area")).unwrap()),
         compress: s.compress,
         recorder,
+        keep_root: false,
     };
     let (ran, peak) = peak_of(move || {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();

@@ -37,6 +37,8 @@ pub struct ServeOptions {
     /// Run before each backup lists the root (see `hooks`).
     pub before: Option<String>,
     pub before_timeout: std::time::Duration,
+    /// Write role: leave the metadata of the root itself as it is.
+    pub keep_root_metadata: bool,
 }
 
 /// Runs the agent until the desktop is done.
@@ -119,14 +121,20 @@ pub fn run(args: &ServeOptions) -> Result<()> {
             source::run(root, selection, options.compress, options.bwlimit, &mut reader, stdout, &mut |_, _| {})?;
             Ok(())
         }
-        Role::Sink => receive(root, &hello.options, reader, stdout),
+        Role::Sink => receive(root, &hello.options, args.keep_root_metadata, reader, stdout),
         Role::Replica => unreachable!("refused above"),
     }
 }
 
 /// The write agent: a restore's sink, writing beneath its root. Everything it
 /// does and every problem goes back to the desktop as log lines.
-fn receive(root: Option<Dir>, options: &SessionOptions, reader: FrameReader<File>, stdout: File) -> Result<()> {
+fn receive(
+    root: Option<Dir>,
+    options: &SessionOptions,
+    keep_root: bool,
+    reader: FrameReader<File>,
+    stdout: File,
+) -> Result<()> {
     let privs = match &root {
         Some(root) => Privileges::current().storing_on(root).into_live_tree(),
         None => Privileges::current().into_live_tree(),
@@ -141,6 +149,7 @@ fn receive(root: Option<Dir>, options: &SessionOptions, reader: FrameReader<File
         delta: options.delta,
         privs,
         compress: options.compress,
+        keep_root,
         ..SinkConfig::default()
     };
     let threads = crate::session::SinkThreads::start(reader, stdout, &cfg);

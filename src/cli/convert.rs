@@ -172,6 +172,7 @@ impl From<&ServeArgs> for ServeOptions {
             root: a.root.clone(),
             before: a.before.clone(),
             before_timeout: std::time::Duration::from_secs(a.before_timeout),
+            keep_root_metadata: a.keep_root_metadata,
         }
     }
 }

@@ -34,4 +34,9 @@ pub struct ServeArgs {
     /// Seconds the --before command may run before it is killed
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     pub before_timeout: u64,
+
+    /// Leave the metadata of --root itself as it is (a local restore into a
+    /// folder that was there before; set by `restore`, not for forced commands)
+    #[arg(long, hide = true, requires = "write")]
+    pub keep_root_metadata: bool,
 }

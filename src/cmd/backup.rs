@@ -335,6 +335,7 @@ pub fn run_session(
             (Some(store), false) => recorder(store, &target, &plan)?,
             _ => Recorder::default(),
         },
+        keep_root: false,
     };
     let driven = crate::session::drive_sink(session, cfg, &mut events);
     crate::debug!("listing and data done at {:.3} s", started.elapsed().as_secs_f64());

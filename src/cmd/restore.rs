@@ -123,10 +123,14 @@ pub fn run(job: &Job, opts: &RestoreOptions) -> Result<RestoreReport> {
     let (conn, path) = match &target {
         SourceSpec::Local(p) => {
             refuse_inside_backups(p, &job.backups_folder)?;
-            if !opts.dry_run {
-                std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
-            }
-            (Connection::local(p, Role::Sink, job.io_timeout)?, p.clone())
+            // Walked without following anything, each folder checked: no
+            // other user can redirect root's writes (crate::fs::target).
+            let made = crate::fs::target::prepare(p, opts.dry_run)
+                .with_context(|| format!("restore of {} to {}", snapshot.folder, p.display()))?;
+            // A folder that was there keeps its owner and mode: the
+            // snapshot root's are for a folder this restore makes.
+            let keep_root = made == crate::fs::target::Target::Existed;
+            (Connection::local_sink(p, keep_root, job.io_timeout)?, p.clone())
         }
         SourceSpec::Remote { user, host, path } => {
             (Connection::ssh(user.as_deref(), host, job, Role::Sink)?, path.clone())

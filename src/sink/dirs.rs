@@ -235,7 +235,10 @@ impl Sink<'_> {
                 }
                 // A restore of chosen paths leaves the metadata of directories
                 // that were already there on the way to them.
-                let leave = self.cfg.policy == Policy::Restore && node.partial && node.existed;
+                // Nor does one into a local folder that was there the root's.
+                let leave = self.cfg.policy == Policy::Restore
+                    && node.existed
+                    && (node.partial || (node.parent.is_none() && self.cfg.keep_root));
                 if node.meta_differs && !leave {
                     let rel = rel(self);
                     self.act(Action::Meta, &rel, true);

@@ -104,6 +104,9 @@ pub struct SinkConfig {
     pub compress: bool,
     /// The manifest to write, and those to carry hashes over from.
     pub recorder: Recorder,
+    /// A restore leaves the metadata of its root as it was (a local folder
+    /// that existed before the restore is the admin's, not the snapshot's).
+    pub keep_root: bool,
 }
 
 impl Default for SinkConfig {
@@ -123,6 +126,7 @@ impl Default for SinkConfig {
             privs: Privileges::current(),
             compress: false,
             recorder: Recorder::default(),
+            keep_root: false,
         }
     }
 }

@@ -68,6 +68,7 @@ fn config(dest: &std::path::Path, bases: &[&std::path::Path]) -> SinkConfig {
         delta: false,
         compress: false,
         recorder: super::Recorder::default(),
+        keep_root: false,
     }
 }
 

@@ -189,6 +189,18 @@ impl Connection {
         Connection::spawn(cmd, &format!("the local agent for {}", root.display()), timeout)
     }
 
+    /// The local write agent of a restore into `root`; `keep_root`: leave
+    /// the metadata of `root` itself as it is (it was there before).
+    pub fn local_sink(root: &Path, keep_root: bool, timeout: Option<Duration>) -> Result<Connection> {
+        let exe = std::env::current_exe().context("cannot find the rbackup binary to start the local agent")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve").arg("--write").arg("--root").arg(root);
+        if keep_root {
+            cmd.arg("--keep-root-metadata");
+        }
+        Connection::spawn(cmd, &format!("the local agent for {}", root.display()), timeout)
+    }
+
     /// Starts `cmd` as the agent, speaking the protocol on its stdin and
     /// stdout (tests start hostile agents this way).
     pub fn spawn(mut cmd: Command, peer: &str, timeout: Option<Duration>) -> Result<Connection> {

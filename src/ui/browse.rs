@@ -9,6 +9,7 @@
 //! download is refused.
 
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
@@ -25,13 +26,16 @@ use super::pages::{NotFound, blocking, error_page, failed, layout, url, when};
 use super::paths::{self, Params, shown};
 use crate::cmd::history::{self, change::Change, mode_string};
 use crate::config::Job;
-use crate::fs::safefs::{Dir, file_type, join};
+use crate::fs::safefs::{Dir, file_type, join, libc_errno};
 use crate::report::human_bytes;
 use crate::store::manifest::Kind;
 use crate::store::{Snapshot, Store};
 
 /// Entries on one page of a listing.
 const PAGE: usize = 200;
+/// The highest page number asked for that is looked at (far beyond any
+/// folder; `PAGE_MAX * PAGE` can't overflow).
+const PAGE_MAX: usize = 1 << 32;
 
 /// A job's complete snapshot, opened.
 struct Opened {
@@ -109,9 +113,13 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
         Err(why) => return bad(&why),
     };
     let changed = params.get("changed") == Some(b"1");
-    let page: usize = params.str("page").and_then(|p| p.parse().ok()).unwrap_or(0);
+    // Clamped: a page number past any listing must not overflow.
+    let page: usize = params.str("page").and_then(|p| p.parse().ok()).unwrap_or(0).min(PAGE_MAX);
     let st2 = st.clone();
     let (p2, rel2) = (params.clone(), rel.clone());
+    // Dropped with this handler when the client leaves: the listing stops.
+    let gone = data::Gone::default();
+    let _gone_on_drop = gone.guard();
     let found = blocking(move || {
         let o = open(&st2, &p2)?;
         let dir = paths::open_dir(&o.root, &rel2)?;
@@ -119,7 +127,7 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
         // entries are looked at.
         let (total, entries) = if changed {
             let prev = o.previous_root().and_then(|r| paths::open_dir(&r, &rel2).ok());
-            let mut all = data::list_dir(&dir, prev.as_ref(), true)?;
+            let mut all = data::list_dir(&dir, prev.as_ref(), true, &gone)?;
             all.retain(|e| e.change.is_some());
             let total = all.len();
             (total, all.into_iter().skip(page * PAGE).take(PAGE).collect())
@@ -310,17 +318,38 @@ pub async fn download(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -
     let opened = blocking(move || {
         let o = open(&st, &params)?;
         let (parent, name) = paths::split(&rel2);
-        // O_NOFOLLOW: a symlink is refused here (ELOOP), never followed.
-        let file = paths::open_dir(&o.root, parent)?.open_file(name)?;
-        let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Err(anyhow!("{} is not a regular file", shown(&rel2)));
+        let not_found =
+            || NotFound(format!("{} is not in {} (a symlink is never followed)", shown(&rel2), o.snap().folder));
+        // A symlink on the way (ELOOP) or a file as a folder (ENOTDIR):
+        // there is no such path to follow.
+        let dir = match paths::open_dir(&o.root, parent) {
+            Ok(d) => d,
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc_errno::ELOOP | libc_errno::ENOTDIR | libc_errno::ENOENT)) =>
+            {
+                return Err(not_found().into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Its type from lstat before any open: a device node is never
+        // opened (an open can act on a device), a symlink never followed.
+        let Some(seen) = dir.try_stat(name)? else { return Err(not_found().into()) };
+        if file_type(&seen) != FileType::RegularFile {
+            return Ok(Err(format!("{} is not a regular file: only files are downloaded", shown(&rel2))));
         }
-        Ok((file, meta.len()))
+        // O_NOFOLLOW | O_NONBLOCK, then the same file again by fstat: an
+        // entry swapped meanwhile is refused.
+        let file = dir.open_file(name)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() || (meta.dev(), meta.ino()) != (seen.st_dev, seen.st_ino) {
+            return Err(anyhow!("{} changed while it was opened", shown(&rel2)));
+        }
+        Ok(Ok((file, meta.len())))
     })
     .await;
     let (file, len) = match opened {
-        Ok(f) => f,
+        Ok(Ok(f)) => f,
+        Ok(Err(why)) => return bad(&why),
         Err(e) => return failed(&e),
     };
     let stream = futures_util::stream::unfold(Some(file), |f| async move {

@@ -7,7 +7,9 @@
 //! are kept in [`Cache`] — the changes per pair of snapshots, the sizes per
 //! set of snapshots (what only one snapshot holds depends on the others).
 
+use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
@@ -306,12 +308,65 @@ pub fn stat_entries(dir: &Dir, names: &[(Vec<u8>, bool)]) -> Vec<Entry> {
         .collect()
 }
 
+/// Set once the request that asked for some work is gone (the client left
+/// and its handler's future was dropped): long work checks it and stops.
+#[derive(Clone, Default)]
+pub struct Gone(Arc<AtomicBool>);
+
+/// Sets its [`Gone`] when dropped: held by the request's handler.
+pub struct SetOnDrop(Gone);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        (self.0).0.store(true, AtomicOrdering::Relaxed);
+    }
+}
+
+impl Gone {
+    /// The guard that says the request is gone when the handler is dropped.
+    pub fn guard(&self) -> SetOnDrop {
+        SetOnDrop(self.clone())
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        if self.0.load(AtomicOrdering::Relaxed) {
+            return Err(std::io::Error::other("the request was abandoned"));
+        }
+        Ok(())
+    }
+}
+
+/// The items of sorted `b` that sorted `a` lacks, in one pass over both:
+/// at most `a.len() + b.len()` comparisons (looking each one up in `a`
+/// took 58 s for a folder of 100,000 entries).
+pub fn missing_from<'b, T: Ord>(a: &[T], b: &'b [T]) -> Vec<&'b T> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    for x in b {
+        loop {
+            match a.get(i).map(|y| y.cmp(x)) {
+                Some(Ordering::Less) => i += 1,
+                Some(Ordering::Equal) => break,
+                _ => {
+                    out.push(x);
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Every entry of `dir`, directories first, then by name (bytes); with
 /// `prev` (the same directory in the snapshot before, if it has it), each
-/// says whether it changed, and the deleted ones are listed too.
-pub fn list_dir(dir: &Dir, prev: Option<&Dir>, compare: bool) -> std::io::Result<Vec<Entry>> {
+/// says whether it changed, and the deleted ones are listed too. Work is
+/// linear in the entries of both, and stops once `gone` is set.
+pub fn list_dir(dir: &Dir, prev: Option<&Dir>, compare: bool, gone: &Gone) -> std::io::Result<Vec<Entry>> {
     let mut out = Vec::new();
-    for name in dir.names()? {
+    for (i, name) in dir.names()?.into_iter().enumerate() {
+        if i % 1024 == 0 {
+            gone.check()?;
+        }
         let Ok(stat) = dir.stat(&name) else { continue };
         let kind = file_type(&stat);
         let target = (kind == FileType::Symlink).then(|| dir.read_link(&name).unwrap_or_default());
@@ -319,9 +374,14 @@ pub fn list_dir(dir: &Dir, prev: Option<&Dir>, compare: bool) -> std::io::Result
         out.push(Entry { name, kind, stat, target, change });
     }
     if compare && let Some(prev) = prev {
-        for name in prev.names()? {
-            if out.iter().any(|e| e.name == name) {
-                continue;
+        // Both in bytewise order: `names()` sorts, and `out` follows it.
+        let before = prev.names()?;
+        let now: Vec<&[u8]> = out.iter().map(|e| e.name.as_slice()).collect();
+        let before_refs: Vec<&[u8]> = before.iter().map(Vec::as_slice).collect();
+        let deleted: Vec<Vec<u8>> = missing_from(&now, &before_refs).into_iter().map(|n| n.to_vec()).collect();
+        for (i, name) in deleted.into_iter().enumerate() {
+            if i % 1024 == 0 {
+                gone.check()?;
             }
             let Ok(stat) = prev.stat(&name) else { continue };
             let kind = file_type(&stat);
@@ -383,7 +443,7 @@ mod tests {
         std::fs::write(a.join("gone"), "1").unwrap();
         std::fs::write(b.join("born"), "1").unwrap();
         let (da, db) = (Dir::open_path(&a).unwrap(), Dir::open_path(&b).unwrap());
-        let l = list_dir(&db, Some(&da), true).unwrap();
+        let l = list_dir(&db, Some(&da), true, &Gone::default()).unwrap();
         let got: Vec<(String, Option<&str>)> =
             l.iter().map(|e| (String::from_utf8_lossy(&e.name).into_owned(), e.change)).collect();
         assert_eq!(got[0].0, "sub", "directories first");
@@ -392,5 +452,53 @@ mod tests {
         assert_eq!(of("edited"), Some("changed"));
         assert_eq!(of("born"), Some("new"));
         assert_eq!(of("gone"), Some("deleted"));
+        // The client gone, the work stops.
+        let gone = Gone::default();
+        drop(gone.guard());
+        assert!(list_dir(&db, Some(&da), true, &gone).is_err());
+    }
+
+    thread_local! {
+        static COMPARED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A name that counts how often it is compared (by `==` or `cmp`).
+    struct Counted(u32);
+
+    impl PartialEq for Counted {
+        fn eq(&self, other: &Self) -> bool {
+            COMPARED.with(|c| c.set(c.get() + 1));
+            self.0 == other.0
+        }
+    }
+
+    impl Eq for Counted {}
+
+    impl PartialOrd for Counted {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+
+    impl Ord for Counted {
+        fn cmp(&self, other: &Self) -> Ordering {
+            COMPARED.with(|c| c.set(c.get() + 1));
+            self.0.cmp(&other.0)
+        }
+    }
+
+    /// Regression: the deleted entries of a folder were found by looking
+    /// each name of the snapshot before up among all of this one's —
+    /// quadratic, 58 s for 100,000 entries.
+    #[test]
+    fn deleted_entries_are_found_in_linear_time() {
+        let now: Vec<Counted> = (0..10_000).filter(|i| i % 3 != 0).map(Counted).collect();
+        let before: Vec<Counted> = (0..10_000).filter(|i| i % 5 != 0).map(Counted).collect();
+        COMPARED.with(|c| c.set(0));
+        let gone: Vec<u32> = missing_from(&now, &before).into_iter().map(|c| c.0).collect();
+        let compared = COMPARED.with(std::cell::Cell::get);
+        assert!(compared <= now.len() + before.len(), "{compared} comparisons");
+        let want: Vec<u32> = (0..10_000).filter(|i| i % 3 == 0 && i % 5 != 0).collect();
+        assert_eq!(gone, want);
     }
 }

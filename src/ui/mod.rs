@@ -136,12 +136,13 @@ pub fn run(opts: &Options) -> Result<Code> {
             .await
             .with_context(|| format!("cannot listen on {}", opts.listen))?;
         let addr = listener.local_addr()?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        let auth = auth::Auth::new(token.clone(), addr, tls.is_some())?;
+        let origin = auth.origin(addr);
         let state = Arc::new(State {
             config,
             only: opts.job.clone(),
             allow_actions: opts.allow_actions,
-            auth: auth::Auth::new(token.clone(), addr, tls.is_some()),
+            auth,
             ops: ops::Ops::default(),
             cache: data::Cache::default(),
         });
@@ -155,8 +156,8 @@ pub fn run(opts: &Options) -> Result<Code> {
         // The URL on stdout alone, so a script (or a test) can read it; a
         // token from a file stays out of the output (and the journal).
         match &opts.token_file {
-            None => println!("{scheme}://{addr}/?token={token}"),
-            Some(f) => println!("{scheme}://{addr}/?token=TOKEN (TOKEN is in {})", f.display()),
+            None => println!("{origin}/?token={token}"),
+            Some(f) => println!("{origin}/?token=TOKEN (TOKEN is in {})", f.display()),
         }
         std::io::Write::flush(&mut std::io::stdout())?;
         match tls {
@@ -179,6 +180,7 @@ fn router(state: Arc<State>) -> Router {
         .route("/download", get(browse::download))
         .route("/restore", get(ops::restore_form).post(ops::restore))
         .route("/action", post(ops::action))
+        .route("/confirm", post(ops::confirm))
         .route("/op", get(ops::page))
         .route("/op/events", get(ops::events))
         .route("/log", get(ops::log_page))

@@ -6,7 +6,11 @@
 //!
 //! A restore and a prune run first with `--dry-run`: the preview's output
 //! (what would be created, replaced, deleted) is shown with a button that
-//! runs the real thing (a POST with the CSRF token, like every action).
+//! runs the real thing. The real command is fixed when the preview starts
+//! ([`Confirm`]: the snapshot resolved to its folder, the paths, the
+//! destination) and runs only through `POST /confirm` with the preview's
+//! one-use token, once the preview has finished well: there is no other
+//! way to run a restore or a prune.
 //! The output streams to the page as Server-Sent Events (`/op/events`).
 //!
 //! Every operation leaves two lines — started, finished with its exit code
@@ -47,13 +51,28 @@ const LOG_TAIL: usize = 10;
 const LINES_MAX: usize = 20_000;
 /// Finished operations kept in memory (their pages); the log keeps all.
 const OPS_MAX: usize = 100;
+/// Bytes of a job's operation log that its page reads, from the end.
+const LOG_READ_MAX: u64 = 1 << 20;
 
-/// What a finished preview offers to run.
+/// What a finished preview offers to run: the exact command, fixed when
+/// the preview started, behind a one-use token.
 #[derive(Debug, Clone)]
 pub struct Confirm {
+    /// The button's text.
     pub label: String,
-    pub action: String,
-    pub fields: Vec<(String, String)>,
+    /// The operation's title and arguments when confirmed.
+    pub title: String,
+    pub args: Vec<String>,
+    /// The job's complete snapshots when the preview started, for a command
+    /// whose effect depends on them (prune): changed, the run is refused.
+    pub snapshots: Option<Vec<String>>,
+    token: String,
+}
+
+impl Confirm {
+    pub fn new(label: String, title: String, args: Vec<String>) -> Result<Confirm> {
+        Ok(Confirm { label, title, args, snapshots: None, token: super::auth::random_hex(32)? })
+    }
 }
 
 /// One child process and its output.
@@ -63,12 +82,18 @@ pub struct Op {
     pub title: String,
     pub command: Vec<String>,
     pub started: DateTime<Utc>,
-    pub confirm: Option<Confirm>,
+    /// Taken when used: a preview confirms one run.
+    confirm: Mutex<Option<Confirm>>,
     state: Mutex<(Vec<String>, Option<i32>)>,
     tick: watch::Sender<usize>,
 }
 
 impl Op {
+    /// The button a finished preview offers: its label and token.
+    fn offer(&self) -> Option<(String, String)> {
+        self.confirm.lock().expect("no panic holding it").as_ref().map(|c| (c.label.clone(), c.token.clone()))
+    }
+
     /// The output so far and the exit code once it ended.
     pub fn snapshot(&self) -> (Vec<String>, Option<i32>) {
         self.state.lock().expect("no panic holding it").clone()
@@ -122,7 +147,7 @@ pub fn start(st: &Arc<State>, job: &Job, title: String, args: Vec<String>, confi
         title,
         command,
         started: Utc::now(),
-        confirm,
+        confirm: Mutex::new(confirm),
         state: Mutex::new((Vec::new(), None)),
         tick: watch::channel(0).0,
     });
@@ -208,8 +233,25 @@ fn read_log(job: &Job, n: usize) -> Vec<serde_json::Value> {
     else {
         return Vec::new();
     };
-    let text = std::io::read_to_string(file).unwrap_or_default();
+    let text = tail(file, LOG_READ_MAX).unwrap_or_default();
     text.lines().rev().take(n).filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// The last `max` bytes of `file` at most, from the start of a line: the
+/// log only grows, and a page shows its newest records.
+fn tail(mut file: std::fs::File, max: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    let from = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes)?;
+    if from > 0 {
+        // The first line is cut: drop it.
+        let start = bytes.iter().position(|&b| b == b'\n').map_or(bytes.len(), |i| i + 1);
+        bytes.drain(..start);
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Refuses what `--allow-actions` alone allows.
@@ -238,19 +280,78 @@ pub async fn action(AxState(st): AxState<Arc<State>>, body: String) -> Response 
     let (title, args, confirm): (String, Vec<&str>, Option<Confirm>) = match kind {
         "backup" => (format!("Backup of {name}"), vec!["backup"], None),
         "verify" => (format!("Verify of {name}"), vec!["verify"], None),
-        "prune-preview" => (
-            format!("Prune of {name}: preview"),
-            vec!["prune", "--dry-run"],
-            Some(Confirm {
-                label: "Prune: delete these snapshots".into(),
-                action: "/action".into(),
-                fields: vec![("job".into(), name.into()), ("kind".into(), "prune".into())],
-            }),
-        ),
-        "prune" => (format!("Prune of {name}"), vec!["prune"], None),
+        "prune-preview" => {
+            let confirm =
+                Confirm::new("Prune: delete these snapshots".into(), format!("Prune of {name}"), vec!["prune".into()])
+                    .and_then(|mut c| {
+                        c.snapshots = Some(complete_snapshots(&job)?);
+                        Ok(c)
+                    });
+            match confirm {
+                Ok(c) => (format!("Prune of {name}: preview"), vec!["prune", "--dry-run"], Some(c)),
+                Err(e) => return failed(&e),
+            }
+        }
+        "prune" => return unconfirmed(),
         _ => return error_page(StatusCode::BAD_REQUEST, "No such action."),
     };
     match start(&st, &job, title, args.into_iter().map(String::from).collect(), confirm) {
+        Ok(id) => Redirect::to(&url("/op", &[("id", id.to_string().as_bytes())])).into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+/// The job's complete snapshots, by folder name.
+fn complete_snapshots(job: &Job) -> Result<Vec<String>> {
+    let store = Store::open(&job.backups_folder, &job.name)?;
+    Ok(store.snapshots()?.into_iter().filter(|s| s.complete).map(|s| s.folder).collect())
+}
+
+/// A restore or prune asked for without its preview's confirmation.
+pub fn unconfirmed() -> Response {
+    error_page(
+        StatusCode::FORBIDDEN,
+        "A restore or a prune runs only from its preview: preview it, then confirm on the preview's page.",
+    )
+}
+
+/// `POST /confirm` (`id`, `token`): runs what finished preview `id` showed,
+/// once.
+pub async fn confirm(AxState(st): AxState<Arc<State>>, body: String) -> Response {
+    if let Some(r) = refused(&st) {
+        return r;
+    }
+    let form = Params::parse(&body);
+    let Some(op) = op_of(&st, Some(&body)) else { return error_page(StatusCode::NOT_FOUND, "No such preview.") };
+    if op.snapshot().1 != Some(0) {
+        return error_page(StatusCode::CONFLICT, "That preview has not finished well: nothing to confirm.");
+    }
+    let taken = {
+        let mut c = op.confirm.lock().expect("no panic holding it");
+        let ok =
+            c.as_ref().is_some_and(|c| form.get("token").is_some_and(|t| super::auth::ct_eq(t, c.token.as_bytes())));
+        if ok { c.take() } else { None }
+    };
+    let Some(c) = taken else {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "This confirmation is not valid (or was used already): preview again.",
+        );
+    };
+    let job = match st.job(&op.job) {
+        Ok(j) => j,
+        Err(e) => return failed(&e),
+    };
+    if let Some(before) = &c.snapshots {
+        match complete_snapshots(&job) {
+            Ok(now) if now == *before => {}
+            Ok(_) => {
+                return error_page(StatusCode::CONFLICT, "The snapshots changed since the preview: preview again.");
+            }
+            Err(e) => return failed(&e),
+        }
+    }
+    match start(&st, &job, c.title, c.args, None) {
         Ok(id) => Redirect::to(&url("/op", &[("id", id.to_string().as_bytes())])).into_response(),
         Err(e) => failed(&e),
     }
@@ -279,11 +380,12 @@ pub async fn page(
             Some(c) => p #status.error { "Finished: exit code " (c) " (docs/exit-codes.md)" }
         }
         pre #output { @for l in &lines { (l) "\n" } }
-        @if let (Some(0), Some(c)) = (exit, &op.confirm) {
-            form method="post" action=(c.action) {
+        @if let (Some(0), Some((label, token))) = (exit, op.offer()) {
+            form method="post" action="/confirm" {
                 input type="hidden" name="csrf" value=(csrf.0);
-                @for (k, v) in &c.fields { input type="hidden" name=(k) value=(v); }
-                button.danger type="submit" id="confirm" { (c.label) }
+                input type="hidden" name="id" value=(op.id);
+                input type="hidden" name="token" value=(token);
+                button.danger type="submit" id="confirm" { (label) }
                 " " a href="/" { "Cancel" }
             }
         }

@@ -2,7 +2,11 @@
 //! server through the job's write-confined restore agent), see the dry
 //! run's list of what would be created, replaced and deleted, confirm.
 //! Both steps are `rbackup restore` run as an operation ([`super::ops`]),
-//! with the options of [`crate::cmd::restore::RestoreOptions`] as flags.
+//! with the options of [`crate::cmd::restore::RestoreOptions`] as flags,
+//! each written `--flag=VALUE` (a value starting with `-` stays a value).
+//! The snapshot is resolved to its exact folder when the preview starts,
+//! and the run is that very command, through the preview's one-use
+//! confirmation ([`ops::confirm`]).
 
 use std::sync::Arc;
 
@@ -17,6 +21,12 @@ use super::auth::Csrf;
 use super::ops::{self, Confirm};
 use super::pages::{error_page, failed, layout, url};
 use super::paths::{Params, encode, shown};
+use crate::store::Store;
+
+/// The folder offered for a local restore, `DIR/JOB`: root's own, made
+/// 0700 by the restore ([`crate::fs::target`]), unlike a world-writable
+/// `/var/tmp` where another user could plant a symlink for it.
+pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/rbackup/restore";
 
 /// Where a restore of `job` goes when it goes back to the server.
 fn server_target(job: &crate::config::Job) -> Option<String> {
@@ -45,7 +55,7 @@ pub async fn restore_form(
         Err(e) => return failed(&e),
     };
     let server = server_target(&job);
-    let default_to = format!("/var/tmp/rbackup-restore/{name}");
+    let default_to = format!("{DEFAULT_RESTORE_DIR}/{name}");
     let body = html! {
         h1 { "Restore " (shown(&rel)) }
         p.muted { "From " (snap) }
@@ -82,7 +92,8 @@ pub async fn restore_form(
     )
 }
 
-/// `POST /restore`: `step=preview` runs the dry run, `step=run` the restore.
+/// `POST /restore`: runs the dry run, whose page offers the confirmation of
+/// the restore itself; `step=run` is refused (it goes through `/confirm`).
 pub async fn restore(AxState(st): AxState<Arc<State>>, body: String) -> Response {
     if let Some(r) = ops::refused(&st) {
         return r;
@@ -95,11 +106,22 @@ pub async fn restore(AxState(st): AxState<Arc<State>>, body: String) -> Response
     let (Some(name), Some(snap), Some(dest)) = (form.str("job"), form.str("snap"), form.str("dest")) else {
         return error_page(StatusCode::BAD_REQUEST, "Which job, snapshot and destination?");
     };
-    let preview = form.str("step") != Some("run");
+    if form.str("step") == Some("run") {
+        return ops::unconfirmed();
+    }
     let job = match st.job(name) {
         Ok(j) => j,
         Err(e) => return failed(&e),
     };
+    // What the preview shows is what the run restores: `latest` (or a
+    // time) is resolved now, once.
+    let snap = match Store::open(&job.backups_folder, &job.name)
+        .and_then(|store| crate::store::select::pick(&store.snapshots()?, &job.name, Some(snap)))
+    {
+        Ok(s) => s.folder,
+        Err(e) => return failed(&e),
+    };
+    let snap = snap.as_str();
     // `restore --path` takes text: a path that isn't UTF-8 is restored
     // with the folder holding it.
     let Ok(path) = String::from_utf8(rel.clone()) else {
@@ -132,27 +154,13 @@ pub async fn restore(AxState(st): AxState<Arc<State>>, body: String) -> Response
         _ => return error_page(StatusCode::BAD_REQUEST, "No such destination."),
     };
     let what = if path.is_empty() { snap.to_string() } else { format!("{} of {snap}", shown(&rel)) };
-    let (title, confirm) = if preview {
-        args.push("--dry-run".into());
-        let fields = [
-            ("job", name),
-            ("snap", snap),
-            ("p", &encode(&rel)),
-            ("dest", dest),
-            ("to", &to),
-            ("delete", if delete { "1" } else { "0" }),
-            ("step", "run"),
-        ];
-        let confirm = Confirm {
-            label: format!("Restore to {target}"),
-            action: "/restore".into(),
-            fields: fields.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect(),
+    let confirm =
+        match Confirm::new(format!("Restore to {target}"), format!("Restore {what} to {target}"), args.clone()) {
+            Ok(c) => c,
+            Err(e) => return failed(&e),
         };
-        (format!("Restore {what} to {target}: preview"), Some(confirm))
-    } else {
-        (format!("Restore {what} to {target}"), None)
-    };
-    match ops::start(&st, &job, title, args, confirm) {
+    args.push("--dry-run".into());
+    match ops::start(&st, &job, format!("Restore {what} to {target}: preview"), args, Some(confirm)) {
         Ok(id) => Redirect::to(&url("/op", &[("id", id.to_string().as_bytes())])).into_response(),
         Err(e) => failed(&e),
     }

@@ -38,3 +38,4 @@ mod ssh;
 mod systemd;
 mod ui;
 mod ui_browser;
+mod ui_security;

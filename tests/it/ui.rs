@@ -24,7 +24,8 @@ fn ui_refuses_without_a_session_and_with_a_wrong_token() {
     let snap = &snap_names(&bk)[1];
     for path in ["/", "/job?job=srv", &format!("/browse?job=srv&snap={snap}"), "/log", "/assets/style.css"] {
         assert_eq!(ui.get(path, None).status, 401, "{path} without a session");
-        assert_eq!(ui.get(path, Some("rbackup_session=0123456789abcdef")).status, 401, "{path} with a made-up session");
+        let made_up = format!("rbackup_session_{}=0123456789abcdef", ui.addr.rsplit(':').next().unwrap());
+        assert_eq!(ui.get(path, Some(&made_up)).status, 401, "{path} with a made-up session");
     }
     assert_eq!(ui.get("/?token=wrong", None).status, 403);
     assert_eq!(ui.get(&format!("/?token={}x", ui.token), None).status, 403);
@@ -97,7 +98,7 @@ fn ui_posts_need_the_csrf_token_our_origin_and_allow_actions() {
         ("Content-Type".to_string(), "application/x-www-form-urlencoded".to_string()),
     ];
     let body = format!("job=srv&kind=verify&csrf={csrf}");
-    assert_eq!(request(&ui.addr, "POST", "/action", &ui.addr, &foreign, body.as_bytes()).status, 403, "another origin");
+    assert_eq!(request(&ui.addr, "POST", "/action", &ui.host, &foreign, body.as_bytes()).status, 403, "another origin");
     let ok = ui.post("/action", &cookie, &body);
     assert_eq!(ok.status, 303, "{}", ok.text());
     let op = ok.header("location").unwrap().to_string();
@@ -233,7 +234,7 @@ fn ui_restore_previews_then_restores_on_confirmation_and_logs_it() {
     let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
     assert!(preview.contains("docs/a.txt") && preview.contains("id=\"confirm\""), "{preview}");
     assert!(!to.join("docs/a.txt").exists(), "a preview writes nothing");
-    let r = ui.post("/restore", &cookie, &form.replace("step=preview", "step=run"));
+    let r = ui.confirm(&preview, &cookie);
     let done = ui.wait_op(r.header("location").unwrap(), &cookie);
     assert!(done.contains("Finished: exit code 0"), "{done}");
     assert_eq!(std::fs::read(to.join("docs/a.txt")).unwrap(), std::fs::read(bk.join(snap).join("docs/a.txt")).unwrap());
@@ -349,6 +350,7 @@ fn ui_reads_its_token_from_a_file_and_never_prints_it() {
     let file = tmp.path().join("ui-token");
     let token = "tok-0123456789abcdef0123456789";
     std::fs::write(&file, format!("{token}\n")).unwrap();
+    sh(&format!("chmod 600 '{}'", file.display()));
     let mut ui = Console::start(&config, &["--token-file", file.to_str().unwrap()]);
     assert!(ui.token.starts_with("TOKEN (TOKEN is in ") && !ui.token.contains(token), "printed: {}", ui.token);
     assert_eq!(ui.get(&format!("/?token={token}x"), None).status, 403);
@@ -379,7 +381,7 @@ fn ui_prune_shows_its_dry_run_and_deletes_only_when_confirmed() {
     let older = &snap_names(&bk)[0];
     assert!(preview.contains(older.as_str()) && preview.contains("id=\"confirm\""), "{preview}");
     assert_eq!(complete(&bk, "srv").len(), 2, "a preview deletes nothing");
-    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=prune"));
+    let r = ui.confirm(&preview, &cookie);
     let done = ui.wait_op(r.header("location").unwrap(), &cookie);
     assert!(done.contains("Finished: exit code 0"), "{done}");
     assert_eq!(complete(&bk, "srv").len(), 1, "the older snapshot is gone");
@@ -484,7 +486,7 @@ fn ui_restores_back_to_the_source_in_place_with_delete_after_a_preview() {
         "the preview names what goes: {preview}"
     );
     assert!(src.join("docs/added-later.txt").exists(), "a preview deletes nothing");
-    let r = ui.post("/restore", &cookie, &body.replace("step=preview", "step=run"));
+    let r = ui.confirm(&preview, &cookie);
     let done = ui.wait_op(r.header("location").unwrap(), &cookie);
     assert!(done.contains("Finished: exit code 0"), "{done}");
     assert_eq!(std::fs::read(src.join("docs/a.txt")).unwrap(), b"first version\n");
@@ -546,8 +548,10 @@ fn ui_restores_a_file_named_like_an_option() {
     let csrf = ui.csrf(&cookie);
     let snap = &snap_names(&bk)[0];
     let to = tmp.path().join("restored");
-    let body = format!("csrf={csrf}&job=srv&snap={snap}&p=--help&dest=local&to={}&step=run", to.display());
+    let body = format!("csrf={csrf}&job=srv&snap={snap}&p=--help&dest=local&to={}&step=preview", to.display());
     let r = ui.post("/restore", &cookie, &body);
+    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let r = ui.confirm(&preview, &cookie);
     let done = ui.wait_op(r.header("location").unwrap(), &cookie);
     assert!(done.contains("Finished: exit code 0") && done.contains("--path=--help"), "{done}");
     assert_eq!(std::fs::read(to.join("--help")).unwrap(), b"a file named like an option");

@@ -30,7 +30,7 @@ fn ui_browser_walk_from_the_url_to_a_restored_file() {
     let tmp = scratch();
     let (_, bk, config) = store_with_hostile_names(tmp.path());
     let ui = Console::start(&config, &["--allow-actions"]);
-    let url = format!("http://{}/?token={}", ui.addr, ui.token);
+    let url = ui.url();
     let driver = Driver::start();
     let shots = screenshots();
     let to = tmp.path().join("restored");
@@ -91,13 +91,13 @@ fn ui_browser_walk_from_the_url_to_a_restored_file() {
         b.screenshot(&shots, "restore-done");
         pages.push(("restore-done", b.url()));
 
-        b.goto(&format!("http://{}/log", ui.addr));
+        b.goto(&format!("http://{}/log", ui.host));
         b.find("table.log");
         b.screenshot(&shots, "operations");
         pages.push(("operations", b.url()));
 
         // The newer snapshot, only what changed since the older one.
-        b.goto(&format!("http://{}/browse?job=srv&snap={newer}&p=docs", ui.addr));
+        b.goto(&format!("http://{}/browse?job=srv&snap={newer}&p=docs", ui.host));
         b.click("a.toggle");
         b.find("table.listing tr.changed");
         assert_eq!(b.count("table.listing tbody tr"), 1, "only a.txt changed");

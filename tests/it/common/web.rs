@@ -14,8 +14,11 @@ use super::*;
 /// A running `rbackup ui`, killed on drop.
 pub struct Console {
     child: Child,
-    /// `127.0.0.1:PORT`.
+    /// `127.0.0.1:PORT`: where the client connects.
     pub addr: String,
+    /// `rbackup-<random>.localhost:PORT`: the console's secret name, which
+    /// every request names in its `Host` (the client connects to `addr`).
+    pub host: String,
     pub token: String,
 }
 
@@ -31,8 +34,14 @@ impl Console {
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let url = line.trim().to_string();
         let rest = url.strip_prefix("http://").unwrap_or_else(|| panic!("rbackup ui printed no URL but {url:?}"));
-        let (addr, query) = rest.split_once("/?token=").expect("URL with the token");
-        Console { child, addr: addr.to_string(), token: query.to_string() }
+        let (host, query) = rest.split_once("/?token=").expect("URL with the token");
+        let port = host.rsplit_once(':').expect("HOST:PORT").1;
+        Console { child, addr: format!("127.0.0.1:{port}"), host: host.to_string(), token: query.to_string() }
+    }
+
+    /// The address `rbackup ui` printed.
+    pub fn url(&self) -> String {
+        format!("http://{}/?token={}", self.host, self.token)
     }
 
     /// A request with the right `Host`.
@@ -41,10 +50,10 @@ impl Console {
         if let Some(c) = cookie {
             headers.push(("Cookie".to_string(), c.to_string()));
         }
-        request(&self.addr, "GET", path, &self.addr, &headers, b"")
+        request(&self.addr, "GET", path, &self.host, &headers, b"")
     }
 
-    /// Logs in with the token: the session cookie (`rbackup_session=...`).
+    /// Logs in with the token: the session cookie (`rbackup_session_PORT=...`).
     pub fn login(&self) -> String {
         let r = self.get(&format!("/?token={}", self.token), None);
         assert_eq!(r.status, 303, "the token is exchanged for a session");
@@ -62,10 +71,22 @@ impl Console {
     pub fn post(&self, path: &str, cookie: &str, body: &str) -> Resp {
         let headers = vec![
             ("Cookie".to_string(), cookie.to_string()),
-            ("Origin".to_string(), format!("http://{}", self.addr)),
+            ("Origin".to_string(), format!("http://{}", self.host)),
             ("Content-Type".to_string(), "application/x-www-form-urlencoded".to_string()),
         ];
-        request(&self.addr, "POST", path, &self.addr, &headers, body.as_bytes())
+        request(&self.addr, "POST", path, &self.host, &headers, body.as_bytes())
+    }
+
+    /// Confirms the finished preview whose page is `preview` (its
+    /// `/confirm` form: the operation and its one-use token).
+    pub fn confirm(&self, preview: &str, cookie: &str) -> Resp {
+        let field = |name: &str| {
+            let at =
+                preview.find(&format!("name=\"{name}\" value=\"")).unwrap_or_else(|| panic!("no {name}: {preview}"));
+            preview[at + name.len() + 15..].split('"').next().unwrap().to_string()
+        };
+        let body = format!("csrf={}&id={}&token={}", field("csrf"), field("id"), field("token"));
+        self.post("/confirm", cookie, &body)
     }
 
     /// The page of `job` once its sizes and changes are measured.
