@@ -142,14 +142,14 @@ impl Connected<'_> {
         let s = Stats::from_pairs(&summary);
         info!(
             "{} replicated to {self} in {:.1} s: {} entries, {} linked to the previous replica, {} sent ({} as \
-             deltas), {} bytes",
+             deltas), {}",
             Shown(done.as_bytes()),
             started.elapsed().as_secs_f64(),
             s.entries,
             s.linked,
             s.fetched_whole + s.fetched_delta,
             s.fetched_delta,
-            s.bytes_fetched
+            crate::report::human_bytes(s.bytes_fetched)
         );
         if problems > 0 {
             warn!(

@@ -144,9 +144,11 @@ impl Store {
     }
 
     /// Opens the backups folder, creating it (mode 0700) if missing. Warns if
-    /// others can enter it: snapshots keep other owners' setuid files and
-    /// private data.
+    /// others can enter it (once per folder and process: `replicate` opens
+    /// its destination once per snapshot): snapshots keep other owners'
+    /// setuid files and private data.
     pub fn open_or_create(folder: &Path, name: &str) -> Result<Store> {
+        static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
         check_name(name)?;
         if !folder.is_absolute() {
             return Err(usage!("the backups folder must be an absolute path, not {}", folder.display()));
@@ -161,7 +163,15 @@ impl Store {
         }
         let store = Store::open(folder, name)?;
         let mode = store.dir.stat_self()?.st_mode & 0o777;
-        if mode & 0o011 != 0 {
+        let first = || {
+            let mut warned = WARNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let new = !warned.iter().any(|w| w == folder);
+            if new {
+                warned.push(folder.to_path_buf());
+            }
+            new
+        };
+        if mode & 0o011 != 0 && first() {
             crate::warn!(
                 "the backups folder {} can be entered by other users (mode {mode:o}); snapshots keep other \
                  owners' private files and setuid programs: run `chmod 700 {}`",
