@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use crate::common::web::{Console, request, store_with_hostile_names};
+use crate::common::web::{Acting, Console, add_to_config, request, store_with_hostile_names};
 use crate::common::*;
 
 fn snap_names(bk: &Path) -> Vec<String> {
@@ -223,25 +223,20 @@ fn ui_restore_previews_then_restores_on_confirmation_and_logs_it() {
     require_root();
     let tmp = scratch();
     let (_, bk, config) = store_with_hostile_names(tmp.path());
-    let ui = Console::start(&config, &["--allow-actions"]);
-    let cookie = ui.login();
-    let csrf = ui.csrf(&cookie);
+    let ui = Acting::start(&config);
     let snap = &snap_names(&bk)[0];
     let to = tmp.path().join("restored");
-    let form = format!("csrf={csrf}&job=srv&snap={snap}&p=docs%252Fa.txt&dest=local&to={}&step=preview", to.display());
-    let r = ui.post("/restore", &cookie, &form);
-    assert_eq!(r.status, 303, "{}", r.text());
-    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let form = format!("job=srv&snap={snap}&p=docs%252Fa.txt&dest=local&to={}&step=preview", to.display());
+    let preview = ui.start_op("/restore", &form);
     assert!(preview.contains("docs/a.txt") && preview.contains("id=\"confirm\""), "{preview}");
     assert!(!to.join("docs/a.txt").exists(), "a preview writes nothing");
-    let r = ui.confirm(&preview, &cookie);
-    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let done = ui.confirm(&preview);
     assert!(done.contains("Finished: exit code 0"), "{done}");
     assert_eq!(std::fs::read(to.join("docs/a.txt")).unwrap(), std::fs::read(bk.join(snap).join("docs/a.txt")).unwrap());
     let log = std::fs::read_to_string(bk.join("srv.rbackup/console.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4, "started and finished, twice: {log}");
     assert!(log.lines().last().unwrap().contains("\"exit_code\":0"), "{log}");
-    let page = ui.get("/log", Some(&cookie)).text();
+    let page = ui.ui.get("/log", Some(&ui.cookie)).text();
     assert!(page.contains("Restore docs/a.txt"), "{page}");
 }
 
@@ -369,20 +364,13 @@ fn ui_prune_shows_its_dry_run_and_deletes_only_when_confirmed() {
     require_root();
     let tmp = scratch();
     let (_, bk, config) = store_with_hostile_names(tmp.path());
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("keep_last = 1\n");
-    std::fs::write(&config, text).unwrap();
-    let ui = Console::start(&config, &["--allow-actions"]);
-    let cookie = ui.login();
-    let csrf = ui.csrf(&cookie);
-    let r = ui.post("/action", &cookie, &format!("csrf={csrf}&job=srv&kind=prune-preview"));
-    assert_eq!(r.status, 303, "{}", r.text());
-    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    add_to_config(&config, "keep_last = 1\n");
+    let ui = Acting::start(&config);
+    let preview = ui.start_op("/action", "job=srv&kind=prune-preview");
     let older = &snap_names(&bk)[0];
     assert!(preview.contains(older.as_str()) && preview.contains("id=\"confirm\""), "{preview}");
     assert_eq!(complete(&bk, "srv").len(), 2, "a preview deletes nothing");
-    let r = ui.confirm(&preview, &cookie);
-    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let done = ui.confirm(&preview);
     assert!(done.contains("Finished: exit code 0"), "{done}");
     assert_eq!(complete(&bk, "srv").len(), 1, "the older snapshot is gone");
     assert!(!bk.join(older).exists());
@@ -472,22 +460,17 @@ fn ui_restores_back_to_the_source_in_place_with_delete_after_a_preview() {
     let tmp = scratch();
     let (src, bk, config) = store_with_hostile_names(tmp.path());
     write(&src.join("docs/added-later.txt"), b"not in any snapshot");
-    let ui = Console::start(&config, &["--allow-actions"]);
-    let cookie = ui.login();
-    let csrf = ui.csrf(&cookie);
+    let ui = Acting::start(&config);
     let snap = &snap_names(&bk)[0];
-    let form = ui.get(&format!("/restore?job=srv&snap={snap}&p=docs"), Some(&cookie)).text();
+    let form = ui.ui.get(&format!("/restore?job=srv&snap={snap}&p=docs"), Some(&ui.cookie)).text();
     assert!(form.contains(&format!("Back to the server, in place: <code>{}</code>", src.display())), "{form}");
-    let body = format!("csrf={csrf}&job=srv&snap={snap}&p=docs&dest=server&delete=1&step=preview");
-    let r = ui.post("/restore", &cookie, &body);
-    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let preview = ui.start_op("/restore", &format!("job=srv&snap={snap}&p=docs&dest=server&delete=1&step=preview"));
     assert!(
         preview.contains("--delete") && preview.contains("added-later.txt"),
         "the preview names what goes: {preview}"
     );
     assert!(src.join("docs/added-later.txt").exists(), "a preview deletes nothing");
-    let r = ui.confirm(&preview, &cookie);
-    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let done = ui.confirm(&preview);
     assert!(done.contains("Finished: exit code 0"), "{done}");
     assert_eq!(std::fs::read(src.join("docs/a.txt")).unwrap(), b"first version\n");
     assert!(!src.join("docs/added-later.txt").exists(), "--delete removed it");
@@ -498,9 +481,10 @@ fn ui_with_a_job_shows_that_job_only() {
     require_root();
     let tmp = scratch();
     let (src, bk, config) = store_with_hostile_names(tmp.path());
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!("\n[job.other]\nsource = \"{}\"\nbackups_folder = \"{}\"\n", src.display(), bk.display()));
-    std::fs::write(&config, text).unwrap();
+    add_to_config(
+        &config,
+        &format!("\n[job.other]\nsource = \"{}\"\nbackups_folder = \"{}\"\n", src.display(), bk.display()),
+    );
     let all = Console::start(&config, &[]);
     let cookie = all.login();
     let home = all.get("/", Some(&cookie)).text();
@@ -543,16 +527,12 @@ fn ui_restores_a_file_named_like_an_option() {
     require_root();
     let tmp = scratch();
     let (_, bk, config) = store_with_hostile_names(tmp.path());
-    let ui = Console::start(&config, &["--allow-actions"]);
-    let cookie = ui.login();
-    let csrf = ui.csrf(&cookie);
+    let ui = Acting::start(&config);
     let snap = &snap_names(&bk)[0];
     let to = tmp.path().join("restored");
-    let body = format!("csrf={csrf}&job=srv&snap={snap}&p=--help&dest=local&to={}&step=preview", to.display());
-    let r = ui.post("/restore", &cookie, &body);
-    let preview = ui.wait_op(r.header("location").unwrap(), &cookie);
-    let r = ui.confirm(&preview, &cookie);
-    let done = ui.wait_op(r.header("location").unwrap(), &cookie);
+    let preview =
+        ui.start_op("/restore", &format!("job=srv&snap={snap}&p=--help&dest=local&to={}&step=preview", to.display()));
+    let done = ui.confirm(&preview);
     assert!(done.contains("Finished: exit code 0") && done.contains("--path=--help"), "{done}");
     assert_eq!(std::fs::read(to.join("--help")).unwrap(), b"a file named like an option");
 }

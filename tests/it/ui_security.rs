@@ -5,7 +5,7 @@
 //! by a download, a token file others can read, a page number that
 //! overflows.
 
-use crate::common::web::{Console, request, store_with_hostile_names};
+use crate::common::web::{Acting, Console, add_to_config, request, store_with_hostile_names};
 use std::os::unix::fs::PermissionsExt;
 
 use crate::common::*;
@@ -124,12 +124,8 @@ fn ui_restore_and_prune_run_only_through_their_previews_one_use_confirmation() {
     require_root();
     let tmp = scratch();
     let (_, bk, config) = store_with_hostile_names(tmp.path());
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("keep_last = 1\n");
-    std::fs::write(&config, text).unwrap();
-    let ui = Console::start(&config, &["--allow-actions"]);
-    let cookie = ui.login();
-    let csrf = ui.csrf(&cookie);
+    add_to_config(&config, "keep_last = 1\n");
+    let Acting { ui, cookie, csrf } = Acting::start(&config);
     let snaps = complete(&bk, "srv");
     let newest = snaps[1].file_name().unwrap().to_str().unwrap().to_string();
     let to = tmp.path().join("restored");

@@ -116,6 +116,46 @@ impl Console {
     }
 }
 
+/// A console started with `--allow-actions` and logged in: the session's
+/// cookie and CSRF token beside it, for the tests that act.
+pub struct Acting {
+    pub ui: Console,
+    pub cookie: String,
+    pub csrf: String,
+}
+
+impl Acting {
+    pub fn start(config: &Path) -> Acting {
+        let ui = Console::start(config, &["--allow-actions"]);
+        let cookie = ui.login();
+        let csrf = ui.csrf(&cookie);
+        Acting { ui, cookie, csrf }
+    }
+
+    /// Posts `form` (the CSRF token added) to `path`, which starts an
+    /// operation: the operation's page once it has finished.
+    pub fn start_op(&self, path: &str, form: &str) -> String {
+        let r = self.ui.post(path, &self.cookie, &format!("csrf={}&{form}", self.csrf));
+        assert_eq!(r.status, 303, "{}", r.text());
+        self.ui.wait_op(r.header("location").unwrap(), &self.cookie)
+    }
+
+    /// Confirms the preview whose page is `preview`: the confirmed
+    /// operation's page once it has finished.
+    pub fn confirm(&self, preview: &str) -> String {
+        let r = self.ui.confirm(preview, &self.cookie);
+        assert_eq!(r.status, 303, "{}", r.text());
+        self.ui.wait_op(r.header("location").unwrap(), &self.cookie)
+    }
+}
+
+/// Adds `text` at the end of the config file.
+pub fn add_to_config(config: &Path, text: &str) {
+    let mut all = std::fs::read_to_string(config).unwrap();
+    all.push_str(text);
+    std::fs::write(config, all).unwrap();
+}
+
 impl Drop for Console {
     fn drop(&mut self) {
         let _ = self.child.kill();
