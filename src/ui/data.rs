@@ -71,6 +71,8 @@ pub struct JobCard {
     /// Older than this, the newest snapshot is overdue.
     pub stale_after: Duration,
     pub replicas: Vec<Replica>,
+    /// The job has retention rules (`keep_*`): prune can be offered.
+    pub prunable: bool,
     /// Why the job's store could not be read.
     pub error: Option<String>,
 }
@@ -97,9 +99,11 @@ pub fn card(name: &str, job: Result<Job>) -> JobCard {
         progress: None,
         stale_after: Duration::hours(STALE_DEFAULT_HOURS),
         replicas: Vec::new(),
+        prunable: false,
         error: None,
     };
     let filled = job.and_then(|job| {
+        card.prunable = !job.prune.is_empty();
         card.folder = crate::store::shown(&job.backups_folder, &job.name);
         let store = Store::open(&job.backups_folder, &job.name)?;
         card.last_run = last_run(&store);

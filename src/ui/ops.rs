@@ -139,7 +139,9 @@ pub fn start(st: &Arc<State>, job: &Job, title: String, args: Vec<String>, confi
     cmd.arg("-c").arg(&st.config).arg("-j").arg(&job.job).args(&args);
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| anyhow!("cannot start {}: {e}", exe.display()))?;
-    let mut command = vec!["rbackup".to_string(), "-j".into(), job.job.clone()];
+    // As typed in a shell, the config named (rbackup's default is another).
+    let mut command =
+        vec!["rbackup".to_string(), "-c".into(), st.config.display().to_string(), "-j".into(), job.job.clone()];
     command.extend(args);
     let op = Arc::new(Op {
         id: st.ops.next.fetch_add(1, Ordering::Relaxed) + 1,
@@ -280,18 +282,10 @@ pub async fn action(AxState(st): AxState<Arc<State>>, body: String) -> Response 
     let (title, args, confirm): (String, Vec<&str>, Option<Confirm>) = match kind {
         "backup" => (format!("Backup of {name}"), vec!["backup"], None),
         "verify" => (format!("Verify of {name}"), vec!["verify"], None),
-        "prune-preview" => {
-            let confirm =
-                Confirm::new("Prune: delete these snapshots".into(), format!("Prune of {name}"), vec!["prune".into()])
-                    .and_then(|mut c| {
-                        c.snapshots = Some(complete_snapshots(&job)?);
-                        Ok(c)
-                    });
-            match confirm {
-                Ok(c) => (format!("Prune of {name}: preview"), vec!["prune", "--dry-run"], Some(c)),
-                Err(e) => return failed(&e),
-            }
-        }
+        "prune-preview" => match prune_confirm(&job) {
+            Ok(c) => (format!("Prune of {name}: preview"), vec!["prune", "--dry-run"], c),
+            Err(e) => return failed(&e),
+        },
         "prune" => return unconfirmed(),
         _ => return error_page(StatusCode::BAD_REQUEST, "No such action."),
     };
@@ -305,6 +299,37 @@ pub async fn action(AxState(st): AxState<Arc<State>>, body: String) -> Response 
 fn complete_snapshots(job: &Job) -> Result<Vec<String>> {
     let store = Store::open(&job.backups_folder, &job.name)?;
     Ok(store.snapshots()?.into_iter().filter(|s| s.complete).map(|s| s.folder).collect())
+}
+
+/// What a prune preview offers to run: `prune` with the job's rules as
+/// they are now, given as flags (rules only keep, so a rule the config
+/// gains later keeps more, and one it loses or lowers is still given), on
+/// the complete snapshots there are now; nothing when the rules remove
+/// none of them.
+fn prune_confirm(job: &Job) -> Result<Option<Confirm>> {
+    let rules = &job.prune;
+    if rules.is_empty() {
+        anyhow::bail!("{} has no retention rules (keep_* in the job): nothing to prune by", job.job);
+    }
+    let snapshots = Store::open(&job.backups_folder, &job.name)?.snapshots()?;
+    let plan = crate::cmd::prune::plan(&snapshots, rules, Utc::now())?;
+    if plan.iter().all(|d| d.keep) {
+        return Ok(None);
+    }
+    let mut args = vec!["prune".to_string()];
+    let counts = [
+        ("last", rules.keep_last),
+        ("hourly", rules.keep_hourly),
+        ("daily", rules.keep_daily),
+        ("weekly", rules.keep_weekly),
+        ("monthly", rules.keep_monthly),
+        ("yearly", rules.keep_yearly),
+    ];
+    args.extend(counts.iter().filter_map(|(what, n)| n.map(|n| format!("--keep-{what}={n}"))));
+    args.extend(rules.keep_within.iter().map(|w| format!("--keep-within={w}")));
+    let mut confirm = Confirm::new("Prune: delete these snapshots".into(), format!("Prune of {}", job.job), args)?;
+    confirm.snapshots = Some(complete_snapshots(job)?);
+    Ok(Some(confirm))
 }
 
 /// A restore or prune asked for without its preview's confirmation.

@@ -192,7 +192,11 @@ fn card(st: &State, csrf: &Csrf, c: &JobCard) -> Markup {
                 div.actions {
                     (button_form("/action", csrf, &[("job", &c.name), ("kind", "backup")], "Back up now"))
                     (button_form("/action", csrf, &[("job", &c.name), ("kind", "verify")], "Verify"))
-                    (button_form("/action", csrf, &[("job", &c.name), ("kind", "prune-preview")], "Prune…"))
+                    @if c.prunable {
+                        (button_form("/action", csrf, &[("job", &c.name), ("kind", "prune-preview")], "Prune…"))
+                    } @else {
+                        span.muted { "No prune: the job has no keep_* rules." }
+                    }
                 }
             }
         }

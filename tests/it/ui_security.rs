@@ -274,3 +274,30 @@ fn ui_refuses_a_token_file_others_can_read_or_that_is_not_roots() {
     let (_, line, err) = start(Some(tmp.path()));
     assert!(line.contains("/?token=TOKEN"), "{line}{err}");
 }
+
+#[test]
+fn ui_prune_deletes_no_more_than_its_preview_showed() {
+    require_root();
+    let tmp = scratch();
+    let (_, bk, config) = store_with_hostile_names(tmp.path());
+    let ui = Acting::start(&config);
+    // No keep_* rules: nothing to prune by, and no button that would fail.
+    let home = ui.ui.get("/", Some(&ui.cookie)).text();
+    assert!(!home.contains("prune-preview") && home.contains("no keep_* rules"), "{home}");
+    let (code, _, err) = run(&["-c".as_ref(), config.as_os_str(), "backup".as_ref()]);
+    assert_eq!(code, 0, "{err}");
+    let rules = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{rules}keep_last = 5\n")).unwrap();
+    let preview = ui.start_op("/action", "job=srv&kind=prune-preview");
+    assert!(!preview.contains("id=\"confirm\""), "the rules remove nothing: nothing to confirm: {preview}");
+    std::fs::write(&config, format!("{rules}keep_last = 2\n")).unwrap();
+    let preview = ui.start_op("/action", "job=srv&kind=prune-preview");
+    assert!(preview.contains("would remove") && preview.contains("id=\"confirm\""), "{preview}");
+    // The config's rules lowered after the preview: the confirmed run
+    // still prunes by the rules the preview showed.
+    std::fs::write(&config, format!("{rules}keep_last = 1\n")).unwrap();
+    let done = ui.confirm(&preview);
+    assert!(done.contains("--keep-last=2") && done.contains("Finished: exit code 0"), "{done}");
+    assert!(done.contains(&format!("-c {}", config.display())), "the command as run, its config named: {done}");
+    assert_eq!(complete(&bk, "srv").len(), 2, "one removed, as previewed");
+}
