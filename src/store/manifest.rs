@@ -207,18 +207,47 @@ impl ManifestReader {
             && let Some(mark) =
                 index::read(self.input.get_ref().get_ref()).and_then(|m| index::start_for(&m, path).cloned())
         {
+            // The clone shares the file's offset: put it back if the index
+            // is not to be trusted, for the read from the start below.
             let mut file = self.input.get_ref().get_ref().try_clone()?;
+            let back = file.stream_position()?;
             file.seek(io::SeekFrom::Start(mark.offset))?;
             let mut input = zstd::stream::read::Decoder::new(file)?;
             input.window_log_max(27)?;
-            let mut seen = mark.entries;
-            return scan(BufReader::with_capacity(1 << 16, input), &mut seen, path)
-                .with_context(|| format!("reading from the frame its index names at byte {}", mark.offset));
+            let mut input = BufReader::with_capacity(1 << 16, input);
+            // The frame must start with the record its mark names: a
+            // damaged index is not a path absent from the snapshot.
+            let first = first_record(&mut input).unwrap_or_default();
+            if first.get(4..).and_then(entry_path) == Some(&mark.path[..]) {
+                let mut seen = mark.entries;
+                return scan(io::Cursor::new(first).chain(input), &mut seen, path)
+                    .with_context(|| format!("reading from the frame its index names at byte {}", mark.offset));
+            }
+            crate::debug!("a manifest's index doesn't match its frames: read from the start");
+            self.input.get_mut().get_mut().seek(io::SeekFrom::Start(back))?;
         }
         // Records are small: read them out of a buffer, not one zstd call each.
         let input = BufReader::with_capacity(1 << 16, &mut self.input);
         scan(input, &mut self.seen, path)
     }
+}
+
+/// The next record as written (its length, then its encoding), undecoded.
+fn first_record(input: &mut impl Read) -> Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    if crate::wire::frame::read_full(input, &mut len)? != 4 {
+        bail!("no record");
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > RECORD_MAX {
+        bail!("manifest record of {n} bytes is too large");
+    }
+    let mut buf = vec![0u8; 4 + n];
+    buf[..4].copy_from_slice(&len);
+    if crate::wire::frame::read_full(input, &mut buf[4..])? != n {
+        bail!("manifest cut in the middle of a record");
+    }
+    Ok(buf)
 }
 
 /// Reads records up to `path`'s place; `seen` counts the records before.
@@ -471,6 +500,38 @@ mod tests {
         let whole = std::iter::from_fn(|| r.next_record().transpose()).collect::<Result<Vec<_>>>();
         assert!(whole.is_err(), "the damage is where it should be");
         assert!(find(&path(n - 1)).is_some());
+    }
+
+    /// An index whose mark doesn't name its frame's first record (damaged,
+    /// or written wrong) is not trusted: the lookup reads from the start,
+    /// rather than call a path that is there absent.
+    #[test]
+    fn a_mark_that_does_not_name_its_frame_is_not_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        let mut w = ManifestWriter::create(&dir, "s").unwrap();
+        for i in 0..index::FRAME_EVERY * 2 + 5 {
+            w.push(Record { hash: Some([1; 32]), ..rec(format!("f{i:08}").as_bytes()) }, None).unwrap();
+        }
+        w.finish().unwrap().commit().unwrap();
+        let file = tmp.path().join("s");
+        let mut marks = index::read(&std::fs::File::open(&file).unwrap()).expect("an index");
+        let mut r = ManifestReader::open(&dir, b"s").unwrap().unwrap();
+        let paths: Vec<Vec<u8>> = std::iter::from_fn(|| r.next_record().unwrap()).map(|r| r.path).collect();
+        let at = paths.iter().position(|p| *p == marks[1].path).unwrap();
+        let find = |p: &[u8]| ManifestReader::open(&dir, b"s").unwrap().unwrap().find(p).unwrap();
+        assert!(find(&paths[at - 3]).is_some());
+        // The second mark names a path five records before its frame.
+        marks[1].path.clone_from(&paths[at - 5]);
+        let mut bytes = std::fs::read(&file).unwrap();
+        let len = u32::from_le_bytes(bytes[bytes.len() - 12..bytes.len() - 8].try_into().unwrap()) as usize;
+        bytes.truncate(bytes.len() - 12 - len - 8);
+        index::write(&mut bytes, &marks).unwrap();
+        std::fs::write(&file, &bytes).unwrap();
+        assert_eq!(index::read(&std::fs::File::open(&file).unwrap()).unwrap()[1].path, paths[at - 5]);
+        assert_eq!(find(&paths[at - 3]).map(|r| r.path), Some(paths[at - 3].clone()));
+        assert_eq!(find(&paths[at + 2]).map(|r| r.path), Some(paths[at + 2].clone()));
+        assert_eq!(find(b"f0000000x"), None);
     }
 
     #[test]
