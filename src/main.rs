@@ -193,9 +193,13 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                 }
                 None => job.replicas.clone(),
             };
+            // A first replica only where one was named: a configured
+            // destination not holding the job's replicas is a drive not
+            // mounted, whoever runs it.
+            let seed = a.to.is_some();
             let mut code = Code::Ok;
             for dest in &to {
-                code = Code::worst([code, rbackup::cmd::replicate::run(&job, dest, a.dry_run, true)?]);
+                code = Code::worst([code, rbackup::cmd::replicate::run(&job, dest, a.dry_run, seed)?]);
             }
             Ok(code)
         }

@@ -258,17 +258,21 @@ pub fn after_replicas(job: &Job, failures: &[(String, String)], code: Code) {
             failures.iter().map(|(to, _)| to.as_str()).collect::<Vec<_>>().join(", ")
         );
         let mut body = format!(
-            "Job {} on {host}: the backup's snapshot is complete, but replicating it failed.\nExit code: {}\n\n",
+            "Job {} on {host}: the backup's snapshot is complete, but a replica failed (the copy, or the \
+             destination's own prune).\nExit code: {}\n\n",
             job.job,
             code.status()
         );
         for (to, e) in failures {
             let _ = writeln!(body, "{to}:\n  {e}\n");
         }
+        if job.prune_after_backup {
+            body.push_str("Nothing was pruned after this backup: what prune removes would never reach the replica.\n");
+        }
         let _ = writeln!(
             body,
-            "Nothing was pruned after this backup. What to do: mend the destination (a drive to mount, a host to \
-             reach), then `{}`; `{}` shows what each replica lacks.",
+            "What to do: mend the destination (a drive to mount, a host to reach), then `{}`; `{}` shows what each \
+             replica lacks.",
             job.command("replicate"),
             job.command("status")
         );

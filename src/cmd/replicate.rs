@@ -33,10 +33,11 @@ use crate::{info, usage, warn};
 /// keep (all of them without rules), then, with `prune = true`, deletes
 /// there what they don't.
 ///
-/// A local destination is made only when `seed` (a `replicate` typed by
-/// the admin); a scheduled one (`replicate_after_backup`) must already hold
-/// the job's replicas, so that a drive not mounted is an error, not a copy
-/// onto the disk beneath its mount point.
+/// A local destination is made only when `seed` (`replicate --to DEST`,
+/// typed by the admin); otherwise (`replicate_after_backup`, `replicate`
+/// of the configured `replicas`) it must already hold the job's replicas,
+/// so that a drive not mounted is an error, not a copy onto the disk
+/// beneath its mount point.
 pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: bool) -> Result<Code> {
     let (to, remote) = destination(&dest.to)?;
     if remote.is_none() {
@@ -217,6 +218,12 @@ fn require_local(job: &Job, to: &Path, seed: bool) -> Result<()> {
              mounted?)",
             to.display(),
             job.backups_folder.display()
+        );
+    } else if here.is_some() && here == dev(Path::new("/")) {
+        warn!(
+            "{} is on the root filesystem, not on a drive of its own: if a drive belongs there, it is not mounted \
+             (the first replica is made there all the same)",
+            to.display()
         );
     }
     Ok(())

@@ -87,8 +87,12 @@ pub fn status(job: &Job, ask_remote: bool) -> Result<Status> {
                 }
                 return held.ok();
             }
-            // A folder not there is a drive not mounted (or a replica not
-            // made yet), never an empty replica.
+            // A folder without the job's bookkeeping is a drive not mounted
+            // (its bare mount point) or a replica not made yet, never an
+            // empty replica.
+            if !path.join(format!("{}.rbackup", job.name)).is_dir() {
+                return None;
+            }
             Store::open(path, &job.name).and_then(|s| s.snapshots()).ok()
         })
         .collect();

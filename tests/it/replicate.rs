@@ -150,9 +150,15 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
         serde_json::from_slice(&std::fs::read(bk.join("s.rbackup/last-run.json")).unwrap()).unwrap();
     assert_eq!(summary["exit_code"], 1, "{summary}");
     assert_eq!(summary["replica_errors"][0]["to"], rep.to_str().unwrap(), "{summary}");
-    // Made by hand once; then every backup reaches it before prune.
+    // An empty folder (a bare mount point) is not made a replica by
+    // `replicate` of the configured destinations either: only by naming it.
     std::fs::create_dir(&rep).unwrap();
     let (code, _, err) = rb(&["replicate"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("holds no replica of s") && err.contains("replicate --to"), "{err}");
+    assert!(complete(&rep, "s").is_empty(), "nothing written where the drive should be");
+    // Made by hand once; then every backup reaches it before prune.
+    let (code, _, err) = rb(&["replicate", "--to", rep.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     write(&src.join("a.txt"), b"round 1");
     let (code, _, err) = rb(&["--backup"]);
@@ -194,8 +200,9 @@ fn status_matches_what_is_where() {
     );
     std::fs::write(&cfg, text).unwrap();
     let c = cfg.to_str().unwrap();
-    // `other` is a drive with no replica yet; /nonexistent/drive isn't there.
-    std::fs::create_dir(&other).unwrap();
+    // `other` holds the job's replicas, none left (all pruned there);
+    // /nonexistent/drive isn't there.
+    std::fs::create_dir_all(other.join("s.rbackup")).unwrap();
     // Only the first snapshot is on the USB drive.
     assert_eq!(replicate(&bk, &usb).0, 0);
     let newest = complete(&usb, "s").pop().unwrap();
@@ -208,7 +215,7 @@ fn status_matches_what_is_where() {
         |row: &str| row.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_string).collect::<Vec<_>>();
     let (first, second) = (cells(rows[0]), cells(rows[1]));
     assert_eq!(first[1], "yes", "{out}");
-    assert!(first[2].starts_with("pending (1.0 MiB)"), "all of it, to the empty replica: {out}");
+    assert!(first[2].starts_with("pending (1.0 MiB)"), "all of it, to a replica holding none: {out}");
     assert_eq!(first[3], "unreadable", "{out}");
     assert_eq!(second[1], "pending (7 B)", "only what changed, with the first replica there: {out}");
     assert!(out.contains(&format!("replica {}: 1 snapshot pending", usb.display())), "{out}");
@@ -271,18 +278,22 @@ fn a_destination_with_its_own_rules_gets_and_keeps_only_those() {
     std::fs::create_dir(&rep).unwrap(); // the drive, mounted, with no replica yet
     let (code, out, err) = rb(&["status"]);
     assert_eq!(code, 0, "{err}");
-    let first_row = out.lines().find(|l| l.contains(&originals[0])).unwrap();
-    assert!(first_row.contains("not kept there"), "{out}");
-    assert!(out.contains("2 snapshots pending"), "{out}");
-    let (code, _, err) = rb(&["replicate"]);
+    assert!(out.contains("not there, or can't be read"), "an empty folder is no replica yet: {out}");
+    let (code, _, err) = rb(&["replicate", "--to", rep.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("2 of the 2 snapshots its rules keep"), "{err}");
     assert_eq!(complete(&rep, "s").iter().map(|p| folder(p)).collect::<Vec<_>>(), originals[1..]);
+    let (code, out, err) = rb(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let first_row = out.lines().find(|l| l.contains(&originals[0])).unwrap();
+    assert!(first_row.contains("not kept there"), "{out}");
+    assert!(out.contains("up to date"), "{out}");
 
     // One more: it is copied, linked to the replica before, and the oldest
     // replica goes by the destination's rule.
     write(&src.join("a.txt"), b"round 3");
     assert_eq!(rb(&["--backup"]).0, 0);
+    assert!(rb(&["status"]).1.contains("1 snapshot pending"));
     // A dry run says what the destination's prune would remove, and does nothing.
     let before = names(&rep);
     let (code, out, err) = rb(&["replicate", "--dry-run"]);

@@ -412,12 +412,14 @@ fn ui_shows_what_each_replica_holds_and_what_is_pending() {
     let tmp = scratch();
     let (_, _, config) = store_with_hostile_names(tmp.path());
     let usb = tmp.path().join("usb");
-    std::fs::create_dir(&usb).unwrap(); // a drive, mounted, with no replica yet
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!("replicas = [\"{}\"]\n", usb.display()));
-    std::fs::write(&config, text).unwrap();
+    std::fs::create_dir(&usb).unwrap(); // a bare mount point: no drive there
+    add_to_config(&config, &format!("replicas = [\"{}\"]\n", usb.display()));
     let ui = Console::start(&config, &[]);
     let cookie = ui.login();
+    let home = ui.get("/", Some(&cookie)).text();
+    assert!(home.contains("not there, or can't be read") && !home.contains("pending"), "{home}");
+    // The drive, holding the job's replicas (none left on it).
+    std::fs::create_dir(usb.join("srv.rbackup")).unwrap();
     let home = ui.get("/", Some(&cookie)).text();
     assert!(home.contains("2 pending, about"), "{home}");
     let job = ui.job_page("srv", &cookie);
