@@ -156,13 +156,15 @@ pub fn random_hex(n: usize) -> Result<String> {
 /// `[A-Za-z0-9_-]` (it goes into URLs as it is).
 pub fn read_token(path: &Path) -> Result<String> {
     let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+        std::fs::File::open(path).map_err(|e| crate::usage!("cannot read the token file {}: {e}", path.display()))?;
     private_enough(path, &file.metadata()?)?;
     let mut text = String::new();
     std::io::Read::read_to_string(&mut file, &mut text)
-        .with_context(|| format!("cannot read the token file {}", path.display()))?;
-    let token = text.lines().next().unwrap_or_default().trim().to_string();
-    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        .map_err(|e| crate::usage!("cannot read the token file {}: {e}", path.display()))?;
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let token = lines.next().unwrap_or_default().to_string();
+    let one_line = lines.next().is_none();
+    if !one_line || token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         return Err(crate::usage!(
             "the token in {} must be one line of at least 16 letters, digits, - or _ (e.g. `openssl rand -hex 32`)",
             path.display()
@@ -176,21 +178,28 @@ pub fn read_token(path: &Path) -> Result<String> {
 /// private to the service.
 fn private_enough(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
+    // Compared once resolved: `$CREDENTIALS_DIRECTORY/../file` is not in it.
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty());
-    if credentials.is_some_and(|d| path.starts_with(Path::new(&d))) {
+    let inside = |d: &std::ffi::OsStr| match (std::fs::canonicalize(path), std::fs::canonicalize(d)) {
+        (Ok(p), Ok(d)) => p.starts_with(&d),
+        _ => false,
+    };
+    if credentials.is_some_and(|d| inside(&d)) {
         return Ok(());
     }
     let me = rustix::process::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
         return Err(crate::usage!(
-            "refusing the token file {}: it belongs to uid {}, who could read or change it;              it must be root's (chown root {0})",
+            "refusing the token file {}: it belongs to uid {}, who could read or change it; \
+             it must be root's (chown root {0})",
             path.display(),
             meta.uid()
         ));
     }
     if meta.mode() & 0o077 != 0 {
         return Err(crate::usage!(
-            "refusing the token file {}: others can read it (mode {:o}), and the token opens the console as root;              chmod 600 {0}",
+            "refusing the token file {}: others can read it (mode {:o}), and the token opens the console as root: \
+             chmod 600 {0}",
             path.display(),
             meta.mode() & 0o7777
         ));
@@ -352,6 +361,12 @@ mod tests {
         assert!(read_token(&f).is_err());
         std::fs::write(&f, "0123456789abcdef0123&x=1\n").unwrap();
         assert!(read_token(&f).is_err());
+        std::fs::write(&f, "0123456789abcdef0123\nsomething else\n").unwrap();
+        assert!(read_token(&f).unwrap_err().to_string().contains("one line"), "two lines: which is the token?");
+        std::fs::write(&f, "\n0123456789abcdef0123\n\n").unwrap();
+        assert_eq!(read_token(&f).unwrap(), "0123456789abcdef0123", "blank lines around it are fine");
+        let e = read_token(&tmp.path().join("missing")).unwrap_err();
+        assert_eq!(crate::error::code_of(&e), crate::error::Code::Usage, "a file given on the command line: {e}");
         // Readable by others: refused, whatever it holds.
         std::fs::write(&f, "0123456789abcdef0123\n").unwrap();
         std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();

@@ -97,6 +97,14 @@ impl State {
 /// Runs the console until it is killed.
 pub fn run(opts: &Options) -> Result<Code> {
     let ip = opts.listen.ip();
+    // The printed name, `rbackup-….localhost`, reaches 127.0.0.1 and ::1 alone.
+    let reachable = [std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()];
+    if ip.is_loopback() && !reachable.contains(&ip) {
+        return Err(usage!(
+            "--listen {ip}: the console's address is a name under .localhost, which browsers send to 127.0.0.1 \
+             (or ::1) only; listen on 127.0.0.1"
+        ));
+    }
     if !ip.is_loopback() {
         if !opts.allow_remote {
             return Err(usage!(

@@ -254,6 +254,12 @@ fn ui_refuses_a_non_loopback_address_without_allow_remote_and_tls() {
         assert_eq!(code, 2, "{out}{err}");
         assert!(err.contains("refusing to listen on 0.0.0.0") && err.contains(why) && out.is_empty(), "{err}");
     }
+    // Another loopback address: the printed name would not reach it.
+    let args: Vec<&OsStr> =
+        ["-c".as_ref(), config.as_os_str(), "ui".as_ref(), "--listen".as_ref(), "127.0.0.2:0".as_ref()].to_vec();
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("listen on 127.0.0.1") && out.is_empty(), "{err}");
 }
 
 /// One HTTP/1.1 request over TLS (through `openssl s_client`, which does

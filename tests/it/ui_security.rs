@@ -240,7 +240,7 @@ fn ui_refuses_a_token_file_others_can_read_or_that_is_not_roots() {
     let (_, _, config) = store_with_hostile_names(tmp.path());
     let file = tmp.path().join("ui-token");
     std::fs::write(&file, "tok-0123456789abcdef0123456789\n").unwrap();
-    let start = |env: Option<&std::path::Path>| {
+    let start_with = |env: Option<&std::path::Path>, file: &std::path::Path| {
         let mut c = rbackup(&[
             "-c".as_ref(),
             config.as_os_str(),
@@ -261,6 +261,7 @@ fn ui_refuses_a_token_file_others_can_read_or_that_is_not_roots() {
         let out = child.wait_with_output().unwrap();
         (out.status.code(), line, String::from_utf8_lossy(&out.stderr).into_owned())
     };
+    let start = |env: Option<&std::path::Path>| start_with(env, &file);
     sh(&format!("chmod 644 '{}'", file.display()));
     let (code, line, err) = start(None);
     assert_eq!(code, Some(2), "{line}{err}");
@@ -273,6 +274,12 @@ fn ui_refuses_a_token_file_others_can_read_or_that_is_not_roots() {
     sh(&format!("chown 0 '{}' && chmod 644 '{}'", file.display(), file.display()));
     let (_, line, err) = start(Some(tmp.path()));
     assert!(line.contains("/?token=TOKEN"), "{line}{err}");
+    // … but only what is really in it, not what a `..` reaches from it.
+    let credentials = tmp.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let (code, line, err) = start_with(Some(&credentials), &credentials.join("../ui-token"));
+    assert_eq!(code, Some(2), "{line}{err}");
+    assert!(err.contains("others can read it"), "{err}");
 }
 
 #[test]
