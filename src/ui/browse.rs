@@ -122,7 +122,20 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
     let _gone_on_drop = gone.guard();
     let found = blocking(move || {
         let o = open(&st2, &p2)?;
-        let dir = paths::open_dir(&o.root, &rel2)?;
+        let dir = match paths::open_dir(&o.root, &rel2) {
+            Ok(d) => d,
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc_errno::ELOOP | libc_errno::ENOTDIR | libc_errno::ENOENT)) =>
+            {
+                return Err(NotFound(format!(
+                    "{} is not a folder in {} (a symlink is never followed)",
+                    shown(&rel2),
+                    o.snap().folder
+                ))
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         // Only what changed: every entry compared. Else only this page's
         // entries are looked at.
         let (total, entries) = if changed {

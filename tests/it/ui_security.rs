@@ -202,6 +202,9 @@ fn ui_download_never_opens_a_device_or_fifo_and_refusals_are_not_500() {
     assert_eq!(get("outdir/passwd").status, 404);
     assert_eq!(get("docs/a.txt/x").status, 404);
     assert_eq!(get("docs").status, 400);
+    let missing = ui.get(&format!("/browse?job=srv&snap={name}&p=docs/nosuch"), Some(&cookie));
+    assert_eq!(missing.status, 404);
+    assert!(missing.text().contains("docs/nosuch is not a folder in"), "{}", missing.text());
     assert_eq!(get("docs/a.txt").body, b"second version, longer\n");
     // A page number that would overflow: an empty page, not a panic.
     for page in ["18446744073709551615", "99999999999999999999999"] {
