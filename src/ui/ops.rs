@@ -454,6 +454,11 @@ pub async fn log_page(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -
     let st2 = st.clone();
     let records = blocking(move || {
         let all = st2.jobs()?;
+        if let Some(o) = &only
+            && !all.names.contains(o)
+        {
+            return Err(super::pages::NotFound(format!("no job {o:?} in {}", st2.config.display())).into());
+        }
         let mut out = Vec::new();
         for name in all.names.iter().filter(|n| only.as_ref().is_none_or(|o| o == *n)) {
             if let Ok(job) = all.resolve(name, &crate::config::Overrides::default()) {

@@ -234,6 +234,7 @@ fn ui_log_page_reads_only_the_end_of_a_huge_operation_log() {
     let page = ui.get("/log", Some(&cookie));
     assert_eq!(page.status, 200);
     assert!(page.text().contains("the last one"), "{}", page.text());
+    assert_eq!(ui.get("/log?job=nosuch", Some(&cookie)).status, 404, "a job the config doesn't have");
 }
 
 #[test]
