@@ -267,7 +267,10 @@ pub fn after_replicas(job: &Job, failures: &[(String, String)], code: Code) {
             let _ = writeln!(body, "{to}:\n  {e}\n");
         }
         if job.prune_after_backup {
-            body.push_str("Nothing was pruned after this backup: what prune removes would never reach the replica.\n");
+            body.push_str(
+                "Prune after this backup keeps every snapshot that has not reached the replica (and prunes nothing \
+                 for a replica never made).\n",
+            );
         }
         let _ = writeln!(
             body,

@@ -120,6 +120,12 @@ fn split(
 
 /// Runs `prune` for `job` with `rules` (or the job's).
 pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
+    run_keeping(job, rules, dry_run, &[])
+}
+
+/// [`run`], keeping besides what the rules keep each snapshot named in
+/// `also` (folder, and the reason said for it).
+pub fn run_keeping(job: &Job, rules: &Rules, dry_run: bool, also: &[(String, String)]) -> Result<Code> {
     if rules.is_empty() {
         return Err(usage!(
             "no retention rules: give --keep-daily N (and others), or set keep_* in the job; rbackup never \
@@ -154,6 +160,12 @@ pub fn run(job: &Job, rules: &Rules, dry_run: bool) -> Result<Code> {
         store.empty_trash()?;
     }
     let mut decisions = plan(&store.snapshots()?, rules, Utc::now())?;
+    for d in decisions.iter_mut().filter(|d| !d.keep) {
+        if let Some((_, why)) = also.iter().find(|(folder, _)| *folder == d.snapshot.folder) {
+            d.keep = true;
+            d.reason.clone_from(why);
+        }
+    }
     if let Some(d) = decisions.iter_mut().rev().find(|d| !d.snapshot.complete && d.keep) {
         d.reason = if in_progress {
             "in progress: the run that holds the lock is writing it".into()

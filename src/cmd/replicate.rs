@@ -68,6 +68,14 @@ pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: bool) -> Result<C
         info!("{} of the {} snapshots{of} to replicate into {}", missing.len(), wanted.len(), to.display());
         copy_each(job, &to, remote.as_ref(), &have, &missing, dry_run)?
     };
+    if !dry_run {
+        // What it holds now, for a prune after a backup whose replica to it
+        // fails (crate::store::held).
+        let holds = have.iter().filter(|h| h.complete).chain(missing.iter().copied()).map(|s| s.folder.clone());
+        if let Err(e) = crate::store::held::remember(&source, &dest.to, holds.collect()) {
+            warn!("{e:#}: a prune after a failed replica to {} will not prune at all", dest.to);
+        }
+    }
     if dest.prune && dry_run {
         // What prune would remove once the missing ones are there.
         let mut after: Vec<Snapshot> = have.iter().filter(|h| h.complete).cloned().collect();
@@ -107,6 +115,30 @@ pub fn wanted<'a>(
     let kept: Vec<_> =
         crate::cmd::prune::plan(&all, keep, now)?.into_iter().filter(|d| d.keep).map(|d| d.snapshot.time).collect();
     Ok(originals.iter().filter(|s| s.complete && kept.contains(&s.time)).collect())
+}
+
+/// The snapshots `dest` wants (its rules) and was not known to hold after
+/// its last replicate that succeeded, each with why a prune keeps it;
+/// `None` if it never had one (then nothing can be said to have reached it).
+pub fn not_yet_on(job: &Job, dest: &Destination) -> Result<Option<Vec<(String, String)>>> {
+    let store = Store::open(&job.backups_folder, &job.name)?;
+    let Some((holds, when)) = crate::store::held::remembered(&store, &dest.to) else { return Ok(None) };
+    let held: Vec<Snapshot> = holds
+        .iter()
+        .filter_map(|f| {
+            let (time, complete) = crate::store::parse_folder_name(&job.name, f)?;
+            Some(Snapshot { folder: f.clone(), time, complete })
+        })
+        .collect();
+    let originals: Vec<Snapshot> = store.snapshots()?.into_iter().filter(|s| s.complete).collect();
+    let since = when.get(..16).unwrap_or(&when).replace('T', " ");
+    Ok(Some(
+        wanted(&originals, &held, &dest.keep, chrono::Utc::now())?
+            .into_iter()
+            .filter(|o| !holds.contains(&o.folder))
+            .map(|o| (o.folder.clone(), format!("not yet on {} (its replica failed; last reached {since})", dest.to)))
+            .collect(),
+    ))
 }
 
 /// Copies each of `missing` (oldest first) into the backups folder `to`,

@@ -132,25 +132,60 @@ pub fn command(job: &Job, opts: &RunOptions, stats_json: Option<&Path>) -> Resul
         }
         crate::cmd::after_run::after_replicas(job, &failures, code);
     }
-    // A snapshot pruned now would never reach the replica that failed.
-    if job.prune_after_backup && !failures.is_empty() {
-        crate::warn!(
-            "not pruning after this backup: a replica failed, and what prune removes would never reach it (`{}` \
-             once it is mended)",
-            job.command("replicate")
-        );
-    }
+    // A snapshot pruned now would never reach the replica that failed:
+    // those it hasn't got are kept, or nothing is pruned if that isn't known.
+    let keep_for_replicas = if job.prune_after_backup && !failures.is_empty() {
+        not_yet_on_failed(job, &failures)
+    } else {
+        Some(Vec::new())
+    };
     if job.prune_after_backup
-        && failures.is_empty()
         && report.snapshot.is_some()
         && crate::interrupt::received().is_none()
+        && let Some(also) = keep_for_replicas
         && let Err(e) = {
             crate::info!("pruning {} by the job's rules", crate::store::shown(&job.backups_folder, &job.name));
-            crate::cmd::prune::run(job, &job.prune, false)
+            crate::cmd::prune::run_keeping(job, &job.prune, false, &also)
         }
     {
         crate::error!("prune after the backup failed (the snapshot is complete): {e:#}");
         return Ok(Code::worst([code, crate::error::code_of(&e)]));
     }
     Ok(code)
+}
+
+/// What a prune after this backup keeps for the replicas in `failures`
+/// ([`crate::cmd::replicate::not_yet_on`]); `None`, said, when one of them
+/// never had a replicate that succeeded: then nothing is pruned.
+fn not_yet_on_failed(job: &Job, failures: &[(String, String)]) -> Option<Vec<(String, String)>> {
+    let mut keep = Vec::new();
+    for (to, _) in failures {
+        let known = job
+            .replicas
+            .iter()
+            .find(|d| d.to == *to)
+            .map(|d| crate::cmd::replicate::not_yet_on(job, d))
+            .transpose()
+            .unwrap_or_else(|e| {
+                crate::warn!("{e:#}");
+                None
+            })
+            .flatten();
+        let Some(pending) = known else {
+            crate::warn!(
+                "not pruning after this backup: the replica {to} failed and has never been seen holding a snapshot, \
+                 so anything prune removes might never reach it (`{}` once it is mended)",
+                job.command("replicate")
+            );
+            return None;
+        };
+        if !pending.is_empty() {
+            crate::warn!(
+                "the replica {to} failed: prune keeps the {} it has not got yet",
+                crate::report::count(pending.len() as u64, "snapshot", "snapshots")
+            );
+        }
+        keep.extend(pending);
+    }
+    Some(keep)
 }

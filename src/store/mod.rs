@@ -8,6 +8,7 @@
 //! only after everything in it is on disk; deleting one first moves it into
 //! the trash, so a half-deleted snapshot is never listed as complete.
 
+pub mod held;
 pub mod lock;
 pub mod manifest;
 pub mod reader;

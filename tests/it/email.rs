@@ -390,5 +390,9 @@ fn a_failed_replica_after_a_backup_sends_its_own_mail() {
     let subject = msgs[0]["subject"].as_str().unwrap();
     assert_eq!(subject, format!("[rbackup] web on {}: REPLICA FAILED — {}", hostname(), usb.display()));
     let body = msgs[0]["body"].as_str().unwrap();
-    assert!(body.contains("holds no replica of web") && body.contains("Nothing was pruned"), "{body}");
+    assert!(
+        body.contains("holds no replica of web")
+            && body.contains("keeps every snapshot that has not reached the replica"),
+        "{body}"
+    );
 }

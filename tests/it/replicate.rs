@@ -176,6 +176,28 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
     assert_eq!(code, 0, "{err}");
     let only = replicas[0].file_name().unwrap().to_string_lossy().into_owned();
     assert!(out.contains(&format!("also holds 1 snapshot the backups folder no longer has ({only})")), "{out}");
+
+    // The drive away (unplugged for a while): each backup still prunes,
+    // keeping every snapshot the drive has not got yet.
+    let away = tmp.path().join("rep.away");
+    std::fs::rename(&rep, &away).unwrap();
+    for (round, pending) in [(2, "1 snapshot"), (3, "2 snapshots")] {
+        write(&src.join("a.txt"), format!("round {round}").as_bytes());
+        let (code, _, err) = rb(&["--backup"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(&format!("prune keeps the {pending} it has not got yet")), "{err}");
+    }
+    let waiting = complete(&bk, "s");
+    assert_eq!(waiting.len(), 2, "the two taken while it was away; the one it has pruned: {waiting:?}");
+    assert_eq!(std::fs::read(waiting[0].join("a.txt")).unwrap(), b"round 2");
+    // Back: they reach it, then go by the job's rule.
+    std::fs::rename(&away, &rep).unwrap();
+    write(&src.join("a.txt"), b"round 4");
+    let (code, _, err) = rb(&["--backup"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(complete(&bk, "s").len(), 1);
+    let on_drive: Vec<Vec<u8>> = complete(&rep, "s").iter().map(|p| std::fs::read(p.join("a.txt")).unwrap()).collect();
+    assert_eq!(on_drive, [&b"round 0"[..], b"round 1", b"round 2", b"round 3", b"round 4"]);
 }
 
 /// `status` says, per snapshot, which replica holds it and which not, with
