@@ -55,6 +55,9 @@ pub struct Replica {
     /// Its complete snapshots the backups folder no longer holds (a drive
     /// that keeps a longer history), oldest first.
     pub only_there: Vec<String>,
+    /// When its last `replicate` that succeeded ended (RFC 3339), if ever
+    /// (`crate::store::held`).
+    pub last_reached: Option<String>,
 }
 
 /// A job's snapshots and its replicas' state.
@@ -115,6 +118,7 @@ pub fn status(job: &Job, ask_remote: bool) -> Result<Status> {
                     .filter(|r| r.complete && !snaps.iter().any(|s| s.complete && s.time == r.time))
                     .map(|r| r.folder.clone())
                     .collect(),
+                last_reached: crate::store::held::remembered(&store, &r.to).map(|(_, when)| when),
             }
         })
         .collect();
@@ -210,7 +214,10 @@ pub fn run(job: &Job) -> Result<()> {
     for r in &st.replicas {
         match r {
             Replica { readable: false, remote: true, .. } => {
-                println!("  replica {}: can't be asked (see the warning above)", r.name);
+                println!("  replica {}: can't be asked (see the warning above){}", r.name, last_reached(r));
+            }
+            Replica { readable: false, last_reached: Some(_), .. } => {
+                println!("  replica {}: not there, or can't be read (a drive not mounted?){}", r.name, last_reached(r));
             }
             Replica { readable: false, .. } => println!(
                 "  replica {}: not there, or can't be read (a drive not mounted? none made yet: `{}`)",
@@ -241,6 +248,14 @@ pub fn run(job: &Job) -> Result<()> {
         println!("  no replicas (set `replicas` in the job, see docs/replicate.md)");
     }
     Ok(())
+}
+
+/// `; last reached YYYY-MM-DD HH:MM UTC` when a replicate to `r` ever succeeded.
+fn last_reached(r: &Replica) -> String {
+    r.last_reached
+        .as_deref()
+        .map(|w| format!("; last reached {} UTC", w.get(..16).unwrap_or(w).replace('T', " ")))
+        .unwrap_or_default()
 }
 
 /// The bytes of the files in `cur` that `prev` doesn't hold with the same

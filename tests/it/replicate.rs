@@ -187,6 +187,8 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
         assert_eq!(code, 1, "{err}");
         assert!(err.contains(&format!("prune keeps the {pending} it has not got yet")), "{err}");
     }
+    let (_, out, _) = rb(&["status"]);
+    assert!(out.contains("not there, or can't be read (a drive not mounted?); last reached 20"), "{out}");
     let waiting = complete(&bk, "s");
     assert_eq!(waiting.len(), 2, "the two taken while it was away; the one it has pruned: {waiting:?}");
     assert_eq!(std::fs::read(waiting[0].join("a.txt")).unwrap(), b"round 2");
