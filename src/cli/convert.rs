@@ -253,4 +253,25 @@ mod tests {
         let Command::Backup(a) = &cli.command else { panic!() };
         assert!(a.run.for_every_job().is_err(), "one job's source with --all");
     }
+
+    /// Rules given back as `prune`'s options (the console's confirmed
+    /// prune) are the same rules.
+    #[test]
+    fn rules_as_flags_parse_back_to_the_same_rules() {
+        use crate::store::rules::Rules;
+        let rules = Rules {
+            keep_last: Some(3),
+            keep_within: Some("36h".into()),
+            keep_hourly: Some(0),
+            keep_daily: Some(7),
+            keep_weekly: None,
+            keep_monthly: Some(12),
+            keep_yearly: Some(5),
+        };
+        let mut args = vec!["rbackup".to_string(), "prune".into()];
+        args.extend(rules.flags());
+        let cli = Cli::parse_from(args);
+        let Command::Prune(a) = &cli.command else { panic!("not a prune: {:?}", cli.command) };
+        assert_eq!(Rules::from(&a.rules), rules);
+    }
 }

@@ -39,6 +39,23 @@ impl Rules {
                 .all(|n| n.unwrap_or(0) == 0)
     }
 
+    /// The rules as `prune`'s options (`--keep-daily=7` …), the unused
+    /// ones left out.
+    pub fn flags(&self) -> Vec<String> {
+        let counts = [
+            ("last", self.keep_last),
+            ("hourly", self.keep_hourly),
+            ("daily", self.keep_daily),
+            ("weekly", self.keep_weekly),
+            ("monthly", self.keep_monthly),
+            ("yearly", self.keep_yearly),
+        ];
+        let mut out: Vec<String> =
+            counts.iter().filter_map(|(what, n)| n.map(|n| format!("--keep-{what}={n}"))).collect();
+        out.extend(self.keep_within.iter().map(|w| format!("--keep-within={w}")));
+        out
+    }
+
     /// Command-line rules over the job's, rule by rule.
     #[must_use]
     pub fn or(self, base: &Rules) -> Rules {

@@ -317,16 +317,7 @@ fn prune_confirm(job: &Job) -> Result<Option<Confirm>> {
         return Ok(None);
     }
     let mut args = vec!["prune".to_string()];
-    let counts = [
-        ("last", rules.keep_last),
-        ("hourly", rules.keep_hourly),
-        ("daily", rules.keep_daily),
-        ("weekly", rules.keep_weekly),
-        ("monthly", rules.keep_monthly),
-        ("yearly", rules.keep_yearly),
-    ];
-    args.extend(counts.iter().filter_map(|(what, n)| n.map(|n| format!("--keep-{what}={n}"))));
-    args.extend(rules.keep_within.iter().map(|w| format!("--keep-within={w}")));
+    args.extend(rules.flags());
     let mut confirm = Confirm::new("Prune: delete these snapshots".into(), format!("Prune of {}", job.job), args)?;
     confirm.snapshots = Some(complete_snapshots(job)?);
     Ok(Some(confirm))
