@@ -131,12 +131,11 @@ pub fn not_yet_on(job: &Job, dest: &Destination) -> Result<Option<Vec<(String, S
         })
         .collect();
     let originals: Vec<Snapshot> = store.snapshots()?.into_iter().filter(|s| s.complete).collect();
-    let since = when.get(..16).unwrap_or(&when).replace('T', " ");
     Ok(Some(
         wanted(&originals, &held, &dest.keep, chrono::Utc::now())?
             .into_iter()
             .filter(|o| !holds.contains(&o.folder))
-            .map(|o| (o.folder.clone(), format!("not yet on {} (its replica failed; last reached {since})", dest.to)))
+            .map(|o| (o.folder.clone(), format!("not yet on {} (its replica failed; last reached {when})", dest.to)))
             .collect(),
     ))
 }

@@ -55,7 +55,7 @@ pub struct Replica {
     /// Its complete snapshots the backups folder no longer holds (a drive
     /// that keeps a longer history), oldest first.
     pub only_there: Vec<String>,
-    /// When its last `replicate` that succeeded ended (RFC 3339), if ever
+    /// When its last `replicate` that succeeded ended, if ever
     /// (`crate::store::held`).
     pub last_reached: Option<String>,
 }
@@ -252,10 +252,7 @@ pub fn run(job: &Job) -> Result<()> {
 
 /// `; last reached YYYY-MM-DD HH:MM UTC` when a replicate to `r` ever succeeded.
 fn last_reached(r: &Replica) -> String {
-    r.last_reached
-        .as_deref()
-        .map(|w| format!("; last reached {} UTC", w.get(..16).unwrap_or(w).replace('T', " ")))
-        .unwrap_or_default()
+    r.last_reached.as_deref().map(|w| format!("; last reached {w}")).unwrap_or_default()
 }
 
 /// The bytes of the files in `cur` that `prev` doesn't hold with the same

@@ -55,10 +55,13 @@ pub fn remember(store: &Store, to: &str, mut holds: Vec<String>) -> Result<()> {
 }
 
 /// The snapshots `to` held after its last replicate that succeeded, and
-/// when; `None` if it never succeeded (or the record can't be read).
+/// when (`YYYY-MM-DD HH:MM UTC`); `None` if it never succeeded (or the
+/// record can't be read).
 pub fn remembered(store: &Store, to: &str) -> Option<(Vec<String>, String)> {
     let mut held = read(store).ok()?;
-    held.destinations.remove(to).map(|s| (s.holds, s.when))
+    let seen = held.destinations.remove(to)?;
+    let when = chrono::DateTime::parse_from_rfc3339(&seen.when).ok()?.with_timezone(&chrono::Utc);
+    Some((seen.holds, when.format("%Y-%m-%d %H:%M UTC").to_string()))
 }
 
 #[cfg(test)]
