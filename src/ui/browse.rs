@@ -101,6 +101,12 @@ fn trail(job: &str, snap: &str, rel: &[u8]) -> Vec<(String, String)> {
     out
 }
 
+/// A symlink on the way (ELOOP), a file as a folder (ENOTDIR), nothing
+/// (ENOENT): there is no such path to follow in the snapshot.
+fn no_such_path(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc_errno::ELOOP | libc_errno::ENOTDIR | libc_errno::ENOENT))
+}
+
 fn bad(why: &str) -> Response {
     error_page(StatusCode::BAD_REQUEST, why)
 }
@@ -124,9 +130,7 @@ pub async fn browse(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> 
         let o = open(&st2, &p2)?;
         let dir = match paths::open_dir(&o.root, &rel2) {
             Ok(d) => d,
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc_errno::ELOOP | libc_errno::ENOTDIR | libc_errno::ENOENT)) =>
-            {
+            Err(e) if no_such_path(&e) => {
                 return Err(NotFound(format!(
                     "{} is not a folder in {} (a symlink is never followed)",
                     shown(&rel2),
@@ -333,13 +337,9 @@ pub async fn download(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -
         let (parent, name) = paths::split(&rel2);
         let not_found =
             || NotFound(format!("{} is not in {} (a symlink is never followed)", shown(&rel2), o.snap().folder));
-        // A symlink on the way (ELOOP) or a file as a folder (ENOTDIR):
-        // there is no such path to follow.
         let dir = match paths::open_dir(&o.root, parent) {
             Ok(d) => d,
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc_errno::ELOOP | libc_errno::ENOTDIR | libc_errno::ENOENT)) =>
-            {
+            Err(e) if no_such_path(&e) => {
                 return Err(not_found().into());
             }
             Err(e) => return Err(e.into()),
