@@ -196,10 +196,23 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             // A first replica only where one was named: a configured
             // destination not holding the job's replicas is a drive not
             // mounted, whoever runs it.
-            let seed = a.to.is_some();
+            let seed = match (&a.to, a.new_drive) {
+                (None, _) => rbackup::cmd::replicate::Seed::Never,
+                (Some(_), false) => rbackup::cmd::replicate::Seed::IfNew,
+                (Some(_), true) => rbackup::cmd::replicate::Seed::Always,
+            };
+            // Each destination, whatever became of the one before.
             let mut code = Code::Ok;
             for dest in &to {
-                code = Code::worst([code, rbackup::cmd::replicate::run(&job, dest, a.dry_run, seed)?]);
+                let done = match rbackup::cmd::replicate::run(&job, dest, a.dry_run, seed) {
+                    Ok(c) => c,
+                    Err(e) if to.len() == 1 => return Err(e),
+                    Err(e) => {
+                        rbackup::error!("replicating to {}: {e:#}", dest.to);
+                        rbackup::error::code_of(&e)
+                    }
+                };
+                code = Code::worst([code, done]);
             }
             Ok(code)
         }

@@ -375,6 +375,12 @@ pub struct ReplicateArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// Make a first replica in --to DEST even though a replicate reached DEST before (a new,
+    /// empty drive in place of a lost one); without it, such a destination that holds no replica
+    /// now is taken for a drive not mounted
+    #[arg(long, requires = "to")]
+    pub new_drive: bool,
+
     /// Compress the data on the wire with zstd (over SSH)
     #[arg(long)]
     pub compress: bool,

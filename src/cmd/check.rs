@@ -282,7 +282,12 @@ fn check_replicas(job: &Job, r: &mut Report) {
                 let dev = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| m.dev());
                 if !to.join(format!("{}.rbackup", job.name)).is_dir() {
                     let what = format!("replica {}: holds no replica of {} (a drive not mounted?)", dest.to, job.name);
-                    if job.replicate_after_backup {
+                    let reached = crate::store::Store::open(&job.backups_folder, &job.name)
+                        .ok()
+                        .and_then(|s| crate::store::held::remembered(&s, &dest.to));
+                    if let Some((_, when)) = reached {
+                        r.bad(&what, &format!("a replicate reached it on {when}: mount the drive"));
+                    } else if job.replicate_after_backup {
                         r.bad(&what, &format!("mount the drive; the first replica is made by hand: `{first}`"));
                     } else {
                         println!("note  {what}; the first one is made by `{first}`");

@@ -29,20 +29,31 @@ use crate::store::rules::Rules;
 use crate::store::{Snapshot, Store, lock};
 use crate::{info, usage, warn};
 
+/// Whether a local destination that holds no replica of the job may get
+/// its first one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seed {
+    /// Never (`replicate_after_backup`, `replicate` of the configured
+    /// `replicas`): a drive not mounted is an error, not a copy onto the
+    /// disk beneath its mount point.
+    Never,
+    /// Yes, unless a replicate reached it before (`replicate --to DEST`):
+    /// then it is a drive not mounted too.
+    IfNew,
+    /// Yes (`replicate --to DEST --new-drive`: a new drive in place of one
+    /// that was lost).
+    Always,
+}
+
 /// Replicates into `dest` the complete snapshots of `job` that its rules
 /// keep (all of them without rules), then, with `prune = true`, deletes
-/// there what they don't.
-///
-/// A local destination is made only when `seed` (`replicate --to DEST`,
-/// typed by the admin); otherwise (`replicate_after_backup`, `replicate`
-/// of the configured `replicas`) it must already hold the job's replicas,
-/// so that a drive not mounted is an error, not a copy onto the disk
-/// beneath its mount point.
-pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: bool) -> Result<Code> {
+/// there what they don't. A local destination gets its first replica as
+/// `seed` allows.
+pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: Seed) -> Result<Code> {
     let (to, remote) = destination(&dest.to)?;
     if remote.is_none() {
         refuse_overlap(&to, &job.backups_folder)?;
-        require_local(job, &to, seed)?;
+        require_local(job, &dest.to, &to, seed)?;
     }
     let source = Store::open(&job.backups_folder, &job.name)?;
     source.require_snapshots()?;
@@ -217,23 +228,42 @@ pub fn destination(to: &str) -> Result<(PathBuf, Option<Remote>)> {
 }
 
 /// A local destination: one that holds the job's replicas (its
-/// `NAME.rbackup`), or with `seed`, a folder to make them in, made if
+/// `NAME.rbackup`), or as `seed` allows, a folder to make them in, made if
 /// missing beneath a folder that is there (never its parents: those of a
 /// drive not mounted are the mount point's). A destination on the backups
-/// folder's own filesystem is said to be, once.
-fn require_local(job: &Job, to: &Path, seed: bool) -> Result<()> {
+/// folder's own filesystem is said to be, once. `named` is the
+/// destination as the job names it (its record in [`crate::store::held`]).
+fn require_local(job: &Job, named: &str, to: &Path, seed: Seed) -> Result<()> {
     let meta = to.join(format!("{}.rbackup", job.name));
     if meta.is_dir() {
         return Ok(());
     }
-    if !seed {
-        bail!(
+    let reached = Store::open(&job.backups_folder, &job.name)
+        .ok()
+        .and_then(|s| crate::store::held::remembered(&s, named))
+        .map(|(holds, when)| (holds.len() as u64, when));
+    match (seed, &reached) {
+        (Seed::Never | Seed::IfNew, Some((n, when))) => {
+            let e = anyhow::anyhow!(
+                "{} holds no replica of {} now, but a replicate reached it on {when} and left {} there: the drive \
+                 is not mounted? Nothing was written; mount it and run again. (A new, empty drive in place of a \
+                 lost one: `{}`.)",
+                to.display(),
+                job.name,
+                crate::report::count(*n, "snapshot", "snapshots"),
+                job.command(&format!("replicate --to {} --new-drive", to.display()))
+            );
+            // Typed by hand, it is the command that is refused (exit 2).
+            return Err(if seed == Seed::IfNew { usage!("{e}") } else { e });
+        }
+        (Seed::Never, None) => bail!(
             "{} holds no replica of {} (a drive not mounted?); nothing was written there. The first replica is \
              made by hand: `{}`",
             to.display(),
             job.name,
             job.command(&format!("replicate --to {}", to.display()))
-        );
+        ),
+        _ => {}
     }
     let parent = to.parent().filter(|p| p.is_dir()).ok_or_else(|| {
         usage!(

@@ -123,11 +123,15 @@ pub fn command(job: &Job, opts: &RunOptions, stats_json: Option<&Path>) -> Resul
     let mut failures = Vec::new();
     if job.replicate_after_backup && report.snapshot.is_some() && crate::interrupt::received().is_none() {
         for dest in &job.replicas {
-            let replicated = crate::cmd::replicate::run(job, dest, false, false).unwrap_or_else(|e| {
-                crate::error!("replicating to {} after the backup failed (the snapshot is complete): {e:#}", dest.to);
-                failures.push((dest.to.clone(), format!("{e:#}")));
-                crate::error::code_of(&e)
-            });
+            let replicated = crate::cmd::replicate::run(job, dest, false, crate::cmd::replicate::Seed::Never)
+                .unwrap_or_else(|e| {
+                    crate::error!(
+                        "replicating to {} after the backup failed (the snapshot is complete): {e:#}",
+                        dest.to
+                    );
+                    failures.push((dest.to.clone(), format!("{e:#}")));
+                    crate::error::code_of(&e)
+                });
             code = Code::worst([code, replicated]);
         }
         crate::cmd::after_run::after_replicas(job, &failures, code);

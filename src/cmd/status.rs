@@ -197,9 +197,10 @@ pub fn run(job: &Job) -> Result<()> {
             println!("{line}");
             continue;
         }
-        for held in &row.replicas {
+        for (held, r) in row.replicas.iter().zip(&st.replicas) {
             let word = match held {
-                Held::Unreadable => "unreadable".to_string(),
+                Held::Unreadable if r.remote => "can't be asked".to_string(),
+                Held::Unreadable => "not there".to_string(),
                 Held::NotAsked => "not asked".to_string(),
                 Held::Yes => "yes".to_string(),
                 Held::NotKept => "not kept there".to_string(),

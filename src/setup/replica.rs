@@ -66,9 +66,11 @@ pub(super) fn replica(o: &ServerOptions) -> Result<()> {
     }
     let host = crate::notify::hostname();
     info!(
-        "replica host ready. On the desktop, in the job's ssh_config, a Host alias for the replica key:\n\n  \
+        "replica host ready. On the desktop, in the job's ssh_config, a Host alias for the replica key \
+         (IdentityFile: the private half of the key given here, JOB the job's name):\n\n  \
          Host offsite-replica\n    HostName {host}\n    User root\n    IdentityFile \
-         /etc/rbackup/keys/JOB-replica\n    IdentitiesOnly yes\n\nthen in the job: replicas = \
+         /etc/rbackup/keys/JOB-replica\n    IdentitiesOnly yes\n    UserKnownHostsFile \
+         /etc/rbackup/known_hosts\n    StrictHostKeyChecking yes\n\nthen in the job: replicas = \
          [\"offsite-replica:{}\"] (docs/replicate.md, step 3)",
         root.display()
     );

@@ -264,7 +264,7 @@ pub async fn job(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Res
                                         Held::NotKept => span { "not kept there" },
                                         Held::NotAsked => span { "not asked" },
                                         Held::Pending(b) => span.warn { "pending" @if let Some(b) = b { " (" (human_bytes(*b)) ")" } },
-                                        Held::Unreadable => span.warn { "unreadable" },
+                                        Held::Unreadable => span.warn { "not there, or can't be read" },
                                     } }
                                 }
                             }

@@ -189,6 +189,12 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
     }
     let (_, out, _) = rb(&["status"]);
     assert!(out.contains("not there, or can't be read (a drive not mounted?); last reached 20"), "{out}");
+    // Told to make a first replica there, as for a new drive: it was reached
+    // before, so it is a drive not mounted; nothing is written.
+    let (code, _, err) = rb(&["replicate", "--to", rep.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the drive is not mounted?") && err.contains("--new-drive"), "{err}");
+    assert!(!rep.exists(), "nothing made where the drive should be");
     let waiting = complete(&bk, "s");
     assert_eq!(waiting.len(), 2, "the two taken while it was away; the one it has pruned: {waiting:?}");
     assert_eq!(std::fs::read(waiting[0].join("a.txt")).unwrap(), b"round 2");
@@ -200,6 +206,13 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
     assert_eq!(complete(&bk, "s").len(), 1);
     let on_drive: Vec<Vec<u8>> = complete(&rep, "s").iter().map(|p| std::fs::read(p.join("a.txt")).unwrap()).collect();
     assert_eq!(on_drive, [&b"round 0"[..], b"round 1", b"round 2", b"round 3", b"round 4"]);
+    // The drive lost; a new one in its place takes what the originals hold.
+    std::fs::remove_dir_all(&rep).unwrap();
+    std::fs::create_dir(&rep).unwrap();
+    assert_eq!(rb(&["replicate", "--to", rep.to_str().unwrap()]).0, 2);
+    let (code, _, err) = rb(&["replicate", "--to", rep.to_str().unwrap(), "--new-drive"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(complete(&rep, "s").len(), 1);
 }
 
 /// `status` says, per snapshot, which replica holds it and which not, with
@@ -240,7 +253,7 @@ fn status_matches_what_is_where() {
     let (first, second) = (cells(rows[0]), cells(rows[1]));
     assert_eq!(first[1], "yes", "{out}");
     assert!(first[2].starts_with("pending (1.0 MiB)"), "all of it, to a replica holding none: {out}");
-    assert_eq!(first[3], "unreadable", "{out}");
+    assert_eq!(first[3], "not there", "{out}");
     assert_eq!(second[1], "pending (7 B)", "only what changed, with the first replica there: {out}");
     assert!(out.contains(&format!("replica {}: 1 snapshot pending", usb.display())), "{out}");
     assert!(out.contains(&format!("replica {}: 2 snapshots pending", other.display())), "{out}");
@@ -357,4 +370,20 @@ fn check_says_whether_each_replica_is_there() {
     let (_, out, _) = check();
     // On one test filesystem the replica is where the originals are: said.
     assert!(out.contains(&format!("FAIL  replica {}: on the backups folder's own filesystem", usb.display())), "{out}");
+}
+
+/// `replicate` of the configured destinations tries each, whatever became
+/// of the one before, and fails if one did.
+#[test]
+fn every_configured_destination_is_tried() {
+    let tmp = scratch();
+    let (src, bk, usb) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("usb"));
+    write(&src.join("a.txt"), b"a");
+    assert_eq!(backup(&src, &bk, "s", &[]).0, 0);
+    std::fs::create_dir_all(usb.join("s.rbackup")).unwrap(); // a drive holding the job's replicas
+    let rb = job_s(tmp.path(), &src, &bk, &format!("replicas = [\"/nonexistent/drive\", \"{}\"]\n", usb.display()));
+    let (code, _, err) = rb(&["replicate"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("replicating to /nonexistent/drive:"), "{err}");
+    assert_eq!(complete(&usb, "s").len(), 1, "the second one got its replica: {err}");
 }
