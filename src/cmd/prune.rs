@@ -173,6 +173,19 @@ pub fn run_keeping(job: &Job, rules: &Rules, dry_run: bool, also: &[(String, Str
             format!("{INTERRUPTED} (`{}` finishes it)", job.command("--continue"))
         };
     }
+    // By hand, the rules alone decide (docs/design.md rule 12), but what a
+    // replica has not got yet is said before it goes.
+    for dest in &job.replicas {
+        let Ok(Some(pending)) = crate::cmd::replicate::not_yet_on(job, dest) else { continue };
+        for d in decisions.iter().filter(|d| !d.keep && pending.iter().any(|(f, _)| *f == d.snapshot.folder)) {
+            crate::warn!(
+                "{}, which the replica {} has not got yet, {}",
+                d.snapshot.folder,
+                dest.to,
+                if dry_run { "would be removed" } else { "is removed" }
+            );
+        }
+    }
     // `-q` (cron, prune_after_backup) means warnings and errors only; a dry
     // run's table is what was asked for, so it always prints.
     let show = dry_run || crate::log::on_stderr(crate::log::Level::Info);

@@ -197,6 +197,12 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
     assert!(!rep.exists(), "nothing made where the drive should be");
     let waiting = complete(&bk, "s");
     assert_eq!(waiting.len(), 2, "the two taken while it was away; the one it has pruned: {waiting:?}");
+    // A prune by hand goes by the rules, but says what hasn't reached it.
+    let (code, _, err) = rb(&["prune", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    let older = waiting[0].file_name().unwrap().to_string_lossy().into_owned();
+    let said = format!("{older}, which the replica {} has not got yet, would be removed", rep.display());
+    assert!(err.contains(&said), "{err}");
     assert_eq!(std::fs::read(waiting[0].join("a.txt")).unwrap(), b"round 2");
     // Back: they reach it, then go by the job's rule.
     std::fs::rename(&away, &rep).unwrap();
