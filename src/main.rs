@@ -213,6 +213,9 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
                     }
                 };
                 code = Code::worst([code, done]);
+                if rbackup::interrupt::received().is_some() {
+                    break;
+                }
             }
             Ok(code)
         }

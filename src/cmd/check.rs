@@ -284,7 +284,7 @@ fn check_replicas(job: &Job, r: &mut Report) {
                     let what = format!("replica {}: holds no replica of {} (a drive not mounted?)", dest.to, job.name);
                     let reached = crate::store::Store::open(&job.backups_folder, &job.name)
                         .ok()
-                        .and_then(|s| crate::store::held::remembered(&s, &dest.to));
+                        .and_then(|s| crate::store::held::remembered(&s, &dest.key()));
                     if let Some((_, when)) = reached {
                         r.bad(&what, &format!("a replicate reached it on {when}: mount the drive"));
                     } else if job.replicate_after_backup {

@@ -53,7 +53,7 @@ pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: Seed) -> Result<C
     let (to, remote) = destination(&dest.to)?;
     if remote.is_none() {
         refuse_overlap(&to, &job.backups_folder)?;
-        require_local(job, &dest.to, &to, seed)?;
+        require_local(job, &dest.key(), &to, seed)?;
     }
     let source = Store::open(&job.backups_folder, &job.name)?;
     source.require_snapshots()?;
@@ -77,15 +77,10 @@ pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: Seed) -> Result<C
     } else {
         let of = if dest.keep.is_empty() { String::new() } else { " its rules keep".to_string() };
         info!("{} of the {} snapshots{of} to replicate into {}", missing.len(), wanted.len(), to.display());
-        copy_each(job, &to, remote.as_ref(), &have, &missing, dry_run)?
+        copy_each(job, dest, &to, remote.as_ref(), &have, &missing, dry_run)?
     };
-    if !dry_run {
-        // What it holds now, for a prune after a backup whose replica to it
-        // fails (crate::store::held).
-        let holds = have.iter().filter(|h| h.complete).chain(missing.iter().copied()).map(|s| s.folder.clone());
-        if let Err(e) = crate::store::held::remember(&source, &dest.to, holds.collect()) {
-            warn!("{e:#}: a prune after a failed replica to {} will not prune at all", dest.to);
-        }
+    if !dry_run && missing.is_empty() {
+        note_held(&source, dest, have.iter().filter(|h| h.complete).map(|h| h.folder.clone()));
     }
     if dest.prune && dry_run {
         // What prune would remove once the missing ones are there.
@@ -99,8 +94,12 @@ pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: Seed) -> Result<C
     if dest.prune && Store::open(&to, &job.name).is_ok_and(|s| s.snapshots().is_ok_and(|v| !v.is_empty())) {
         info!("pruning {} by its own rules", to.display());
         let there = Job { backups_folder: to.clone(), ..job.clone() };
-        let pruned = crate::cmd::prune::run(&there, &dest.keep, dry_run)
-            .with_context(|| format!("pruning the replica {}", to.display()))?;
+        let pruned = crate::cmd::prune::run(&there, &dest.keep, dry_run);
+        // What is there now, not what was copied.
+        if let Ok(left) = Store::open(&to, &job.name).and_then(|s| s.snapshots()) {
+            note_held(&source, dest, left.into_iter().filter(|s| s.complete).map(|s| s.folder));
+        }
+        let pruned = pruned.with_context(|| format!("pruning the replica {}", to.display()))?;
         return Ok(Code::worst([code, pruned]));
     }
     Ok(code)
@@ -133,7 +132,7 @@ pub fn wanted<'a>(
 /// `None` if it never had one (then nothing can be said to have reached it).
 pub fn not_yet_on(job: &Job, dest: &Destination) -> Result<Option<Vec<(String, String)>>> {
     let store = Store::open(&job.backups_folder, &job.name)?;
-    let Some((holds, when)) = crate::store::held::remembered(&store, &dest.to) else { return Ok(None) };
+    let Some((holds, when)) = crate::store::held::remembered(&store, &dest.key()) else { return Ok(None) };
     let held: Vec<Snapshot> = holds
         .iter()
         .filter_map(|f| {
@@ -146,15 +145,25 @@ pub fn not_yet_on(job: &Job, dest: &Destination) -> Result<Option<Vec<(String, S
         wanted(&originals, &held, &dest.keep, chrono::Utc::now())?
             .into_iter()
             .filter(|o| !holds.contains(&o.folder))
-            .map(|o| (o.folder.clone(), format!("not yet on {} (its replica failed; last reached {when})", dest.to)))
+            .map(|o| (o.folder.clone(), format!("not yet on {} (last reached {when})", dest.to)))
             .collect(),
     ))
 }
 
+/// Records that `dest` holds `holds` ([`crate::store::held`]); a record
+/// that can't be written is said.
+fn note_held(source: &Store, dest: &Destination, holds: impl Iterator<Item = String>) {
+    if let Err(e) = crate::store::held::remember(source, &dest.key(), holds.collect()) {
+        warn!("{e:#}: a prune after a failed replica to {} will not prune at all", dest.to);
+    }
+}
+
 /// Copies each of `missing` (oldest first) into the backups folder `to`,
 /// or through the append-only agent of `remote`; `have` is what it holds.
+/// After each, what `dest` holds is recorded.
 fn copy_each(
     job: &Job,
+    dest: &Destination,
     to: &Path,
     remote: Option<&Connected>,
     have: &[Snapshot],
@@ -164,6 +173,7 @@ fn copy_each(
     let source = Store::open(&job.backups_folder, &job.name)?;
     let manifests = manifest::folder(&source.meta_dir()?)?;
     let mut worst = Code::Ok;
+    let mut holds: Vec<String> = have.iter().filter(|h| h.complete).map(|h| h.folder.clone()).collect();
     for original in missing {
         // What a dry run can say without the replicas before it being
         // there to link from: which snapshots go (`status` says how much).
@@ -179,6 +189,8 @@ fn copy_each(
             let code =
                 remote.replicate(job, &source, original).with_context(|| format!("replicating {}", original.folder))?;
             worst = Code::worst([worst, code]);
+            holds.push(original.folder.clone());
+            note_held(&source, dest, holds.iter().cloned());
             continue;
         }
         let resume = have.iter().any(|h| !h.complete && h.time == original.time);
@@ -205,6 +217,8 @@ fn copy_each(
             Ok(report) => {
                 if !dry_run {
                     crate::cmd::run::print_summary(&report, dry_run);
+                    holds.push(original.folder.clone());
+                    note_held(&source, dest, holds.iter().cloned());
                 }
                 worst = Code::worst([worst, report.code]);
             }

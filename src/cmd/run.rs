@@ -133,20 +133,18 @@ pub fn command(job: &Job, opts: &RunOptions, stats_json: Option<&Path>) -> Resul
                     crate::error::code_of(&e)
                 });
             code = Code::worst([code, replicated]);
+            if crate::interrupt::received().is_some() {
+                break;
+            }
         }
         crate::cmd::after_run::after_replicas(job, &failures, code);
     }
-    // A snapshot pruned now would never reach the replica that failed:
-    // those it hasn't got are kept, or nothing is pruned if that isn't known.
-    let keep_for_replicas = if job.prune_after_backup && !failures.is_empty() {
-        not_yet_on_failed(job, &failures)
-    } else {
-        Some(Vec::new())
-    };
+    // A snapshot pruned now would never reach a replica that hasn't got
+    // it: those are kept, or nothing is pruned if that isn't known.
     if job.prune_after_backup
         && report.snapshot.is_some()
         && crate::interrupt::received().is_none()
-        && let Some(also) = keep_for_replicas
+        && let Some(also) = kept_for_replicas(job, &failures)
         && let Err(e) = {
             crate::info!("pruning {} by the job's rules", crate::store::shown(&job.backups_folder, &job.name));
             crate::cmd::prune::run_keeping(job, &job.prune, false, &also)
@@ -158,38 +156,42 @@ pub fn command(job: &Job, opts: &RunOptions, stats_json: Option<&Path>) -> Resul
     Ok(code)
 }
 
-/// What a prune after this backup keeps for the replicas in `failures`
-/// ([`crate::cmd::replicate::not_yet_on`]); `None`, said, when one of them
-/// never had a replicate that succeeded: then nothing is pruned.
-fn not_yet_on_failed(job: &Job, failures: &[(String, String)]) -> Option<Vec<(String, String)>> {
+/// What a prune after this backup keeps for the job's replicas: what each
+/// has not got yet ([`crate::cmd::replicate::not_yet_on`]), whether its
+/// replicate failed just now or runs apart from the backups. `None`, said,
+/// when one in `failures` never had a replicate that succeeded: then
+/// nothing is pruned.
+fn kept_for_replicas(job: &Job, failures: &[(String, String)]) -> Option<Vec<(String, String)>> {
     let mut keep = Vec::new();
-    for (to, _) in failures {
-        let known = job
-            .replicas
-            .iter()
-            .find(|d| d.to == *to)
-            .map(|d| crate::cmd::replicate::not_yet_on(job, d))
-            .transpose()
-            .unwrap_or_else(|e| {
-                crate::warn!("{e:#}");
-                None
-            })
-            .flatten();
-        let Some(pending) = known else {
-            crate::warn!(
-                "not pruning after this backup: the replica {to} failed and has never been seen holding a snapshot, \
-                 so anything prune removes might never reach it (`{}` once it is mended)",
-                job.command("replicate")
-            );
-            return None;
-        };
-        if !pending.is_empty() {
-            crate::warn!(
-                "the replica {to} failed: prune keeps the {} it has not got yet",
-                crate::report::count(pending.len() as u64, "snapshot", "snapshots")
-            );
+    for dest in &job.replicas {
+        let failed = failures.iter().any(|(to, _)| *to == dest.to);
+        let pending = crate::cmd::replicate::not_yet_on(job, dest).unwrap_or_else(|e| {
+            crate::warn!("{e:#}");
+            None
+        });
+        match pending {
+            None if failed => {
+                crate::warn!(
+                    "not pruning after this backup: the replica {} failed and has never been seen holding a \
+                     snapshot, so anything prune removes might never reach it (`{}` once it is mended)",
+                    dest.to,
+                    job.command("replicate")
+                );
+                return None;
+            }
+            None => {}
+            Some(pending) => {
+                if !pending.is_empty() {
+                    let n = crate::report::count(pending.len() as u64, "snapshot", "snapshots");
+                    if failed {
+                        crate::warn!("the replica {} failed: prune keeps the {n} it has not got yet", dest.to);
+                    } else {
+                        info!("prune keeps the {n} the replica {} has not got yet", dest.to);
+                    }
+                }
+                keep.extend(pending);
+            }
         }
-        keep.extend(pending);
     }
     Some(keep)
 }

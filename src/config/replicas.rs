@@ -36,16 +36,26 @@ impl Destination {
     pub fn is_local(&self) -> bool {
         self.to.starts_with('/')
     }
+
+    /// One spelling of the place, whichever was written: what records
+    /// about it are kept under (`crate::store::held`).
+    pub fn key(&self) -> String {
+        place(&self.to)
+    }
 }
 
-/// Whether two spellings name the same destination: `/media/usb//backups/`
-/// is `/media/usb/backups` (components compared; a host's part as is).
+/// `[user@]host:` as written, then the path's components joined by `/`:
+/// `/media/usb//backups/` is `/media/usb/backups`.
+fn place(s: &str) -> String {
+    let (host, path) = if s.starts_with('/') { ("", s) } else { s.split_once(':').map_or(("", s), |(h, p)| (h, p)) };
+    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    if host.is_empty() { format!("/{}", parts.join("/")) } else { format!("{host}:/{}", parts.join("/")) }
+}
+
+/// Whether two spellings name the same destination (components compared;
+/// a host's part as is).
 fn same_place(a: &str, b: &str) -> bool {
-    let parts = |s: &str| -> (String, Vec<String>) {
-        let (host, path) = if s.starts_with('/') { ("", s) } else { s.split_once(':').unwrap_or(("", s)) };
-        (host.to_string(), path.split('/').filter(|c| !c.is_empty() && *c != ".").map(str::to_string).collect())
-    };
-    parts(a) == parts(b)
+    place(a) == place(b)
 }
 
 /// The table form of an entry.
@@ -176,5 +186,9 @@ mod tests {
         let remote = parse("replicas = [{ to = \"off:/srv/r\", keep_daily = 2 }]").unwrap();
         assert_eq!(Destination::named("off:/srv//r/", &remote).keep.keep_daily, Some(2));
         assert!(Destination::named("other:/srv/r", &remote).keep.is_empty());
+        // Every spelling of a place has one key.
+        assert_eq!(conf[0].key(), "/media/usb");
+        assert_eq!(Destination::named("/media//usb/./", &[]).key(), "/media/usb");
+        assert_eq!(Destination::named("off:/srv//r/", &[]).key(), "off:/srv/r");
     }
 }

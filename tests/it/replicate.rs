@@ -393,3 +393,33 @@ fn every_configured_destination_is_tried() {
     assert!(err.contains("replicating to /nonexistent/drive:"), "{err}");
     assert_eq!(complete(&usb, "s").len(), 1, "the second one got its replica: {err}");
 }
+
+/// Replicated apart from the backups (its own timer): a prune after a
+/// backup still keeps what the replica has not got yet.
+#[test]
+fn a_prune_after_a_backup_waits_for_a_replica_made_apart() {
+    let tmp = scratch();
+    let (src, bk, rep) = (tmp.path().join("src"), tmp.path().join("bk"), tmp.path().join("rep"));
+    let keys = format!("replicas = [\"{}/\"]\nkeep_last = 1\nprune_after_backup = true\n", rep.display());
+    let rb = job_s(tmp.path(), &src, &bk, &keys);
+    let round = |n: u32| {
+        write(&src.join("a.txt"), format!("round {n}").as_bytes());
+        let (code, _, err) = rb(&["--backup"]);
+        assert_eq!(code, 0, "{err}");
+        err
+    };
+    round(0);
+    // Named without the trailing slash: the same destination.
+    assert_eq!(rb(&["replicate", "--to", rep.to_str().unwrap()]).0, 0);
+    round(1); // round 0 is on the replica: pruned
+    let err = round(2); // rounds 1 and 2 are not: kept
+    assert!(err.contains("prune keeps the 2 snapshots the replica"), "{err}");
+    let contents = |folder: &Path| -> Vec<Vec<u8>> {
+        complete(folder, "s").iter().map(|p| std::fs::read(p.join("a.txt")).unwrap()).collect()
+    };
+    assert_eq!(contents(&bk), [&b"round 1"[..], b"round 2"]);
+    assert_eq!(rb(&["replicate"]).0, 0);
+    round(3);
+    assert_eq!(contents(&bk), [&b"round 3"[..]]);
+    assert_eq!(contents(&rep), [&b"round 0"[..], b"round 1", b"round 2"]);
+}
