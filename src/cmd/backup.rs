@@ -344,7 +344,11 @@ pub fn run_session(
     let driven = match driven {
         Ok(d) => d,
         Err(crate::session::Failure { error, conn: Some(conn) }) => {
-            let cont = job.command("--continue");
+            // A replica is finished by replicating again (`job` is its copy job).
+            let cont = match opts.replica_of {
+                Some(_) => job.command(&format!("replicate --to {}", job.backups_folder.display())),
+                None => job.command("--continue"),
+            };
             return Err(failed(error, &source, &conn, dest.as_ref().filter(|_| !opts.dry_run), &target.folder, &cont));
         }
         Err(crate::session::Failure { error, conn: None }) => return Err(error),
