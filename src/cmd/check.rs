@@ -285,8 +285,16 @@ fn check_replicas(job: &Job, r: &mut Report) {
                     let reached = crate::store::Store::open(&job.backups_folder, &job.name)
                         .ok()
                         .and_then(|s| crate::store::held::remembered(&s, &dest.key()));
-                    if let Some((_, when)) = reached {
-                        r.bad(&what, &format!("a replicate reached it on {when}: mount the drive"));
+                    let allowed = chrono::Duration::days(i64::from(dest.away_days));
+                    if let Some(reached) = reached.as_ref().filter(|r| chrono::Utc::now() - r.when <= allowed) {
+                        println!(
+                            "note  replica {}: away since {} (it may be away {} days; its snapshots wait for it)",
+                            dest.to,
+                            reached.shown(),
+                            dest.away_days
+                        );
+                    } else if let Some(reached) = reached {
+                        r.bad(&what, &format!("a replicate reached it on {}: mount the drive", reached.shown()));
                     } else if job.replicate_after_backup {
                         r.bad(&what, &format!("mount the drive; the first replica is made by hand: `{first}`"));
                     } else {

@@ -53,6 +53,9 @@ pub fn run(job: &Job, dest: &Destination, dry_run: bool, seed: Seed) -> Result<C
     let (to, remote) = destination(&dest.to)?;
     if remote.is_none() {
         refuse_overlap(&to, &job.backups_folder)?;
+        if seed == Seed::Never && away(job, dest, &to)? {
+            return Ok(Code::Ok);
+        }
         require_local(job, &dest.key(), &to, seed)?;
     }
     let source = Store::open(&job.backups_folder, &job.name)?;
@@ -132,7 +135,8 @@ pub fn wanted<'a>(
 /// `None` if it never had one (then nothing can be said to have reached it).
 pub fn not_yet_on(job: &Job, dest: &Destination) -> Result<Option<Vec<(String, String)>>> {
     let store = Store::open(&job.backups_folder, &job.name)?;
-    let Some((holds, when)) = crate::store::held::remembered(&store, &dest.key()) else { return Ok(None) };
+    let Some(reached) = crate::store::held::remembered(&store, &dest.key()) else { return Ok(None) };
+    let (holds, when) = (&reached.holds, reached.shown());
     let held: Vec<Snapshot> = holds
         .iter()
         .filter_map(|f| {
@@ -241,6 +245,35 @@ pub fn destination(to: &str) -> Result<(PathBuf, Option<Remote>)> {
     })
 }
 
+/// Whether `dest` (a local folder, `to`) is a drive away within its
+/// `away_days`: not there, reached before, not long ago. Said so; the
+/// snapshots wait for it (a prune keeps them, docs/design.md rule 12).
+/// Away longer than that is an error.
+fn away(job: &Job, dest: &Destination, to: &Path) -> Result<bool> {
+    if dest.away_days == 0 || to.join(format!("{}.rbackup", job.name)).is_dir() {
+        return Ok(false);
+    }
+    let store = Store::open(&job.backups_folder, &job.name)?;
+    let Some(reached) = crate::store::held::remembered(&store, &dest.key()) else { return Ok(false) };
+    let allowed = chrono::Duration::days(i64::from(dest.away_days));
+    if chrono::Utc::now() - reached.when > allowed {
+        bail!(
+            "{} has been away since {}, longer than its away_days = {}: mount the drive (its snapshots wait for it \
+             on the backups folder)",
+            to.display(),
+            reached.shown(),
+            dest.away_days
+        );
+    }
+    info!(
+        "{} is away (last reached {}; it may be away {} days): its snapshots wait for it",
+        to.display(),
+        reached.shown(),
+        dest.away_days
+    );
+    Ok(true)
+}
+
 /// A local destination: one that holds the job's replicas (its
 /// `NAME.rbackup`), or as `seed` allows, a folder to make them in, made if
 /// missing beneath a folder that is there (never its parents: those of a
@@ -255,7 +288,7 @@ fn require_local(job: &Job, named: &str, to: &Path, seed: Seed) -> Result<()> {
     let reached = Store::open(&job.backups_folder, &job.name)
         .ok()
         .and_then(|s| crate::store::held::remembered(&s, named))
-        .map(|(holds, when)| (holds.len() as u64, when));
+        .map(|r| (r.holds.len() as u64, r.shown()));
     match (seed, &reached) {
         (Seed::Never | Seed::IfNew, Some((n, when))) => {
             let e = anyhow::anyhow!(

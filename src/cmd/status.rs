@@ -118,7 +118,7 @@ pub fn status(job: &Job, ask_remote: bool) -> Result<Status> {
                     .filter(|r| r.complete && !snaps.iter().any(|s| s.complete && s.time == r.time))
                     .map(|r| r.folder.clone())
                     .collect(),
-                last_reached: crate::store::held::remembered(&store, &r.key()).map(|(_, when)| when),
+                last_reached: crate::store::held::remembered(&store, &r.key()).map(|r| r.shown()),
             }
         })
         .collect();

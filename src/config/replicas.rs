@@ -3,7 +3,8 @@
 //! (`"/media/usb/backups"`: every snapshot) or a table with its own
 //! retention rules (`{ to = "/media/usb/backups", keep_monthly = 60 }`: the
 //! snapshots those rules keep), and for a local folder `prune = true` to
-//! delete there what they don't (docs/replicate.md).
+//! delete there what they don't and `away_days = N` for a drive that
+//! travels (docs/replicate.md).
 
 use serde::Deserialize;
 use serde::de::Error;
@@ -19,6 +20,9 @@ pub struct Destination {
     pub keep: Rules,
     /// After copying, delete from it what `keep` doesn't keep (local only).
     pub prune: bool,
+    /// Days it may be away (a drive rotated off site, local only) before
+    /// its absence is an error; 0: absent is an error at once.
+    pub away_days: u32,
 }
 
 impl Destination {
@@ -72,6 +76,8 @@ struct Table {
     keep_yearly: Option<u32>,
     #[serde(default)]
     prune: bool,
+    #[serde(default)]
+    away_days: u32,
 }
 
 #[derive(Deserialize)]
@@ -112,6 +118,7 @@ fn entry(v: toml::Value) -> Result<Destination, String> {
                 keep_yearly: t.keep_yearly,
             },
             prune: t.prune,
+            away_days: t.away_days,
         },
     };
     crate::config::SourceSpec::parse_as(&d.to, "replica destination").map_err(|e| format!("replicas: {e}"))?;
@@ -122,6 +129,13 @@ fn entry(v: toml::Value) -> Result<Destination, String> {
         return Err(format!(
             "replicas: {}: prune = true needs keep_* rules saying what to keep there; rbackup never guesses what \
              to delete",
+            d.to
+        ));
+    }
+    if d.away_days > 0 && !d.is_local() {
+        return Err(format!(
+            "replicas: {}: away_days is for a drive of this machine that travels; a host over SSH that can't be \
+             reached is an error",
             d.to
         ));
     }
@@ -171,6 +185,7 @@ mod tests {
             ("replicas = [\"relative\"]", "replica destination"),
             ("replicas = [{ to = \"/m\", keep_within = \"soon\" }]", "keep_within"),
             ("replicas = [3]", "neither"),
+            ("replicas = [{ to = \"h:/m\", away_days = 7 }]", "a drive of this machine"),
         ] {
             let e = parse(doc).unwrap_err();
             assert!(e.contains(says), "{doc}: {e}");

@@ -54,14 +54,27 @@ pub fn remember(store: &Store, to: &str, mut holds: Vec<String>) -> Result<()> {
     crate::fs::writer::replace_file(&store.meta_dir()?, FILE, &text, 0o600).context("writing replicas.json")
 }
 
-/// The snapshots `to` held after its last replicate that succeeded, and
-/// when (`YYYY-MM-DD HH:MM UTC`); `None` if it never succeeded (or the
-/// record can't be read).
-pub fn remembered(store: &Store, to: &str) -> Option<(Vec<String>, String)> {
+/// What a destination held after its last replicate that succeeded.
+pub struct Reached {
+    /// Its complete snapshots, by folder name.
+    pub holds: Vec<String>,
+    pub when: chrono::DateTime<chrono::Utc>,
+}
+
+impl Reached {
+    /// `when`, as messages show it: `YYYY-MM-DD HH:MM UTC`.
+    pub fn shown(&self) -> String {
+        self.when.format("%Y-%m-%d %H:%M UTC").to_string()
+    }
+}
+
+/// What `to` held after its last replicate that succeeded; `None` if it
+/// never succeeded (or the record can't be read).
+pub fn remembered(store: &Store, to: &str) -> Option<Reached> {
     let mut held = read(store).ok()?;
     let seen = held.destinations.remove(to)?;
     let when = chrono::DateTime::parse_from_rfc3339(&seen.when).ok()?.with_timezone(&chrono::Utc);
-    Some((seen.holds, when.format("%Y-%m-%d %H:%M UTC").to_string()))
+    Some(Reached { holds: seen.holds, when })
 }
 
 #[cfg(test)]
@@ -77,8 +90,8 @@ mod tests {
         remember(&store, "/usb", vec!["s.b".into(), "s.a".into(), "s.a".into()]).unwrap();
         remember(&store, "host:/r", vec!["s.a".into()]).unwrap();
         remember(&store, "/usb", vec!["s.a".into(), "s.b".into(), "s.c".into()]).unwrap();
-        assert_eq!(remembered(&store, "/usb").unwrap().0, ["s.a", "s.b", "s.c"]);
-        assert_eq!(remembered(&store, "host:/r").unwrap().0, ["s.a"]);
+        assert_eq!(remembered(&store, "/usb").unwrap().holds, ["s.a", "s.b", "s.c"]);
+        assert_eq!(remembered(&store, "host:/r").unwrap().holds, ["s.a"]);
         // A damaged record is no record: nothing is taken as held.
         std::fs::write(tmp.path().join("s.rbackup/replicas.json"), b"{not json").unwrap();
         assert!(remembered(&store, "/usb").is_none());

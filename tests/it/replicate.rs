@@ -423,3 +423,56 @@ fn a_prune_after_a_backup_waits_for_a_replica_made_apart() {
     assert_eq!(contents(&bk), [&b"round 3"[..]]);
     assert_eq!(contents(&rep), [&b"round 0"[..], b"round 1", b"round 2"]);
 }
+
+/// Two drives rotated off site, each with `away_days`: the one away is a
+/// note while its allowance lasts (its snapshots wait for it), an error
+/// after; back, it gets what it missed.
+#[test]
+fn a_drive_rotated_off_site_is_away_not_failed_for_its_away_days() {
+    let tmp = scratch();
+    let (src, bk) = (tmp.path().join("src"), tmp.path().join("bk"));
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let keys = format!(
+        "replicas = [{{ to = \"{}\", away_days = 7 }}, {{ to = \"{}\", away_days = 7 }}]\n\
+         replicate_after_backup = true\nkeep_last = 1\nprune_after_backup = true\n",
+        a.display(),
+        b.display()
+    );
+    let rb = job_s(tmp.path(), &src, &bk, &keys);
+    let round = |n: u32| {
+        write(&src.join("a.txt"), format!("round {n}").as_bytes());
+        rb(&["--backup"])
+    };
+    assert_eq!(round(0).0, 1, "neither drive has a first replica yet");
+    for d in [&a, &b] {
+        assert_eq!(rb(&["replicate", "--to", d.to_str().unwrap()]).0, 0);
+    }
+    let away = tmp.path().join("b.away");
+    std::fs::rename(&b, &away).unwrap();
+    for n in 1..3 {
+        let (code, _, err) = round(n);
+        assert_eq!(code, 0, "away within its allowance: {err}");
+        assert!(err.contains(&format!("{} is away (last reached", b.display())), "{err}");
+    }
+    assert_eq!(complete(&bk, "s").len(), 2, "rounds 1 and 2 wait for the drive away");
+    let (_, out, _) = rb(&["check"]);
+    assert!(out.contains(&format!("note  replica {}: away since", b.display())), "{out}");
+    // Away longer than its allowance: an error, and still nothing lost.
+    let record = bk.join("s.rbackup/replicas.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let long_ago = (chrono::Utc::now() - chrono::Duration::days(10)).to_rfc3339();
+    json["destinations"][b.to_str().unwrap()]["when"] = serde_json::Value::String(long_ago);
+    std::fs::write(&record, serde_json::to_vec(&json).unwrap()).unwrap();
+    let (code, _, err) = round(3);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("longer than its away_days = 7"), "{err}");
+    std::fs::rename(&away, &b).unwrap();
+    assert_eq!(round(4).0, 0);
+    assert_eq!(complete(&bk, "s").len(), 1);
+    let on = |d: &Path| -> Vec<Vec<u8>> {
+        complete(d, "s").iter().map(|p| std::fs::read(p.join("a.txt")).unwrap()).collect()
+    };
+    let all: Vec<Vec<u8>> = (0..5).map(|n| format!("round {n}").into_bytes()).collect();
+    assert_eq!(on(&a), all);
+    assert_eq!(on(&b), all, "the drive back got every round it missed");
+}
