@@ -207,7 +207,12 @@ fn replica(r: &Replica) -> Markup {
     html! {
         code { (r.name) } ": "
         @if !r.asked { span { "off site: not asked here (" code { "rbackup status" } " asks its agent)" } }
-        @else if !r.readable { span.warn { "not there, or can't be read (a drive not mounted?)" } }
+        @else if !r.readable {
+            span.warn {
+                "not there, or can't be read (a drive not mounted?)"
+                @if let Some(w) = &r.last_reached { "; last reached " (w) }
+            }
+        }
         @else if r.pending == 0 { span.ok { "up to date" } }
         @else { span.warn { (r.pending) " pending, about " (human_bytes(r.pending_bytes)) " to copy" } }
     }
