@@ -285,8 +285,9 @@ fn check_replicas(job: &Job, r: &mut Report) {
                     let reached = crate::store::Store::open(&job.backups_folder, &job.name)
                         .ok()
                         .and_then(|s| crate::store::held::remembered(&s, &dest.key()));
-                    let allowed = chrono::Duration::days(i64::from(dest.away_days));
-                    if let Some(reached) = reached.as_ref().filter(|r| chrono::Utc::now() - r.when <= allowed) {
+                    if let Some(reached) =
+                        reached.as_ref().filter(|r| dest.away_days > 0 && r.within_days(dest.away_days))
+                    {
                         println!(
                             "note  replica {}: away since {} (it may be away {} days; its snapshots wait for it)",
                             dest.to,

@@ -255,8 +255,7 @@ fn away(job: &Job, dest: &Destination, to: &Path) -> Result<bool> {
     }
     let store = Store::open(&job.backups_folder, &job.name)?;
     let Some(reached) = crate::store::held::remembered(&store, &dest.key()) else { return Ok(false) };
-    let allowed = chrono::Duration::days(i64::from(dest.away_days));
-    if chrono::Utc::now() - reached.when > allowed {
+    if !reached.within_days(dest.away_days) {
         bail!(
             "{} has been away since {}, longer than its away_days = {}: mount the drive (its snapshots wait for it \
              on the backups folder)",

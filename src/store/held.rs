@@ -66,6 +66,11 @@ impl Reached {
     pub fn shown(&self) -> String {
         self.when.format("%Y-%m-%d %H:%M UTC").to_string()
     }
+
+    /// Whether it was at most `days` days ago (a drive's `away_days`).
+    pub fn within_days(&self, days: u32) -> bool {
+        chrono::Utc::now() - self.when <= chrono::Duration::days(i64::from(days))
+    }
 }
 
 /// What `to` held after its last replicate that succeeded; `None` if it
