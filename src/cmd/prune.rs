@@ -160,11 +160,19 @@ pub fn run_keeping(job: &Job, rules: &Rules, dry_run: bool, also: &[(String, Str
         store.empty_trash()?;
     }
     let mut decisions = plan(&store.snapshots()?, rules, Utc::now())?;
+    let mut kept_also = 0;
     for d in decisions.iter_mut().filter(|d| !d.keep) {
         if let Some((_, why)) = also.iter().find(|(folder, _)| *folder == d.snapshot.folder) {
             d.keep = true;
             d.reason.clone_from(why);
+            kept_also += 1;
         }
+    }
+    if kept_also > 0 {
+        info!(
+            "{} the rules would remove kept: not yet on a replica",
+            crate::report::count(kept_also, "snapshot", "snapshots")
+        );
     }
     if let Some(d) = decisions.iter_mut().rev().find(|d| !d.snapshot.complete && d.keep) {
         d.reason = if in_progress {

@@ -173,21 +173,16 @@ fn kept_for_replicas(job: &Job, failures: &[(String, String)]) -> Option<Vec<(St
             None if failed => {
                 crate::warn!(
                     "not pruning after this backup: the replica {} failed and has never been seen holding a \
-                     snapshot, so anything prune removes might never reach it (`{}` once it is mended)",
+                     snapshot, so anything prune removes might never reach it (its first replica: `{}`)",
                     dest.to,
-                    job.command("replicate")
+                    job.command(&format!("replicate --to {}", dest.to))
                 );
                 return None;
             }
             None => {}
             Some(pending) => {
-                if !pending.is_empty() {
-                    let n = crate::report::count(pending.len() as u64, "snapshot", "snapshots");
-                    if failed {
-                        crate::warn!("the replica {} failed: prune keeps the {n} it has not got yet", dest.to);
-                    } else {
-                        info!("prune keeps the {n} the replica {} has not got yet", dest.to);
-                    }
+                if failed && !pending.is_empty() {
+                    crate::warn!("the replica {} failed: prune keeps what it has not got yet", dest.to);
                 }
                 keep.extend(pending);
             }

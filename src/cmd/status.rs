@@ -212,8 +212,22 @@ pub fn run(job: &Job) -> Result<()> {
         }
         println!("{}", line.trim_end());
     }
-    for r in &st.replicas {
+    for (r, dest) in st.replicas.iter().zip(&job.replicas) {
+        let away = dest.away_days > 0
+            && r.last_reached.is_some()
+            && crate::store::Store::open(&job.backups_folder, &job.name)
+                .ok()
+                .and_then(|s| crate::store::held::remembered(&s, &dest.key()))
+                .is_some_and(|reached| reached.within_days(dest.away_days));
         match r {
+            Replica { readable: false, .. } if away => {
+                println!(
+                    "  replica {}: away{} (it may be away {} days; its snapshots wait for it)",
+                    r.name,
+                    last_reached(r),
+                    dest.away_days
+                );
+            }
             Replica { readable: false, remote: true, .. } => {
                 println!("  replica {}: can't be asked (see the warning above){}", r.name, last_reached(r));
             }

@@ -181,11 +181,12 @@ fn a_job_replicates_after_each_backup_before_it_prunes() {
     // keeping every snapshot the drive has not got yet.
     let away = tmp.path().join("rep.away");
     std::fs::rename(&rep, &away).unwrap();
-    for (round, pending) in [(2, "1 snapshot"), (3, "2 snapshots")] {
+    for (round, kept) in [(2, None), (3, Some("1 snapshot the rules would remove kept"))] {
         write(&src.join("a.txt"), format!("round {round}").as_bytes());
         let (code, _, err) = rb(&["--backup"]);
         assert_eq!(code, 1, "{err}");
-        assert!(err.contains(&format!("prune keeps the {pending} it has not got yet")), "{err}");
+        assert!(err.contains("failed: prune keeps what it has not got yet"), "{err}");
+        assert!(kept.is_none_or(|k| err.contains(k)), "{err}");
     }
     let (_, out, _) = rb(&["status"]);
     assert!(out.contains("not there, or can't be read (a drive not mounted?); last reached 20"), "{out}");
@@ -412,8 +413,8 @@ fn a_prune_after_a_backup_waits_for_a_replica_made_apart() {
     // Named without the trailing slash: the same destination.
     assert_eq!(rb(&["replicate", "--to", rep.to_str().unwrap()]).0, 0);
     round(1); // round 0 is on the replica: pruned
-    let err = round(2); // rounds 1 and 2 are not: kept
-    assert!(err.contains("prune keeps the 2 snapshots the replica"), "{err}");
+    let err = round(2); // round 1 is not: kept
+    assert!(err.contains("1 snapshot the rules would remove kept: not yet on a replica"), "{err}");
     let contents = |folder: &Path| -> Vec<Vec<u8>> {
         complete(folder, "s").iter().map(|p| std::fs::read(p.join("a.txt")).unwrap()).collect()
     };
@@ -457,6 +458,8 @@ fn a_drive_rotated_off_site_is_away_not_failed_for_its_away_days() {
     assert_eq!(complete(&bk, "s").len(), 2, "rounds 1 and 2 wait for the drive away");
     let (_, out, _) = rb(&["check"]);
     assert!(out.contains(&format!("note  replica {}: away since", b.display())), "{out}");
+    let (_, out, _) = rb(&["status"]);
+    assert!(out.contains(&format!("replica {}: away; last reached", b.display())), "{out}");
     // Away longer than its allowance: an error, and still nothing lost.
     let record = bk.join("s.rbackup/replicas.json");
     let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
