@@ -55,9 +55,8 @@ pub struct Replica {
     /// Its complete snapshots the backups folder no longer holds (a drive
     /// that keeps a longer history), oldest first.
     pub only_there: Vec<String>,
-    /// When its last `replicate` that succeeded ended, if ever
-    /// (`crate::store::held`).
-    pub last_reached: Option<String>,
+    /// Its last `replicate` that succeeded, if ever (`crate::store::held`).
+    pub reached: Option<crate::store::held::Reached>,
 }
 
 /// A job's snapshots and its replicas' state.
@@ -118,7 +117,7 @@ pub fn status(job: &Job, ask_remote: bool) -> Result<Status> {
                     .filter(|r| r.complete && !snaps.iter().any(|s| s.complete && s.time == r.time))
                     .map(|r| r.folder.clone())
                     .collect(),
-                last_reached: crate::store::held::remembered(&store, &r.key()).map(|r| r.shown()),
+                reached: crate::store::held::remembered(&store, &r.key()),
             }
         })
         .collect();
@@ -213,12 +212,7 @@ pub fn run(job: &Job) -> Result<()> {
         println!("{}", line.trim_end());
     }
     for (r, dest) in st.replicas.iter().zip(&job.replicas) {
-        let away = dest.away_days > 0
-            && r.last_reached.is_some()
-            && crate::store::Store::open(&job.backups_folder, &job.name)
-                .ok()
-                .and_then(|s| crate::store::held::remembered(&s, &dest.key()))
-                .is_some_and(|reached| reached.within_days(dest.away_days));
+        let away = dest.away_days > 0 && r.reached.as_ref().is_some_and(|w| w.within_days(dest.away_days));
         match r {
             Replica { readable: false, .. } if away => {
                 println!(
@@ -231,7 +225,7 @@ pub fn run(job: &Job) -> Result<()> {
             Replica { readable: false, remote: true, .. } => {
                 println!("  replica {}: can't be asked (see the warning above){}", r.name, last_reached(r));
             }
-            Replica { readable: false, last_reached: Some(_), .. } => {
+            Replica { readable: false, reached: Some(_), .. } => {
                 println!("  replica {}: not there, or can't be read (a drive not mounted?){}", r.name, last_reached(r));
             }
             Replica { readable: false, .. } => println!(
@@ -267,7 +261,7 @@ pub fn run(job: &Job) -> Result<()> {
 
 /// `; last reached YYYY-MM-DD HH:MM UTC` when a replicate to `r` ever succeeded.
 fn last_reached(r: &Replica) -> String {
-    r.last_reached.as_deref().map(|w| format!("; last reached {w}")).unwrap_or_default()
+    r.reached.as_ref().map(|w| format!("; last reached {}", w.shown())).unwrap_or_default()
 }
 
 /// The bytes of the files in `cur` that `prev` doesn't hold with the same

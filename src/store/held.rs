@@ -55,6 +55,7 @@ pub fn remember(store: &Store, to: &str, mut holds: Vec<String>) -> Result<()> {
 }
 
 /// What a destination held after its last replicate that succeeded.
+#[derive(Debug, Clone)]
 pub struct Reached {
     /// Its complete snapshots, by folder name.
     pub holds: Vec<String>,

@@ -210,7 +210,7 @@ fn replica(r: &Replica) -> Markup {
         @else if !r.readable {
             span.warn {
                 "not there, or can't be read (a drive not mounted?)"
-                @if let Some(w) = &r.last_reached { "; last reached " (w) }
+                @if let Some(w) = &r.reached { "; last reached " (w.shown()) }
             }
         }
         @else if r.pending == 0 { span.ok { "up to date" } }
